@@ -1,0 +1,88 @@
+"""Checks of user input shared by the public entry points (explicit errors, never ``assert``)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["check_weight", "check_pair", "check_out"]
+
+
+def check_weight(name: str, value: object) -> float:
+    """Return ``value`` as a float if it is a finite number >= 0, else raise ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number >= 0, got {type(value).__name__}: {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return value
+
+
+def _describe(t: Tensor) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def check_pair(forget: Sequence[Tensor], retain: Sequence[Tensor]) -> tuple[list, list]:
+    """Validate two equal-length sequences of matching floating-point tensors.
+
+    Raises
+    ------
+    TypeError
+        If an argument is not a sequence of tensors, or a tensor is not floating point.
+    ValueError
+        If the lengths, shapes, dtypes or devices of corresponding tensors differ.
+    """
+    if isinstance(forget, Tensor) or isinstance(retain, Tensor):
+        raise TypeError(
+            "forget and retain must be sequences of tensors (one per parameter), "
+            "got a single tensor; wrap it in a list"
+        )
+    forget, retain = list(forget), list(retain)
+    if len(forget) != len(retain):
+        raise ValueError(
+            f"forget and retain must have the same number of tensors, "
+            f"got {len(forget)} forget and {len(retain)} retain tensors"
+        )
+    if not forget:
+        raise ValueError("forget and retain are empty; expected at least one tensor each")
+    for j, (f, r) in enumerate(zip(forget, retain, strict=True)):
+        for role, t in (("forget", f), ("retain", r)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{role}[{j}] must be a torch.Tensor, got {type(t).__name__}")
+            if not t.is_floating_point():
+                raise TypeError(
+                    f"{role}[{j}] has dtype {t.dtype}; expected a floating-point tensor "
+                    "(float16, bfloat16, float32 or float64)"
+                )
+        if f.shape != r.shape or f.dtype != r.dtype or f.device != r.device:
+            raise ValueError(
+                f"forget[{j}] and retain[{j}] must match in shape, dtype and device, "
+                f"got forget[{j}] {_describe(f)} and retain[{j}] {_describe(r)}"
+            )
+    return forget, retain
+
+
+def check_out(out: Sequence[Tensor], forget: list[Tensor]) -> list[Tensor]:
+    """Validate ``out=`` tensors against the forget tensors they will receive results for."""
+    if isinstance(out, Tensor):
+        raise TypeError("out must be a sequence of tensors (one per parameter), got one tensor")
+    out = list(out)
+    if len(out) != len(forget):
+        raise ValueError(f"out must hold {len(forget)} tensors, one per parameter, got {len(out)}")
+    for j, (o, f) in enumerate(zip(out, forget, strict=True)):
+        if not isinstance(o, Tensor):
+            raise TypeError(f"out[{j}] must be a torch.Tensor, got {type(o).__name__}")
+        if o.shape != f.shape or o.dtype != f.dtype or o.device != f.device:
+            raise ValueError(
+                f"out[{j}] must match forget[{j}] in shape, dtype and device, "
+                f"got out[{j}] {_describe(o)} and forget[{j}] {_describe(f)}"
+            )
+    return out
+
+
+def zero_d(value: float, like: Tensor) -> Tensor:
+    """A 0-d float64 tensor on ``like``'s device (created without a host round trip)."""
+    return torch.full((), value, dtype=torch.float64, device=like.device)

@@ -1,0 +1,394 @@
+"""Fused per-tensor kernels shared by :mod:`geomkit.strategies` and :mod:`geomkit.statistics`.
+
+Every kernel is written once as a plain PyTorch function over a 2-D ``[rows, COLUMNS]`` view
+of a flattened tensor. Two backends run the same function:
+
+``"eager"``
+    Plain PyTorch. On the CPU the rows are processed in blocks of about 64K elements so that the
+    temporaries stay in cache; on accelerators each tensor is one block.
+``"compiled"``
+    The same function through ``torch.compile`` (one fused loop per tensor, reductions split by
+    row so that they run in parallel). If compilation fails (no C++ compiler, no Triton), geomkit
+    warns once and falls back to eager.
+
+Element-wise kernels give identical results on both backends (the arithmetic is the same
+sequence of IEEE operations); reductions accumulate in float64 and agree to float64 rounding.
+
+Exactness notes (DESIGN.md section 2): the sign-conflict test ``sign(f) * sign(r) < 0`` is
+evaluated as ``float64(f) * float64(r) < 0`` for float16/bfloat16/float32 inputs, which is exact
+(the product of two such values never rounds to zero in float64), and with explicit sign
+comparisons for float64 inputs. Zeros never conflict; ``-0.0`` is a zero.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "BACKENDS",
+    "COLUMNS",
+    "get_backend",
+    "set_backend",
+    "use_backend",
+    "combine_linear",
+    "combine_select",
+    "dot_products",
+    "gram",
+    "opposition_counts",
+    "triple",
+]
+
+BACKENDS: tuple[str, ...] = ("eager", "compiled")
+COLUMNS: int = 4096
+"""Row length of the 2-D view every kernel works on."""
+_CPU_BLOCK_ELEMENTS = 1 << 16
+
+_backend: str = os.environ.get("GEOMKIT_BACKEND", "eager")
+if _backend not in BACKENDS:
+    raise ValueError(
+        f"GEOMKIT_BACKEND={_backend!r} is not a geomkit backend; expected one of {BACKENDS}"
+    )
+_compiled: dict[Callable, Callable] = {}
+_compile_failed = False
+
+
+def get_backend() -> str:
+    """Return the active kernel backend, ``"eager"`` or ``"compiled"``."""
+    return _backend
+
+
+def set_backend(name: str) -> None:
+    """Select the kernel backend for all strategies and statistics.
+
+    Parameters
+    ----------
+    name : {"eager", "compiled"}
+        ``"compiled"`` fuses each kernel with ``torch.compile``; ``"eager"`` runs plain PyTorch.
+        The default is ``"eager"`` (or the ``GEOMKIT_BACKEND`` environment variable).
+    """
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
+    _backend = name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Context manager that selects a backend for the duration of a ``with`` block."""
+    previous = get_backend()
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Element-wise arithmetic runs in float32 for 16-bit inputs, natively otherwise."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+# --------------------------------------------------------------------------------------------
+# The kernels, each on [rows, COLUMNS] views. Reductions return a [k] float64 vector.
+# --------------------------------------------------------------------------------------------
+
+
+def _conflict(f: Tensor, r: Tensor, f64: Tensor, r64: Tensor) -> Tensor:
+    if f.dtype == torch.float64:
+        return ((f > 0) & (r < 0)) | ((f < 0) & (r > 0))
+    return (f64 * r64) < 0
+
+
+def _k_dot_products(f: Tensor, r: Tensor) -> Tensor:
+    f64, r64 = f.double(), r.double()
+    return torch.stack([(f64 * f64).sum(1), (r64 * r64).sum(1), (f64 * r64).sum(1)]).sum(1)
+
+
+def _k_gram(f: Tensor, r: Tensor) -> Tensor:
+    f64, r64 = f.double(), r.double()
+    c = _conflict(f, r, f64, r64)
+    nonzero = (f != 0) & (r != 0)
+    zero = torch.zeros((), dtype=torch.float64, device=f.device)
+    ff, rr, fr = f64 * f64, r64 * r64, f64 * r64
+    sums = [
+        torch.where(c, ff, zero).sum(1),
+        torch.where(c, zero, ff).sum(1),
+        torch.where(c, rr, zero).sum(1),
+        torch.where(c, zero, rr).sum(1),
+        torch.where(c, fr, zero).sum(1),
+        torch.where(c, zero, fr).sum(1),
+        c.sum(1, dtype=torch.float64),
+        nonzero.sum(1, dtype=torch.float64),
+    ]
+    return torch.stack(sums).sum(1)
+
+
+def _k_triple(f: Tensor, r: Tensor, d: Tensor) -> Tensor:
+    f64, r64, d64 = f.double(), r.double(), d.double()
+    c = _conflict(f, r, f64, r64)
+    opposed = _conflict(d, r, d64, r64)
+    nonzero = (f != 0) & (r != 0)
+    sums = [
+        (f64 * f64).sum(1),
+        (r64 * r64).sum(1),
+        (f64 * r64).sum(1),
+        (d64 * d64).sum(1),
+        (d64 * f64).sum(1),
+        (d64 * r64).sum(1),
+        c.sum(1, dtype=torch.float64),
+        nonzero.sum(1, dtype=torch.float64),
+        opposed.sum(1, dtype=torch.float64),
+    ]
+    return torch.stack(sums).sum(1)
+
+
+def _k_opposition_counts(f: Tensor, r: Tensor, coefficients: Tensor) -> Tensor:
+    # coefficients: [S, 4] float64 rows (a_C, b_C, a_A, b_A): d = a f + b r on C and on A.
+    f64, r64 = f.double(), r.double()
+    c = _conflict(f, r, f64, r64)
+    zero = torch.zeros((), dtype=torch.float64, device=f.device)
+    if f.dtype == torch.float64:
+        # Products may underflow for float64 inputs: form d and compare signs.
+        fc, fa = torch.where(c, f64, zero), torch.where(c, zero, f64)
+        rc, ra = torch.where(c, r64, zero), torch.where(c, zero, r64)
+        counts = []
+        for s in range(coefficients.shape[0]):
+            k = coefficients[s]
+            d = k[0] * fc + k[1] * rc + k[2] * fa + k[3] * ra
+            counts.append(_conflict(d, r64, d, r64).sum(1, dtype=torch.float64))
+        return torch.stack(counts).sum(1)
+    # d_i r_i = a f_i r_i + b r_i^2, exact products in float64 for 16/32-bit inputs.
+    p, q = f64 * r64, r64 * r64
+    pc, pa = torch.where(c, p, zero), torch.where(c, zero, p)
+    qc, qa = torch.where(c, q, zero), torch.where(c, zero, q)
+    counts = []
+    for s in range(coefficients.shape[0]):
+        k = coefficients[s]
+        v = k[0] * pc + k[1] * qc + k[2] * pa + k[3] * qa
+        counts.append((v < 0).sum(1, dtype=torch.float64))
+    return torch.stack(counts).sum(1)
+
+
+def _k_combine_linear(
+    f: Tensor,
+    r: Tensor,
+    c: Tensor,
+    fire_c: Tensor,
+    k: Tensor,
+    fire_k: Tensor,
+    alpha: Tensor,
+    gamma: Tensor,
+    out: Tensor,
+) -> None:
+    # d = gamma * f' + alpha * r', f' = f - c r where fire_c, r' = r - k f where fire_k.
+    dtype = _compute_dtype(f.dtype)
+    fw, rw = f.to(dtype), r.to(dtype)
+    cw, kw = c.to(dtype), k.to(dtype)
+    fp = torch.where(fire_c, fw - cw * rw, fw)
+    rp = torch.where(fire_k, rw - kw * fw, rw)
+    out.copy_(gamma.to(dtype) * fp + alpha.to(dtype) * rp)
+
+
+def _k_combine_select(
+    f: Tensor, r: Tensor, alpha: Tensor, gamma: Tensor, prefer_retain: bool, out: Tensor
+) -> None:
+    # conflict -> alpha r; otherwise gamma f (+ alpha r when prefer_retain).
+    dtype = _compute_dtype(f.dtype)
+    f64 = f.double() if f.dtype != torch.float64 else f
+    r64 = r.double() if r.dtype != torch.float64 else r
+    c = _conflict(f, r, f64, r64)
+    fw, rw = f.to(dtype), r.to(dtype)
+    ar = alpha.to(dtype) * rw
+    agree = gamma.to(dtype) * fw
+    if prefer_retain:
+        agree = agree + ar
+    out.copy_(torch.where(c, ar, agree))
+
+
+# --------------------------------------------------------------------------------------------
+# Drivers: run a kernel over the 2-D views of one tensor on the active backend.
+# --------------------------------------------------------------------------------------------
+
+
+def _impl(kernel: Callable) -> Callable:
+    global _compile_failed
+    if _backend == "eager" or _compile_failed:
+        return kernel
+    fn = _compiled.get(kernel)
+    if fn is None:
+        fn = torch.compile(kernel, dynamic=True)
+        _compiled[kernel] = fn
+    return fn
+
+
+def _run(kernel: Callable, *args, **kwargs):
+    """Call the backend's version of ``kernel``; fall back to eager once if compiling fails."""
+    global _compile_failed
+    fn = _impl(kernel)
+    if fn is kernel:
+        return kernel(*args, **kwargs)
+    try:
+        return fn(*args, **kwargs)
+    except Exception as error:
+        _compile_failed = True
+        warnings.warn(
+            f"geomkit: torch.compile failed ({type(error).__name__}: {error}); "
+            "falling back to the eager backend",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return kernel(*args, **kwargs)
+
+
+def _views(tensors: Sequence[Tensor]) -> list[tuple[Tensor, ...]]:
+    """Split same-shaped tensors into [rows, COLUMNS] row blocks plus a [1, tail] remainder."""
+    flats = [t.reshape(-1) for t in tensors]
+    n = flats[0].numel()
+    main = n - n % COLUMNS
+    pieces: list[tuple[Tensor, ...]] = []
+    if main:
+        rows = main // COLUMNS
+        if _backend == "eager" and flats[0].device.type == "cpu":
+            step = max(1, _CPU_BLOCK_ELEMENTS // COLUMNS)
+        else:
+            step = rows
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            pieces.append(
+                tuple(x[start * COLUMNS : stop * COLUMNS].view(-1, COLUMNS) for x in flats)
+            )
+    if n > main:
+        pieces.append(tuple(x[main:].view(1, -1) for x in flats))
+    return pieces
+
+
+def _reduce(kernel: Callable, tensors: Sequence[Tensor], *extra) -> Tensor:
+    total = None
+    for views in _views(tensors):
+        part = _run(kernel, *views, *extra)
+        total = part if total is None else total + part
+    return total
+
+
+def _elementwise(kernel: Callable, f: Tensor, r: Tensor, out: Tensor, *extra) -> Tensor:
+    target = (
+        out if out.is_contiguous() else torch.empty_like(out, memory_format=torch.contiguous_format)
+    )
+    for fv, rv, ov in _views([f, r, target]):
+        _run(kernel, fv, rv, *extra, ov)
+    if target is not out:
+        out.copy_(target)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Public per-tensor entry points (no host synchronisation anywhere).
+# --------------------------------------------------------------------------------------------
+
+
+def dot_products(f: Tensor, r: Tensor) -> Tensor:
+    """Return ``[<f,f>, <r,r>, <f,r>]`` of one tensor pair as a float64 device vector."""
+    if f.numel() == 0:
+        return torch.zeros(3, dtype=torch.float64, device=f.device)
+    return _reduce(_k_dot_products, [f, r])
+
+
+GRAM_FIELDS: tuple[str, ...] = (
+    "ff_conflict",
+    "ff_agree",
+    "rr_conflict",
+    "rr_agree",
+    "fr_conflict",
+    "fr_agree",
+    "n_conflict",
+    "n_both_nonzero",
+)
+"""Layout of :func:`gram`: the sign-partitioned Gramian and two coordinate counts."""
+
+
+def gram(f: Tensor, r: Tensor) -> Tensor:
+    """Return the sign-partitioned Gramian of one tensor pair (layout :data:`GRAM_FIELDS`).
+
+    C is the set of coordinates with ``sign(f_i) * sign(r_i) < 0`` and A the rest (DESIGN.md
+    section 2); sums are accumulated in float64.
+    """
+    if f.numel() == 0:
+        return torch.zeros(len(GRAM_FIELDS), dtype=torch.float64, device=f.device)
+    return _reduce(_k_gram, [f, r])
+
+
+TRIPLE_FIELDS: tuple[str, ...] = (
+    "ff",
+    "rr",
+    "fr",
+    "dd",
+    "df",
+    "dr",
+    "n_conflict",
+    "n_both_nonzero",
+    "n_opposed",
+)
+"""Layout of :func:`triple`."""
+
+
+def triple(f: Tensor, r: Tensor, d: Tensor) -> Tensor:
+    """Return the sufficient statistics of one (f, r, d) triple (layout :data:`TRIPLE_FIELDS`)."""
+    if f.numel() == 0:
+        return torch.zeros(len(TRIPLE_FIELDS), dtype=torch.float64, device=f.device)
+    return _reduce(_k_triple, [f, r, d])
+
+
+def opposition_counts(f: Tensor, r: Tensor, coefficients: Tensor) -> Tensor:
+    """Count coordinates with ``d_i r_i < 0`` for several coordinate-wise linear rules at once.
+
+    Parameters
+    ----------
+    f, r : Tensor
+        One tensor pair.
+    coefficients : Tensor
+        ``[S, 4]`` float64 rows ``(a_C, b_C, a_A, b_A)``: rule ``s`` forms ``d = a_C f + b_C r``
+        on conflicting coordinates and ``d = a_A f + b_A r`` on the others.
+
+    Returns
+    -------
+    Tensor
+        ``[S]`` float64 counts.
+    """
+    if f.numel() == 0:
+        return torch.zeros(coefficients.shape[0], dtype=torch.float64, device=f.device)
+    return _reduce(_k_opposition_counts, [f, r], coefficients)
+
+
+def combine_linear(
+    f: Tensor,
+    r: Tensor,
+    out: Tensor,
+    *,
+    alpha: Tensor,
+    gamma: Tensor,
+    c: Tensor,
+    fire_c: Tensor,
+    k: Tensor,
+    fire_k: Tensor,
+) -> Tensor:
+    """Write ``gamma * f' + alpha * r'`` into ``out``: ``f' = f - c r`` where ``fire_c``, else
+    ``f``; ``r' = r - k f`` where ``fire_k``, else ``r`` (all scalars are 0-d device tensors)."""
+    if f.numel() == 0:
+        return out
+    return _elementwise(_k_combine_linear, f, r, out, c, fire_c, k, fire_k, alpha, gamma)
+
+
+def combine_select(
+    f: Tensor, r: Tensor, out: Tensor, *, alpha: Tensor, gamma: Tensor, prefer_retain: bool
+) -> Tensor:
+    """Write the sign-selected combination into ``out``: ``alpha r`` on conflicting coordinates,
+    ``gamma f`` (plus ``alpha r`` if ``prefer_retain``) elsewhere."""
+    if f.numel() == 0:
+        return out
+    return _elementwise(_k_combine_select, f, r, out, alpha, gamma, prefer_retain)

@@ -1,0 +1,158 @@
+"""Additive sufficient statistics of (f, r, d) triples, computed on the device (DESIGN.md §2).
+
+At a recorded step every parameter tensor is reduced to the vector :data:`FIELDS`. All fields
+are sums over coordinates (or over tensors), so any grouping - tensor, layer, component, model,
+or a data-parallel shard - is obtained exactly by adding rows; every metric users look at
+(cosines, norms, conflict rates) is derived afterwards by :mod:`geomkit.metrics`.
+
+Two entry points:
+
+* :func:`sufficient` - the statistics of the update that was actually formed (reads f, r, d).
+* :func:`shadow` - the statistics of several strategies on the same (f, r) without forming any
+  of their updates: one pass builds the sign-partitioned Gramian, from which ``<d,f>``, ``<d,r>``
+  and ``<d,d>`` of every rule follow in closed form, and a second pass counts the coordinates
+  where each rule's ``d`` opposes ``r``.
+
+Both return a float64 tensor on the device of the first gradient; one ``.cpu()`` moves a whole
+step to the host (see :func:`to_numpy`). Nothing here synchronises with the host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from geomkit import kernels
+from geomkit._validation import check_pair
+from geomkit.metrics import FIELDS
+from geomkit.strategies import Strategy
+
+__all__ = ["FIELDS", "sufficient", "shadow", "to_numpy"]
+
+
+def _stack_on(vectors: Sequence[Tensor], device: torch.device) -> Tensor:
+    return torch.stack([v.to(device) for v in vectors])
+
+
+def _sizes(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
+    numel = [float(t.numel()) for t in tensors]
+    return torch.tensor([numel, [1.0] * len(numel)], dtype=torch.float64, device=device).T
+
+
+def sufficient(
+    forget: Sequence[Tensor],
+    retain: Sequence[Tensor],
+    combined: Sequence[Tensor],
+    *,
+    strategy: Strategy | None = None,
+) -> Tensor:
+    """Sufficient statistics of the applied update, one row per tensor.
+
+    Parameters
+    ----------
+    forget, retain, combined : sequence of Tensor
+        ``f``, ``r`` and the update ``d`` actually formed, one tensor per parameter.
+    strategy : Strategy, optional
+        The strategy that formed ``d``; used only to fill ``n_projected`` (0 if omitted).
+
+    Returns
+    -------
+    Tensor
+        ``[n_tensors, len(FIELDS)]`` float64, on the first tensor's device.
+    """
+    forget, retain = check_pair(forget, retain)
+    _, combined = check_pair(forget, combined)
+    home = forget[0].device
+    rows = _stack_on(
+        [kernels.triple(f, r, d) for f, r, d in zip(forget, retain, combined, strict=True)], home
+    )
+    dots = rows[:, [0, 1, 2]]
+    if strategy is not None and strategy.rule.reduces:
+        projected = strategy.projected(torch.stack(strategy.scope.pool(list(dots))))
+    else:
+        projected = torch.zeros(len(forget), dtype=torch.float64, device=home)
+    sizes = _sizes(forget, home)
+    return torch.cat([rows, sizes[:, :1], projected[:, None], sizes[:, 1:]], dim=1)
+
+
+def shadow(
+    forget: Sequence[Tensor], retain: Sequence[Tensor], strategies: Sequence[Strategy]
+) -> Tensor:
+    """Statistics of several strategies on the same (f, r), without forming their updates.
+
+    Every geomkit rule forms ``d = a f + b r`` with ``(a, b)`` constant on the conflicting set
+    C and on its complement A, so with the six sign-partitioned sums
+    ``S_X(ff), S_X(rr), S_X(fr)`` (X in {C, A}):
+    ``<d,f> = sum_X a_X S_X(ff) + b_X S_X(fr)``,
+    ``<d,r> = sum_X a_X S_X(fr) + b_X S_X(rr)``,
+    ``<d,d> = sum_X a_X^2 S_X(ff) + 2 a_X b_X S_X(fr) + b_X^2 S_X(rr)``.
+    Projection coefficients come from the (scope-pooled) Gramian; ``n_opposed`` is counted in
+    a second pass over (f, r).
+
+    Parameters
+    ----------
+    forget, retain : sequence of Tensor
+        One tensor per parameter.
+    strategies : sequence of Strategy
+        The strategies to evaluate (e.g. ``[build(n) for n in names()]``).
+
+    Returns
+    -------
+    Tensor
+        ``[n_strategies, n_tensors, len(FIELDS)]`` float64 on the first tensor's device.
+    """
+    forget, retain = check_pair(forget, retain)
+    strategies = list(strategies)
+    if not strategies:
+        raise ValueError("strategies is empty; expected at least one Strategy")
+    for s in strategies:
+        if not isinstance(s, Strategy):
+            raise TypeError(f"expected geomkit Strategy objects, got {type(s).__name__}: {s!r}")
+    home = forget[0].device
+    g = _stack_on([kernels.gram(f, r) for f, r in zip(forget, retain, strict=True)], home)
+    ff_c, ff_a, rr_c, rr_a, fr_c, fr_a, n_conflict, n_nonzero = g.unbind(1)
+    dots = torch.stack([ff_c + ff_a, rr_c + rr_a, fr_c + fr_a], dim=1)  # [T, 3]
+
+    forms, projected = [], []
+    for s in strategies:
+        pooled = torch.stack(s.scope.pool(list(dots))) if s.rule.reduces else dots
+        forms.append(s.linear_form(pooled))  # [T, 4]
+        projected.append(s.projected(pooled))  # [T]
+    form = torch.stack(forms)  # [S, T, 4]
+    a_c, b_c, a_a, b_a = form.unbind(-1)  # each [S, T]
+    df = a_c * ff_c + b_c * fr_c + a_a * ff_a + b_a * fr_a
+    dr = a_c * fr_c + b_c * rr_c + a_a * fr_a + b_a * rr_a
+    dd = (a_c * a_c * ff_c + 2 * a_c * b_c * fr_c + b_c * b_c * rr_c) + (
+        a_a * a_a * ff_a + 2 * a_a * b_a * fr_a + b_a * b_a * rr_a
+    )
+    dd = dd.clamp_min(0.0)  # a sum of squares; guards float64 cancellation
+    opposed = _stack_on(
+        [
+            kernels.opposition_counts(f, r, form[:, j].to(f.device))
+            for j, (f, r) in enumerate(zip(forget, retain, strict=True))
+        ],
+        home,
+    ).T  # [S, T]
+    sizes = _sizes(forget, home)
+    n_s, n_t = form.shape[0], form.shape[1]
+    counts = torch.stack([n_conflict, n_nonzero], dim=1)  # [T, 2]
+    return torch.cat(
+        [
+            dots.expand(n_s, n_t, 3),
+            torch.stack([dd, df, dr], dim=-1),
+            counts.expand(n_s, n_t, 2),
+            opposed[..., None],
+            sizes[:, :1].expand(n_s, n_t, 1),
+            torch.stack(projected)[..., None],
+            sizes[:, 1:].expand(n_s, n_t, 1),
+        ],
+        dim=-1,
+    )
+
+
+def to_numpy(statistics: Tensor) -> np.ndarray:
+    """Move a statistics tensor to the host in one transfer, as a float64 NumPy array."""
+    return statistics.detach().to("cpu", torch.float64).numpy()

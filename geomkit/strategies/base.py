@@ -1,0 +1,212 @@
+"""The two axes of a combination strategy: the *rule* and the *scope*, and their composition.
+
+A rule turns a forget gradient ``f`` and a retain gradient ``r`` into one update ``d``. Every rule
+in geomkit forms ``d`` coordinate-wise as ``a f + b r``, with ``(a, b)`` constant on the
+conflicting coordinates C (``sign(f_i) sign(r_i) < 0``) and constant on the rest A; rules that
+project need dot products to find their coefficient. The scope decides over which set of
+coordinates those dot products are pooled: one parameter tensor (:class:`PerTensor`) or the whole
+model (:class:`Global`). A :class:`Strategy` composes one rule with one scope and the task
+weights ``alpha`` (retain) and ``gamma`` (forget).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from geomkit import kernels
+from geomkit._validation import check_out, check_pair, check_weight, zero_d
+
+__all__ = ["Rule", "Scope", "PerTensor", "Global", "Strategy", "EPSILON"]
+
+EPSILON: float = 1e-10
+"""The constant added to squared norms in projection denominators (as in the released code)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Scope
+# --------------------------------------------------------------------------------------------
+
+
+class Scope(ABC):
+    """How the dot products a projection rule needs are pooled across parameter tensors."""
+
+    @abstractmethod
+    def pool(self, dots: Sequence[Tensor]) -> list[Tensor]:
+        """Map per-tensor ``[<f,f>, <r,r>, <f,r>]`` vectors to the vectors each tensor uses."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other)
+
+    def __hash__(self) -> int:
+        return hash(type(self))
+
+
+class PerTensor(Scope):
+    """Each parameter tensor uses its own dot products (the released code's "module-wise")."""
+
+    def pool(self, dots: Sequence[Tensor]) -> list[Tensor]:
+        return list(dots)
+
+
+class Global(Scope):
+    """All tensors share the dot products of the concatenated model gradient.
+
+    The sum is formed from per-tensor partial sums; no flattened copy of the model is made.
+    """
+
+    def pool(self, dots: Sequence[Tensor]) -> list[Tensor]:
+        home = dots[0].device
+        total = torch.stack([d.to(home) for d in dots]).sum(0)
+        return [total.to(d.device) for d in dots]
+
+
+# --------------------------------------------------------------------------------------------
+# Rule
+# --------------------------------------------------------------------------------------------
+
+
+class Rule(ABC):
+    """A coordinate-wise combination rule ``d = a f + b r`` (constants on C and on A)."""
+
+    reduces: bool = False
+    """Whether the rule needs dot products (and therefore a scope)."""
+
+    @abstractmethod
+    def linear_form(self, dots: Tensor, alpha: float, gamma: float) -> Tensor:
+        """Return ``(a_C, b_C, a_A, b_A)`` in float64, shape ``dots.shape[:-1] + (4,)``.
+
+        ``dots`` holds pooled ``[<f,f>, <r,r>, <f,r>]`` in its last dimension (ignored by rules
+        that do not reduce).
+        """
+
+    def projected(self, dots: Tensor) -> Tensor:
+        """Return 1.0 where the rule's projection fired, else 0.0 (float64, ``dots.shape[:-1]``)."""
+        return torch.zeros(dots.shape[:-1], dtype=torch.float64, device=dots.device)
+
+    @abstractmethod
+    def apply(
+        self, f: Tensor, r: Tensor, out: Tensor, dots: Tensor | None, alpha: Tensor, gamma: Tensor
+    ) -> Tensor:
+        """Write the combined update of one tensor pair into ``out`` and return it."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and vars(self) == vars(other)
+
+    def __hash__(self) -> int:
+        return hash((type(self), tuple(sorted(vars(self).items()))))
+
+
+# --------------------------------------------------------------------------------------------
+# Strategy = rule x scope x weights
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=True)
+class Strategy:
+    """A combination strategy: one :class:`Rule` composed with one :class:`Scope`.
+
+    Parameters
+    ----------
+    rule : Rule
+        The coordinate-wise rule (e.g. :class:`~geomkit.strategies.SAGO`).
+    scope : Scope or None
+        Where projection rules pool their dot products; must be ``None`` for rules that need no
+        dot products (sum, SAGO).
+    alpha : float
+        Weight of the retain gradient, >= 0.
+    gamma : float
+        Weight of the forget gradient, >= 0.
+    name : str or None
+        Registry name, if the strategy was built by :func:`geomkit.strategies.build`.
+
+    Calling the strategy on two equal-length sequences of tensors ``(forget, retain)``, one per
+    parameter, returns the list of combined tensors, or writes them into ``out``.
+    """
+
+    rule: Rule
+    scope: Scope | None = None
+    alpha: float = 1.0
+    gamma: float = 1.0
+    name: str | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rule, Rule):
+            raise TypeError(f"rule must be a geomkit Rule, got {type(self.rule).__name__}")
+        if self.rule.reduces and not isinstance(self.scope, Scope):
+            raise ValueError(
+                f"{self.rule!r} projects and needs a scope (PerTensor() or Global()), "
+                f"got {self.scope!r}"
+            )
+        if not self.rule.reduces and self.scope is not None:
+            raise ValueError(
+                f"{self.rule!r} is coordinate-wise and takes no scope, got scope={self.scope!r}"
+            )
+        object.__setattr__(self, "alpha", check_weight("alpha", self.alpha))
+        object.__setattr__(self, "gamma", check_weight("gamma", self.gamma))
+
+    def __repr__(self) -> str:
+        scope = f", scope={self.scope!r}" if self.scope is not None else ""
+        return f"Strategy({self.rule!r}{scope}, alpha={self.alpha!r}, gamma={self.gamma!r})"
+
+    # -- the combination ---------------------------------------------------------------------
+
+    def pooled_dots(self, forget: Sequence[Tensor], retain: Sequence[Tensor]) -> list[Tensor]:
+        """Per-tensor ``[<f,f>, <r,r>, <f,r>]`` (float64, on each tensor's device), pooled by
+        the scope. Only meaningful for rules that reduce."""
+        dots = [kernels.dot_products(f, r) for f, r in zip(forget, retain, strict=True)]
+        return self.scope.pool(dots)
+
+    def __call__(
+        self,
+        forget: Sequence[Tensor],
+        retain: Sequence[Tensor],
+        *,
+        out: Sequence[Tensor] | None = None,
+    ) -> list[Tensor]:
+        """Combine ``forget`` and ``retain`` (one tensor per parameter) into one update.
+
+        Parameters
+        ----------
+        forget, retain : sequence of Tensor
+            Matching floating-point tensors (same shape, dtype and device pairwise). They are
+            never modified (unless also passed as ``out``).
+        out : sequence of Tensor, optional
+            Tensors to write the result into (e.g. the parameters' ``.grad``); nothing is
+            allocated for the result then.
+
+        Returns
+        -------
+        list of Tensor
+            The combined update, in the inputs' dtype (arithmetic in at least float32).
+        """
+        forget, retain = check_pair(forget, retain)
+        outs = check_out(out, forget) if out is not None else [torch.empty_like(f) for f in forget]
+        dots = self.pooled_dots(forget, retain) if self.rule.reduces else [None] * len(forget)
+        weights: dict[torch.device, tuple[Tensor, Tensor]] = {}
+        for f, r, o, dot in zip(forget, retain, outs, dots, strict=True):
+            if f.device not in weights:
+                weights[f.device] = (zero_d(self.alpha, f), zero_d(self.gamma, f))
+            alpha, gamma = weights[f.device]
+            self.rule.apply(f, r, o, dot, alpha, gamma)
+        return outs
+
+    # -- for statistics ----------------------------------------------------------------------
+
+    def linear_form(self, dots: Tensor) -> Tensor:
+        """``(a_C, b_C, a_A, b_A)`` per tensor from pooled dots ``[..., 3]`` (float64)."""
+        return self.rule.linear_form(dots, self.alpha, self.gamma)
+
+    def projected(self, dots: Tensor) -> Tensor:
+        """1.0 where this strategy's projection fires, from pooled dots ``[..., 3]``."""
+        return self.rule.projected(dots)
