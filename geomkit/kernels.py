@@ -148,31 +148,55 @@ def _k_triple(f: Tensor, r: Tensor, d: Tensor) -> Tensor:
     return torch.stack(sums).sum(1)
 
 
-def _k_opposition_counts(f: Tensor, r: Tensor, coefficients: Tensor) -> Tensor:
-    # coefficients: [S, 4] float64 rows (a_C, b_C, a_A, b_A): d = a f + b r on C and on A.
+def _opposition_terms(f: Tensor, r: Tensor) -> tuple[list[Tensor], Tensor | None]:
+    """Per-coordinate terms whose combination with ``(a_C, b_C, a_A, b_A)`` decides opposition.
+
+    For 16/32-bit inputs: ``d_i r_i = a f_i r_i + b r_i^2`` with the products exact in float64,
+    so the terms are ``f r`` and ``r^2`` split by C and A, and opposition is ``value < 0``.
+    For float64 inputs products may underflow, so the terms are ``f`` and ``r`` split by C and
+    A; the combination is ``d`` itself and its sign is compared with ``r`` (returned second).
+    """
     f64, r64 = f.double(), r.double()
     c = _conflict(f, r, f64, r64)
     zero = torch.zeros((), dtype=torch.float64, device=f.device)
     if f.dtype == torch.float64:
-        # Products may underflow for float64 inputs: form d and compare signs.
-        fc, fa = torch.where(c, f64, zero), torch.where(c, zero, f64)
-        rc, ra = torch.where(c, r64, zero), torch.where(c, zero, r64)
-        counts = []
-        for s in range(coefficients.shape[0]):
-            k = coefficients[s]
-            d = k[0] * fc + k[1] * rc + k[2] * fa + k[3] * ra
-            counts.append(_conflict(d, r64, d, r64).sum(1, dtype=torch.float64))
-        return torch.stack(counts).sum(1)
-    # d_i r_i = a f_i r_i + b r_i^2, exact products in float64 for 16/32-bit inputs.
-    p, q = f64 * r64, r64 * r64
-    pc, pa = torch.where(c, p, zero), torch.where(c, zero, p)
-    qc, qa = torch.where(c, q, zero), torch.where(c, zero, q)
+        x, y, sign_of = f64, r64, r64
+    else:
+        x, y, sign_of = f64 * r64, r64 * r64, None
+    terms = [
+        torch.where(c, x, zero),
+        torch.where(c, y, zero),
+        torch.where(c, zero, x),
+        torch.where(c, zero, y),
+    ]
+    return terms, sign_of
+
+
+def _opposed(value: Tensor, sign_of: Tensor | None) -> Tensor:
+    if sign_of is None:
+        return value < 0
+    return ((value > 0) & (sign_of < 0)) | ((value < 0) & (sign_of > 0))
+
+
+def _k_opposition_counts(f: Tensor, r: Tensor, coefficients: Tensor) -> Tensor:
+    # coefficients: [S, 4] float64 rows (a_C, b_C, a_A, b_A): d = a f + b r on C and on A.
+    # One fused loop per strategy (the compiled form).
+    (tc, uc, ta, ua), sign_of = _opposition_terms(f, r)
     counts = []
     for s in range(coefficients.shape[0]):
         k = coefficients[s]
-        v = k[0] * pc + k[1] * qc + k[2] * pa + k[3] * qa
-        counts.append((v < 0).sum(1, dtype=torch.float64))
+        value = k[0] * tc + k[1] * uc + k[2] * ta + k[3] * ua
+        counts.append(_opposed(value, sign_of).sum(1, dtype=torch.float64))
     return torch.stack(counts).sum(1)
+
+
+def _k_opposition_counts_gemm(f: Tensor, r: Tensor, coefficients: Tensor) -> Tensor:
+    # The same counts with all strategies in one small matrix product (the eager form).
+    terms, sign_of = _opposition_terms(f, r)
+    value = torch.stack(terms, dim=-1) @ coefficients.T  # [rows, cols, S]
+    if sign_of is not None:
+        sign_of = sign_of.unsqueeze(-1)
+    return _opposed(value, sign_of).sum((0, 1), dtype=torch.float64)
 
 
 def _k_combine_linear(
@@ -216,10 +240,13 @@ def _k_combine_select(
 # --------------------------------------------------------------------------------------------
 
 
+_EAGER_FORM: dict[Callable, Callable] = {_k_opposition_counts: _k_opposition_counts_gemm}
+"""Kernels with a different (equivalent) form that runs faster unfused."""
+
+
 def _impl(kernel: Callable) -> Callable:
-    global _compile_failed
     if _backend == "eager" or _compile_failed:
-        return kernel
+        return _EAGER_FORM.get(kernel, kernel)
     fn = _compiled.get(kernel)
     if fn is None:
         fn = torch.compile(kernel, dynamic=True)
@@ -231,8 +258,8 @@ def _run(kernel: Callable, *args, **kwargs):
     """Call the backend's version of ``kernel``; fall back to eager once if compiling fails."""
     global _compile_failed
     fn = _impl(kernel)
-    if fn is kernel:
-        return kernel(*args, **kwargs)
+    if _backend == "eager" or _compile_failed:
+        return fn(*args, **kwargs)
     try:
         return fn(*args, **kwargs)
     except Exception as error:
@@ -243,7 +270,7 @@ def _run(kernel: Callable, *args, **kwargs):
             RuntimeWarning,
             stacklevel=3,
         )
-        return kernel(*args, **kwargs)
+        return _EAGER_FORM.get(kernel, kernel)(*args, **kwargs)
 
 
 def _views(tensors: Sequence[Tensor]) -> list[tuple[Tensor, ...]]:

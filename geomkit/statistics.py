@@ -90,7 +90,8 @@ def shadow(
     ``<d,r> = sum_X a_X S_X(fr) + b_X S_X(rr)``,
     ``<d,d> = sum_X a_X^2 S_X(ff) + 2 a_X b_X S_X(fr) + b_X^2 S_X(rr)``.
     Projection coefficients come from the (scope-pooled) Gramian; ``n_opposed`` is counted in
-    a second pass over (f, r).
+    a second pass over (f, r), except for rules that cannot oppose ``r`` by construction
+    (``Rule.never_opposes``: SAGO and its prefer-retain variant, THEORY.md R6), recorded as 0.
 
     Parameters
     ----------
@@ -129,13 +130,14 @@ def shadow(
         a_a * a_a * ff_a + 2 * a_a * b_a * fr_a + b_a * b_a * rr_a
     )
     dd = dd.clamp_min(0.0)  # a sum of squares; guards float64 cancellation
-    opposed = _stack_on(
-        [
-            kernels.opposition_counts(f, r, form[:, j].to(f.device))
+    measured = [i for i, s in enumerate(strategies) if not s.rule.never_opposes]
+    opposed = torch.zeros_like(df)  # [S, T]; sign rules never oppose r (R6, proved)
+    if measured:
+        counts = [
+            kernels.opposition_counts(f, r, form[measured, j].to(f.device))
             for j, (f, r) in enumerate(zip(forget, retain, strict=True))
-        ],
-        home,
-    ).T  # [S, T]
+        ]
+        opposed[measured] = _stack_on(counts, home).T
     sizes = _sizes(forget, home)
     n_s, n_t = form.shape[0], form.shape[1]
     counts = torch.stack([n_conflict, n_nonzero], dim=1)  # [T, 2]

@@ -79,6 +79,11 @@ class Rule(ABC):
     reduces: bool = False
     """Whether the rule needs dot products (and therefore a scope)."""
 
+    never_opposes: bool = False
+    """Whether ``d_i r_i >= 0`` holds for every coordinate by construction when
+    ``alpha, gamma >= 0`` (THEORY.md R6, proved for the sign rules). Shadow statistics then
+    record ``n_opposed = 0`` without a counting pass; the applied update is always measured."""
+
     @abstractmethod
     def linear_form(self, dots: Tensor, alpha: float, gamma: float) -> Tensor:
         """Return ``(a_C, b_C, a_A, b_A)`` in float64, shape ``dots.shape[:-1] + (4,)``.

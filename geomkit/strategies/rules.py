@@ -119,6 +119,8 @@ class SAGO(Rule):
     """
 
     prefer_retain = False
+    # R6: d_i r_i = alpha r_i^2 on C, gamma f_i r_i (+ alpha r_i^2) >= 0 on A.
+    never_opposes = True
 
     def linear_form(self, dots: Tensor, alpha: float, gamma: float) -> Tensor:
         zero = torch.zeros(dots.shape[:-1], dtype=torch.float64, device=dots.device)
