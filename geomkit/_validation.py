@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -12,8 +14,13 @@ __all__ = ["check_weight", "check_pair", "check_out"]
 
 
 def check_weight(name: str, value: object) -> float:
-    """Return ``value`` as a float if it is a finite number >= 0, else raise ``ValueError``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """Return ``value`` as a float if it is a finite real number >= 0, else raise.
+
+    Python and NumPy reals and one-element tensors are accepted; booleans are not.
+    """
+    if isinstance(value, Tensor) and value.numel() == 1 and not value.dtype.is_complex:
+        value = value.item()
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number >= 0, got {type(value).__name__}: {value!r}")
     value = float(value)
     if not math.isfinite(value) or value < 0:

@@ -54,7 +54,7 @@ if _backend not in BACKENDS:
     raise ValueError(
         f"GEOMKIT_BACKEND={_backend!r} is not a geomkit backend; expected one of {BACKENDS}"
     )
-_compiled: dict[Callable, Callable] = {}
+_compiled: dict[tuple, Callable] = {}
 _compile_failed = False
 
 
@@ -90,7 +90,7 @@ def use_backend(name: str) -> Iterator[None]:
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Element-wise arithmetic runs in float32 for 16-bit inputs, natively otherwise."""
+    """Sign selection runs in float32 for 16-bit inputs, natively otherwise."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
@@ -211,12 +211,12 @@ def _k_combine_linear(
     out: Tensor,
 ) -> None:
     # d = gamma * f' + alpha * r', f' = f - c r where fire_c, r' = r - k f where fire_k.
-    dtype = _compute_dtype(f.dtype)
-    fw, rw = f.to(dtype), r.to(dtype)
-    cw, kw = c.to(dtype), k.to(dtype)
-    fp = torch.where(fire_c, fw - cw * rw, fw)
-    rp = torch.where(fire_k, rw - kw * fw, rw)
-    out.copy_(gamma.to(dtype) * fp + alpha.to(dtype) * rp)
+    # Computed in float64 and rounded once: the coefficients c, k may lie outside the float32
+    # range (|f|/|r| < 1e-38) although every input and the result lie well inside it.
+    fw, rw = f.double(), r.double()
+    fp = torch.where(fire_c, fw - c * rw, fw)
+    rp = torch.where(fire_k, rw - k * fw, rw)
+    out.copy_(gamma * fp + alpha * rp)
 
 
 def _k_combine_select(
@@ -244,24 +244,34 @@ _EAGER_FORM: dict[Callable, Callable] = {_k_opposition_counts: _k_opposition_cou
 """Kernels with a different (equivalent) form that runs faster unfused."""
 
 
-def _impl(kernel: Callable) -> Callable:
-    if _backend == "eager" or _compile_failed:
-        return _EAGER_FORM.get(kernel, kernel)
-    fn = _compiled.get(kernel)
+def _eager(kernel: Callable) -> Callable:
+    return _EAGER_FORM.get(kernel, kernel)
+
+
+def _fused(kernel: Callable, args: Sequence) -> Callable:
+    """The compiled form of ``kernel`` for this dtype / storage-offset / flag combination.
+
+    One ``torch.compile`` object per combination keeps each under dynamo's recompile limit (a
+    single object would otherwise specialise on every dtype and offset and, past the limit,
+    silently run unfused). Row counts are dynamic: only blocks of at least two rows are fused.
+    """
+    offsets = tuple(a.storage_offset() == 0 for a in args if isinstance(a, Tensor))
+    flags = tuple(a for a in args if isinstance(a, bool))
+    key = (kernel, args[0].dtype, offsets, flags)
+    fn = _compiled.get(key)
     if fn is None:
         fn = torch.compile(kernel, dynamic=True)
-        _compiled[kernel] = fn
+        _compiled[key] = fn
     return fn
 
 
-def _run(kernel: Callable, *args, **kwargs):
-    """Call the backend's version of ``kernel``; fall back to eager once if compiling fails."""
+def _run(kernel: Callable, *args, fuse: bool):
+    """Run ``kernel`` on one block of views, fused when asked and possible, else eagerly."""
     global _compile_failed
-    fn = _impl(kernel)
-    if _backend == "eager" or _compile_failed:
-        return fn(*args, **kwargs)
+    if not fuse or _compile_failed:
+        return _eager(kernel)(*args)
     try:
-        return fn(*args, **kwargs)
+        return _fused(kernel, args)(*args)
     except Exception as error:
         _compile_failed = True
         warnings.warn(
@@ -270,35 +280,39 @@ def _run(kernel: Callable, *args, **kwargs):
             RuntimeWarning,
             stacklevel=3,
         )
-        return _EAGER_FORM.get(kernel, kernel)(*args, **kwargs)
+        return _eager(kernel)(*args)
 
 
-def _views(tensors: Sequence[Tensor]) -> list[tuple[Tensor, ...]]:
-    """Split same-shaped tensors into [rows, COLUMNS] row blocks plus a [1, tail] remainder."""
+def _views(tensors: Sequence[Tensor]) -> list[tuple[tuple[Tensor, ...], bool]]:
+    """Split same-shaped tensors into ``[rows, COLUMNS]`` blocks plus a ``[1, tail]`` remainder.
+
+    Returns ``(views, fuse)`` pairs: ``fuse`` is true for blocks the compiled backend runs
+    (at least two rows); the tail and single rows always run eagerly, they are small.
+    """
     flats = [t.reshape(-1) for t in tensors]
     n = flats[0].numel()
     main = n - n % COLUMNS
-    pieces: list[tuple[Tensor, ...]] = []
+    compiled = _backend == "compiled" and not _compile_failed
+    pieces: list[tuple[tuple[Tensor, ...], bool]] = []
     if main:
         rows = main // COLUMNS
-        if _backend == "eager" and flats[0].device.type == "cpu":
+        if not compiled and flats[0].device.type == "cpu":
             step = max(1, _CPU_BLOCK_ELEMENTS // COLUMNS)
         else:
             step = rows
         for start in range(0, rows, step):
             stop = min(rows, start + step)
-            pieces.append(
-                tuple(x[start * COLUMNS : stop * COLUMNS].view(-1, COLUMNS) for x in flats)
-            )
+            views = tuple(x[start * COLUMNS : stop * COLUMNS].view(-1, COLUMNS) for x in flats)
+            pieces.append((views, compiled and stop - start >= 2))
     if n > main:
-        pieces.append(tuple(x[main:].view(1, -1) for x in flats))
+        pieces.append((tuple(x[main:].view(1, -1) for x in flats), False))
     return pieces
 
 
 def _reduce(kernel: Callable, tensors: Sequence[Tensor], *extra) -> Tensor:
     total = None
-    for views in _views(tensors):
-        part = _run(kernel, *views, *extra)
+    for views, fuse in _views(tensors):
+        part = _run(kernel, *views, *extra, fuse=fuse)
         total = part if total is None else total + part
     return total
 
@@ -307,8 +321,8 @@ def _elementwise(kernel: Callable, f: Tensor, r: Tensor, out: Tensor, *extra) ->
     target = (
         out if out.is_contiguous() else torch.empty_like(out, memory_format=torch.contiguous_format)
     )
-    for fv, rv, ov in _views([f, r, target]):
-        _run(kernel, fv, rv, *extra, ov)
+    for (fv, rv, ov), fuse in _views([f, r, target]):
+        _run(kernel, fv, rv, *extra, ov, fuse=fuse)
     if target is not out:
         out.copy_(target)
     return out

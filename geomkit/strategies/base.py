@@ -168,7 +168,9 @@ class Strategy:
 
     def pooled_dots(self, forget: Sequence[Tensor], retain: Sequence[Tensor]) -> list[Tensor]:
         """Per-tensor ``[<f,f>, <r,r>, <f,r>]`` (float64, on each tensor's device), pooled by
-        the scope. Only meaningful for rules that reduce."""
+        the scope. Only defined for rules that reduce (projections)."""
+        if not self.rule.reduces:
+            raise ValueError(f"{self.rule!r} is coordinate-wise and pools no dot products")
         dots = [kernels.dot_products(f, r) for f, r in zip(forget, retain, strict=True)]
         return self.scope.pool(dots)
 
