@@ -32,8 +32,14 @@ def _describe(t: Tensor) -> str:
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
 
 
-def check_pair(forget: Sequence[Tensor], retain: Sequence[Tensor]) -> tuple[list, list]:
+def check_pair(
+    forget: Sequence[Tensor],
+    retain: Sequence[Tensor],
+    names: tuple[str, str] = ("forget", "retain"),
+) -> tuple[list, list]:
     """Validate two equal-length sequences of matching floating-point tensors.
+
+    ``names`` are the roles of the two sequences, used in error messages.
 
     Raises
     ------
@@ -42,21 +48,22 @@ def check_pair(forget: Sequence[Tensor], retain: Sequence[Tensor]) -> tuple[list
     ValueError
         If the lengths, shapes, dtypes or devices of corresponding tensors differ.
     """
+    a, b = names
     if isinstance(forget, Tensor) or isinstance(retain, Tensor):
         raise TypeError(
-            "forget and retain must be sequences of tensors (one per parameter), "
+            f"{a} and {b} must be sequences of tensors (one per parameter), "
             "got a single tensor; wrap it in a list"
         )
     forget, retain = list(forget), list(retain)
     if len(forget) != len(retain):
         raise ValueError(
-            f"forget and retain must have the same number of tensors, "
-            f"got {len(forget)} forget and {len(retain)} retain tensors"
+            f"{a} and {b} must have the same number of tensors, "
+            f"got {len(forget)} {a} and {len(retain)} {b} tensors"
         )
     if not forget:
-        raise ValueError("forget and retain are empty; expected at least one tensor each")
+        raise ValueError(f"{a} and {b} are empty; expected at least one tensor each")
     for j, (f, r) in enumerate(zip(forget, retain, strict=True)):
-        for role, t in (("forget", f), ("retain", r)):
+        for role, t in ((a, f), (b, r)):
             if not isinstance(t, Tensor):
                 raise TypeError(f"{role}[{j}] must be a torch.Tensor, got {type(t).__name__}")
             if not t.is_floating_point():
@@ -66,8 +73,8 @@ def check_pair(forget: Sequence[Tensor], retain: Sequence[Tensor]) -> tuple[list
                 )
         if f.shape != r.shape or f.dtype != r.dtype or f.device != r.device:
             raise ValueError(
-                f"forget[{j}] and retain[{j}] must match in shape, dtype and device, "
-                f"got forget[{j}] {_describe(f)} and retain[{j}] {_describe(r)}"
+                f"{a}[{j}] and {b}[{j}] must match in shape, dtype and device, "
+                f"got {a}[{j}] {_describe(f)} and {b}[{j}] {_describe(r)}"
             )
     return forget, retain
 

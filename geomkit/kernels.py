@@ -40,7 +40,8 @@ __all__ = [
     "combine_select",
     "dot_products",
     "gram",
-    "opposition_counts",
+    "linear_moments",
+    "compile_failed",
     "triple",
 ]
 
@@ -61,6 +62,11 @@ _compile_failed = False
 def get_backend() -> str:
     """Return the active kernel backend, ``"eager"`` or ``"compiled"``."""
     return _backend
+
+
+def compile_failed() -> bool:
+    """Whether ``torch.compile`` failed in this process, so that "compiled" now runs eagerly."""
+    return _compile_failed
 
 
 def set_backend(name: str) -> None:
@@ -148,55 +154,38 @@ def _k_triple(f: Tensor, r: Tensor, d: Tensor) -> Tensor:
     return torch.stack(sums).sum(1)
 
 
-def _opposition_terms(f: Tensor, r: Tensor) -> tuple[list[Tensor], Tensor | None]:
-    """Per-coordinate terms whose combination with ``(a_C, b_C, a_A, b_A)`` decides opposition.
-
-    For 16/32-bit inputs: ``d_i r_i = a f_i r_i + b r_i^2`` with the products exact in float64,
-    so the terms are ``f r`` and ``r^2`` split by C and A, and opposition is ``value < 0``.
-    For float64 inputs products may underflow, so the terms are ``f`` and ``r`` split by C and
-    A; the combination is ``d`` itself and its sign is compared with ``r`` (returned second).
-    """
+def _k_linear_moments(f: Tensor, r: Tensor, coefficients: Tensor) -> Tensor:
+    # coefficients [S, 2] float64 rows (a, b): rule s forms d = a f + b r on every coordinate.
+    # Returns [S * 4]: per rule (n_opposed, <d,d>, <d,f>, <d,r>), accumulated directly (no
+    # closed form, so no cancellation when d is small next to f and r). The compiled form.
     f64, r64 = f.double(), r.double()
-    c = _conflict(f, r, f64, r64)
-    zero = torch.zeros((), dtype=torch.float64, device=f.device)
-    if f.dtype == torch.float64:
-        x, y, sign_of = f64, r64, r64
-    else:
-        x, y, sign_of = f64 * r64, r64 * r64, None
-    terms = [
-        torch.where(c, x, zero),
-        torch.where(c, y, zero),
-        torch.where(c, zero, x),
-        torch.where(c, zero, y),
-    ]
-    return terms, sign_of
-
-
-def _opposed(value: Tensor, sign_of: Tensor | None) -> Tensor:
-    if sign_of is None:
-        return value < 0
-    return ((value > 0) & (sign_of < 0)) | ((value < 0) & (sign_of > 0))
-
-
-def _k_opposition_counts(f: Tensor, r: Tensor, coefficients: Tensor) -> Tensor:
-    # coefficients: [S, 4] float64 rows (a_C, b_C, a_A, b_A): d = a f + b r on C and on A.
-    # One fused loop per strategy (the compiled form).
-    (tc, uc, ta, ua), sign_of = _opposition_terms(f, r)
-    counts = []
+    exact = f.dtype != torch.float64
+    p, q = (f64 * r64, r64 * r64) if exact else (None, None)
+    out = []
     for s in range(coefficients.shape[0]):
-        k = coefficients[s]
-        value = k[0] * tc + k[1] * uc + k[2] * ta + k[3] * ua
-        counts.append(_opposed(value, sign_of).sum(1, dtype=torch.float64))
-    return torch.stack(counts).sum(1)
+        a, b = coefficients[s, 0], coefficients[s, 1]
+        d = a * f64 + b * r64
+        # d_i r_i = a f_i r_i + b r_i^2 with exact products for 16/32-bit inputs
+        opposed = (a * p + b * q) < 0 if exact else _conflict(d, r64, d, r64)
+        out += [
+            opposed.sum(1, dtype=torch.float64),
+            (d * d).sum(1),
+            (d * f64).sum(1),
+            (d * r64).sum(1),
+        ]
+    return torch.stack(out).sum(1)
 
 
-def _k_opposition_counts_gemm(f: Tensor, r: Tensor, coefficients: Tensor) -> Tensor:
-    # The same counts with all strategies in one small matrix product (the eager form).
-    terms, sign_of = _opposition_terms(f, r)
-    value = torch.stack(terms, dim=-1) @ coefficients.T  # [rows, cols, S]
-    if sign_of is not None:
-        sign_of = sign_of.unsqueeze(-1)
-    return _opposed(value, sign_of).sum((0, 1), dtype=torch.float64)
+def _k_linear_moments_gemm(f: Tensor, r: Tensor, coefficients: Tensor) -> Tensor:
+    # The same moments with all rules in small matrix products (the eager form).
+    f64, r64 = f.reshape(-1).double(), r.reshape(-1).double()
+    d = torch.stack([f64, r64], dim=1) @ coefficients.T  # [n, S]
+    if f.dtype != torch.float64:
+        opposed = (torch.stack([f64 * r64, r64 * r64], dim=1) @ coefficients.T) < 0
+    else:
+        opposed = _conflict(d, r64[:, None], d, r64[:, None])
+    moments = [opposed.sum(0, dtype=torch.float64), (d * d).sum(0), f64 @ d, r64 @ d]
+    return torch.stack(moments, dim=1).reshape(-1)
 
 
 def _k_combine_linear(
@@ -240,7 +229,7 @@ def _k_combine_select(
 # --------------------------------------------------------------------------------------------
 
 
-_EAGER_FORM: dict[Callable, Callable] = {_k_opposition_counts: _k_opposition_counts_gemm}
+_EAGER_FORM: dict[Callable, Callable] = {_k_linear_moments: _k_linear_moments_gemm}
 """Kernels with a different (equivalent) form that runs faster unfused."""
 
 
@@ -385,25 +374,26 @@ def triple(f: Tensor, r: Tensor, d: Tensor) -> Tensor:
     return _reduce(_k_triple, [f, r, d])
 
 
-def opposition_counts(f: Tensor, r: Tensor, coefficients: Tensor) -> Tensor:
-    """Count coordinates with ``d_i r_i < 0`` for several coordinate-wise linear rules at once.
+def linear_moments(f: Tensor, r: Tensor, coefficients: Tensor) -> Tensor:
+    """Moments of several uniform linear rules ``d = a f + b r`` on one tensor pair at once.
 
     Parameters
     ----------
     f, r : Tensor
         One tensor pair.
     coefficients : Tensor
-        ``[S, 4]`` float64 rows ``(a_C, b_C, a_A, b_A)``: rule ``s`` forms ``d = a_C f + b_C r``
-        on conflicting coordinates and ``d = a_A f + b_A r`` on the others.
+        ``[S, 2]`` float64 rows ``(a, b)``.
 
     Returns
     -------
     Tensor
-        ``[S]`` float64 counts.
+        ``[S, 4]`` float64: per rule the count of coordinates with ``d_i r_i < 0``, and
+        ``<d,d>``, ``<d,f>``, ``<d,r>``, each accumulated directly over coordinates.
     """
+    n_rules = coefficients.shape[0]
     if f.numel() == 0:
-        return torch.zeros(coefficients.shape[0], dtype=torch.float64, device=f.device)
-    return _reduce(_k_opposition_counts, [f, r], coefficients)
+        return torch.zeros(n_rules, 4, dtype=torch.float64, device=f.device)
+    return _reduce(_k_linear_moments, [f, r], coefficients).view(n_rules, 4)
 
 
 def combine_linear(

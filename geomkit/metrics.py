@@ -48,7 +48,7 @@ METRICS: dict[str, str] = {
     "norm_f": "Euclidean norm of the forget gradient",
     "norm_r": "Euclidean norm of the retain gradient",
     "norm_d": "Euclidean norm of the update",
-    "norm_ratio": "|f| / |r|",
+    "norm_ratio": "|f| / |r| (inf when only r is zero)",
     "conflict_rate": "fraction of all coordinates with sign(f_i) sign(r_i) < 0",
     "conflict_rate_nonzero": "fraction of coordinates with f_i != 0 and r_i != 0 that conflict",
     "opposed_rate": "fraction of coordinates with d_i r_i < 0",
@@ -72,6 +72,12 @@ def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
 def _cosine(dot: np.ndarray, aa: np.ndarray, bb: np.ndarray) -> np.ndarray:
     # sqrt of each squared norm separately: aa * bb can overflow or underflow in float64.
     return np.clip(_ratio(dot, np.sqrt(aa) * np.sqrt(bb)), -1.0, 1.0)
+
+
+def _norm_ratio(ff: np.ndarray, rr: np.ndarray) -> np.ndarray:
+    # |f| / |r|: inf when only r is zero, NaN when both are.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.sqrt(ff) / np.sqrt(rr)
 
 
 def derive(statistics: np.ndarray) -> dict[str, np.ndarray]:
@@ -102,7 +108,7 @@ def derive(statistics: np.ndarray) -> dict[str, np.ndarray]:
         "norm_f": np.sqrt(ff),
         "norm_r": np.sqrt(rr),
         "norm_d": np.sqrt(dd),
-        "norm_ratio": _ratio(np.sqrt(ff), np.sqrt(rr)),
+        "norm_ratio": _norm_ratio(ff, rr),
         "conflict_rate": _ratio(get("n_conflict"), get("numel")),
         "conflict_rate_nonzero": _ratio(get("n_conflict"), get("n_both_nonzero")),
         "opposed_rate": _ratio(get("n_opposed"), get("numel")),

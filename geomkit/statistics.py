@@ -9,9 +9,9 @@ Two entry points:
 
 * :func:`sufficient` - the statistics of the update that was actually formed (reads f, r, d).
 * :func:`shadow` - the statistics of several strategies on the same (f, r) without forming any
-  of their updates: one pass builds the sign-partitioned Gramian, from which ``<d,f>``, ``<d,r>``
-  and ``<d,d>`` of every rule follow in closed form, and a second pass counts the coordinates
-  where each rule's ``d`` opposes ``r``.
+  of their updates: one pass builds the sign-partitioned Gramian (projection coefficients, and
+  the closed forms of the sign rules), a second pass accumulates the moments of all projection
+  rules at once.
 
 Both return a float64 tensor on the device of the first gradient; one ``.cpu()`` moves a whole
 step to the host (see :func:`to_numpy`). Nothing here synchronises with the host.
@@ -42,6 +42,7 @@ def _sizes(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
     return torch.tensor([numel, [1.0] * len(numel)], dtype=torch.float64, device=device).T
 
 
+@torch.no_grad()
 def sufficient(
     forget: Sequence[Tensor],
     retain: Sequence[Tensor],
@@ -64,7 +65,7 @@ def sufficient(
         ``[n_tensors, len(FIELDS)]`` float64, on the first tensor's device.
     """
     forget, retain = check_pair(forget, retain)
-    _, combined = check_pair(forget, combined)
+    _, combined = check_pair(forget, combined, names=("forget", "combined"))
     home = forget[0].device
     rows = _stack_on(
         [kernels.triple(f, r, d) for f, r, d in zip(forget, retain, combined, strict=True)], home
@@ -78,20 +79,25 @@ def sufficient(
     return torch.cat([rows, sizes[:, :1], projected[:, None], sizes[:, 1:]], dim=1)
 
 
+@torch.no_grad()
 def shadow(
     forget: Sequence[Tensor], retain: Sequence[Tensor], strategies: Sequence[Strategy]
 ) -> Tensor:
     """Statistics of several strategies on the same (f, r), without forming their updates.
 
-    Every geomkit rule forms ``d = a f + b r`` with ``(a, b)`` constant on the conflicting set
-    C and on its complement A, so with the six sign-partitioned sums
-    ``S_X(ff), S_X(rr), S_X(fr)`` (X in {C, A}):
-    ``<d,f> = sum_X a_X S_X(ff) + b_X S_X(fr)``,
-    ``<d,r> = sum_X a_X S_X(fr) + b_X S_X(rr)``,
-    ``<d,d> = sum_X a_X^2 S_X(ff) + 2 a_X b_X S_X(fr) + b_X^2 S_X(rr)``.
-    Projection coefficients come from the (scope-pooled) Gramian; ``n_opposed`` is counted in
-    a second pass over (f, r), except for rules that cannot oppose ``r`` by construction
-    (``Rule.never_opposes``: SAGO and its prefer-retain variant, THEORY.md R6), recorded as 0.
+    Every geomkit rule forms ``d = a f + b r`` coordinate-wise, and two passes over (f, r)
+    serve all strategies at once:
+
+    1. the sign-partitioned Gramian ``S_X(ff), S_X(rr), S_X(fr)`` (X = C, the conflicting
+       coordinates, or A, the rest), from which the projection coefficients follow (pooled by
+       each strategy's scope) and, for the sign rules (SAGO, ``(a, b)`` constant on C and on A),
+       ``<d,f> = sum_X a_X S_X(ff) + b_X S_X(fr)``, ``<d,r> = sum_X a_X S_X(fr) + b_X S_X(rr)``
+       and ``<d,d> = sum_X a_X^2 S_X(ff) + 2 a_X b_X S_X(fr) + b_X^2 S_X(rr)``, where every
+       term of ``<d,d>`` and ``<d,r>`` is non-negative (no cancellation); their ``n_opposed`` is
+       0 by construction (``Rule.never_opposes``, THEORY.md R6, proved);
+    2. for the uniform rules (sum, PCGrad, BLUR: one ``(a, b)`` per tensor), ``<d,d>``,
+       ``<d,f>``, ``<d,r>`` and ``n_opposed`` accumulated directly over coordinates, so a
+       projected update that nearly cancels is still measured exactly.
 
     Parameters
     ----------
@@ -106,12 +112,19 @@ def shadow(
         ``[n_strategies, n_tensors, len(FIELDS)]`` float64 on the first tensor's device.
     """
     forget, retain = check_pair(forget, retain)
+    if isinstance(strategies, Strategy):
+        raise TypeError("strategies must be a sequence of Strategy objects; wrap one in a list")
     strategies = list(strategies)
     if not strategies:
         raise ValueError("strategies is empty; expected at least one Strategy")
     for s in strategies:
         if not isinstance(s, Strategy):
             raise TypeError(f"expected geomkit Strategy objects, got {type(s).__name__}: {s!r}")
+        if not (s.rule.uniform or s.rule.never_opposes):
+            raise ValueError(
+                f"shadow statistics need a uniform rule or one that never opposes r; {s!r} "
+                "is neither"
+            )
     home = forget[0].device
     g = _stack_on([kernels.gram(f, r) for f, r in zip(forget, retain, strict=True)], home)
     ff_c, ff_a, rr_c, rr_a, fr_c, fr_a, n_conflict, n_nonzero = g.unbind(1)
@@ -124,20 +137,24 @@ def shadow(
         projected.append(s.projected(pooled))  # [T]
     form = torch.stack(forms)  # [S, T, 4]
     a_c, b_c, a_a, b_a = form.unbind(-1)  # each [S, T]
-    df = a_c * ff_c + b_c * fr_c + a_a * ff_a + b_a * fr_a
-    dr = a_c * fr_c + b_c * rr_c + a_a * fr_a + b_a * rr_a
-    dd = (a_c * a_c * ff_c + 2 * a_c * b_c * fr_c + b_c * b_c * rr_c) + (
-        a_a * a_a * ff_a + 2 * a_a * b_a * fr_a + b_a * b_a * rr_a
-    )
-    dd = dd.clamp_min(0.0)  # a sum of squares; guards float64 cancellation
-    measured = [i for i, s in enumerate(strategies) if not s.rule.never_opposes]
-    opposed = torch.zeros_like(df)  # [S, T]; sign rules never oppose r (R6, proved)
-    if measured:
-        counts = [
-            kernels.opposition_counts(f, r, form[measured, j].to(f.device))
+    moments = torch.stack(
+        [
+            torch.zeros_like(a_c),  # n_opposed
+            (a_c * a_c * ff_c + 2 * a_c * b_c * fr_c + b_c * b_c * rr_c)
+            + (a_a * a_a * ff_a + 2 * a_a * b_a * fr_a + b_a * b_a * rr_a),
+            a_c * ff_c + b_c * fr_c + a_a * ff_a + b_a * fr_a,
+            a_c * fr_c + b_c * rr_c + a_a * fr_a + b_a * rr_a,
+        ],
+        dim=-1,
+    )  # [S, T, 4]: n_opposed, dd, df, dr
+    uniform = [i for i, s in enumerate(strategies) if s.rule.uniform]
+    if uniform:
+        direct = [
+            kernels.linear_moments(f, r, form[uniform, j, :2].to(f.device))
             for j, (f, r) in enumerate(zip(forget, retain, strict=True))
-        ]
-        opposed[measured] = _stack_on(counts, home).T
+        ]  # T x [U, 4]
+        moments[uniform] = _stack_on(direct, home).transpose(0, 1)
+    n_opposed, dd, df, dr = moments.unbind(-1)
     sizes = _sizes(forget, home)
     n_s, n_t = form.shape[0], form.shape[1]
     counts = torch.stack([n_conflict, n_nonzero], dim=1)  # [T, 2]
@@ -146,7 +163,7 @@ def shadow(
             dots.expand(n_s, n_t, 3),
             torch.stack([dd, df, dr], dim=-1),
             counts.expand(n_s, n_t, 2),
-            opposed[..., None],
+            n_opposed[..., None],
             sizes[:, :1].expand(n_s, n_t, 1),
             torch.stack(projected)[..., None],
             sizes[:, 1:].expand(n_s, n_t, 1),

@@ -79,6 +79,10 @@ class Rule(ABC):
     reduces: bool = False
     """Whether the rule needs dot products (and therefore a scope)."""
 
+    uniform: bool = True
+    """Whether ``d = a f + b r`` with one ``(a, b)`` for every coordinate of a tensor (sum and
+    projections); sign rules have one ``(a, b)`` on C and another on A."""
+
     never_opposes: bool = False
     """Whether ``d_i r_i >= 0`` holds for every coordinate by construction when
     ``alpha, gamma >= 0`` (THEORY.md R6, proved for the sign rules). Shadow statistics then
@@ -174,6 +178,7 @@ class Strategy:
         dots = [kernels.dot_products(f, r) for f, r in zip(forget, retain, strict=True)]
         return self.scope.pool(dots)
 
+    @torch.no_grad()
     def __call__(
         self,
         forget: Sequence[Tensor],

@@ -119,6 +119,7 @@ class SAGO(Rule):
     """
 
     prefer_retain = False
+    uniform = False
     # R6: d_i r_i = alpha r_i^2 on C, gamma f_i r_i (+ alpha r_i^2) >= 0 on A.
     never_opposes = True
 
