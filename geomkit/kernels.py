@@ -55,7 +55,7 @@ if _backend not in BACKENDS:
     raise ValueError(
         f"GEOMKIT_BACKEND={_backend!r} is not a geomkit backend; expected one of {BACKENDS}"
     )
-_compiled: dict[tuple, Callable] = {}
+_compiled: dict[Callable, Callable] = {}
 _compile_failed = False
 
 
@@ -105,8 +105,10 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 # --------------------------------------------------------------------------------------------
 
 
-def _conflict(f: Tensor, r: Tensor, f64: Tensor, r64: Tensor) -> Tensor:
-    if f.dtype == torch.float64:
+def _conflict(f: Tensor, r: Tensor, f64: Tensor | None, r64: Tensor | None) -> Tensor:
+    """``sign(f) * sign(r) < 0``: from exact float64 products when given (free where they are
+    needed anyway), otherwise from sign comparisons; either way zeros never conflict."""
+    if f64 is None or r64 is None or f.dtype == torch.float64:
         return ((f > 0) & (r < 0)) | ((f < 0) & (r > 0))
     return (f64 * r64) < 0
 
@@ -213,9 +215,7 @@ def _k_combine_select(
 ) -> None:
     # conflict -> alpha r; otherwise gamma f (+ alpha r when prefer_retain).
     dtype = _compute_dtype(f.dtype)
-    f64 = f.double() if f.dtype != torch.float64 else f
-    r64 = r.double() if r.dtype != torch.float64 else r
-    c = _conflict(f, r, f64, r64)
+    c = _conflict(f, r, None, None)
     fw, rw = f.to(dtype), r.to(dtype)
     ar = alpha.to(dtype) * rw
     agree = gamma.to(dtype) * fw
@@ -237,21 +237,19 @@ def _eager(kernel: Callable) -> Callable:
     return _EAGER_FORM.get(kernel, kernel)
 
 
-def _fused(kernel: Callable, args: Sequence) -> Callable:
-    """The compiled form of ``kernel`` for this dtype / storage-offset / flag combination.
-
-    One ``torch.compile`` object per combination keeps each under dynamo's recompile limit (a
-    single object would otherwise specialise on every dtype and offset and, past the limit,
-    silently run unfused). Row counts are dynamic: only blocks of at least two rows are fused.
-    """
-    offsets = tuple(a.storage_offset() == 0 for a in args if isinstance(a, Tensor))
-    flags = tuple(a for a in args if isinstance(a, bool))
-    key = (kernel, args[0].dtype, offsets, flags)
-    fn = _compiled.get(key)
+def _fused(kernel: Callable) -> Callable:
+    """The ``torch.compile`` form of ``kernel`` (sizes and offsets dynamic)."""
+    fn = _compiled.get(kernel)
     if fn is None:
         fn = torch.compile(kernel, dynamic=True)
-        _compiled[key] = fn
+        _compiled[kernel] = fn
     return fn
+
+
+_RECOMPILE_LIMIT = 64
+"""Graphs one kernel may specialise into: dtypes x (size and offset 0/1 specialisations).
+Raised only around geomkit's own calls; past dynamo's default of 8 a kernel would silently
+run unfused."""
 
 
 def _run(kernel: Callable, *args, fuse: bool):
@@ -260,7 +258,8 @@ def _run(kernel: Callable, *args, fuse: bool):
     if not fuse or _compile_failed:
         return _eager(kernel)(*args)
     try:
-        return _fused(kernel, args)(*args)
+        with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
+            return _fused(kernel)(*args)
     except Exception as error:
         _compile_failed = True
         warnings.warn(
@@ -275,8 +274,7 @@ def _run(kernel: Callable, *args, fuse: bool):
 def _views(tensors: Sequence[Tensor]) -> list[tuple[tuple[Tensor, ...], bool]]:
     """Split same-shaped tensors into ``[rows, COLUMNS]`` blocks plus a ``[1, tail]`` remainder.
 
-    Returns ``(views, fuse)`` pairs: ``fuse`` is true for blocks the compiled backend runs
-    (at least two rows); the tail and single rows always run eagerly, they are small.
+    Returns ``(views, fuse)`` pairs: ``fuse`` is true when the compiled backend runs them.
     """
     flats = [t.reshape(-1) for t in tensors]
     n = flats[0].numel()
@@ -292,9 +290,9 @@ def _views(tensors: Sequence[Tensor]) -> list[tuple[tuple[Tensor, ...], bool]]:
         for start in range(0, rows, step):
             stop = min(rows, start + step)
             views = tuple(x[start * COLUMNS : stop * COLUMNS].view(-1, COLUMNS) for x in flats)
-            pieces.append((views, compiled and stop - start >= 2))
+            pieces.append((views, compiled))
     if n > main:
-        pieces.append((tuple(x[main:].view(1, -1) for x in flats), False))
+        pieces.append((tuple(x[main:].view(1, -1) for x in flats), compiled))
     return pieces
 
 
