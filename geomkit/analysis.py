@@ -1,0 +1,112 @@
+"""The ``ds.geom`` accessor: exact derived metrics of a recorded run at any grouping.
+
+>>> ds = geomkit.open_run("runs/graddiff-sago-seed0")             # doctest: +SKIP
+>>> ds.geom.metrics(by="layer").cos_dr.sel(strategy="pcgrad")      # doctest: +SKIP
+
+Grouping sums the additive statistics of the tensors in a group (exact: they are sums), and the
+metrics are then derived from the group sums by :func:`geomkit.metrics.derive`, the single
+definition used everywhere in geomkit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import xarray as xr
+
+from geomkit.metrics import FIELDS, METRICS, derive
+
+__all__ = ["GROUPINGS", "GeometryAccessor"]
+
+GROUPINGS: tuple[str, ...] = ("tensor", "layer", "component", "module", "model")
+"""Groupings accepted by ``by=``: per tensor, per layer index, per component, per module, or the
+whole model."""
+
+_PAIR_METRICS = (
+    "cos_fr",
+    "norm_f",
+    "norm_r",
+    "norm_ratio",
+    "conflict_rate",
+    "conflict_rate_nonzero",
+)
+"""Metrics of the (f, r) pair alone: they carry no ``strategy`` dimension."""
+
+
+@xr.register_dataset_accessor("geom")
+class GeometryAccessor:
+    """Derived gradient-geometry metrics of a geomkit run (``ds.geom``)."""
+
+    def __init__(self, ds: xr.Dataset) -> None:
+        self._ds = ds
+
+    def _require(self) -> None:
+        missing = [n for n in ("ff", "rr", "fr", "dd", "df", "dr") if n not in self._ds]
+        if missing:
+            raise KeyError(
+                f"this Dataset has no geometry statistics (missing {missing}); open a run "
+                "with geomkit.open_run"
+            )
+
+    def statistics(self, by: str = "model") -> xr.DataArray:
+        """The additive statistics summed over ``by`` groups, with a last ``field`` dimension.
+
+        Parameters
+        ----------
+        by : {"tensor", "layer", "component", "module", "model"}
+            The grouping. ``"model"`` sums every tensor.
+        """
+        self._require()
+        if by not in GROUPINGS:
+            raise ValueError(f"unknown grouping {by!r}; expected one of {GROUPINGS}")
+        ds = self._ds
+        ones = xr.ones_like(ds["numel"], dtype=np.float64)
+        pieces = {
+            "ff": ds["ff"],
+            "rr": ds["rr"],
+            "fr": ds["fr"],
+            "dd": ds["dd"],
+            "df": ds["df"],
+            "dr": ds["dr"],
+            "n_conflict": ds["n_conflict"],
+            "n_both_nonzero": ds["n_both_nonzero"],
+            "n_opposed": ds["n_opposed"],
+            "numel": ds["numel"],
+            "n_projected": ds["n_projected"],
+            "n_tensors": ones,
+        }
+        arrays = [pieces[name].astype(np.float64).reset_coords(drop=True) for name in FIELDS]
+        arrays = xr.broadcast(*arrays)
+        stacked = xr.concat(arrays, dim=xr.Variable("field", list(FIELDS)), coords="minimal")
+        stacked = stacked.assign_coords(
+            {c: ds[c] for c in ("layer", "component", "module") if c in ds.coords}
+        )
+        if by == "model":
+            grouped = stacked.sum("tensor")
+        elif by == "tensor":
+            grouped = stacked
+        else:
+            grouped = stacked.groupby(by).sum("tensor")
+        dims = [d for d in grouped.dims if d != "field"] + ["field"]
+        return grouped.transpose(*dims)
+
+    def metrics(self, by: str = "model") -> xr.Dataset:
+        """Every metric of :data:`geomkit.metrics.METRICS` at the ``by`` grouping.
+
+        Pair metrics (``cos_fr``, norms of f and r, conflict rates) have no ``strategy``
+        dimension; update metrics (``cos_dr``, ``cos_df``, ``norm_d``, ``opposed_rate``,
+        ``projected_fraction``) have one entry per applied or shadow strategy. Undefined values
+        (zero norms) are NaN.
+        """
+        stats = self.statistics(by)
+        values = derive(stats.values)
+        template = stats.isel(field=0, drop=True)
+        out = {}
+        for name, array in values.items():
+            da = template.copy(data=array)
+            if name in _PAIR_METRICS and "strategy" in da.dims:
+                da = da.isel(strategy=0, drop=True)
+            da.attrs = {"long_name": METRICS[name], "units": "1"}
+            out[name] = da
+        result = xr.Dataset(out)
+        result.attrs = dict(self._ds.attrs, grouping=by)
+        return result

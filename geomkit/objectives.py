@@ -1,0 +1,680 @@
+"""Forget and retain losses of two-task LLM unlearning (DESIGN.md section 1, "Objectives").
+
+Every loss maps ``(model, batch, reference=None)`` to a scalar to *minimise*; the engine
+differentiates the forget loss L_f and the retain loss L_r in two separate backward passes and
+combines the two gradients with a strategy (:mod:`geomkit.strategies`).
+
+Batches follow the Hugging Face causal-LM convention: a mapping with ``input_ids`` [B, T]
+(integer), ``attention_mask`` [B, T] and ``labels`` [B, T] (integer, ``-100`` where a position
+carries no loss). The losses shift themselves: ``logits[:, :-1]`` predict ``labels[:, 1:]``, so
+``labels[:, 0]`` never counts. Token log-probabilities are always computed in float32 (also for
+bfloat16 models). The loss-carrying positions are those with a label other than ``-100``; the
+attention mask is only handed to the model (and, for the activation losses of RMU, selects the
+positions that count). A batch without any position that counts raises ``ValueError`` instead
+of returning NaN.
+
+A frozen reference model, where a loss needs one (``needs_reference``), is evaluated under
+:func:`torch.no_grad`, so it never receives gradients; put it in ``eval()`` mode yourself.
+
+>>> from geomkit.objectives import build_objective
+>>> objective = build_objective("simnpo", beta=0.7, delta=0.1)
+>>> objective
+Objective(name='simnpo', forget=SimNPO(beta=0.7, delta=0.1), retain=NLL(), trainable=None)
+>>> forget_loss = objective.forget(model, forget_batch)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "IGNORE_INDEX",
+    "OBJECTIVES",
+    "RETAIN_KINDS",
+    "ForgetLoss",
+    "RetainLoss",
+    "GA",
+    "NPO",
+    "SimNPO",
+    "RMU",
+    "NLL",
+    "KL",
+    "RMURetain",
+    "Objective",
+    "build_objective",
+    "rmu_trainable",
+]
+
+IGNORE_INDEX: int = -100
+"""Label value of positions that carry no loss (the Hugging Face convention)."""
+
+OBJECTIVES: tuple[str, ...] = ("ga", "graddiff", "npo", "simnpo", "rmu")
+"""Names accepted by :func:`build_objective`."""
+
+RETAIN_KINDS: tuple[str, ...] = ("nll", "kl", "none")
+"""Values of ``retain=`` accepted by :func:`build_objective`."""
+
+RMU_DEFAULT_LAYER: int = 7
+"""The RMU layer of the paper (Zephyr-7B); smaller models fall back to their last block."""
+
+_KEYS_LM = ("input_ids", "attention_mask", "labels")
+_KEYS_ACTIVATION = ("input_ids", "attention_mask")
+
+
+# --------------------------------------------------------------------------------------------
+# Parameter and input checks
+# --------------------------------------------------------------------------------------------
+
+
+def _real(owner: str, name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"{owner}: {name} must be a real number, got {type(value).__name__}: {value!r}"
+        )
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{owner}: {name} must be a finite number, got {value!r}")
+    return value
+
+
+def _positive(owner: str, name: str, value: object) -> float:
+    value = _real(owner, name, value)
+    if value <= 0:
+        raise ValueError(f"{owner}: {name} must be a finite number > 0, got {value!r}")
+    return value
+
+
+def _index(owner: str, name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(
+            f"{owner}: {name} must be an integer >= 0, got {type(value).__name__}: {value!r}"
+        )
+    if value < 0:
+        raise ValueError(f"{owner}: {name} must be an integer >= 0, got {value!r}")
+    return int(value)
+
+
+def _batch(owner: str, batch: object, keys: tuple[str, ...]) -> list[Tensor]:
+    """Return ``[batch[k] for k in keys]`` after checking types and shapes."""
+    if not isinstance(batch, Mapping):
+        raise TypeError(
+            f"{owner}: batch must be a mapping of tensors ({', '.join(keys)}), "
+            f"got {type(batch).__name__}"
+        )
+    missing = [k for k in keys if k not in batch]
+    if missing:
+        raise ValueError(
+            f"{owner}: batch is missing {', '.join(map(repr, missing))}; "
+            f"expected the keys {', '.join(map(repr, keys))}, got {', '.join(map(repr, batch))}"
+        )
+    tensors = [batch[k] for k in keys]
+    for key, t in zip(keys, tensors, strict=True):
+        if not isinstance(t, Tensor):
+            raise TypeError(
+                f"{owner}: batch[{key!r}] must be a torch.Tensor, got {type(t).__name__}"
+            )
+    ids = tensors[0]
+    if ids.dim() != 2 or ids.is_floating_point() or ids.is_complex():
+        raise ValueError(
+            f"{owner}: batch['input_ids'] must be an integer tensor [batch, tokens], "
+            f"got dtype {ids.dtype} and shape {tuple(ids.shape)}"
+        )
+    for key, t in zip(keys[1:], tensors[1:], strict=True):
+        if t.shape != ids.shape:
+            raise ValueError(
+                f"{owner}: batch[{key!r}] must have the shape of batch['input_ids'] "
+                f"{tuple(ids.shape)}, got {tuple(t.shape)}"
+            )
+    if "labels" in keys and (tensors[2].is_floating_point() or tensors[2].is_complex()):
+        raise ValueError(f"{owner}: batch['labels'] must be integer, got {tensors[2].dtype}")
+    return tensors
+
+
+def _forward(model: nn.Module, ids: Tensor, mask: Tensor, hidden: bool = False) -> Any:
+    return model(input_ids=ids, attention_mask=mask, use_cache=False, output_hidden_states=hidden)
+
+
+# --------------------------------------------------------------------------------------------
+# Shared reductions
+# --------------------------------------------------------------------------------------------
+
+
+def _token_nll(owner: str, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-token NLL [B, T-1] in float32 (0 where no loss) and the loss mask [B, T-1]."""
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    if not bool(mask.any()):
+        raise ValueError(
+            f"{owner}: the batch has no loss-carrying token (every label after the first "
+            f"position is {IGNORE_INDEX}); a loss over it would be NaN"
+        )
+    shifted = logits[:, :-1].float()
+    nll = F.cross_entropy(
+        shifted.reshape(-1, shifted.shape[-1]),
+        targets.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    )
+    return nll.view(targets.shape), mask
+
+
+def _sequence_mean(values: Tensor, valid: Tensor) -> Tensor:
+    """Mean of ``values`` [B] over the sequences where ``valid`` [B] holds."""
+    values = torch.where(valid, values, torch.zeros_like(values))
+    return values.sum() / valid.sum()
+
+
+def _activation_mask(owner: str, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+    mask = attention_mask != 0
+    count = mask.sum()
+    if not bool(count):
+        raise ValueError(
+            f"{owner}: the batch has no non-padded token (attention_mask is 0 everywhere)"
+        )
+    return mask, count
+
+
+def _resolve_layer(owner: str, layer: int | None, n_layers: int) -> int:
+    resolved = min(RMU_DEFAULT_LAYER, n_layers - 1) if layer is None else layer
+    if not 0 <= resolved < n_layers:
+        raise ValueError(
+            f"{owner}: layer {resolved} is out of range for a model with {n_layers} decoder "
+            f"layers; allowed are 0..{n_layers - 1}"
+        )
+    return resolved
+
+
+def _masked_mse(a: Tensor, b: Tensor, mask: Tensor, count: Tensor) -> Tensor:
+    """Mean over the positions in ``mask`` [B, T] and over hidden dims of (a - b)^2 (float32)."""
+    per_token = (a.float() - b.float()).square().mean(-1)
+    return torch.where(mask, per_token, torch.zeros_like(per_token)).sum() / count
+
+
+# --------------------------------------------------------------------------------------------
+# Base classes
+# --------------------------------------------------------------------------------------------
+
+
+class _Loss(ABC):
+    needs_reference: bool = False
+    """Whether the loss compares against a frozen reference model (``reference=`` required)."""
+
+    def __call__(
+        self, model: nn.Module, batch: Mapping[str, Tensor], reference: nn.Module | None = None
+    ) -> Tensor:
+        """Return the scalar loss of ``model`` on ``batch`` (float32, differentiable).
+
+        Parameters
+        ----------
+        model : torch.nn.Module
+            A causal LM returning ``.logits`` (and ``.hidden_states`` on request), such as a
+            Hugging Face ``*ForCausalLM``.
+        batch : mapping of str to Tensor
+            ``input_ids``, ``attention_mask`` and ``labels`` (RMU losses need no labels).
+        reference : torch.nn.Module, optional
+            The frozen reference model; required when :attr:`needs_reference` is true and
+            ignored otherwise.
+        """
+        if self.needs_reference and reference is None:
+            name = type(self).__name__
+            raise ValueError(f"{name} needs a frozen reference model; pass reference=...")
+        return self.compute(model, batch, reference)
+
+    @abstractmethod
+    def compute(
+        self, model: nn.Module, batch: Mapping[str, Tensor], reference: nn.Module | None
+    ) -> Tensor:
+        """The loss itself; called by ``__call__`` after the reference check."""
+
+    def _params(self) -> dict[str, object]:
+        return {}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self._params().items())
+        return f"{type(self).__name__}({args})"
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and self._params() == other._params()
+
+    def __hash__(self) -> int:
+        return hash((type(self), tuple(self._params().items())))
+
+
+class ForgetLoss(_Loss):
+    """A forget loss L_f, written as something to minimise (e.g. -NLL for gradient ascent)."""
+
+
+class RetainLoss(_Loss):
+    """A retain loss L_r, minimised to keep the model's behaviour on retain data."""
+
+
+# --------------------------------------------------------------------------------------------
+# Forget losses
+# --------------------------------------------------------------------------------------------
+
+
+class GA(ForgetLoss):
+    """Gradient ascent on the forget data (Jang et al., 2023; Maini et al., 2024, TOFU).
+
+    L_f = -(1/N) sum_{t} NLL_t, the negated mean token negative log-likelihood over all N
+    loss-carrying tokens of the batch (a token mean, not a mean of sequence means).
+    """
+
+    def compute(
+        self, model: nn.Module, batch: Mapping[str, Tensor], reference: nn.Module | None
+    ) -> Tensor:
+        ids, mask, labels = _batch("GA", batch, _KEYS_LM)
+        nll, keep = _token_nll("GA", _forward(model, ids, mask).logits, labels)
+        return -nll.sum() / keep.sum()
+
+
+class NPO(ForgetLoss):
+    """Negative Preference Optimization (Zhang et al., 2024, arXiv 2404.05868).
+
+    L_f = -(2/beta) mean_y log sigmoid(-beta [log pi_theta(y) - log pi_ref(y)]), where
+    log pi(y) is the sum of the token log-probabilities of sequence y over its loss-carrying
+    tokens and pi_ref is the frozen reference model. Sequences without any loss-carrying token
+    are left out of the mean.
+
+    Parameters
+    ----------
+    beta : float
+        Inverse temperature, > 0. The default 0.1 is a generic choice; the paper's per-run values
+        (1e-4 to 0.05) are listed in PAPER.md section 4.2.
+    """
+
+    needs_reference = True
+
+    def __init__(self, beta: float = 0.1) -> None:
+        self.beta = _positive("NPO", "beta", beta)
+
+    def _params(self) -> dict[str, object]:
+        return {"beta": self.beta}
+
+    def compute(
+        self, model: nn.Module, batch: Mapping[str, Tensor], reference: nn.Module | None
+    ) -> Tensor:
+        ids, mask, labels = _batch("NPO", batch, _KEYS_LM)
+        nll, keep = _token_nll("NPO", _forward(model, ids, mask).logits, labels)
+        with torch.no_grad():
+            ref_nll, _ = _token_nll("NPO", _forward(reference, ids, mask).logits, labels)
+        # log pi_theta(y) - log pi_ref(y) = -(sum NLL_theta) + (sum NLL_ref)
+        log_ratio = ref_nll.to(nll.device).sum(-1) - nll.sum(-1)
+        terms = F.logsigmoid(-self.beta * log_ratio)
+        return -(2.0 / self.beta) * _sequence_mean(terms, keep.any(-1))
+
+
+class SimNPO(ForgetLoss):
+    """Simple NPO, reference-free and length-normalised (Fan et al., 2024, arXiv 2410.07163).
+
+    L_f = -(2/beta) mean_y log sigmoid(beta [NLL_avg(y) - delta]), where NLL_avg(y) is the mean
+    token NLL over the loss-carrying tokens of sequence y (the form of the released SAGO /
+    open-unlearning code, margin inside the product). Sequences without any loss-carrying token
+    are left out of the mean.
+
+    Parameters
+    ----------
+    beta : float
+        Inverse temperature, > 0. Default 2.5 (a generic choice; the paper's per-run values,
+        0.02 to 5.0, are in PAPER.md section 4.2).
+    delta : float
+        Margin subtracted from the length-normalised NLL. Default 0.0; the paper uses 0.1.
+    """
+
+    def __init__(self, beta: float = 2.5, delta: float = 0.0) -> None:
+        self.beta = _positive("SimNPO", "beta", beta)
+        self.delta = _real("SimNPO", "delta", delta)
+
+    def _params(self) -> dict[str, object]:
+        return {"beta": self.beta, "delta": self.delta}
+
+    def compute(
+        self, model: nn.Module, batch: Mapping[str, Tensor], reference: nn.Module | None
+    ) -> Tensor:
+        ids, mask, labels = _batch("SimNPO", batch, _KEYS_LM)
+        nll, keep = _token_nll("SimNPO", _forward(model, ids, mask).logits, labels)
+        counts = keep.sum(-1)
+        valid = counts > 0
+        nll_avg = nll.sum(-1) / counts.clamp(min=1)
+        terms = F.logsigmoid(self.beta * (nll_avg - self.delta))
+        return -(2.0 / self.beta) * _sequence_mean(terms, valid)
+
+
+class RMU(ForgetLoss):
+    """Representation Misdirection for Unlearning, forget term (Li et al., 2024, WMDP).
+
+    L_f = mean over non-padded tokens and hidden dimensions of (h_l(x_f) - c u)^2, where h_l is
+    ``hidden_states[layer + 1]`` of the model run with ``output_hidden_states=True`` (the output
+    of decoder block ``layer``; for the last block, Hugging Face models return it *after* the
+    final norm) and u is a fixed random unit vector: uniform on [0, 1)^d from a
+    :class:`torch.Generator` seeded with ``seed``, divided by its norm (as in the WMDP code),
+    cast to the activations' device and dtype. Padded positions (``attention_mask == 0``) do
+    not count; labels are not used.
+
+    Parameters
+    ----------
+    layer : int or None
+        Decoder block whose output is steered. ``None`` resolves at each call to
+        ``min(7, n_layers - 1)`` (7 is the paper's layer for Zephyr-7B). An out-of-range layer
+        raises ``ValueError`` at the first call, naming the model's layer count.
+    coefficient : float
+        Steering coefficient c > 0. Default 2.0, the paper's value (PAPER.md section 4.2).
+    seed : int
+        Seed of the random direction u (>= 0).
+    """
+
+    def __init__(self, layer: int | None = None, coefficient: float = 2.0, seed: int = 0) -> None:
+        self.layer = None if layer is None else _index("RMU", "layer", layer)
+        self.coefficient = _positive("RMU", "coefficient", coefficient)
+        self.seed = _index("RMU", "seed", seed)
+        self._directions: dict[tuple[int, torch.device | None, torch.dtype], Tensor] = {}
+
+    def _params(self) -> dict[str, object]:
+        return {"layer": self.layer, "coefficient": self.coefficient, "seed": self.seed}
+
+    def resolve_layer(self, n_layers: int) -> int:
+        """The layer steered in a model with ``n_layers`` decoder blocks (checked)."""
+        return _resolve_layer("RMU", self.layer, n_layers)
+
+    def steering_vector(
+        self,
+        hidden_size: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> Tensor:
+        """The unit vector u of dimension ``hidden_size`` (not scaled by the coefficient).
+
+        Generated in float32 on the CPU from ``seed`` (so identical on every device), then cast
+        to ``device`` and ``dtype``; cached per ``(hidden_size, device, dtype)``.
+        """
+        hidden_size = _index("RMU", "hidden_size", hidden_size)
+        device = None if device is None else torch.device(device)
+        key = (hidden_size, device, dtype)
+        if key not in self._directions:
+            generator = torch.Generator().manual_seed(self.seed)
+            u = torch.rand(hidden_size, generator=generator, dtype=torch.float32)
+            u = u / u.norm()
+            self._directions[key] = u.to(device=device, dtype=dtype)
+        return self._directions[key]
+
+    def compute(
+        self, model: nn.Module, batch: Mapping[str, Tensor], reference: nn.Module | None
+    ) -> Tensor:
+        ids, attention = _batch("RMU", batch, _KEYS_ACTIVATION)
+        keep, count = _activation_mask("RMU", attention)
+        states = _forward(model, ids, attention, hidden=True).hidden_states
+        h = states[self.resolve_layer(len(states) - 1) + 1]
+        u = self.steering_vector(h.shape[-1], device=h.device, dtype=h.dtype)
+        return _masked_mse(h, self.coefficient * u.float(), keep.to(h.device), count)
+
+
+# --------------------------------------------------------------------------------------------
+# Retain losses
+# --------------------------------------------------------------------------------------------
+
+
+class NLL(RetainLoss):
+    """Gradient descent on the retain data, the "GD" term of GradDiff (Maini et al., 2024, TOFU).
+
+    L_r = (1/N) sum_t NLL_t, the mean token negative log-likelihood over all N loss-carrying
+    tokens of the batch.
+    """
+
+    def compute(
+        self, model: nn.Module, batch: Mapping[str, Tensor], reference: nn.Module | None
+    ) -> Tensor:
+        ids, mask, labels = _batch("NLL", batch, _KEYS_LM)
+        nll, keep = _token_nll("NLL", _forward(model, ids, mask).logits, labels)
+        return nll.sum() / keep.sum()
+
+
+class KL(RetainLoss):
+    """KL divergence to the frozen reference on retain data (Maini et al., 2024, TOFU).
+
+    L_r = (1/N) sum_t KL(pi_ref(. | x_<t) || pi_theta(. | x_<t)), the mean over the N
+    loss-carrying (next-token) positions of the batch of the full-vocabulary KL divergence.
+    """
+
+    needs_reference = True
+
+    def compute(
+        self, model: nn.Module, batch: Mapping[str, Tensor], reference: nn.Module | None
+    ) -> Tensor:
+        ids, mask, labels = _batch("KL", batch, _KEYS_LM)
+        keep = labels[:, 1:] != IGNORE_INDEX
+        if not bool(keep.any()):
+            raise ValueError(
+                f"KL: the batch has no loss-carrying token (every label after the first "
+                f"position is {IGNORE_INDEX}); a loss over it would be NaN"
+            )
+        logits = _forward(model, ids, mask).logits[:, :-1]
+        log_p = logits[keep.to(logits.device)].float().log_softmax(-1)
+        with torch.no_grad():
+            ref_logits = _forward(reference, ids, mask).logits[:, :-1]
+            log_q = ref_logits[keep.to(ref_logits.device)].float().log_softmax(-1)
+        if log_q.shape != log_p.shape:
+            raise ValueError(
+                f"KL: the reference's vocabulary ({ref_logits.shape[-1]}) differs from the "
+                f"model's ({logits.shape[-1]})"
+            )
+        log_q = log_q.to(log_p.device)
+        kl = F.kl_div(log_p, log_q, reduction="none", log_target=True).sum(-1)
+        return kl.mean()
+
+
+class RMURetain(RetainLoss):
+    """RMU retain term: keep layer-l activations on retain data (Li et al., 2024, WMDP).
+
+    L_r = mean over non-padded tokens and hidden dimensions of (h_l(x_r) - h_l^ref(x_r))^2,
+    with h_l as in :class:`RMU` and h_l^ref the frozen reference's activation.
+
+    Parameters
+    ----------
+    layer : int or None
+        As in :class:`RMU` (``None``: ``min(7, n_layers - 1)``); use the forget term's layer.
+    """
+
+    needs_reference = True
+
+    def __init__(self, layer: int | None = None) -> None:
+        self.layer = None if layer is None else _index("RMURetain", "layer", layer)
+
+    def _params(self) -> dict[str, object]:
+        return {"layer": self.layer}
+
+    def resolve_layer(self, n_layers: int) -> int:
+        """The layer compared in a model with ``n_layers`` decoder blocks (checked)."""
+        return _resolve_layer("RMURetain", self.layer, n_layers)
+
+    def compute(
+        self, model: nn.Module, batch: Mapping[str, Tensor], reference: nn.Module | None
+    ) -> Tensor:
+        ids, attention = _batch("RMURetain", batch, _KEYS_ACTIVATION)
+        keep, count = _activation_mask("RMURetain", attention)
+        states = _forward(model, ids, attention, hidden=True).hidden_states
+        layer = self.resolve_layer(len(states) - 1)
+        with torch.no_grad():
+            ref_states = _forward(reference, ids, attention, hidden=True).hidden_states
+        if len(ref_states) != len(states):
+            raise ValueError(
+                f"RMURetain: the reference has {len(ref_states) - 1} decoder layers, "
+                f"the model {len(states) - 1}"
+            )
+        h = states[layer + 1]
+        return _masked_mse(h, ref_states[layer + 1].to(h.device), keep.to(h.device), count)
+
+
+# --------------------------------------------------------------------------------------------
+# Objective = forget loss + retain loss
+# --------------------------------------------------------------------------------------------
+
+
+def rmu_trainable(layer: int) -> str:
+    """Regex (for :func:`re.search` on parameter names) of the tensors RMU trains.
+
+    The ``mlp.down_proj`` weights of blocks ``layer - 2 .. layer`` (clipped at 0), as in the
+    paper (layer 7: ``layers\\.(5|6|7)\\.mlp\\.down_proj``). Llama-family names.
+    """
+    layer = _index("rmu_trainable", "layer", layer)
+    blocks = "|".join(str(i) for i in range(max(0, layer - 2), layer + 1))
+    return rf"layers\.({blocks})\.mlp\.down_proj"
+
+
+@dataclass(frozen=True)
+class Objective:
+    """An unlearning objective: a forget loss and an optional retain loss.
+
+    Parameters
+    ----------
+    name : str
+        The method name (one of :data:`OBJECTIVES` when built by :func:`build_objective`).
+    forget : ForgetLoss
+        L_f, minimised.
+    retain : RetainLoss or None
+        L_r, minimised; ``None`` for forget-only methods.
+    trainable : str or None
+        Regex, for :func:`re.search` on ``named_parameters()`` names, of the parameters to
+        train; ``None`` means all. For RMU with an unresolved layer use :meth:`trainable_for`.
+    """
+
+    name: str
+    forget: ForgetLoss
+    retain: RetainLoss | None
+    trainable: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str):
+            raise TypeError(f"name must be a str, got {type(self.name).__name__}")
+        if not isinstance(self.forget, ForgetLoss):
+            raise TypeError(f"forget must be a ForgetLoss, got {type(self.forget).__name__}")
+        if self.retain is not None and not isinstance(self.retain, RetainLoss):
+            raise TypeError(
+                f"retain must be a RetainLoss or None, got {type(self.retain).__name__}"
+            )
+        if self.trainable is not None:
+            if not isinstance(self.trainable, str):
+                raise TypeError(
+                    f"trainable must be a regex str or None, got {type(self.trainable).__name__}"
+                )
+            try:
+                re.compile(self.trainable)
+            except re.error as err:
+                raise ValueError(
+                    f"trainable {self.trainable!r} is not a valid regex: {err}"
+                ) from None
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether either loss needs a frozen reference model."""
+        return self.forget.needs_reference or (
+            self.retain is not None and self.retain.needs_reference
+        )
+
+    def trainable_for(self, n_layers: int) -> str | None:
+        """The trainable-parameter regex for a model with ``n_layers`` decoder blocks.
+
+        :attr:`trainable` when set; for RMU otherwise :func:`rmu_trainable` of the resolved
+        layer (which also checks the layer against ``n_layers``); else ``None`` (all).
+        """
+        if isinstance(self.forget, RMU):
+            layer = self.forget.resolve_layer(n_layers)
+            if self.trainable is None:
+                return rmu_trainable(layer)
+        return self.trainable
+
+
+def build_objective(
+    name: str,
+    *,
+    retain: str = "nll",
+    beta: float | None = None,
+    delta: float | None = None,
+    layer: int | None = None,
+    coefficient: float | None = None,
+    seed: int = 0,
+) -> Objective:
+    """Build a named objective (DESIGN.md section 1).
+
+    Parameters
+    ----------
+    name : str
+        ``"ga"`` (GA alone), ``"graddiff"`` (GA + retain), ``"npo"`` (NPO + retain, "NPO+GD"),
+        ``"simnpo"`` (SimNPO + retain) or ``"rmu"`` (RMU + RMURetain).
+    retain : str
+        ``"nll"`` (:class:`NLL`, default), ``"kl"`` (:class:`KL`) or ``"none"`` (forget only)
+        for graddiff, npo and simnpo; graddiff needs a retain loss. ``"ga"`` is forget-only and
+        ``"rmu"`` always uses :class:`RMURetain`: for them only the default or ``"none"`` is
+        accepted.
+    beta : float, optional
+        NPO / SimNPO inverse temperature; defaults 0.1 (NPO) and 2.5 (SimNPO).
+    delta : float, optional
+        SimNPO margin; default 0.0.
+    layer : int, optional
+        RMU layer; default ``min(7, n_layers - 1)``, resolved at the first call.
+    coefficient : float, optional
+        RMU steering coefficient c; default 2.0.
+    seed : int
+        Seed of RMU's random direction.
+
+    The defaults are generic; the paper's per-run values are in PAPER.md section 4.2.
+    Parameters that the objective does not use must be left as ``None``.
+    """
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r}; valid names are: {', '.join(OBJECTIVES)}")
+    if retain not in RETAIN_KINDS:
+        raise ValueError(
+            f"unknown retain loss {retain!r}; valid kinds are: {', '.join(RETAIN_KINDS)}"
+        )
+    uses = {
+        "beta": ("npo", "simnpo"),
+        "delta": ("simnpo",),
+        "layer": ("rmu",),
+        "coefficient": ("rmu",),
+    }
+    given = {"beta": beta, "delta": delta, "layer": layer, "coefficient": coefficient}
+    for param, value in given.items():
+        if value is not None and name not in uses[param]:
+            raise ValueError(
+                f"{param}={value!r} does not apply to objective {name!r}; "
+                f"it is a parameter of {', '.join(uses[param])}"
+            )
+    if retain == "kl" and name in ("ga", "rmu"):
+        hints = {
+            "ga": "use 'graddiff' for GA with a retain loss",
+            "rmu": "its retain loss is RMURetain",
+        }
+        raise ValueError(f"retain={retain!r} is not available for {name!r}; {hints[name]}")
+    if retain == "none" and name == "graddiff":
+        raise ValueError("graddiff needs a retain loss ('nll' or 'kl'); use 'ga' for GA alone")
+
+    forget: ForgetLoss
+    trainable = None
+    if name in ("ga", "graddiff"):
+        forget = GA()
+    elif name == "npo":
+        forget = NPO(0.1 if beta is None else beta)
+    elif name == "simnpo":
+        forget = SimNPO(2.5 if beta is None else beta, 0.0 if delta is None else delta)
+    else:
+        forget = RMU(layer, 2.0 if coefficient is None else coefficient, seed)
+        trainable = None if layer is None else rmu_trainable(layer)
+
+    retain_loss: RetainLoss | None
+    if retain == "none" or name == "ga":
+        retain_loss = None
+    elif name == "rmu":
+        retain_loss = RMURetain(layer)
+    else:
+        retain_loss = KL() if retain == "kl" else NLL()
+    return Objective(name, forget, retain_loss, trainable)

@@ -1,0 +1,365 @@
+"""Record gradient geometry while unlearning runs: schedules, buffering and the per-step hook.
+
+:class:`Recorder` is the public hook for any training loop, geomkit's own or yours. Call
+:meth:`Recorder.record` once per optimizer step with the forget and retain gradients (and the
+combined update, if you formed it): on scheduled steps it reduces them on the device to the
+sufficient statistics of the applied strategy and of every shadow strategy, moves them to the
+host in one transfer, buffers them, and appends them to the run's zarr store every
+``flush_every`` steps. Per-step scalars (losses, learning rate, gradient norm, wall time) are
+kept for every step.
+
+Instrumenting a hand-written two-pass loop::
+
+    rec = Recorder.for_model("run/geometry.zarr", model, strategy="sago")
+    for step, (xf, xr) in enumerate(batches):
+        f = torch.autograd.grad(forget_loss(model, xf), params)
+        r = torch.autograd.grad(retain_loss(model, xr), params)
+        d = sago(f, r, out=[p.grad for p in params])
+        rec.record(step, f, r, d, forget_loss=..., retain_loss=...)
+        optimizer.step()
+    rec.close()
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from geomkit import statistics as gstats
+from geomkit.layers import TensorLocation, locate_all
+from geomkit.metrics import FIELDS
+from geomkit.store import RunWriter
+from geomkit.strategies import Strategy, build, names
+
+__all__ = ["Schedule", "Every", "LogSpaced", "Recorder"]
+
+_F = {name: i for i, name in enumerate(FIELDS)}
+_PAIR = ("ff", "rr", "fr", "n_conflict", "n_both_nonzero")
+_UPDATE = ("dd", "df", "dr", "n_opposed", "n_projected")
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedules
+# ----------------------------------------------------------------------------------------------
+
+
+class Schedule(ABC):
+    """Decides at which optimizer steps geometry is recorded."""
+
+    @abstractmethod
+    def __call__(self, step: int) -> bool: ...
+
+
+@dataclass(frozen=True)
+class Every(Schedule):
+    """Record every ``k``-th step (steps 0, k, 2k, ...)."""
+
+    k: int = 1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"Every(k) needs an integer k >= 1, got {self.k!r}")
+
+    def __call__(self, step: int) -> bool:
+        return step % self.k == 0
+
+
+@dataclass(frozen=True)
+class LogSpaced(Schedule):
+    """Record about ``per_decade`` steps per decade: dense early, sparse late (0, 1, 2, ...)."""
+
+    per_decade: int = 10
+
+    def __post_init__(self) -> None:
+        if isinstance(self.per_decade, bool) or not isinstance(self.per_decade, int):
+            raise ValueError(f"LogSpaced needs an integer per_decade, got {self.per_decade!r}")
+        if self.per_decade < 1:
+            raise ValueError(f"LogSpaced needs per_decade >= 1, got {self.per_decade}")
+
+    def __call__(self, step: int) -> bool:
+        if step < self.per_decade:
+            return True
+        position = self.per_decade * math.log10(step + 1)
+        previous = self.per_decade * math.log10(step)
+        return math.floor(position) > math.floor(previous)
+
+
+# ----------------------------------------------------------------------------------------------
+# Recorder
+# ----------------------------------------------------------------------------------------------
+
+
+def _as_strategy(value: Strategy | str, alpha: float, gamma: float) -> Strategy:
+    if isinstance(value, Strategy):
+        return value
+    if isinstance(value, str):
+        return build(value, alpha=alpha, gamma=gamma)
+    raise TypeError(f"expected a strategy name or Strategy, got {type(value).__name__}")
+
+
+def _label(strategy: Strategy) -> str:
+    return strategy.name or repr(strategy)
+
+
+class Recorder:
+    """Record per-step geometry of a two-task update into a zarr store.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        The zarr store to write.
+    tensors : sequence of str or TensorLocation
+        The recorded parameter tensors, in the order the gradients will be passed.
+    numel : sequence of int
+        Element counts of those tensors.
+    strategy : Strategy or str
+        The applied strategy (its statistics are measured on the update actually formed).
+    shadows : sequence of Strategy or str, optional
+        Strategies evaluated on the same (f, r) without being applied; default all registered
+        strategies. The applied one is never duplicated.
+    alpha, gamma : float
+        Task weights used for strategies given by name.
+    schedule : Schedule or int
+        When to record geometry; an int ``k`` means :class:`Every` ``(k)``.
+    flush_every : int
+        Append buffered steps to the store every this many optimizer steps (a crash loses at
+        most the unflushed steps).
+    attrs : mapping, optional
+        Run attributes stored in the Dataset (model, objective, seed, ...).
+    reduce : callable, optional
+        Applied to the stacked device statistics before the host transfer, e.g. an all-reduce
+        over ranks holding gradient shards.
+    write : bool
+        Whether this process writes the store (rank 0 in data-parallel runs); other ranks still
+        compute and reduce statistics.
+    mode, resume_step
+        As for :class:`geomkit.store.RunWriter` (``mode="a"`` with ``resume_step`` continues a
+        run from a checkpoint without duplicating steps).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        tensors: Sequence[str | TensorLocation],
+        numel: Sequence[int],
+        strategy: Strategy | str,
+        shadows: Sequence[Strategy | str] | None = None,
+        *,
+        alpha: float = 1.0,
+        gamma: float = 1.0,
+        schedule: Schedule | int = 1,
+        flush_every: int = 10,
+        attrs: Mapping[str, Any] | None = None,
+        reduce: Callable[[Tensor], Tensor] | None = None,
+        write: bool = True,
+        mode: str = "w",
+        resume_step: int | None = None,
+    ) -> None:
+        self.applied = _as_strategy(strategy, alpha, gamma)
+        shadows = names() if shadows is None else shadows
+        shadow_list = [_as_strategy(s, alpha, gamma) for s in shadows]
+        self.shadows = [s for s in shadow_list if s != self.applied]
+        self.schedule = Every(schedule) if isinstance(schedule, int) else schedule
+        if not isinstance(self.schedule, Schedule):
+            raise TypeError(f"schedule must be a Schedule or an int, got {schedule!r}")
+        if isinstance(flush_every, bool) or not isinstance(flush_every, int) or flush_every < 1:
+            raise ValueError(f"flush_every must be an integer >= 1, got {flush_every!r}")
+        locations = [t if isinstance(t, TensorLocation) else None for t in tensors]
+        if any(loc is None for loc in locations):
+            locations = locate_all(
+                [t.name if isinstance(t, TensorLocation) else t for t in tensors]
+            )
+        if len(locations) != len(numel):
+            raise ValueError(f"{len(locations)} tensors but {len(numel)} numel values")
+        if not locations:
+            raise ValueError("no tensors to record; expected at least one parameter tensor")
+        self.tensors = locations
+        self.numel = [int(n) for n in numel]
+        self.flush_every = flush_every
+        self.reduce = reduce
+        self.strategy_labels = [_label(self.applied)] + [_label(s) for s in self.shadows]
+        self.writer = (
+            RunWriter(
+                path,
+                locations,
+                self.numel,
+                self.strategy_labels,
+                {
+                    **(attrs or {}),
+                    "alpha": self.applied.alpha,
+                    "gamma": self.applied.gamma,
+                    "schedule": repr(self.schedule),
+                },
+                mode=mode,
+                resume_step=resume_step,
+            )
+            if write
+            else None
+        )
+        self._start = time.perf_counter()
+        self._steps: list[dict[str, Any]] = []
+        self._records: list[tuple[int, np.ndarray]] = []
+
+    @classmethod
+    def for_model(
+        cls,
+        path: str | os.PathLike,
+        model: torch.nn.Module,
+        strategy: Strategy | str,
+        shadows: Sequence[Strategy | str] | None = None,
+        *,
+        trainable_only: bool = True,
+        **kwargs: Any,
+    ) -> Recorder:
+        """A recorder for ``model``'s (trainable) parameters, in ``named_parameters`` order."""
+        params = [
+            (n, p) for n, p in model.named_parameters() if p.requires_grad or not trainable_only
+        ]
+        return cls(
+            path,
+            [n for n, _ in params],
+            [p.numel() for _, p in params],
+            strategy,
+            shadows,
+            **kwargs,
+        )
+
+    # -- the hook ----------------------------------------------------------------------------
+
+    def wants(self, step: int) -> bool:
+        """Whether geometry will be recorded at ``step`` (lets a loop skip extra work)."""
+        return self.schedule(step)
+
+    @torch.no_grad()
+    def record(
+        self,
+        step: int,
+        forget: Sequence[Tensor] | None = None,
+        retain: Sequence[Tensor] | None = None,
+        combined: Sequence[Tensor] | None = None,
+        *,
+        forget_loss: float = math.nan,
+        retain_loss: float = math.nan,
+        learning_rate: float = math.nan,
+        grad_norm: float = math.nan,
+        skipped: bool = False,
+    ) -> None:
+        """Record one optimizer step.
+
+        Parameters
+        ----------
+        step : int
+            The optimizer step (0-based, increasing).
+        forget, retain : sequence of Tensor, optional
+            The forget and retain gradients as the strategy sees them (after accumulation and
+            data-parallel averaging), one tensor per recorded parameter. Needed on scheduled
+            steps unless ``skipped``.
+        combined : sequence of Tensor, optional
+            The update actually applied; formed with the applied strategy when omitted.
+        forget_loss, retain_loss, learning_rate, grad_norm : float
+            Step scalars (Python floats; pass ``tensor.item()`` values you already have).
+        skipped : bool
+            The step was skipped (e.g. a non-finite gradient); no geometry is recorded.
+        """
+        if self._steps and step <= self._steps[-1]["step"]:
+            raise ValueError(
+                f"steps must increase: got step {step} after step {self._steps[-1]['step']}"
+            )
+        self._steps.append(
+            {
+                "step": step,
+                "forget_loss": float(forget_loss),
+                "retain_loss": float(retain_loss),
+                "learning_rate": float(learning_rate),
+                "grad_norm": float(grad_norm),
+                "wall_time": time.perf_counter() - self._start,
+                "skipped": bool(skipped),
+            }
+        )
+        if not skipped and self.schedule(step):
+            if forget is None or retain is None:
+                raise ValueError(
+                    f"step {step} is scheduled for recording; pass the forget and retain gradients"
+                )
+            self._records.append((step, self.measure(forget, retain, combined)))
+        if len(self._steps) >= self.flush_every:
+            self.flush()
+
+    def measure(
+        self,
+        forget: Sequence[Tensor],
+        retain: Sequence[Tensor],
+        combined: Sequence[Tensor] | None = None,
+    ) -> np.ndarray:
+        """Statistics of the applied and shadow strategies, ``[n_strategies, n_tensors, F]``.
+
+        Computed on the device; one host transfer (after ``reduce``, if set).
+        """
+        forget, retain = list(forget), list(retain)
+        if len(forget) != len(self.tensors):
+            raise ValueError(
+                f"got {len(forget)} gradient tensors but the recorder tracks "
+                f"{len(self.tensors)} parameters"
+            )
+        if combined is None:
+            combined = self.applied(forget, retain)
+        parts = [gstats.sufficient(forget, retain, combined, strategy=self.applied)[None]]
+        if self.shadows:
+            parts.append(gstats.shadow(forget, retain, self.shadows))
+        stacked = torch.cat(parts)
+        if self.reduce is not None:
+            stacked = self.reduce(stacked)
+        return gstats.to_numpy(stacked)
+
+    # -- buffering ---------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Append every buffered step to the store."""
+        if self.writer is not None and (self._steps or self._records):
+            steps = (
+                {key: np.array([s[key] for s in self._steps]) for key in self._steps[0]}
+                if self._steps
+                else None
+            )
+            records = None
+            if self._records:
+                stats = np.stack([r for _, r in self._records])  # [n, S, T, F]
+                records = {"record": np.array([s for s, _ in self._records])}
+                for name in _PAIR:
+                    records[name] = stats[:, 0, :, _F[name]]
+                for name in _UPDATE:
+                    records[name] = stats[:, :, :, _F[name]]
+            self.writer.append(steps, records)
+        self._steps.clear()
+        self._records.clear()
+
+    def close(self) -> None:
+        """Flush what is buffered."""
+        self.flush()
+
+    def __enter__(self) -> Recorder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def strategies(self) -> list[Strategy]:
+        """The applied strategy followed by the shadows, in store order."""
+        return [self.applied, *self.shadows]
+
+    def __repr__(self) -> str:
+        shadows = ", ".join(self.strategy_labels[1:])
+        return (
+            f"Recorder({self.strategy_labels[0]!r}, shadows=[{shadows}], "
+            f"schedule={self.schedule!r}, flush_every={self.flush_every})"
+        )
