@@ -1,0 +1,469 @@
+"""The two-pass unlearning loop (paper Algorithm 1, the released trainer's semantics).
+
+Per optimizer step, for each of ``accumulation`` micro-batches: one forward + backward of the
+forget loss and one of the retain loss, each task's gradient accumulated separately. At the
+accumulation boundary the two gradients are averaged across data-parallel ranks (one bucketed
+all-reduce per task, not one per backward), combined once by the strategy straight into the
+parameters' ``.grad``, recorded, clipped, and AdamW takes the step under a linear schedule with
+warm-up. This module keeps that loop short and readable; everything else lives in the modules it
+calls.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from geomkit.objectives import Objective
+from geomkit.recorder import Recorder, Schedule
+from geomkit.strategies import Strategy, build
+
+__all__ = ["EngineConfig", "NonFiniteGradientError", "StepResult", "Unlearner"]
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """A forget or retain gradient held NaN or inf."""
+
+
+@dataclass
+class EngineConfig:
+    """Settings of the unlearning loop (DESIGN.md section 1; PAPER.md section 4.2).
+
+    Attributes
+    ----------
+    strategy : str
+        The applied combination strategy (a name of :func:`geomkit.strategies.names`).
+    shadows : list of str or None
+        Strategies recorded on the same gradients without being applied (None: all).
+    alpha, gamma : float
+        Weights of the retain and forget gradients.
+    lr : float
+        Peak learning rate of AdamW.
+    steps : int
+        Optimizer steps.
+    accumulation : int
+        Micro-batches per optimizer step (per task).
+    warmup_ratio : float
+        Fraction of ``steps`` with a linear warm-up; then linear decay to 0.
+    max_grad_norm : float or None
+        Clip the combined update to this norm (None: no clipping).
+    weight_decay : float
+        AdamW weight decay.
+    trainable : str or None
+        Regex: only parameters whose name matches train (None: the objective's default, else
+        every parameter).
+    record_every : int
+        Record geometry every this many steps (0: never).
+    flush_every : int
+        Append to the store every this many steps.
+    nonfinite : {"error", "skip"}
+        On a NaN/inf gradient, stop with an error naming the step and tensors, or skip the
+        step and record that it was skipped.
+    seed : int
+        Seeds Python, NumPy and torch.
+    """
+
+    strategy: str = "sago"
+    shadows: list[str] | None = None
+    alpha: float = 1.0
+    gamma: float = 1.0
+    lr: float = 1e-5
+    steps: int = 100
+    accumulation: int = 1
+    warmup_ratio: float = 0.1
+    max_grad_norm: float | None = 1.0
+    weight_decay: float = 0.0
+    trainable: str | None = None
+    record_every: int = 1
+    flush_every: int = 10
+    nonfinite: str = "error"
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first invalid field."""
+
+        def bad(name: str, value: object, allowed: str) -> ValueError:
+            return ValueError(f"invalid {name}={value!r}: expected {allowed}")
+
+        build(self.strategy, alpha=self.alpha, gamma=self.gamma)  # validates name and weights
+        for name in self.shadows or []:
+            build(name)
+        for name, minimum in (("steps", 1), ("accumulation", 1), ("flush_every", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise bad(name, value, f"an integer >= {minimum}")
+        if isinstance(self.record_every, bool) or not isinstance(self.record_every, int):
+            raise bad("record_every", self.record_every, "an integer >= 0")
+        if self.record_every < 0:
+            raise bad("record_every", self.record_every, "an integer >= 0")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise bad("lr", self.lr, "a finite number > 0")
+        if not (0 <= self.warmup_ratio < 1):
+            raise bad("warmup_ratio", self.warmup_ratio, "a number in [0, 1)")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise bad("max_grad_norm", self.max_grad_norm, "a number > 0 or None")
+        if not self.weight_decay >= 0:
+            raise bad("weight_decay", self.weight_decay, "a number >= 0")
+        if self.nonfinite not in ("error", "skip"):
+            raise bad("nonfinite", self.nonfinite, "'error' or 'skip'")
+        if self.trainable is not None:
+            try:
+                re.compile(self.trainable)
+            except re.error as error:
+                raise bad("trainable", self.trainable, f"a valid regex ({error})") from None
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step did."""
+
+    step: int
+    forget_loss: float
+    retain_loss: float
+    learning_rate: float
+    grad_norm: float
+    skipped: bool
+    recorded: bool
+
+
+class _Stream:
+    """Cycle over an iterable of batches forever, counting the batches served."""
+
+    def __init__(self, batches: Iterable[Mapping[str, Tensor]], name: str) -> None:
+        self.batches = batches
+        self.name = name
+        self.position = 0
+        self._it: Iterator | None = None
+
+    def next(self) -> Mapping[str, Tensor]:
+        for _ in range(2):
+            if self._it is None:
+                self._it = iter(self.batches)
+            try:
+                batch = next(self._it)
+                self.position += 1
+                return batch
+            except StopIteration:
+                self._it = None
+        raise ValueError(f"the {self.name} data is empty; expected at least one batch")
+
+    def skip(self, n: int) -> None:
+        for _ in range(n):
+            self.next()
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_reduce_mean(tensors: Sequence[Tensor], world: int, bucket_bytes: int = 32 << 20) -> None:
+    """Average ``tensors`` over ranks in place, in buckets of at most ``bucket_bytes``."""
+    if world == 1:
+        return
+    bucket: list[Tensor] = []
+    size = 0
+
+    def reduce(bucket: list[Tensor]) -> None:
+        flat = torch.cat([t.reshape(-1) for t in bucket])
+        dist.all_reduce(flat)
+        flat /= world
+        offset = 0
+        for t in bucket:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+    for t in tensors:
+        bucket.append(t)
+        size += t.numel() * t.element_size()
+        if size >= bucket_bytes:
+            reduce(bucket)
+            bucket, size = [], 0
+    if bucket:
+        reduce(bucket)
+
+
+def _move(batch: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)  # noqa: NPY002 - seeds legacy global-state users too
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Unlearner:
+    """Run two-task unlearning on a Hugging Face causal LM and record its geometry.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model to unlearn (any ``transformers`` causal LM, on its device and dtype).
+    objective : Objective
+        Forget and retain losses (:func:`geomkit.objectives.build_objective`).
+    forget, retain : iterable of batches
+        Re-iterable sources of micro-batches (dicts with ``input_ids``, ``attention_mask``,
+        ``labels``); cycled as needed.
+    config : EngineConfig
+        Loop settings, validated before any work starts.
+    out : path or None
+        Where the geometry store is written (None: nothing is written).
+    reference : torch.nn.Module or None
+        Frozen reference model for NPO / KL / RMU; a frozen copy of ``model`` is made when the
+        objective needs one and none is given.
+    attrs : mapping
+        Extra run attributes for the store.
+    """
+
+    model: torch.nn.Module
+    objective: Objective
+    forget: Iterable[Mapping[str, Tensor]]
+    retain: Iterable[Mapping[str, Tensor]] | None
+    config: EngineConfig = field(default_factory=EngineConfig)
+    out: str | os.PathLike | None = None
+    reference: torch.nn.Module | None = None
+    attrs: Mapping[str, Any] = field(default_factory=dict)
+    resume_step: int | None = None
+
+    def __post_init__(self) -> None:
+        self.config.validate()
+        if self.objective.retain is not None and self.retain is None:
+            raise ValueError(
+                f"objective {self.objective.name!r} has a retain loss; pass retain data"
+            )
+        pattern = self.config.trainable or self.objective.trainable
+        named = list(self.model.named_parameters())
+        if pattern is not None:
+            regex = re.compile(pattern)
+            for name, p in named:
+                p.requires_grad_(bool(regex.search(name)))
+        self.names = [n for n, p in named if p.requires_grad]
+        self.params = [p for _, p in named if p.requires_grad]
+        if not self.params:
+            raise ValueError(
+                f"trainable pattern {pattern!r} selects no parameter of the model "
+                f"(first names: {[n for n, _ in named[:3]]})"
+            )
+        if self.objective.needs_reference and self.reference is None:
+            import copy
+
+            self.reference = copy.deepcopy(self.model)
+        if self.reference is not None:
+            self.reference.eval()
+            self.reference.requires_grad_(False)
+        self.rank, self.world = _world()
+        seed_everything(self.config.seed)
+        self.strategy: Strategy = build(
+            self.config.strategy, alpha=self.config.alpha, gamma=self.config.gamma
+        )
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=self.config.lr, weight_decay=self.config.weight_decay
+        )
+        warmup = int(self.config.warmup_ratio * self.config.steps)
+        total = self.config.steps
+
+        def linear(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            return max(0.0, (total - step) / max(1, total - warmup))
+
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, linear)
+        self.step_index = 0
+        self._forget = _Stream(self.forget, "forget")
+        self._retain = _Stream(self.retain, "retain") if self.retain is not None else None
+        self._f = [torch.zeros_like(p) for p in self.params]
+        self._r = [torch.zeros_like(p) for p in self.params]
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        self.recorder = self._make_recorder()
+
+    def _make_recorder(self) -> Recorder | None:
+        if self.out is None:
+            return None
+        shadows = self.config.shadows
+        attrs = {
+            "model": type(self.model).__name__,
+            "objective": self.objective.name,
+            "seed": self.config.seed,
+            "world_size": self.world,
+            "accumulation_steps": self.config.accumulation,
+            "dtype": str(self.params[0].dtype).replace("torch.", ""),
+            "device": self.params[0].device.type,
+            "learning_rate_peak": self.config.lr,
+            "steps": self.config.steps,
+            **self.attrs,
+        }
+        schedule: Schedule | int = self.config.record_every or 10**12
+        return Recorder(
+            Path(self.out),
+            self.names,
+            [p.numel() for p in self.params],
+            self.strategy,
+            shadows,
+            schedule=schedule,
+            flush_every=self.config.flush_every,
+            attrs=attrs,
+            write=self.rank == 0,
+            mode="a" if self.resume_step is not None else "w",
+            resume_step=self.resume_step,
+        )
+
+    # -- one optimizer step -----------------------------------------------------------------
+
+    def _accumulate(self, loss_fn: Callable, stream: _Stream, into: list[Tensor]) -> Tensor:
+        """Forward + backward of one task over the accumulation window, into ``into``."""
+        for buffer in into:
+            buffer.zero_()
+        total = torch.zeros((), device=self.params[0].device, dtype=torch.float64)
+        device = self.params[0].device
+        for _ in range(self.config.accumulation):
+            batch = _move(stream.next(), device)
+            loss = loss_fn(self.model, batch, self.reference) / self.config.accumulation
+            grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+            for buffer, g in zip(into, grads, strict=True):
+                if g is not None:
+                    buffer.add_(g)
+            total += loss.detach().double()
+        _all_reduce_mean(into, self.world)
+        if self.world > 1:
+            dist.all_reduce(total)
+            total /= self.world
+        return total
+
+    def _non_finite(self, grads: Sequence[Tensor]) -> list[str]:
+        finite = torch.stack([torch.isfinite(g).all() for g in grads])
+        if bool(finite.all()):  # one host sync per step
+            return []
+        return [n for n, ok in zip(self.names, finite.tolist(), strict=True) if not ok]
+
+    def step(self) -> StepResult:
+        """Take one optimizer step and return what happened."""
+        step = self.step_index
+        self.model.train()
+        forget_loss = self._accumulate(self.objective.forget, self._forget, self._f)
+        if self._retain is not None:
+            retain_loss = self._accumulate(self.objective.retain, self._retain, self._r)
+        else:
+            retain_loss = torch.full((), math.nan, dtype=torch.float64)
+        bad = {task: self._non_finite(g) for task, g in (("forget", self._f), ("retain", self._r))}
+        bad = {task: names for task, names in bad.items() if names}
+        learning_rate = self.scheduler.get_last_lr()[0]
+        if bad:
+            detail = "; ".join(f"{task}: {', '.join(names)}" for task, names in bad.items())
+            if self.config.nonfinite == "error":
+                if self.recorder is not None:
+                    self.recorder.close()
+                raise NonFiniteGradientError(
+                    f"non-finite gradient at step {step} in {detail}; set nonfinite='skip' to "
+                    "skip such steps"
+                )
+            result = StepResult(
+                step, float(forget_loss), float(retain_loss), learning_rate, math.nan, True, False
+            )
+            if self.recorder is not None:
+                self.recorder.record(
+                    step,
+                    forget_loss=result.forget_loss,
+                    retain_loss=result.retain_loss,
+                    learning_rate=learning_rate,
+                    skipped=True,
+                )
+            self.optimizer.zero_grad(set_to_none=False)
+            self.scheduler.step()
+            self.step_index += 1
+            return result
+
+        grads = [p.grad for p in self.params]
+        self.strategy(self._f, self._r, out=grads)
+        norm = torch.nn.utils.get_total_norm(grads)
+        recorded = self.recorder is not None and self.recorder.wants(step)
+        result = StepResult(
+            step,
+            float(forget_loss),
+            float(retain_loss),
+            learning_rate,
+            float(norm),
+            False,
+            recorded,
+        )
+        if self.recorder is not None:  # the update as formed, before clipping rescales it
+            self.recorder.record(
+                step,
+                self._f,
+                self._r,
+                grads,
+                forget_loss=result.forget_loss,
+                retain_loss=result.retain_loss,
+                learning_rate=learning_rate,
+                grad_norm=result.grad_norm,
+            )
+        if self.config.max_grad_norm is not None:
+            torch.nn.utils.clip_grads_with_norm_(self.params, self.config.max_grad_norm, norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=False)
+        self.scheduler.step()
+        self.step_index += 1
+        return result
+
+    def run(self, callback: Callable[[StepResult], None] | None = None) -> list[StepResult]:
+        """Run the remaining steps; ``callback`` sees each step's result (e.g. a progress bar)."""
+        results = []
+        try:
+            while self.step_index < self.config.steps:
+                result = self.step()
+                results.append(result)
+                if callback is not None:
+                    callback(result)
+        finally:
+            if self.recorder is not None:
+                self.recorder.close()
+        return results
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: model, optimizer, schedule, data positions, RNG."""
+        return {
+            "step": self.step_index,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "forget_position": self._forget.position,
+            "retain_position": self._retain.position if self._retain is not None else 0,
+            "torch_rng": torch.get_rng_state(),
+            "config": asdict(self.config),
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write a checkpoint (flushes the recorder first, so the store matches it)."""
+        if self.recorder is not None:
+            self.recorder.flush()
+        torch.save(self.state_dict(), path)
+
+    def load(self, path: str | os.PathLike) -> None:
+        """Restore a checkpoint written by :meth:`save` (construct with ``resume_step``)."""
+        state = torch.load(path, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step_index = int(state["step"])
+        self._forget.skip(int(state["forget_position"]))
+        if self._retain is not None:
+            self._retain.skip(int(state["retain_position"]))
+        torch.set_rng_state(state["torch_rng"])
