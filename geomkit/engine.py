@@ -246,7 +246,10 @@ class Unlearner:
             raise ValueError(
                 f"objective {self.objective.name!r} has a retain loss; pass retain data"
             )
-        pattern = self.config.trainable or self.objective.trainable
+        n_layers = getattr(getattr(self.model, "config", None), "num_hidden_layers", None)
+        pattern = self.config.trainable or (
+            self.objective.trainable_for(n_layers) if n_layers else self.objective.trainable
+        )
         named = list(self.model.named_parameters())
         if pattern is not None:
             regex = re.compile(pattern)

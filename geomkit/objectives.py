@@ -149,15 +149,19 @@ def _forward(model: nn.Module, ids: Tensor, mask: Tensor, hidden: bool = False) 
 # --------------------------------------------------------------------------------------------
 
 
-def _token_nll(owner: str, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-token NLL [B, T-1] in float32 (0 where no loss) and the loss mask [B, T-1]."""
-    targets = labels[:, 1:]
-    mask = targets != IGNORE_INDEX
-    if not bool(mask.any()):
+def _check_loss_tokens(owner: str, labels: Tensor) -> None:
+    """Raise unless some next-token position (``labels[:, 1:]``) carries a loss."""
+    if not bool((labels[:, 1:] != IGNORE_INDEX).any()):
         raise ValueError(
             f"{owner}: the batch has no loss-carrying token (every label after the first "
             f"position is {IGNORE_INDEX}); a loss over it would be NaN"
         )
+
+
+def _token_nll(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-token NLL [B, T-1] in float32 (0 where the label is ``IGNORE_INDEX``) and the mask
+    of loss-carrying positions [B, T-1], both on the logits' device."""
+    targets = labels[:, 1:].to(logits.device)
     shifted = logits[:, :-1].float()
     nll = F.cross_entropy(
         shifted.reshape(-1, shifted.shape[-1]),
@@ -165,7 +169,7 @@ def _token_nll(owner: str, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tens
         ignore_index=IGNORE_INDEX,
         reduction="none",
     )
-    return nll.view(targets.shape), mask
+    return nll.view(targets.shape), targets != IGNORE_INDEX
 
 
 def _sequence_mean(values: Tensor, valid: Tensor) -> Tensor:
@@ -274,7 +278,8 @@ class GA(ForgetLoss):
         self, model: nn.Module, batch: Mapping[str, Tensor], reference: nn.Module | None
     ) -> Tensor:
         ids, mask, labels = _batch("GA", batch, _KEYS_LM)
-        nll, keep = _token_nll("GA", _forward(model, ids, mask).logits, labels)
+        _check_loss_tokens("GA", labels)
+        nll, keep = _token_nll(_forward(model, ids, mask).logits, labels)
         return -nll.sum() / keep.sum()
 
 
@@ -305,9 +310,10 @@ class NPO(ForgetLoss):
         self, model: nn.Module, batch: Mapping[str, Tensor], reference: nn.Module | None
     ) -> Tensor:
         ids, mask, labels = _batch("NPO", batch, _KEYS_LM)
-        nll, keep = _token_nll("NPO", _forward(model, ids, mask).logits, labels)
+        _check_loss_tokens("NPO", labels)
+        nll, keep = _token_nll(_forward(model, ids, mask).logits, labels)
         with torch.no_grad():
-            ref_nll, _ = _token_nll("NPO", _forward(reference, ids, mask).logits, labels)
+            ref_nll, _ = _token_nll(_forward(reference, ids, mask).logits, labels)
         # log pi_theta(y) - log pi_ref(y) = -(sum NLL_theta) + (sum NLL_ref)
         log_ratio = ref_nll.to(nll.device).sum(-1) - nll.sum(-1)
         terms = F.logsigmoid(-self.beta * log_ratio)
@@ -342,7 +348,8 @@ class SimNPO(ForgetLoss):
         self, model: nn.Module, batch: Mapping[str, Tensor], reference: nn.Module | None
     ) -> Tensor:
         ids, mask, labels = _batch("SimNPO", batch, _KEYS_LM)
-        nll, keep = _token_nll("SimNPO", _forward(model, ids, mask).logits, labels)
+        _check_loss_tokens("SimNPO", labels)
+        nll, keep = _token_nll(_forward(model, ids, mask).logits, labels)
         counts = keep.sum(-1)
         valid = counts > 0
         nll_avg = nll.sum(-1) / counts.clamp(min=1)
@@ -435,7 +442,8 @@ class NLL(RetainLoss):
         self, model: nn.Module, batch: Mapping[str, Tensor], reference: nn.Module | None
     ) -> Tensor:
         ids, mask, labels = _batch("NLL", batch, _KEYS_LM)
-        nll, keep = _token_nll("NLL", _forward(model, ids, mask).logits, labels)
+        _check_loss_tokens("NLL", labels)
+        nll, keep = _token_nll(_forward(model, ids, mask).logits, labels)
         return nll.sum() / keep.sum()
 
 
@@ -452,13 +460,9 @@ class KL(RetainLoss):
         self, model: nn.Module, batch: Mapping[str, Tensor], reference: nn.Module | None
     ) -> Tensor:
         ids, mask, labels = _batch("KL", batch, _KEYS_LM)
-        keep = labels[:, 1:] != IGNORE_INDEX
-        if not bool(keep.any()):
-            raise ValueError(
-                f"KL: the batch has no loss-carrying token (every label after the first "
-                f"position is {IGNORE_INDEX}); a loss over it would be NaN"
-            )
+        _check_loss_tokens("KL", labels)
         logits = _forward(model, ids, mask).logits[:, :-1]
+        keep = labels[:, 1:] != IGNORE_INDEX
         log_p = logits[keep.to(logits.device)].float().log_softmax(-1)
         with torch.no_grad():
             ref_logits = _forward(reference, ids, mask).logits[:, :-1]

@@ -135,9 +135,10 @@ class Recorder:
         most the unflushed steps).
     attrs : mapping, optional
         Run attributes stored in the Dataset (model, objective, seed, ...).
-    reduce : callable, optional
-        Applied to the stacked device statistics before the host transfer, e.g. an all-reduce
-        over ranks holding gradient shards.
+    shard_sum : callable, optional
+        For sharded gradients (each process passes its shard of every tensor): sums a stack of
+        statistics over processes (see :func:`geomkit.distributed.shard_sum`), so that the
+        recorded values are the whole-tensor ones.
     write : bool
         Whether this process writes the store (rank 0 in data-parallel runs); other ranks still
         compute and reduce statistics.
@@ -159,7 +160,7 @@ class Recorder:
         schedule: Schedule | int = 1,
         flush_every: int = 10,
         attrs: Mapping[str, Any] | None = None,
-        reduce: Callable[[Tensor], Tensor] | None = None,
+        shard_sum: Callable[[Tensor], Tensor] | None = None,
         write: bool = True,
         mode: str = "w",
         resume_step: int | None = None,
@@ -185,7 +186,7 @@ class Recorder:
         self.tensors = locations
         self.numel = [int(n) for n in numel]
         self.flush_every = flush_every
-        self.reduce = reduce
+        self.shard_sum = shard_sum
         self.strategy_labels = [_label(self.applied)] + [_label(s) for s in self.shadows]
         self.writer = (
             RunWriter(
@@ -302,7 +303,7 @@ class Recorder:
     ) -> np.ndarray:
         """Statistics of the applied and shadow strategies, ``[n_strategies, n_tensors, F]``.
 
-        Computed on the device; one host transfer (after ``reduce``, if set).
+        Computed on the device; one host transfer.
         """
         forget, retain = list(forget), list(retain)
         if len(forget) != len(self.tensors):
@@ -311,14 +312,15 @@ class Recorder:
                 f"{len(self.tensors)} parameters"
             )
         if combined is None:
-            combined = self.applied(forget, retain)
-        parts = [gstats.sufficient(forget, retain, combined, strategy=self.applied)[None]]
+            combined = self.applied(forget, retain, shard_sum=self.shard_sum)
+        parts = [
+            gstats.sufficient(
+                forget, retain, combined, strategy=self.applied, shard_sum=self.shard_sum
+            )[None]
+        ]
         if self.shadows:
-            parts.append(gstats.shadow(forget, retain, self.shadows))
-        stacked = torch.cat(parts)
-        if self.reduce is not None:
-            stacked = self.reduce(stacked)
-        return gstats.to_numpy(stacked)
+            parts.append(gstats.shadow(forget, retain, self.shadows, shard_sum=self.shard_sum))
+        return gstats.to_numpy(torch.cat(parts))
 
     # -- buffering ---------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ step to the host (see :func:`to_numpy`). Nothing here synchronises with the host
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -49,6 +49,7 @@ def sufficient(
     combined: Sequence[Tensor],
     *,
     strategy: Strategy | None = None,
+    shard_sum: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Sufficient statistics of the applied update, one row per tensor.
 
@@ -58,6 +59,10 @@ def sufficient(
         ``f``, ``r`` and the update ``d`` actually formed, one tensor per parameter.
     strategy : Strategy, optional
         The strategy that formed ``d``; used only to fill ``n_projected`` (0 if omitted).
+    shard_sum : callable, optional
+        For sharded gradients (each process holds a shard of every tensor): sums a stack of
+        shard-local statistics over processes (one all-reduce). The result is then the
+        whole-tensor statistics, identical on every process.
 
     Returns
     -------
@@ -70,18 +75,25 @@ def sufficient(
     rows = _stack_on(
         [kernels.triple(f, r, d) for f, r, d in zip(forget, retain, combined, strict=True)], home
     )
+    sizes = _sizes(forget, home)
+    if shard_sum is not None:
+        summed = shard_sum(torch.cat([rows, sizes[:, :1]], dim=1))
+        rows, sizes = summed[:, :-1], torch.cat([summed[:, -1:], sizes[:, 1:]], dim=1)
     dots = rows[:, [0, 1, 2]]
     if strategy is not None and strategy.rule.reduces:
         projected = strategy.projected(torch.stack(strategy.scope.pool(list(dots))))
     else:
         projected = torch.zeros(len(forget), dtype=torch.float64, device=home)
-    sizes = _sizes(forget, home)
     return torch.cat([rows, sizes[:, :1], projected[:, None], sizes[:, 1:]], dim=1)
 
 
 @torch.no_grad()
 def shadow(
-    forget: Sequence[Tensor], retain: Sequence[Tensor], strategies: Sequence[Strategy]
+    forget: Sequence[Tensor],
+    retain: Sequence[Tensor],
+    strategies: Sequence[Strategy],
+    *,
+    shard_sum: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Statistics of several strategies on the same (f, r), without forming their updates.
 
@@ -105,6 +117,10 @@ def shadow(
         One tensor per parameter.
     strategies : sequence of Strategy
         The strategies to evaluate (e.g. ``[build(n) for n in names()]``).
+    shard_sum : callable, optional
+        As for :func:`sufficient`: the Gramian is summed over processes before projection
+        coefficients are formed (whole-tensor dot products, not the shard's), and so are the
+        moments; two all-reduces in all.
 
     Returns
     -------
@@ -127,6 +143,10 @@ def shadow(
             )
     home = forget[0].device
     g = _stack_on([kernels.gram(f, r) for f, r in zip(forget, retain, strict=True)], home)
+    sizes = _sizes(forget, home)
+    if shard_sum is not None:
+        g = shard_sum(torch.cat([g, sizes[:, :1]], dim=1))
+        g, sizes = g[:, :-1], torch.cat([g[:, -1:], sizes[:, 1:]], dim=1)
     ff_c, ff_a, rr_c, rr_a, fr_c, fr_a, n_conflict, n_nonzero = g.unbind(1)
     dots = torch.stack([ff_c + ff_a, rr_c + rr_a, fr_c + fr_a], dim=1)  # [T, 3]
 
@@ -153,9 +173,11 @@ def shadow(
             kernels.linear_moments(f, r, form[uniform, j, :2].to(f.device))
             for j, (f, r) in enumerate(zip(forget, retain, strict=True))
         ]  # T x [U, 4]
-        moments[uniform] = _stack_on(direct, home).transpose(0, 1)
+        direct = _stack_on(direct, home).transpose(0, 1)  # [U, T, 4]
+        if shard_sum is not None:
+            direct = shard_sum(direct)
+        moments[uniform] = direct
     n_opposed, dd, df, dr = moments.unbind(-1)
-    sizes = _sizes(forget, home)
     n_s, n_t = form.shape[0], form.shape[1]
     counts = torch.stack([n_conflict, n_nonzero], dim=1)  # [T, 2]
     return torch.cat(

@@ -12,7 +12,7 @@ weights ``alpha`` (retain) and ``gamma`` (forget).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -170,12 +170,32 @@ class Strategy:
 
     # -- the combination ---------------------------------------------------------------------
 
-    def pooled_dots(self, forget: Sequence[Tensor], retain: Sequence[Tensor]) -> list[Tensor]:
+    def pooled_dots(
+        self,
+        forget: Sequence[Tensor],
+        retain: Sequence[Tensor],
+        shard_sum: Callable[[Tensor], Tensor] | None = None,
+    ) -> list[Tensor]:
         """Per-tensor ``[<f,f>, <r,r>, <f,r>]`` (float64, on each tensor's device), pooled by
-        the scope. Only defined for rules that reduce (projections)."""
+        the scope. Only defined for rules that reduce (projections).
+
+        ``shard_sum`` turns shard-local sums into whole-tensor sums when each process holds a
+        shard of every gradient (FSDP / ZeRO-3): it receives the ``[n_tensors, 3]`` stack and
+        must return its sum over processes (one all-reduce for all tensors).
+        """
         if not self.rule.reduces:
             raise ValueError(f"{self.rule!r} is coordinate-wise and pools no dot products")
         dots = [kernels.dot_products(f, r) for f, r in zip(forget, retain, strict=True)]
+        if shard_sum is not None:
+            home = dots[0].device
+            dots = [
+                d.to(t.device)
+                for d, t in zip(
+                    shard_sum(torch.stack([d.to(home) for d in dots])).unbind(0),
+                    forget,
+                    strict=True,
+                )
+            ]
         return self.scope.pool(dots)
 
     @torch.no_grad()
@@ -185,6 +205,7 @@ class Strategy:
         retain: Sequence[Tensor],
         *,
         out: Sequence[Tensor] | None = None,
+        shard_sum: Callable[[Tensor], Tensor] | None = None,
     ) -> list[Tensor]:
         """Combine ``forget`` and ``retain`` (one tensor per parameter) into one update.
 
@@ -196,6 +217,10 @@ class Strategy:
         out : sequence of Tensor, optional
             Tensors to write the result into (e.g. the parameters' ``.grad``); nothing is
             allocated for the result then.
+        shard_sum : callable, optional
+            For sharded gradients (each process holds a shard of every tensor): sums the
+            ``[n_tensors, 3]`` dot products over processes, so that projections use the
+            whole tensor's dot products, not the shard's (see :meth:`pooled_dots`).
 
         Returns
         -------
@@ -204,7 +229,11 @@ class Strategy:
         """
         forget, retain = check_pair(forget, retain)
         outs = check_out(out, forget) if out is not None else [torch.empty_like(f) for f in forget]
-        dots = self.pooled_dots(forget, retain) if self.rule.reduces else [None] * len(forget)
+        dots = (
+            self.pooled_dots(forget, retain, shard_sum)
+            if self.rule.reduces
+            else [None] * len(forget)
+        )
         weights: dict[torch.device, tuple[Tensor, Tensor]] = {}
         for f, r, o, dot in zip(forget, retain, outs, dots, strict=True):
             if f.device not in weights:
