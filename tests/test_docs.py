@@ -15,7 +15,7 @@ def test_schema_doc_names_version() -> None:
 
 def test_schema_doc_lists_every_variable_with_its_attributes() -> None:
     for name, spec in VARIABLES.items():
-        row = next((line for line in DOC.splitlines() if line.startswith(f"| `{name}` |")), None)
+        row = next((ln for ln in DOC.splitlines() if ln.startswith(f"| `{name}` | (")), None)
         assert row is not None, f"docs/schema.md has no row for variable {name}"
         for key in ("long_name", "units", "description", "dtype"):
             assert str(spec[key]) in row, f"{name}: {key} {spec[key]!r} not in docs/schema.md"
@@ -24,6 +24,6 @@ def test_schema_doc_lists_every_variable_with_its_attributes() -> None:
 
 def test_schema_doc_lists_every_coordinate() -> None:
     for name, spec in COORDINATES.items():
-        row = next((line for line in DOC.splitlines() if line.startswith(f"| `{name}` |")), None)
+        row = next((ln for ln in DOC.splitlines() if ln.startswith(f"| `{name}` | (")), None)
         assert row is not None, f"docs/schema.md has no row for coordinate {name}"
         assert spec["description"] in row
