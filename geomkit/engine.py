@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from geomkit.distributed import rank_and_world
 from geomkit.objectives import Objective
 from geomkit.recorder import Recorder, Schedule
 from geomkit.strategies import Strategy, build
@@ -163,12 +164,6 @@ class _Stream:
             self.next()
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _all_reduce_mean(tensors: Sequence[Tensor], world: int, bucket_bytes: int = 32 << 20) -> None:
     """Average ``tensors`` over ranks in place, in buckets of at most ``bucket_bytes``."""
     if world == 1:
@@ -269,7 +264,7 @@ class Unlearner:
         if self.reference is not None:
             self.reference.eval()
             self.reference.requires_grad_(False)
-        self.rank, self.world = _world()
+        self.rank, self.world = rank_and_world()
         seed_everything(self.config.seed)
         self.strategy: Strategy = build(
             self.config.strategy, alpha=self.config.alpha, gamma=self.config.gamma

@@ -1,0 +1,45 @@
+"""Helpers for data-parallel and sharded runs over ``torch.distributed``.
+
+Data parallel (every process holds whole gradients of its own micro-batches): the engine averages
+each task's gradient over processes once per accumulation window, then every process combines
+the same (f, r) and takes the same step; process 0 writes the store.
+
+Sharded gradients (FSDP2 ``fully_shard``, ZeRO-3: every process holds a shard of every tensor):
+pass :func:`shard_sum` as ``shard_sum=`` to a strategy, to :mod:`geomkit.statistics` or to the
+:class:`~geomkit.recorder.Recorder`. Each process reduces the statistics of its shard and one
+all-reduce of the stacked statistics gives the whole-tensor values, so per-tensor PCGrad uses the
+whole tensor's dot product (the released SAGO code uses the shard's under ZeRO-3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["rank_and_world", "shard_sum"]
+
+
+def rank_and_world() -> tuple[int, int]:
+    """``(rank, world_size)`` of the default process group, ``(0, 1)`` without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def shard_sum(group: dist.ProcessGroup | None = None) -> Callable[[Tensor], Tensor]:
+    """A function summing a stack of shard-local statistics over the processes of ``group``.
+
+    The returned function makes one ``all_reduce`` (sum) of its argument's copy and returns it;
+    its input is left unchanged.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("shard_sum needs an initialised torch.distributed process group")
+
+    def reduce(stack: Tensor) -> Tensor:
+        total = stack.detach().clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+        return total
+
+    return reduce
