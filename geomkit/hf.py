@@ -1,0 +1,198 @@
+"""Two-task unlearning inside ``transformers.Trainer``.
+
+A Trainer callback cannot see the two gradients, so :class:`TwoTaskTrainer` overrides
+``training_step``: each micro-batch carries a ``"forget"`` and a ``"retain"`` sub-batch; the
+forget and retain gradients are accumulated separately over the accumulation window, averaged
+over data-parallel processes, and at the window's last micro-batch combined by the strategy into
+``.grad`` (and recorded). The Trainer then clips, steps and schedules as usual.
+
+>>> trainer = TwoTaskTrainer(model=model, args=args, train_dataset=pairs,           # doctest: +SKIP
+...                          objective=build_objective("graddiff"), strategy="sago",
+...                          record_to="run/geometry.zarr")
+>>> trainer.train()                                                               # doctest: +SKIP
+
+Use ``TrainingArguments(remove_unused_columns=False)`` so that the nested sub-batches reach the
+step; a collator such as :func:`pair_collator` stacks them.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import transformers
+from torch import Tensor
+
+from geomkit.distributed import rank_and_world
+from geomkit.engine import _all_reduce_mean
+from geomkit.objectives import Objective
+from geomkit.recorder import Recorder
+from geomkit.strategies import Strategy, build
+
+__all__ = ["TwoTaskTrainer", "pair_collator"]
+
+
+def pair_collator(items: Sequence[Mapping[str, Mapping[str, Tensor]]]) -> dict[str, Any]:
+    """Stack a list of ``{"forget": {...}, "retain": {...}}`` items into one such batch."""
+    return {
+        task: {key: torch.stack([item[task][key] for item in items]) for key in items[0][task]}
+        for task in ("forget", "retain")
+    }
+
+
+class TwoTaskTrainer(transformers.Trainer):
+    """A ``transformers.Trainer`` that unlearns with a two-task combination strategy.
+
+    Parameters
+    ----------
+    objective : Objective
+        Forget and retain losses (:func:`geomkit.objectives.build_objective`).
+    strategy : Strategy or str
+        The combination strategy (default ``"sago"``); ``alpha`` and ``gamma`` weigh it.
+    shadows : sequence of str, optional
+        Strategies recorded on the same gradients without being applied (default all).
+    record_to : str or PathLike, optional
+        Zarr store for the geometry record (None: no recording).
+    record_every : int
+        Record every this many optimizer steps.
+    reference : torch.nn.Module, optional
+        Frozen reference model for NPO / KL / RMU (a frozen copy is made when needed).
+    **kwargs
+        Passed to ``transformers.Trainer``.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        objective: Objective,
+        strategy: Strategy | str = "sago",
+        alpha: float = 1.0,
+        gamma: float = 1.0,
+        shadows: Sequence[str] | None = None,
+        record_to: str | os.PathLike | None = None,
+        record_every: int = 1,
+        reference: torch.nn.Module | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        if not isinstance(objective, Objective):
+            raise TypeError(f"objective must be a geomkit Objective, got {type(objective)}")
+        self.objective = objective
+        self.strategy = (
+            build(strategy, alpha=alpha, gamma=gamma) if isinstance(strategy, str) else strategy
+        )
+        if objective.needs_reference and reference is None:
+            reference = copy.deepcopy(self.model)
+        self.reference = reference
+        if reference is not None:
+            reference.eval().requires_grad_(False)
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError("the model has no trainable parameter")
+        self._names = [n for n, _ in named]
+        self._params = [p for _, p in named]
+        self._f = [torch.zeros_like(p) for p in self._params]
+        self._r = [torch.zeros_like(p) for p in self._params]
+        self._losses = [0.0, 0.0]
+        self._micro = 0
+        self.rank, self.world = rank_and_world()
+        self.recorder = (
+            Recorder(
+                record_to,
+                self._names,
+                [p.numel() for p in self._params],
+                self.strategy,
+                shadows,
+                schedule=record_every,
+                attrs={
+                    "model": type(self.model).__name__,
+                    "objective": objective.name,
+                    "seed": self.args.seed,
+                    "world_size": self.world,
+                    "accumulation_steps": self.args.gradient_accumulation_steps,
+                    "trainer": "transformers.Trainer",
+                },
+                write=self.rank == 0,
+            )
+            if record_to is not None
+            else None
+        )
+
+    def _task(self, loss_fn, model, batch, into: list[Tensor], scale: float) -> Tensor:
+        loss = loss_fn(model, batch, self.reference) * scale
+        grads = torch.autograd.grad(loss, self._params, allow_unused=True)
+        for buffer, g in zip(into, grads, strict=True):
+            if g is not None:
+                buffer.add_(g)
+        return loss.detach()
+
+    def training_step(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        num_items_in_batch: Any = None,
+    ) -> Tensor:
+        """One micro-batch of both tasks; combine into ``.grad`` at the window's end."""
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        if "forget" not in inputs:
+            raise ValueError(
+                "TwoTaskTrainer batches must hold a 'forget' (and 'retain') sub-batch; use "
+                "geomkit.hf.pair_collator and TrainingArguments(remove_unused_columns=False)"
+            )
+        window = max(
+            1,
+            int(getattr(self, "current_gradient_accumulation_steps", 0) or 0)
+            or self.args.gradient_accumulation_steps,
+        )
+        unwrapped = self.accelerator.unwrap_model(model)  # our own all-reduce, not DDP hooks
+        if self._micro == 0:
+            for buffer in (*self._f, *self._r):
+                buffer.zero_()
+            self._losses = [0.0, 0.0]
+        loss_f = self._task(self.objective.forget, unwrapped, inputs["forget"], self._f, 1 / window)
+        loss = loss_f
+        self._losses[0] += float(loss_f)
+        if self.objective.retain is not None:
+            loss_r = self._task(
+                self.objective.retain, unwrapped, inputs["retain"], self._r, 1 / window
+            )
+            loss = loss + loss_r
+            self._losses[1] += float(loss_r)
+        self._micro += 1
+        if self._micro == window:
+            self._micro = 0
+            self._combine()
+        return loss
+
+    def _combine(self) -> None:
+        _all_reduce_mean(self._f, self.world)
+        _all_reduce_mean(self._r, self.world)
+        for p in self._params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in self._params]
+        self.strategy(self._f, self._r, out=grads)
+        if self.recorder is not None:
+            self.recorder.record(
+                int(self.state.global_step),
+                self._f,
+                self._r,
+                grads,
+                forget_loss=self._losses[0],
+                retain_loss=self._losses[1] if self.objective.retain is not None else math.nan,
+                learning_rate=float(self._get_learning_rate()) if self.lr_scheduler else math.nan,
+                grad_norm=float(torch.nn.utils.get_total_norm(grads)),
+            )
+
+    def train(self, *args: Any, **kwargs: Any):
+        """Train as ``transformers.Trainer.train`` does, then flush the geometry record."""
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            if self.recorder is not None:
+                self.recorder.close()
