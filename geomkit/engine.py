@@ -24,8 +24,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
-from geomkit.distributed import rank_and_world
+from geomkit.distributed import rank_and_world, shard_sum
 from geomkit.objectives import Objective
 from geomkit.recorder import Recorder, Schedule
 from geomkit.strategies import Strategy, build
@@ -190,6 +191,11 @@ def _all_reduce_mean(tensors: Sequence[Tensor], world: int, bucket_bytes: int = 
         reduce(bucket)
 
 
+def _local(t: Tensor) -> Tensor:
+    """The process-local part of a tensor: the shard of a DTensor, else the tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def _move(batch: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:
     return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
@@ -284,10 +290,14 @@ class Unlearner:
         self.step_index = 0
         self._forget = _Stream(self.forget, "forget")
         self._retain = _Stream(self.retain, "retain") if self.retain is not None else None
-        self._f = [torch.zeros_like(p) for p in self.params]
-        self._r = [torch.zeros_like(p) for p in self.params]
+        # FSDP2 (fully_shard): parameters and gradients are DTensor shards; each task's
+        # gradient is reduce-scattered once per window and every statistic is summed over ranks.
+        self.sharded = any(isinstance(p, DTensor) for p in self.params)
+        self._shard_sum = shard_sum() if self.sharded else None
+        self._f = [torch.zeros_like(_local(p)) for p in self.params]
+        self._r = [torch.zeros_like(_local(p)) for p in self.params]
         for p in self.params:
-            if p.grad is None:
+            if p.grad is None and not self.sharded:
                 p.grad = torch.zeros_like(p)
         self.recorder = self._make_recorder()
 
@@ -317,6 +327,7 @@ class Unlearner:
             schedule=schedule,
             flush_every=self.config.flush_every,
             attrs=attrs,
+            shard_sum=self._shard_sum,
             write=self.rank == 0,
             mode="a" if self.resume_step is not None else "w",
             resume_step=self.resume_step,
@@ -329,26 +340,60 @@ class Unlearner:
         for buffer in into:
             buffer.zero_()
         total = torch.zeros((), device=self.params[0].device, dtype=torch.float64)
-        device = self.params[0].device
-        for _ in range(self.config.accumulation):
+        device = _local(self.params[0]).device
+        window = self.config.accumulation
+        for p in self.params if self.sharded else ():
+            p.grad = None
+        for i in range(window):
             batch = _move(stream.next(), device)
-            loss = loss_fn(self.model, batch, self.reference) / self.config.accumulation
-            grads = torch.autograd.grad(loss, self.params, allow_unused=True)
-            for buffer, g in zip(into, grads, strict=True):
-                if g is not None:
-                    buffer.add_(g)
+            loss = loss_fn(self.model, batch, self.reference) / window
+            if self.sharded:  # FSDP2 reduce-scatters at the window's last backward only
+                self.model.set_requires_gradient_sync(i == window - 1)
+                loss.backward()
+            else:
+                grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+                for buffer, g in zip(into, grads, strict=True):
+                    if g is not None:
+                        buffer.add_(g)
             total += loss.detach().double()
-        _all_reduce_mean(into, self.world)
+        if self.sharded:
+            for buffer, p in zip(into, self.params, strict=True):
+                if p.grad is not None:
+                    buffer.copy_(_local(p.grad))
+        else:
+            _all_reduce_mean(into, self.world)
         if self.world > 1:
             dist.all_reduce(total)
             total /= self.world
         return total
 
     def _non_finite(self, grads: Sequence[Tensor]) -> list[str]:
-        finite = torch.stack([torch.isfinite(g).all() for g in grads])
+        finite = torch.stack([torch.isfinite(g).all() for g in grads]).to(torch.int32)
+        if self.sharded:  # a shard anywhere decides for everyone
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         if bool(finite.all()):  # one host sync per step
             return []
         return [n for n, ok in zip(self.names, finite.tolist(), strict=True) if not ok]
+
+    def _grads(self) -> list[Tensor]:
+        """The tensors that receive the update: ``.grad`` (its local shard under FSDP2)."""
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        return [_local(p.grad) for p in self.params]
+
+    def _norm(self, grads: list[Tensor]) -> Tensor:
+        """Euclidean norm of the whole update (over every shard under FSDP2)."""
+        if not self.sharded:
+            return torch.nn.utils.get_total_norm(grads)
+        square = torch.stack([g.double().pow(2).sum() for g in grads]).sum()
+        dist.all_reduce(square)
+        return square.sqrt()
+
+    def _clip(self, grads: list[Tensor], norm: Tensor) -> None:
+        """Scale the update in place to at most ``max_grad_norm``."""
+        if self.config.max_grad_norm is not None:
+            torch.nn.utils.clip_grads_with_norm_(grads, self.config.max_grad_norm, norm)
 
     def step(self) -> StepResult:
         """Take one optimizer step and return what happened."""
@@ -387,9 +432,9 @@ class Unlearner:
             self.step_index += 1
             return result
 
-        grads = [p.grad for p in self.params]
-        self.strategy(self._f, self._r, out=grads)
-        norm = torch.nn.utils.get_total_norm(grads)
+        grads = self._grads()
+        self.strategy(self._f, self._r, out=grads, shard_sum=self._shard_sum)
+        norm = self._norm(grads)
         recorded = self.recorder is not None and self.recorder.wants(step)
         result = StepResult(
             step,
@@ -411,8 +456,7 @@ class Unlearner:
                 learning_rate=learning_rate,
                 grad_norm=result.grad_norm,
             )
-        if self.config.max_grad_norm is not None:
-            torch.nn.utils.clip_grads_with_norm_(self.params, self.config.max_grad_norm, norm)
+        self._clip(grads, norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=False)
         self.scheduler.step()

@@ -3,9 +3,10 @@
 Data parallel: two ranks, each with half of the global batch, take exactly the step one process
 takes with the whole batch, and rank 0 records the same statistics.
 
-Sharded: every tensor is split in two contiguous shards, one per rank (the layout of FSDP2 /
-ZeRO-3 flat shards, made by hand here). With ``shard_sum`` the strategies (per-tensor PCGrad's
-dot product included) and the statistics equal their unsharded values.
+Sharded, at two levels: (1) every tensor split by hand in two contiguous shards, one per rank,
+where with ``shard_sum`` the strategies (per-tensor PCGrad's dot product included) and the
+statistics equal their unsharded values; (2) the engine on a model wrapped with FSDP2
+``fully_shard`` (gloo, CPU), whose step and record equal one process's.
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ def _tiny_model():
     return transformers.LlamaForCausalLM(config)
 
 
-def _batches(seed: int, rows: slice, n: int = 3) -> list[dict[str, torch.Tensor]]:
+def _batches(seed: int, rows: slice, n: int = 4) -> list[dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
@@ -139,12 +140,22 @@ def _batches(seed: int, rows: slice, n: int = 3) -> list[dict[str, torch.Tensor]
     return out
 
 
-def _run(rows: slice, out: Path | None) -> dict[str, torch.Tensor]:
+def _run(
+    rows: slice, out: Path | None, shard: bool = False, strategy: str = "sago"
+) -> dict[str, torch.Tensor]:
     from geomkit.engine import EngineConfig, Unlearner
     from geomkit.objectives import build_objective
 
     model = _tiny_model()
-    config = EngineConfig(strategy="sago", lr=1e-3, steps=2, record_every=1, flush_every=1)
+    if shard:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+    config = EngineConfig(
+        strategy=strategy, lr=1e-3, steps=2, accumulation=2, record_every=1, flush_every=1
+    )
     unlearner = Unlearner(
         model,
         build_objective("graddiff"),
@@ -154,33 +165,46 @@ def _run(rows: slice, out: Path | None) -> dict[str, torch.Tensor]:
         out=out,
     )
     unlearner.run()
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return {
+        k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+        for k, v in model.state_dict().items()
+    }
 
 
-def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+def _engine_worker(rank: int, world: int, port: int, out: str, mode: str, strategy: str) -> None:
     _init(rank, world, port)
     half = slice(2 * rank, 2 * rank + 2)
-    state = _run(half, Path(out) / "ddp" if rank == 0 else None)
-    torch.save(state, Path(out) / f"ddp_rank{rank}.pt")
+    state = _run(half, Path(out) / mode, shard=mode == "fsdp", strategy=strategy)
+    torch.save(state, Path(out) / f"{mode}_rank{rank}.pt")
     dist.destroy_process_group()
 
 
-def test_two_process_data_parallel_equals_one_process(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("mode", "strategy"), [("ddp", "sago"), ("fsdp", "pcgrad")], ids=["ddp-sago", "fsdp2-pcgrad"]
+)
+def test_two_processes_equal_one_process(tmp_path: Path, mode: str, strategy: str) -> None:
+    """Data parallel (whole gradients averaged per window) and FSDP2 (gradient shards,
+    statistics and per-tensor PCGrad dot products summed over ranks) both equal one process
+    with the whole global batch."""
     import geomkit
 
     world = 2
-    mp.spawn(_ddp_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world)
-    single = _run(slice(0, 4), tmp_path / "single")
-    states = [torch.load(tmp_path / f"ddp_rank{r}.pt") for r in range(world)]
+    mp.spawn(
+        _engine_worker, args=(world, _free_port(), str(tmp_path), mode, strategy), nprocs=world
+    )
+    single = _run(slice(0, 4), tmp_path / "single", strategy=strategy)
+    states = [torch.load(tmp_path / f"{mode}_rank{r}.pt") for r in range(world)]
     for name, value in single.items():
         for r in range(world):  # every rank took the same step as the single process
             torch.testing.assert_close(states[r][name], value, rtol=1e-5, atol=1e-6)
-    ddp, one = geomkit.open_run(tmp_path / "ddp"), geomkit.open_run(tmp_path / "single")
+    ddp, one = geomkit.open_run(tmp_path / mode), geomkit.open_run(tmp_path / "single")
     assert ddp.attrs["world_size"] == 2 and one.attrs["world_size"] == 1
-    for var in ("ff", "rr", "fr", "dd", "df", "dr", "forget_loss", "retain_loss"):
+    assert (ddp.numel.values == one.numel.values).all()
+    for var in ("ff", "rr", "fr", "dd", "df", "dr", "forget_loss", "retain_loss", "grad_norm"):
         want = one[var].values  # float32 gradients summed in another order: relative to scale
         atol = 1e-5 * np.nanmax(np.abs(want))
         np.testing.assert_allclose(ddp[var].values, want, rtol=1e-4, atol=atol, err_msg=var)
+    np.testing.assert_array_equal(ddp.n_projected.values, one.n_projected.values)
     for var in ("n_conflict", "n_opposed"):
         # counts may differ only at coordinates whose sign is decided by float noise
         assert np.abs(ddp[var].values - one[var].values).max() <= 2, var
