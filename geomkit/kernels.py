@@ -48,7 +48,7 @@ __all__ = [
 BACKENDS: tuple[str, ...] = ("eager", "compiled")
 COLUMNS: int = 4096
 """Row length of the 2-D view every kernel works on."""
-_CPU_BLOCK_ELEMENTS = 1 << 16
+_CPU_BLOCK_ELEMENTS = 1 << 14
 
 _backend: str = os.environ.get("GEOMKIT_BACKEND", "eager")
 if _backend not in BACKENDS:
@@ -181,13 +181,33 @@ def _k_linear_moments(f: Tensor, r: Tensor, coefficients: Tensor) -> Tensor:
 def _k_linear_moments_gemm(f: Tensor, r: Tensor, coefficients: Tensor) -> Tensor:
     # The same moments with all rules in small matrix products (the eager form).
     f64, r64 = f.reshape(-1).double(), r.reshape(-1).double()
-    d = torch.stack([f64, r64], dim=1) @ coefficients.T  # [n, S]
+    d = coefficients @ torch.stack([f64, r64])  # [S, n]
     if f.dtype != torch.float64:
-        opposed = (torch.stack([f64 * r64, r64 * r64], dim=1) @ coefficients.T) < 0
+        opposed = (coefficients @ torch.stack([f64 * r64, r64 * r64])) < 0
     else:
-        opposed = _conflict(d, r64[:, None], d, r64[:, None])
-    moments = [opposed.sum(0, dtype=torch.float64), (d * d).sum(0), f64 @ d, r64 @ d]
+        opposed = _conflict(d, r64, d, r64)
+    moments = [opposed.sum(1, dtype=torch.float64), (d * d).sum(1), d @ f64, d @ r64]
     return torch.stack(moments, dim=1).reshape(-1)
+
+
+def _k_gram_gemm(f: Tensor, r: Tensor) -> Tensor:
+    # The sign-partitioned Gramian as one 4x4 Gram matrix (the eager form).
+    f64, r64 = f.reshape(-1).double(), r.reshape(-1).double()
+    c = _conflict(f.reshape(-1), r.reshape(-1), f64, r64)
+    zero = torch.zeros((), dtype=torch.float64, device=f.device)
+    x = torch.stack(
+        [
+            torch.where(c, f64, zero),
+            torch.where(c, zero, f64),
+            torch.where(c, r64, zero),
+            torch.where(c, zero, r64),
+        ]
+    )  # [4, n]: f_C, f_A, r_C, r_A
+    g = x @ x.T
+    nonzero = ((f != 0) & (r != 0)).sum(dtype=torch.float64)
+    return torch.stack(
+        [g[0, 0], g[1, 1], g[2, 2], g[3, 3], g[0, 2], g[1, 3], c.sum(dtype=torch.float64), nonzero]
+    )
 
 
 def _k_combine_linear(
@@ -229,7 +249,10 @@ def _k_combine_select(
 # --------------------------------------------------------------------------------------------
 
 
-_EAGER_FORM: dict[Callable, Callable] = {_k_linear_moments: _k_linear_moments_gemm}
+_EAGER_FORM: dict[Callable, Callable] = {
+    _k_linear_moments: _k_linear_moments_gemm,
+    _k_gram: _k_gram_gemm,
+}
 """Kernels with a different (equivalent) form that runs faster unfused."""
 
 

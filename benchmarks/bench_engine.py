@@ -1,0 +1,196 @@
+"""Overhead of geomkit's two-pass step and of recording, on a tiny Llama on the CPU.
+
+Each configuration runs in its own fresh process (so that peak memory is its own) and reports
+the median time per optimizer step after warm-up:
+
+(a) plain GradDiff: one summed backward of ``-NLL(forget) + NLL(retain)``, AdamW, no geomkit;
+(b) geomkit two-pass SAGO (``Unlearner``) without recording;
+(c) the same, recording every step with all six strategies (applied + five shadows);
+(d) the same, recording every 10 steps.
+
+Usage::
+
+    python benchmarks/bench_engine.py                 # d=128, 4 layers (~1M parameters)
+    python benchmarks/bench_engine.py --device cuda --dtype bfloat16 --hidden 2048 --layers 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CONFIGS = {
+    "a": "plain GradDiff (one summed backward, no geomkit)",
+    "b": "geomkit two-pass SAGO, no recording",
+    "c": "geomkit SAGO, recording every step, 6 strategies",
+    "d": "geomkit SAGO, recording every 10 steps",
+}
+
+
+def _model(args):
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=4 * args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=max(1, args.hidden // 64),
+        num_key_value_heads=max(1, args.hidden // 64),
+        max_position_embeddings=args.length,
+        tie_word_embeddings=False,
+    )
+    dtype = getattr(torch, args.dtype)
+    return transformers.LlamaForCausalLM(config).to(device=args.device, dtype=dtype)
+
+
+def _batches(args, seed):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(8):
+        x = torch.randint(0, args.vocab, (args.batch, args.length), generator=g)
+        out.append({"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()})
+    return out
+
+
+def _child(args) -> None:
+    import torch
+
+    import geomkit
+
+    geomkit.set_backend(args.backend)
+    torch.set_num_threads(args.threads)
+    model = _model(args)
+    forget, retain = _batches(args, 1), _batches(args, 2)
+    steps = args.warmup + args.steps
+    times = []
+    if args.config == "a":
+        params = [p for p in model.parameters()]
+        optimizer = torch.optim.AdamW(params, lr=1e-5)
+        device = next(model.parameters()).device
+        for step in range(steps):
+            start = time.perf_counter()
+            fb = {k: v.to(device) for k, v in forget[step % 8].items()}
+            rb = {k: v.to(device) for k, v in retain[step % 8].items()}
+            loss = -model(**fb).loss + model(**rb).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=False)
+            _sync(device)
+            times.append(time.perf_counter() - start)
+    else:
+        from geomkit.engine import EngineConfig, Unlearner
+        from geomkit.objectives import build_objective
+
+        record_every = {"b": 0, "c": 1, "d": 10}[args.config]
+        config = EngineConfig(
+            strategy="sago", lr=1e-5, steps=steps, record_every=record_every, flush_every=10
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "run" if record_every else None
+            unlearner = Unlearner(model, build_objective("graddiff"), forget, retain, config, out)
+            device = next(model.parameters()).device
+            for _ in range(steps):
+                start = time.perf_counter()
+                unlearner.step()
+                _sync(device)
+                times.append(time.perf_counter() - start)
+            if unlearner.recorder is not None:
+                unlearner.recorder.close()
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    cuda_peak = None
+    if args.device == "cuda":
+        cuda_peak = torch.cuda.max_memory_allocated() / 2**20
+    n_params = sum(p.numel() for p in model.parameters())
+    print(
+        json.dumps(
+            {
+                "median_ms": statistics.median(times[args.warmup :]) * 1e3,
+                "peak_rss_mib": peak_kib / 1024,
+                "cuda_peak_mib": cuda_peak,
+                "params": n_params,
+            }
+        )
+    )
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", choices=list(CONFIGS), help=argparse.SUPPRESS)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=32, help="sequences per task (paper: 32)")
+    parser.add_argument("--length", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3, help="fresh processes per config")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--backend", default="eager", choices=["eager", "compiled"])
+    args = parser.parse_args()
+    if args.config:
+        _child(args)
+        return
+    results: dict[str, dict] = {}
+    forwarded = [
+        f"--{key}={value}"
+        for key, value in vars(args).items()
+        if key not in ("config", "repeats") and value is not None
+    ]
+    for _ in range(args.repeats):  # interleave configs so drift hits them alike
+        for key in CONFIGS:
+            output = subprocess.run(
+                [sys.executable, __file__, "--config", key, *forwarded],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+            run = json.loads(output.strip().splitlines()[-1])
+            best = results.get(key)
+            if best is None or run["median_ms"] < best["median_ms"]:
+                results[key] = run
+    n = results["a"]["params"]
+    print(
+        f"# tiny Llama: {n / 1e6:.2f}M parameters (d={args.hidden}, {args.layers} layers, vocab "
+        f"{args.vocab}), batch {args.batch}x{args.length} per task, {args.device} {args.dtype}, "
+        f"{args.threads} thread(s), {args.backend} backend; best of {args.repeats} processes of "
+        f"the median of "
+        f"{args.steps} steps"
+    )
+    print()
+    print("| config | median ms / step | ratio to (b) | peak RSS MiB | peak vs (a) |")
+    print("|---|---:|---:|---:|---:|")
+    for key, label in CONFIGS.items():
+        r = results[key]
+        peak = r["cuda_peak_mib"] if r["cuda_peak_mib"] is not None else r["peak_rss_mib"]
+        base = results["a"]["cuda_peak_mib"] or results["a"]["peak_rss_mib"]
+        print(
+            f"| ({key}) {label} | {r['median_ms']:.1f} | "
+            f"{r['median_ms'] / results['b']['median_ms']:.3f} | {peak:.0f} | "
+            f"{peak / base:.2f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
