@@ -28,7 +28,7 @@ from torch.distributed.tensor import DTensor
 
 from geomkit.distributed import rank_and_world, shard_sum
 from geomkit.objectives import Objective
-from geomkit.recorder import Recorder, Schedule
+from geomkit.recorder import Every, Never, Recorder, Schedule
 from geomkit.strategies import Strategy, build
 
 __all__ = ["EngineConfig", "NonFiniteGradientError", "StepResult", "Unlearner"]
@@ -254,15 +254,21 @@ class Unlearner:
         named = list(self.model.named_parameters())
         if pattern is not None:
             regex = re.compile(pattern)
-            for name, p in named:
-                p.requires_grad_(bool(regex.search(name)))
-        self.names = [n for n, p in named if p.requires_grad]
-        self.params = [p for _, p in named if p.requires_grad]
-        if not self.params:
+            selected = {n for n, _ in named if regex.search(n)}
+        else:
+            selected = {n for n, p in named if p.requires_grad}
+        if not selected:  # checked before anything about the model changes
             raise ValueError(
                 f"trainable pattern {pattern!r} selects no parameter of the model "
                 f"(first names: {[n for n, _ in named[:3]]})"
             )
+        for source, name in ((self.forget, "forget"), (self.retain, "retain")):
+            if source is not None and hasattr(source, "__len__") and len(source) == 0:
+                raise ValueError(f"the {name} data is empty; expected at least one batch")
+        for name, p in named:
+            p.requires_grad_(name in selected)
+        self.names = [n for n, _ in named if n in selected]
+        self.params = [p for n, p in named if n in selected]
         if self.objective.needs_reference and self.reference is None:
             import copy
 
@@ -317,7 +323,9 @@ class Unlearner:
             "steps": self.config.steps,
             **self.attrs,
         }
-        schedule: Schedule | int = self.config.record_every or 10**12
+        schedule: Schedule = (
+            Every(self.config.record_every) if self.config.record_every else Never()
+        )
         return Recorder(
             Path(self.out),
             self.names,
@@ -391,9 +399,10 @@ class Unlearner:
         return square.sqrt()
 
     def _clip(self, grads: list[Tensor], norm: Tensor) -> None:
-        """Scale the update in place to at most ``max_grad_norm``."""
+        """Scale the update in place to at most ``max_grad_norm`` (no host synchronisation)."""
         if self.config.max_grad_norm is not None:
-            torch.nn.utils.clip_grads_with_norm_(grads, self.config.max_grad_norm, norm)
+            scale = (self.config.max_grad_norm / (norm.double() + 1e-6)).clamp(max=1.0)
+            torch._foreach_mul_(grads, scale.to(grads[0].dtype))
 
     def step(self) -> StepResult:
         """Take one optimizer step and return what happened."""
@@ -501,6 +510,11 @@ class Unlearner:
     def load(self, path: str | os.PathLike) -> None:
         """Restore a checkpoint written by :meth:`save` (construct with ``resume_step``)."""
         state = torch.load(path, weights_only=False)
+        if self.resume_step is not None and int(state["step"]) != self.resume_step:
+            raise ValueError(
+                f"checkpoint {path} is at step {state['step']} but this Unlearner was built "
+                f"with resume_step={self.resume_step}"
+            )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

@@ -40,7 +40,7 @@ from geomkit.metrics import FIELDS
 from geomkit.store import RunWriter
 from geomkit.strategies import Strategy, build, names
 
-__all__ = ["Schedule", "Every", "LogSpaced", "Recorder"]
+__all__ = ["Schedule", "Every", "Never", "LogSpaced", "Recorder"]
 
 _F = {name: i for i, name in enumerate(FIELDS)}
 _PAIR = ("ff", "rr", "fr", "n_conflict", "n_both_nonzero")
@@ -71,6 +71,14 @@ class Every(Schedule):
 
     def __call__(self, step: int) -> bool:
         return step % self.k == 0
+
+
+@dataclass(frozen=True)
+class Never(Schedule):
+    """Record no geometry (per-step scalars are still kept)."""
+
+    def __call__(self, step: int) -> bool:
+        return False
 
 
 @dataclass(frozen=True)
@@ -167,7 +175,8 @@ class Recorder:
     ) -> None:
         self.applied = _as_strategy(strategy, alpha, gamma)
         shadows = names() if shadows is None else shadows
-        shadow_list = [_as_strategy(s, alpha, gamma) for s in shadows]
+        weights = (self.applied.alpha, self.applied.gamma)
+        shadow_list = [_as_strategy(s, *weights) for s in shadows]
         self.shadows = [s for s in shadow_list if s != self.applied]
         self.schedule = Every(schedule) if isinstance(schedule, int) else schedule
         if not isinstance(self.schedule, Schedule):
@@ -207,6 +216,7 @@ class Recorder:
             else None
         )
         self._start = time.perf_counter()
+        self._last_step: int | None = None
         self._steps: list[dict[str, Any]] = []
         self._records: list[tuple[int, np.ndarray]] = []
 
@@ -271,10 +281,15 @@ class Recorder:
         skipped : bool
             The step was skipped (e.g. a non-finite gradient); no geometry is recorded.
         """
-        if self._steps and step <= self._steps[-1]["step"]:
-            raise ValueError(
-                f"steps must increase: got step {step} after step {self._steps[-1]['step']}"
-            )
+        if self._last_step is not None and step <= self._last_step:
+            raise ValueError(f"steps must increase: got step {step} after step {self._last_step}")
+        measured = None
+        if not skipped and self.schedule(step):
+            if forget is None or retain is None:
+                raise ValueError(
+                    f"step {step} is scheduled for recording; pass the forget and retain gradients"
+                )
+            measured = self.measure(forget, retain, combined)  # may raise: nothing kept yet
         self._steps.append(
             {
                 "step": step,
@@ -286,12 +301,9 @@ class Recorder:
                 "skipped": bool(skipped),
             }
         )
-        if not skipped and self.schedule(step):
-            if forget is None or retain is None:
-                raise ValueError(
-                    f"step {step} is scheduled for recording; pass the forget and retain gradients"
-                )
-            self._records.append((step, self.measure(forget, retain, combined)))
+        if measured is not None:
+            self._records.append((step, measured))
+        self._last_step = step
         if len(self._steps) >= self.flush_every:
             self.flush()
 

@@ -537,7 +537,8 @@ def open_runs(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> xr.Data
     )
     combined = combined.assign_coords(run=labels)
     for key in varying:
-        combined = combined.assign_coords(
-            {key: ("run", [str(ds.attrs.get(key, "")) for ds in runs])}
-        )
+        values = [ds.attrs.get(key) for ds in runs]
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        column = np.asarray(values) if numeric else np.array([str(v) for v in values], object)
+        combined = combined.assign_coords({key: ("run", column)})
     return combined
