@@ -505,7 +505,7 @@ def test_open_runs_stacks_runs_along_run_labelled_by_directory(tmp_path: Path) -
     assert list(ds["run"].values) == ["bare", "graddiff-sago", "graddiff-sago-seed1"]
     assert ds.sizes["run"] == 3
     assert ds.sizes["step"] == 9 and ds.sizes["record"] == 5
-    assert list(ds["seed"].values) == ["2", "0", "1"]  # differing attributes become coords
+    assert list(ds["seed"].values) == [2, 0, 1]  # differing attributes become coords (numeric)
     assert ds.attrs["model"] == "TinyLlama"
 
     got_a = ds.sel(run="graddiff-sago")
