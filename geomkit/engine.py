@@ -31,7 +31,14 @@ from geomkit.objectives import Objective
 from geomkit.recorder import Every, Never, Recorder, Schedule
 from geomkit.strategies import Strategy, build
 
-__all__ = ["EngineConfig", "NonFiniteGradientError", "StepResult", "Unlearner"]
+__all__ = [
+    "EngineConfig",
+    "NonFiniteGradientError",
+    "StepResult",
+    "Unlearner",
+    "load_model",
+    "seed_everything",
+]
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -198,6 +205,41 @@ def _local(t: Tensor) -> Tensor:
 
 def _move(batch: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:
     return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+
+def load_model(
+    path: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = "float32",
+) -> torch.nn.Module:
+    """Load a causal LM from a local Hugging Face directory (never from a hub).
+
+    Parameters
+    ----------
+    path : str or PathLike
+        A directory written by ``save_pretrained`` (``config.json`` + weights).
+    device : str or torch.device
+        Where to put it (``"cpu"``, ``"cuda"``, ...).
+    dtype : str or torch.dtype
+        ``"float32"``, ``"bfloat16"``, ``"float16"`` or a torch dtype.
+    """
+    import transformers
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{path} is not a local Hugging Face model directory (no config.json); geomkit "
+            "never downloads models"
+        )
+    if isinstance(dtype, str):
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype {dtype!r} is not one of float32, bfloat16, float16")
+        dtype = getattr(torch, dtype)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path, local_files_only=True, dtype=dtype
+    )
+    return model.to(device)
 
 
 def seed_everything(seed: int) -> None:
@@ -504,7 +546,7 @@ class Unlearner:
     def save(self, path: str | os.PathLike) -> None:
         """Write a checkpoint (flushes the recorder first, so the store matches it)."""
         if self.recorder is not None:
-            self.recorder.flush()
+            self.recorder.flush(wait=True)
         torch.save(self.state_dict(), path)
 
     def load(self, path: str | os.PathLike) -> None:

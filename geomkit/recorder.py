@@ -27,6 +27,7 @@ import os
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -217,6 +218,8 @@ class Recorder:
         )
         self._start = time.perf_counter()
         self._last_step: int | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="geomkit")
+        self._pending: Future | None = None
         self._steps: list[dict[str, Any]] = []
         self._records: list[tuple[int, np.ndarray]] = []
 
@@ -336,8 +339,13 @@ class Recorder:
 
     # -- buffering ---------------------------------------------------------------------------
 
-    def flush(self) -> None:
-        """Append every buffered step to the store."""
+    def flush(self, wait: bool = False) -> None:
+        """Hand every buffered step to the store writer.
+
+        Appends run on one background thread, in order, so that training does not wait for
+        disk; ``wait=True`` (and :meth:`close`) returns only once everything is committed. An
+        error of a background append is raised by the next ``flush`` or ``close``.
+        """
         if self.writer is not None and (self._steps or self._records):
             steps = (
                 {key: np.array([s[key] for s in self._steps]) for key in self._steps[0]}
@@ -352,13 +360,26 @@ class Recorder:
                     records[name] = stats[:, 0, :, _F[name]]
                 for name in _UPDATE:
                     records[name] = stats[:, :, :, _F[name]]
-            self.writer.append(steps, records)
+            self.wait()  # one append in flight at most: bounded memory, ordered commits
+            self._pending = self._executor.submit(self.writer.append, steps, records)
         self._steps.clear()
         self._records.clear()
+        if wait:
+            self.wait()
+
+    def wait(self) -> None:
+        """Block until the background append in flight (if any) is committed."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
 
     def close(self) -> None:
-        """Flush what is buffered."""
-        self.flush()
+        """Flush what is buffered and wait until it is committed to the store."""
+        try:
+            self.flush(wait=True)
+        finally:
+            self._executor.shutdown(wait=True)
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="geomkit")
 
     def __enter__(self) -> Recorder:
         return self

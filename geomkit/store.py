@@ -360,11 +360,17 @@ class RunWriter:
         if missing:
             raise ValueError(f"append of {dim} block is missing {missing}")
         n = len(block[dim])
-        data = {name: _variable(name, block[name]) for name in names}
-        ds = xr.Dataset(data, coords={dim: _coordinate(dim, dim, np.asarray(block[dim], "int64"))})
-        # The store's attributes are rewritten with every append; keep them whole.
-        ds.attrs = dict(zarr.open_group(self.path, mode="r").attrs)
-        ds.to_zarr(self.path, append_dim=dim, consolidated=False)
+        arrays = {dim: np.asarray(block[dim], dtype="int64")}
+        for name in names:
+            spec = VARIABLES[name]
+            data = np.asarray(block[name], dtype=spec["dtype"])
+            expected = (n, *_empty_shape(name, self)[1:])
+            if data.shape != expected:
+                raise ValueError(f"{name} block has shape {data.shape}, expected {expected}")
+            arrays[name] = data
+        group = zarr.open_group(self.path, mode="r+")
+        for name, data in arrays.items():  # zarr appends directly: no Dataset round trip
+            group[name].append(data, axis=0)
         return n
 
     def _truncate(self, resume_step: int | None) -> None:

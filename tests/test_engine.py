@@ -380,7 +380,7 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(
     if crash_after == 6:
         first.recorder.close()
     else:
-        first.recorder.flush()  # what was written before the crash stays on disk
+        first.recorder.flush(wait=True)  # what was written before the crash stays on disk
     del first
 
     # resume in a new Unlearner (from a differently initialised model: load restores it)

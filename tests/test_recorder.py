@@ -420,6 +420,7 @@ def test_flush_every_and_close(tmp_path: Path) -> None:
     rec = small_recorder(path, flush_every=3)
     for step in range(4):
         rec.record(step, f, r)
+        rec.wait()  # appends run on a background thread
         committed = geomkit.open_run(path).sizes["step"]
         assert committed == (3 if step >= 2 else 0)
     rec.close()

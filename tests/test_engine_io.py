@@ -1,0 +1,73 @@
+"""Models from a local directory, and the engine in bfloat16."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import transformers
+
+import geomkit
+from geomkit.engine import EngineConfig, Unlearner, load_model
+from geomkit.objectives import build_objective
+
+
+def _model() -> transformers.LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return transformers.LlamaForCausalLM(config)
+
+
+def _batches(seed: int) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 64, (4, 12), generator=g)
+    return [{"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()}]
+
+
+def test_load_model_from_local_directory_round_trips(tmp_path) -> None:
+    model = _model()
+    model.save_pretrained(tmp_path / "tiny")
+    loaded = load_model(tmp_path / "tiny", dtype="bfloat16")
+    assert next(loaded.parameters()).dtype == torch.bfloat16
+    want, got = model.state_dict(), loaded.state_dict()
+    assert set(want) == set(got)
+    for name, value in want.items():
+        torch.testing.assert_close(value.to(torch.bfloat16), got[name], msg=name)
+
+
+def test_load_model_errors(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"no config\.json"):
+        load_model(tmp_path)
+    _model().save_pretrained(tmp_path / "tiny")
+    with pytest.raises(ValueError, match="dtype 'float8'"):
+        load_model(tmp_path / "tiny", dtype="float8")
+
+
+def test_engine_runs_in_bfloat16_and_records_float64_statistics(tmp_path) -> None:
+    model = _model().to(torch.bfloat16)
+    unlearner = Unlearner(
+        model,
+        build_objective("graddiff"),
+        _batches(1),
+        _batches(2),
+        EngineConfig(strategy="sago", lr=1e-3, steps=2),
+        out=tmp_path / "run",
+    )
+    results = unlearner.run()
+    assert all(math.isfinite(r.forget_loss) and math.isfinite(r.grad_norm) for r in results)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    ds = geomkit.open_run(tmp_path / "run")
+    assert ds.attrs["dtype"] == "bfloat16"
+    assert ds.ff.dtype == "float64" and ds.sizes["record"] == 2
+    metrics = ds.geom.metrics()
+    assert (metrics.opposed_rate.sel(strategy="sago") == 0).all()  # R6 on bfloat16 updates
+    assert ((metrics.cos_dr >= -1) & (metrics.cos_dr <= 1)).all()
