@@ -116,19 +116,9 @@ def test_shard_local_pcgrad_differs_from_whole_tensor_pcgrad() -> None:
 
 
 def _tiny_model():
-    import transformers
+    from tiny import tiny_llama
 
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(config)
+    return tiny_llama(0)
 
 
 def _batches(seed: int, rows: slice, n: int = 4) -> list[dict[str, torch.Tensor]]:

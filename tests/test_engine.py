@@ -25,6 +25,7 @@ import pytest
 import reference as ref
 import torch
 import transformers
+from tiny import tiny_llama
 
 import geomkit
 from geomkit.engine import EngineConfig, NonFiniteGradientError, Unlearner
@@ -36,17 +37,7 @@ VOCAB = 64
 
 
 def tiny_model(seed: int = 0) -> transformers.LlamaForCausalLM:
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(config)
+    return tiny_llama(seed)
 
 
 def make_batch(n: int, seed: int) -> dict[str, torch.Tensor]:

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import transformers
+from tiny import tiny_llama
 
 import geomkit
 from geomkit.engine import EngineConfig, Unlearner, load_model
@@ -14,17 +15,7 @@ from geomkit.objectives import build_objective
 
 
 def _model() -> transformers.LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(config)
+    return tiny_llama(0)
 
 
 def _batches(seed: int) -> list[dict[str, torch.Tensor]]:

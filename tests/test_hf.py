@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from tiny import tiny_llama
 
 import geomkit
 from geomkit.hf import TwoTaskTrainer, pair_collator
@@ -16,17 +17,7 @@ from geomkit.strategies import build
 
 
 def _model() -> transformers.LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(config)
+    return tiny_llama(0)
 
 
 def _pairs(n: int) -> list[dict]:

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import reference as ref
 import torch
-import transformers
+from tiny import tiny_llama
 
 import geomkit
 from geomkit import statistics as gstats
@@ -94,16 +94,7 @@ def test_recorder_schedule_argument(tmp_path: Path) -> None:
 
 
 def llama_parameters() -> list[tuple[str, torch.Size]]:
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    model = transformers.LlamaForCausalLM(config)
+    model = tiny_llama(0)
     return [(n, p.shape) for n, p in model.named_parameters()]
 
 
