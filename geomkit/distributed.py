@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["rank_and_world", "shard_sum"]
+__all__ = ["init_from_environment", "rank_and_world", "shard_sum"]
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -26,6 +26,27 @@ def rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def init_from_environment() -> bool:
+    """Join the process group that ``torchrun`` / accelerate describe in the environment.
+
+    Does nothing (and returns False) when a group already exists or when ``WORLD_SIZE`` is unset
+    or 1; otherwise initialises the default group (NCCL with CUDA, else gloo) and returns True.
+    """
+    import os
+
+    import torch
+
+    if not dist.is_available() or dist.is_initialized():
+        return False
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend)
+    return True
 
 
 def shard_sum(group: dist.ProcessGroup | None = None) -> Callable[[Tensor], Tensor]:

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
-from geomkit.distributed import rank_and_world, shard_sum
+from geomkit.distributed import init_from_environment, rank_and_world, shard_sum
 from geomkit.objectives import Objective
 from geomkit.recorder import Every, Never, Recorder, Schedule
 from geomkit.strategies import Strategy, build
@@ -255,8 +255,10 @@ class Unlearner:
 
     Parameters
     ----------
-    model : torch.nn.Module
-        The model to unlearn (any ``transformers`` causal LM, on its device and dtype).
+    model : torch.nn.Module or path
+        The model to unlearn (any ``transformers`` causal LM, on its device and dtype), or a
+        local Hugging Face directory, loaded with :func:`load_model` (float32, CPU; load it
+        yourself for another device or dtype).
     objective : Objective
         Forget and retain losses (:func:`geomkit.objectives.build_objective`).
     forget, retain : iterable of batches
@@ -273,7 +275,7 @@ class Unlearner:
         Extra run attributes for the store.
     """
 
-    model: torch.nn.Module
+    model: torch.nn.Module | str | os.PathLike
     objective: Objective
     forget: Iterable[Mapping[str, Tensor]]
     retain: Iterable[Mapping[str, Tensor]] | None
@@ -285,6 +287,9 @@ class Unlearner:
 
     def __post_init__(self) -> None:
         self.config.validate()
+        if isinstance(self.model, (str, os.PathLike)):
+            self.model = load_model(self.model)
+        init_from_environment()  # under torchrun / accelerate: join the process group
         if self.objective.retain is not None and self.retain is None:
             raise ValueError(
                 f"objective {self.objective.name!r} has a retain loss; pass retain data"

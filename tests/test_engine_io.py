@@ -35,6 +35,19 @@ def test_load_model_from_local_directory_round_trips(tmp_path) -> None:
         torch.testing.assert_close(value.to(torch.bfloat16), got[name], msg=name)
 
 
+def test_unlearner_accepts_a_local_model_directory(tmp_path) -> None:
+    _model().save_pretrained(tmp_path / "tiny")
+    unlearner = Unlearner(
+        str(tmp_path / "tiny"),
+        build_objective("graddiff"),
+        _batches(1),
+        _batches(2),
+        EngineConfig(steps=1),
+    )
+    assert isinstance(unlearner.model, transformers.LlamaForCausalLM)
+    assert math.isfinite(unlearner.step().forget_loss)
+
+
 def test_load_model_errors(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match=r"no config\.json"):
         load_model(tmp_path)
