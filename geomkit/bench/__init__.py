@@ -1,0 +1,6 @@
+"""The embedded default benchmark (DESIGN.md section 4): invented facts, no downloads.
+
+:mod:`geomkit.bench.data` builds a deterministic TOFU-style "fictitious knowledge" benchmark
+(forget and retain entities, QA pairs, a general-capability probe), and
+:mod:`geomkit.bench.tokenizer` holds the tiny word-level tokenizer saved with the model.
+"""
