@@ -1,0 +1,7 @@
+"""``python -m geomkit run ...``."""
+
+import sys
+
+from geomkit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,389 @@
+"""One typed configuration for ``geomkit run``: presets, a file, command-line overrides.
+
+:func:`load_config` merges, in this order, a named preset (:data:`PRESETS`), a JSON or TOML file
+and explicit overrides into a :class:`RunConfig`, and validates it before any work starts. An
+invalid value raises :class:`ConfigError` with one message naming the field, the value and what
+is allowed. The resolved configuration is saved into every run directory (``config.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+__all__ = ["PRESETS", "ConfigError", "RunConfig", "load_config"]
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value (``invalid <field>=<value>: expected <allowed>``)."""
+
+
+def _default_cache_dir() -> str:
+    return os.environ.get("GEOMKIT_CACHE") or str(Path("~/.cache/geomkit").expanduser())
+
+
+@dataclass
+class RunConfig:
+    """Everything ``geomkit run`` needs; flat so that files and flags map onto it directly.
+
+    Groups: the unlearning run (``objective`` ... ``out``), the objective's parameters
+    (``beta`` ... ``coefficient``, None: the objective's default), the embedded benchmark and its
+    tiny model (``n_entities`` ... ``cache_dir``), a real run on local files (``model``,
+    ``forget``, ``retain_data``, ``chunk_length``; all three paths or none) and the hardware
+    (``device``, ``dtype``, ``threads``).
+    """
+
+    # unlearning
+    objective: str = "graddiff"
+    retain: str = "nll"  # the retain loss kind (geomkit.objectives.RETAIN_KINDS)
+    strategies: list[str] = field(default_factory=lambda: ["sum", "pcgrad", "sago"])
+    shadows: list[str] | None = None  # None: record every strategy as a shadow
+    alpha: float = 1.0
+    gamma: float = 1.0
+    lr: float = 5e-4  # provisional: to be tuned so that the plain sum visibly hurts retention
+    steps: int = 30
+    batch_size: int = 16
+    accumulation: int = 1
+    seeds: list[int] = field(default_factory=lambda: [0])
+    record_every: int = 1
+    eval_every: int = 5
+    threshold: float = 0.1  # forget accuracy that counts as "forgotten" (matched forgetting)
+    out: str = "runs"
+    # objective parameters
+    beta: float | None = None
+    delta: float | None = None
+    layer: int | None = None
+    coefficient: float | None = None
+    # embedded benchmark and its model
+    n_entities: int = 200
+    forget_fraction: float = 0.1
+    data_seed: int = 0
+    hidden_size: int = 128
+    layers: int = 4
+    heads: int = 4
+    pretrain_lr: float = 3e-3
+    pretrain_epochs: int = 300
+    cache_dir: str = field(default_factory=_default_cache_dir)
+    # real run on local files
+    model: str | None = None
+    forget: str | None = None
+    retain_data: str | None = None
+    chunk_length: int = 512
+    # hardware
+    device: str = "cpu"
+    dtype: str = "float32"
+    threads: int = 1
+
+    @property
+    def real(self) -> bool:
+        """Whether this is a run on a local model and corpora (not the embedded benchmark)."""
+        return self.model is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The configuration as plain JSON-serialisable data."""
+        return asdict(self)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write :meth:`to_dict` as JSON (``config.json`` of a run)."""
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n", encoding="utf-8")
+
+    def validate(self) -> None:
+        """Check every field; raise :class:`ConfigError` naming the first invalid one."""
+        from geomkit.bench.data import MAX_ENTITIES
+        from geomkit.objectives import OBJECTIVES, RETAIN_KINDS, build_objective
+        from geomkit.strategies import names
+
+        strategies = names()
+        _choice("objective", self.objective, OBJECTIVES)
+        _choice("retain", self.retain, RETAIN_KINDS)
+        _names("strategies", self.strategies, strategies, allow_none=False)
+        _names("shadows", self.shadows, strategies, allow_none=True)
+        for name in ("alpha", "gamma"):
+            _number(name, getattr(self, name), low=0.0)
+        _number("lr", self.lr, low=0.0, strict=True)
+        for name in ("steps", "batch_size", "accumulation", "eval_every", "chunk_length"):
+            _integer(name, getattr(self, name), 1)
+        _integer("record_every", self.record_every, 0)
+        if not isinstance(self.seeds, list) or not self.seeds:
+            raise _bad("seeds", self.seeds, "a non-empty list of integers >= 0")
+        for seed in self.seeds:
+            if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+                raise _bad("seeds", self.seeds, "a non-empty list of integers >= 0")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise _bad("seeds", self.seeds, "distinct seeds")
+        _number("threshold", self.threshold, low=0.0, high=1.0)
+        _string("out", self.out)
+        for name in ("beta", "delta", "coefficient"):
+            if getattr(self, name) is not None:
+                _number(name, getattr(self, name))
+        if self.layer is not None:
+            _integer("layer", self.layer, 0)
+        _integer("n_entities", self.n_entities, 10, MAX_ENTITIES)
+        _number("forget_fraction", self.forget_fraction, low=0.0, high=1.0, strict=True)
+        if self.forget_fraction >= 1:
+            raise _bad("forget_fraction", self.forget_fraction, "a number in (0, 1)")
+        _integer("data_seed", self.data_seed, 0)
+        for name in ("hidden_size", "layers", "heads", "pretrain_epochs", "threads"):
+            _integer(name, getattr(self, name), 1)
+        if self.hidden_size % self.heads:
+            raise _bad("hidden_size", self.hidden_size, f"a multiple of heads={self.heads}")
+        _number("pretrain_lr", self.pretrain_lr, low=0.0, strict=True)
+        _string("cache_dir", self.cache_dir)
+        self._validate_paths()
+        if not isinstance(self.device, str) or not re.fullmatch(
+            r"cpu|mps|cuda(:\d+)?", self.device
+        ):
+            raise _bad("device", self.device, "'cpu', 'cuda', 'cuda:N' or 'mps'")
+        _choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        try:  # parameters the objective does not take, or out of range
+            build_objective(
+                self.objective,
+                retain=self.retain,
+                beta=self.beta,
+                delta=self.delta,
+                layer=self.layer,
+                coefficient=self.coefficient,
+            )
+        except (TypeError, ValueError) as error:
+            raise _bad("objective", self.objective, f"parameters it accepts ({error})") from None
+
+    def _validate_paths(self) -> None:
+        given = {n: getattr(self, n) for n in ("model", "forget", "retain_data")}
+        for name, value in given.items():
+            if value is not None:
+                _string(name, value)
+        if any(v is not None for v in given.values()):
+            for name, value in given.items():
+                if value is None:
+                    others = ", ".join(n for n, v in given.items() if v is not None)
+                    raise _bad(
+                        name,
+                        value,
+                        f"a path: model, forget and retain_data come together (given: {others})",
+                    )
+            if not (Path(self.model) / "config.json").is_file():
+                raise _bad("model", self.model, "a local Hugging Face model directory")
+            for name in ("forget", "retain_data"):
+                if not Path(given[name]).is_file():
+                    raise _bad(name, given[name], "an existing JSONL or text file")
+
+
+# --------------------------------------------------------------------------------------------
+# Checks
+# --------------------------------------------------------------------------------------------
+
+
+def _bad(name: str, value: object, allowed: str) -> ConfigError:
+    return ConfigError(f"invalid {name}={value!r}: expected {allowed}")
+
+
+def _choice(name: str, value: object, allowed: tuple[str, ...] | list[str]) -> None:
+    if value not in allowed:
+        raise _bad(name, value, "one of " + ", ".join(allowed))
+
+
+def _names(name: str, value: object, allowed: list[str], allow_none: bool) -> None:
+    if value is None and allow_none:
+        return
+    what = "a list of strategy names from " + ", ".join(allowed)
+    if not isinstance(value, list) or (not value and not allow_none):
+        raise _bad(name, value, ("a non-empty " if not allow_none else "") + what)
+    for item in value:
+        if item not in allowed:
+            raise _bad(name, value, what + f" ({item!r} is not one)")
+    if len(set(value)) != len(value):
+        raise _bad(name, value, "distinct names")
+
+
+def _integer(name: str, value: object, low: int, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise _bad(name, value, f"an integer >= {low}" + (f" and <= {high}" if high else ""))
+    if high is not None and value > high:
+        raise _bad(name, value, f"an integer >= {low} and <= {high}")
+
+
+def _number(
+    name: str,
+    value: object,
+    low: float | None = None,
+    high: float | None = None,
+    strict: bool = False,
+) -> None:
+    parts = ["a finite number"]
+    if low is not None:
+        parts.append(f"{'>' if strict else '>='} {low:g}")
+    if high is not None:
+        parts.append(f"<= {high:g}")
+    ok = (
+        not isinstance(value, bool)
+        and isinstance(value, (int, float))
+        and math.isfinite(value)
+        and (low is None or (value > low if strict else value >= low))
+        and (high is None or value <= high)
+    )
+    if not ok:
+        raise _bad(name, value, " ".join(parts))
+
+
+def _string(name: str, value: object) -> None:
+    if not isinstance(value, str) or not value:
+        raise _bad(name, value, "a non-empty string")
+
+
+# --------------------------------------------------------------------------------------------
+# Presets
+# --------------------------------------------------------------------------------------------
+
+# Shared by the paper's WMDP presets (PAPER.md section 4.2): global batch 32 (here one GPU,
+# 4 x 8 accumulation), 512-token chunks, bf16, seed 0. Warm-up 0.1 and linear decay are the
+# engine's defaults. The model and corpora paths are given per run (--model/--forget/--retain).
+_WMDP: dict[str, Any] = {
+    "batch_size": 4,
+    "accumulation": 8,
+    "chunk_length": 512,
+    "dtype": "bfloat16",
+    "device": "cuda",
+    "seeds": [0],
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    # The tiny test configuration: a 2-layer, 32-wide model over 10 entities, 4 steps.
+    "smoke": {
+        "n_entities": 10,
+        "hidden_size": 32,
+        "layers": 2,
+        "heads": 2,
+        "pretrain_epochs": 60,
+        "steps": 4,
+        "eval_every": 2,
+        "batch_size": 8,
+        "lr": 1e-3,
+    },
+    "wmdp_bio_graddiff": {**_WMDP, "strategies": ["sum"], "lr": 3e-6, "steps": 100},
+    "wmdp_bio_graddiff_pcgrad": {**_WMDP, "strategies": ["pcgrad"], "lr": 1e-5, "steps": 100},
+    "wmdp_bio_graddiff_sago": {
+        **_WMDP,
+        "strategies": ["sago"],
+        "lr": 1e-5,
+        "steps": 500,
+        "alpha": 0.5,
+    },
+    "wmdp_bio_npo_sago": {
+        **_WMDP,
+        "objective": "npo",
+        "strategies": ["sago"],
+        "lr": 1e-5,
+        "steps": 150,
+        "alpha": 1.0,
+        "gamma": 0.1,
+        "beta": 1e-4,
+    },
+    "wmdp_bio_simnpo_sago": {
+        **_WMDP,
+        "objective": "simnpo",
+        "strategies": ["sago"],
+        "lr": 1e-5,
+        "steps": 150,
+        "alpha": 0.1,
+        "gamma": 1.0,
+        "beta": 0.02,
+        "delta": 0.1,
+    },
+    # The paper's RMU uses a constant learning rate; the engine's schedule is warm-up + decay.
+    "wmdp_bio_rmu": {
+        **_WMDP,
+        "objective": "rmu",
+        "strategies": ["sum"],
+        "lr": 5e-5,
+        "steps": 80,
+        "alpha": 2.5,
+        "layer": 7,
+        "coefficient": 2.0,
+    },
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+_LISTS = ("strategies", "shadows", "seeds")
+
+
+def _read_file(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"invalid config={str(path)!r}: expected an existing JSON or TOML file")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+
+            values = tomllib.loads(text)
+        else:
+            values = json.loads(text)
+    except ValueError as error:
+        raise ConfigError(f"invalid config={str(path)!r}: cannot parse it ({error})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"invalid config={str(path)!r}: expected a table of settings")
+    return values
+
+
+def _check_keys(values: dict[str, Any], source: str) -> None:
+    valid = [f.name for f in fields(RunConfig)]
+    for key in values:
+        if key not in valid:
+            raise ConfigError(
+                f"unknown key {key!r} in {source}; valid keys are: {', '.join(valid)}"
+            )
+
+
+def load_config(
+    path: str | os.PathLike | None = None,
+    preset: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> RunConfig:
+    """The validated configuration: ``preset``, then the file at ``path``, then ``overrides``.
+
+    Parameters
+    ----------
+    path : path or None
+        A JSON file, or TOML if its suffix is ``.toml``, of :class:`RunConfig` fields.
+    preset : str or None
+        A name of :data:`PRESETS` (None: ``"default"``).
+    overrides : dict or None
+        Field values that win over both (e.g. the command-line flags actually given).
+
+    Raises
+    ------
+    ConfigError
+        On an unknown preset or key, or an invalid value (the message names the field).
+    """
+    preset = "default" if preset is None else preset
+    if preset not in PRESETS:
+        raise _bad("preset", preset, "one of " + ", ".join(PRESETS))
+    values: dict[str, Any] = dict(PRESETS[preset])
+    if path is not None:
+        from_file = _read_file(path)
+        _check_keys(from_file, str(path))
+        values.update(from_file)
+    if overrides:
+        _check_keys(overrides, "the overrides")
+        values.update(overrides)
+    for key in _LISTS:  # a single value where a list is expected
+        if isinstance(values.get(key), (str, int)) and not isinstance(values[key], bool):
+            values[key] = [values[key]]
+        if isinstance(values.get(key), tuple):
+            values[key] = list(values[key])
+    for key in ("alpha", "gamma", "lr", "threshold", "forget_fraction", "pretrain_lr"):
+        if type(values.get(key)) is int:  # JSON/TOML write 1.0 as 1
+            values[key] = float(values[key])
+    config = RunConfig(**values)
+    config.validate()
+    return config

@@ -1,0 +1,151 @@
+"""``geomkit run`` and its configuration (geomkit.cli, geomkit.config)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+from tiny import tiny_llama
+
+import geomkit
+from geomkit.cli import main
+from geomkit.config import PRESETS, ConfigError, RunConfig, load_config
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    root = tmp_path_factory.mktemp("smoke")
+    out = root / "runs"
+    status = main(
+        [
+            *("run", "--preset", "smoke", "--out", str(out), "--strategy", "sum", "sago"),
+            *("--seed", "0", "--cache-dir", str(root / "cache")),
+        ]
+    )
+    return status, out
+
+
+def test_smoke_run_writes_every_run(smoke):
+    status, out = smoke
+    assert status == 0
+    names = ["graddiff-sago-seed0", "graddiff-sum-seed0"]
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == names
+    for name in names:
+        for item in ("geometry.zarr", "config.json", "metrics.json"):
+            assert (out / name / item).exists()
+        config = json.loads((out / name / "config.json").read_text())
+        assert config["steps"] == PRESETS["smoke"]["steps"]
+        metrics = json.loads((out / name / "metrics.json").read_text())
+        assert [h["step"] for h in metrics["history"]] == [2, 4]
+        assert set(metrics["final"]) == {"forget_acc", "retain_acc", "general_acc"}
+        assert len(metrics["losses"]) == 4
+    runs = geomkit.open_runs(out)
+    assert runs.sizes["run"] == 2
+    assert (out / "summary.csv").read_text().startswith("objective,strategy,seeds,")
+    assert "| graddiff | sago | 1 |" in (out / "summary.md").read_text()
+
+
+def test_flags_override_preset_and_file(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"steps": 7, "lr": 1, "seeds": 3}))
+    config = load_config(path, "smoke", {"steps": 9})
+    assert config.steps == 9  # override > file
+    assert config.lr == 1.0 and isinstance(config.lr, float)  # file > preset
+    assert config.seeds == [3]
+    assert config.n_entities == PRESETS["smoke"]["n_entities"]  # preset > default
+    assert load_config().to_dict() == RunConfig().to_dict()
+    toml = tmp_path / "c.toml"
+    toml.write_text('strategies = ["sago"]\nalpha = 0.5\n')
+    assert load_config(toml).strategies == ["sago"]
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"strategies": ["nope"]}, "strategies"),
+        ({"lr": -1.0}, "lr"),
+        ({"steps": 0}, "steps"),
+        ({"model": "somewhere"}, "forget"),
+        ({"dtype": "int8"}, "dtype"),
+        ({"objective": "ga", "beta": 0.1}, "objective"),
+        ({"hidden_size": 30, "heads": 4}, "hidden_size"),
+    ],
+)
+def test_invalid_values_name_the_field(overrides, field):
+    with pytest.raises(ConfigError, match=rf"^invalid {field}="):
+        load_config(overrides=overrides)
+
+
+def test_unknown_key_and_preset(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"stepz": 3}))
+    with pytest.raises(ConfigError, match=r"'stepz'.*valid keys are: objective"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="invalid preset='nope'"):
+        load_config(preset="nope")
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--strategy", "nope"], "invalid strategies="),
+        (["--lr", "-1"], "invalid lr=-1.0"),
+        (["--steps", "0"], "invalid steps=0"),
+        (["--model", "m"], "invalid forget=None"),
+    ],
+)
+def test_cli_config_errors_exit_nonzero(tmp_path, capsys, argv, needle):
+    assert main(["run", "--out", str(tmp_path / "o"), *argv]) != 0
+    assert needle in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # nothing started
+
+
+def test_cli_unknown_key_in_file(tmp_path, capsys):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"nope": 1}))
+    assert main(["run", "--config", str(path)]) != 0
+    assert "'nope'" in capsys.readouterr().err
+
+
+def _tiny_model_dir(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<unk>", "<pad>"] + [f"w{i}" for i in range(40)]
+    vocab = {w: i for i, w in enumerate(words)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>"
+    )
+    directory = tmp_path / "model"
+    tiny_llama().save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def test_real_model_path(tmp_path):
+    directory = _tiny_model_dir(tmp_path)
+    forget, retain = tmp_path / "forget.jsonl", tmp_path / "retain.txt"
+    forget.write_text(
+        "\n".join(
+            json.dumps({"text": " ".join(f"w{(i * j) % 40}" for j in range(30))}) for i in range(4)
+        )
+        + "\n"
+    )
+    retain.write_text(" ".join(f"w{j % 40}" for j in range(100)))
+    out = tmp_path / "runs"
+    status = main(
+        [
+            *("run", "--model", str(directory), "--forget", str(forget), "--retain", str(retain)),
+            *("--out", str(out), "--strategy", "sago", "--steps", "2", "--batch-size", "2"),
+        ]
+    )
+    assert status == 0
+    store = geomkit.open_run(out / "graddiff-sago-seed0")
+    assert store.sizes["step"] == 2
+    assert torch.isfinite(torch.tensor(store["forget_loss"].values)).all()
+    config = json.loads((out / "graddiff-sago-seed0" / "config.json").read_text())
+    assert config["model"] == str(directory) and config["retain_data"] == str(retain)
+    assert (out / "summary.csv").exists()
