@@ -127,20 +127,6 @@ def _run_name(config: RunConfig, strategy: str, seed: int) -> str:
     return f"{config.objective}-{strategy}-seed{seed}"
 
 
-def _objective(config: RunConfig, seed: int):
-    from geomkit.objectives import build_objective
-
-    return build_objective(
-        config.objective,
-        retain=config.retain,
-        beta=config.beta,
-        delta=config.delta,
-        layer=config.layer,
-        coefficient=config.coefficient,
-        seed=seed,
-    )
-
-
 def _unlearn(
     config: RunConfig,
     model: Any,
@@ -156,7 +142,7 @@ def _unlearn(
 
     from geomkit.engine import EngineConfig, Unlearner
 
-    objective = _objective(config, seed)
+    objective = config.build_objective(seed)
     engine = EngineConfig(
         strategy=strategy,
         shadows=config.shadows,

@@ -95,7 +95,7 @@ class RunConfig:
     def validate(self) -> None:
         """Check every field; raise :class:`ConfigError` naming the first invalid one."""
         from geomkit.bench.data import MAX_ENTITIES
-        from geomkit.objectives import OBJECTIVES, RETAIN_KINDS, build_objective
+        from geomkit.objectives import OBJECTIVES, RETAIN_KINDS
         from geomkit.strategies import names
 
         strategies = names()
@@ -141,16 +141,24 @@ class RunConfig:
             raise _bad("device", self.device, "'cpu', 'cuda', 'cuda:N' or 'mps'")
         _choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
         try:  # parameters the objective does not take, or out of range
-            build_objective(
-                self.objective,
-                retain=self.retain,
-                beta=self.beta,
-                delta=self.delta,
-                layer=self.layer,
-                coefficient=self.coefficient,
-            )
+            self.build_objective()
         except (TypeError, ValueError) as error:
             raise _bad("objective", self.objective, f"parameters it accepts ({error})") from None
+
+    def build_objective(self, seed: int = 0):
+        """The :class:`~geomkit.objectives.Objective` this configuration names (RMU's steering
+        vector drawn from ``seed``)."""
+        from geomkit.objectives import build_objective
+
+        return build_objective(
+            self.objective,
+            retain=self.retain,
+            beta=self.beta,
+            delta=self.delta,
+            layer=self.layer,
+            coefficient=self.coefficient,
+            seed=seed,
+        )
 
     def _validate_paths(self) -> None:
         given = {n: getattr(self, n) for n in ("model", "forget", "retain_data")}

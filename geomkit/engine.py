@@ -422,13 +422,21 @@ class Unlearner:
             total /= self.world
         return total
 
-    def _non_finite(self, grads: Sequence[Tensor]) -> list[str]:
-        finite = torch.stack([torch.isfinite(g).all() for g in grads]).to(torch.int32)
+    def _non_finite(self) -> dict[str, list[str]]:
+        """Names of the tensors with a NaN or inf gradient, per task (one host sync)."""
+        finite = torch.stack([torch.isfinite(g).all() for g in (*self._f, *self._r)]).to(
+            torch.int32
+        )
         if self.sharded:  # a shard anywhere decides for everyone
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if bool(finite.all()):  # one host sync per step
-            return []
-        return [n for n, ok in zip(self.names, finite.tolist(), strict=True) if not ok]
+        if bool(finite.all()):
+            return {}
+        flags = finite.view(2, -1).tolist()
+        bad = {
+            task: [n for n, ok in zip(self.names, row, strict=True) if not ok]
+            for task, row in zip(("forget", "retain"), flags, strict=True)
+        }
+        return {task: names for task, names in bad.items() if names}
 
     def _grads(self) -> list[Tensor]:
         """The tensors that receive the update: ``.grad`` (its local shard under FSDP2)."""
@@ -460,8 +468,7 @@ class Unlearner:
             retain_loss = self._accumulate(self.objective.retain, self._retain, self._r)
         else:
             retain_loss = torch.full((), math.nan, dtype=torch.float64)
-        bad = {task: self._non_finite(g) for task, g in (("forget", self._f), ("retain", self._r))}
-        bad = {task: names for task, names in bad.items() if names}
+        bad = self._non_finite()
         learning_rate = self.scheduler.get_last_lr()[0]
         if bad:
             detail = "; ".join(f"{task}: {', '.join(names)}" for task, names in bad.items())
