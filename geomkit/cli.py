@@ -136,6 +136,7 @@ def _unlearn(
     seed: int,
     run_dir: Path,
     evaluate: Callable[[Any], dict[str, float]] | None,
+    before: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """One run: the Unlearner loop with a progress bar and periodic evaluation."""
     from tqdm.auto import tqdm
@@ -167,6 +168,9 @@ def _unlearn(
     )
     losses: list[dict[str, float]] = []
     history: list[tuple[int, dict[str, float]]] = []
+    recorder = unlearner.recorder
+    if recorder is not None and before is not None:
+        recorder.log_evaluation(0, before)
     bar = tqdm(total=config.steps, desc=run_dir.name, leave=False, file=sys.stderr)
 
     def after_step(result: Any) -> None:
@@ -183,6 +187,8 @@ def _unlearn(
         bar.update()
         if evaluate is not None and (done % config.eval_every == 0 or done == config.steps):
             history.append((done, evaluate(model)))
+            if recorder is not None:
+                recorder.log_evaluation(done, history[-1][1])
 
     start = time.perf_counter()
     try:
@@ -272,7 +278,9 @@ def _run_embedded(config: RunConfig, out: Path) -> list[dict[str, Any]]:
         for strategy in config.strategies:
             run_dir = out / _run_name(config, strategy, seed)
             model = copy.deepcopy(target)
-            metrics = _unlearn(config, model, forget, retain, strategy, seed, run_dir, score)
+            metrics = _unlearn(
+                config, model, forget, retain, strategy, seed, run_dir, score, before
+            )
             final = metrics["_history"][-1][1]
             matched = matched_forgetting(metrics["_history"], config.threshold)
             metrics.update(

@@ -38,7 +38,7 @@ from torch import Tensor
 from geomkit import statistics as gstats
 from geomkit.layers import TensorLocation, locate_all
 from geomkit.metrics import FIELDS
-from geomkit.store import RunWriter
+from geomkit.store import EVALUATION_VARIABLES, RunWriter
 from geomkit.strategies import Strategy, build, names
 
 __all__ = ["Schedule", "Every", "Never", "LogSpaced", "Recorder"]
@@ -222,6 +222,7 @@ class Recorder:
         self._pending: Future | None = None
         self._steps: list[dict[str, Any]] = []
         self._records: list[tuple[int, np.ndarray]] = []
+        self._evaluations: list[dict[str, float]] = []
 
     @classmethod
     def for_model(
@@ -310,6 +311,28 @@ class Recorder:
         if len(self._steps) >= self.flush_every:
             self.flush()
 
+    def log_evaluation(self, steps_done: int, metrics: Mapping[str, float]) -> None:
+        """Buffer one evaluation of the model; written with the next flush.
+
+        Parameters
+        ----------
+        steps_done : int
+            Optimizer steps completed when the model was evaluated (0: before unlearning).
+        metrics : mapping
+            Some of ``forget_acc``, ``retain_acc``, ``general_acc``; the others are stored as
+            NaN.
+        """
+        if isinstance(steps_done, bool) or not isinstance(steps_done, int) or steps_done < 0:
+            raise ValueError(f"steps_done must be an integer >= 0, got {steps_done!r}")
+        unknown = sorted(set(metrics) - set(EVALUATION_VARIABLES))
+        if unknown:
+            raise ValueError(
+                f"unknown evaluation metrics {unknown}; expected some of {EVALUATION_VARIABLES}"
+            )
+        row = {"evaluation": steps_done}
+        row.update({k: float(metrics.get(k, math.nan)) for k in EVALUATION_VARIABLES})
+        self._evaluations.append(row)
+
     def measure(
         self,
         forget: Sequence[Tensor],
@@ -346,7 +369,7 @@ class Recorder:
         disk; ``wait=True`` (and :meth:`close`) returns only once everything is committed. An
         error of a background append is raised by the next ``flush`` or ``close``.
         """
-        if self.writer is not None and (self._steps or self._records):
+        if self.writer is not None and (self._steps or self._records or self._evaluations):
             steps = (
                 {key: np.array([s[key] for s in self._steps]) for key in self._steps[0]}
                 if self._steps
@@ -360,10 +383,16 @@ class Recorder:
                     records[name] = stats[:, 0, :, _F[name]]
                 for name in _UPDATE:
                     records[name] = stats[:, :, :, _F[name]]
+            evaluations = (
+                {k: np.array([e[k] for e in self._evaluations]) for k in self._evaluations[0]}
+                if self._evaluations
+                else None
+            )
             self.wait()  # one append in flight at most: bounded memory, ordered commits
-            self._pending = self._executor.submit(self.writer.append, steps, records)
+            self._pending = self._executor.submit(self.writer.append, steps, records, evaluations)
         self._steps.clear()
         self._records.clear()
+        self._evaluations.clear()
         if wait:
             self.wait()
 

@@ -33,6 +33,7 @@ import zarr
 from geomkit.layers import TensorLocation
 
 __all__ = [
+    "EVALUATION_VARIABLES",
     "SCHEMA",
     "SCHEMA_VERSION",
     "VARIABLES",
@@ -93,6 +94,29 @@ VARIABLES: dict[str, dict[str, Any]] = {
         long_name="step skipped",
         units="1",
         description="true when the step was skipped because a gradient was not finite",
+    ),
+    # per evaluation (embedded benchmark; absent evaluations leave the dimension empty)
+    "forget_acc": dict(
+        dims=("evaluation",),
+        dtype="float64",
+        long_name="forget QA accuracy",
+        units="1",
+        description="exact-match accuracy on the forget split's QA pairs (lower is better)",
+    ),
+    "retain_acc": dict(
+        dims=("evaluation",),
+        dtype="float64",
+        long_name="retain QA accuracy",
+        units="1",
+        description="exact-match accuracy on the retain split's QA pairs",
+    ),
+    "general_acc": dict(
+        dims=("evaluation",),
+        dtype="float64",
+        long_name="general-probe accuracy",
+        units="1",
+        description="exact-match accuracy on the general-capability probe (never in the "
+        "retain loss; stands in for MMLU)",
     ),
     # per recorded step and tensor: statistics of the (f, r) pair
     "ff": dict(
@@ -178,6 +202,12 @@ COORDINATES: dict[str, dict[str, Any]] = {
         units="1",
         description="optimizer step at which the geometry statistics were recorded",
     ),
+    "evaluation": dict(
+        long_name="optimizer steps completed",
+        units="1",
+        description="number of optimizer steps completed when the model was evaluated; 0 is "
+        "the target model before unlearning",
+    ),
     "strategy": dict(
         long_name="combination strategy",
         units="1",
@@ -208,6 +238,14 @@ COORDINATES: dict[str, dict[str, Any]] = {
 
 _STEP_VARS = [n for n, v in VARIABLES.items() if v["dims"] == ("step",)]
 _RECORD_VARS = [n for n, v in VARIABLES.items() if v["dims"][0] == "record"]
+_EVALUATION_VARS = [n for n, v in VARIABLES.items() if v["dims"] == ("evaluation",)]
+EVALUATION_VARIABLES: tuple[str, ...] = tuple(_EVALUATION_VARS)
+"""The evaluation variables (``Recorder.log_evaluation`` takes these names)."""
+_GROWING = {
+    "step": "committed_steps",
+    "record": "committed_records",
+    "evaluation": "committed_evaluations",
+}
 
 
 class SchemaError(ValueError):
@@ -301,6 +339,7 @@ class RunWriter:
             coords={
                 "step": _coordinate("step", "step", np.zeros(0, dtype=np.int64)),
                 "record": _coordinate("record", "record", np.zeros(0, dtype=np.int64)),
+                "evaluation": _coordinate("evaluation", "evaluation", np.zeros(0, dtype=np.int64)),
                 "strategy": _coordinate("strategy", "strategy", np.array(strategies, object)),
                 "measured": _coordinate("measured", "strategy", np.arange(len(strategies)) == 0),
                 "tensor": _coordinate(
@@ -315,11 +354,12 @@ class RunWriter:
                 ),
                 "numel": _coordinate("numel", "tensor", np.asarray(numel, dtype=np.int64)),
             },
-            attrs={**self.attrs, "committed_steps": 0, "committed_records": 0},
+            attrs={**self.attrs, **dict.fromkeys(_GROWING.values(), 0)},
         )
         encoding = {name: {"chunks": _chunks(name, self, record_chunk)} for name in VARIABLES}
         encoding["step"] = {"chunks": (1024,)}
         encoding["record"] = {"chunks": (max(record_chunk, 64),)}
+        encoding["evaluation"] = {"chunks": (256,)}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", category=UserWarning)
             template.to_zarr(self.path, mode="w", consolidated=False, encoding=encoding)
@@ -329,15 +369,16 @@ class RunWriter:
     @property
     def committed(self) -> tuple[int, int]:
         """``(steps, records)`` safely on disk."""
-        attrs = zarr.open_group(self.path, mode="r").attrs
-        return int(attrs["committed_steps"]), int(attrs["committed_records"])
+        counts = _committed(zarr.open_group(self.path, mode="r").attrs)
+        return counts["step"], counts["record"]
 
     def append(
         self,
         steps: Mapping[str, np.ndarray] | None = None,
         records: Mapping[str, np.ndarray] | None = None,
+        evaluations: Mapping[str, np.ndarray] | None = None,
     ) -> None:
-        """Append a block of steps and/or records, then mark them committed.
+        """Append a block of steps, records and/or evaluations, then mark them committed.
 
         Parameters
         ----------
@@ -346,14 +387,18 @@ class RunWriter:
         records : mapping
             ``"record"`` (the step numbers) and every per-record variable, shaped
             ``[n, n_tensors]`` or ``[n, n_strategies, n_tensors]``.
+        evaluations : mapping
+            ``"evaluation"`` (steps completed) and the evaluation variables (``forget_acc``,
+            ``retain_acc``, ``general_acc``).
         """
-        n_steps, n_records = self.committed
-        if steps is not None and len(steps["step"]):
-            n_steps += self._append_block("step", steps, _STEP_VARS)
-        if records is not None and len(records["record"]):
-            n_records += self._append_block("record", records, _RECORD_VARS)
+        counts = _committed(zarr.open_group(self.path, mode="r").attrs)
+        blocks = {"step": (steps, _STEP_VARS), "record": (records, _RECORD_VARS)}
+        blocks["evaluation"] = (evaluations, _EVALUATION_VARS)
+        for dim, (block, names) in blocks.items():
+            if block is not None and len(block[dim]):
+                counts[dim] += self._append_block(dim, block, names)
         group = zarr.open_group(self.path, mode="r+")
-        group.attrs.update({"committed_steps": n_steps, "committed_records": n_records})
+        group.attrs.update({_GROWING[dim]: n for dim, n in counts.items()})
 
     def _append_block(self, dim: str, block: Mapping[str, np.ndarray], names: list[str]) -> int:
         missing = [n for n in [dim, *names] if n not in block]
@@ -369,28 +414,47 @@ class RunWriter:
                 raise ValueError(f"{name} block has shape {data.shape}, expected {expected}")
             arrays[name] = data
         group = zarr.open_group(self.path, mode="r+")
+        if dim not in group:  # a store written before evaluations were part of the schema
+            return 0
         for name, data in arrays.items():  # zarr appends directly: no Dataset round trip
             group[name].append(data, axis=0)
         return n
 
     def _truncate(self, resume_step: int | None) -> None:
-        """Cut the store back to its committed part, and to steps < ``resume_step``."""
+        """Cut the store back to its committed part, and to steps < ``resume_step``.
+
+        Evaluations taken after more than ``resume_step`` steps are dropped too.
+        """
         group = zarr.open_group(self.path, mode="r+")
-        n_steps = int(group.attrs["committed_steps"])
-        n_records = int(group.attrs["committed_records"])
+        counts = _committed(group.attrs)
         if resume_step is not None:
-            n_steps = int(np.searchsorted(group["step"][:n_steps], resume_step, side="left"))
-            n_records = int(np.searchsorted(group["record"][:n_records], resume_step, side="left"))
+            for dim in ("step", "record"):
+                counts[dim] = int(
+                    np.searchsorted(group[dim][: counts[dim]], resume_step, side="left")
+                )
+            if "evaluation" in group:
+                done = group["evaluation"][: counts["evaluation"]]
+                counts["evaluation"] = int(np.searchsorted(done, resume_step, side="right"))
         for _, array in group.arrays():
             dims = _dims(array)
-            if dims and dims[0] in ("step", "record"):
-                keep = n_steps if dims[0] == "step" else n_records
-                array.resize((keep, *array.shape[1:]))
-        group.attrs.update({"committed_steps": n_steps, "committed_records": n_records})
+            if dims and dims[0] in counts:
+                array.resize((counts[dims[0]], *array.shape[1:]))
+        group.attrs.update({_GROWING[dim]: n for dim, n in counts.items()})
+
+
+def _committed(attrs: Mapping[str, Any]) -> dict[str, int]:
+    """How many entries of each growing dimension are committed (0 if never written)."""
+    return {dim: int(attrs.get(key, 0)) for dim, key in _GROWING.items()}
 
 
 def _empty_shape(name: str, writer: RunWriter) -> tuple[int, ...]:
-    sizes = {"step": 0, "record": 0, "tensor": writer.n_tensors, "strategy": len(writer.strategies)}
+    sizes = {
+        "step": 0,
+        "record": 0,
+        "evaluation": 0,
+        "tensor": writer.n_tensors,
+        "strategy": len(writer.strategies),
+    }
     return tuple(sizes[d] for d in VARIABLES[name]["dims"])
 
 
@@ -398,6 +462,7 @@ def _chunks(name: str, writer: RunWriter, record_chunk: int) -> tuple[int, ...]:
     sizes = {
         "step": 1024,
         "record": record_chunk,
+        "evaluation": 256,
         "tensor": max(writer.n_tensors, 1),
         "strategy": len(writer.strategies),
     }
@@ -463,13 +528,13 @@ def open_run(path: str | os.PathLike) -> xr.Dataset:
     group = zarr.open_group(store, mode="r")
     attrs = dict(group.attrs)
     _check_schema(store, attrs)
-    keep = {"step": int(attrs["committed_steps"]), "record": int(attrs["committed_records"])}
+    keep = _committed(attrs)
     try:
         ds = xr.open_zarr(store, consolidated=False)
     except ValueError:
         # A kill in the middle of an append: some arrays are longer than others.
         ds = _open_repaired(group, keep)
-    ds = ds.isel(step=slice(0, keep["step"]), record=slice(0, keep["record"]))
+    ds = ds.isel({dim: slice(0, n) for dim, n in keep.items() if dim in ds.dims})
     ds.attrs = {k: v for k, v in attrs.items() if not k.startswith("committed_")}
     ds.attrs["source"] = str(store)
     return ds

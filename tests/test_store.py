@@ -31,8 +31,10 @@ import zarr
 
 import geomkit.analysis  # noqa: F401 - registers ds.geom
 from geomkit.layers import locate_all
+from geomkit.recorder import Never
 from geomkit.store import (
     COORDINATES,
+    EVALUATION_VARIABLES,
     SCHEMA_VERSION,
     VARIABLES,
     RunWriter,
@@ -150,7 +152,13 @@ def test_round_trip_values_coordinates_and_attributes(tmp_path: Path) -> None:
 
     ds = open_run(path)
     assert_matches(ds, steps, records)
-    assert dict(ds.sizes) == {"step": 9, "record": 5, "tensor": len(NAMES), "strategy": 3}
+    assert dict(ds.sizes) == {
+        "step": 9,
+        "record": 5,
+        "evaluation": 0,
+        "tensor": len(NAMES),
+        "strategy": 3,
+    }
 
     # coordinates
     assert list(ds["tensor"].values) == NAMES
@@ -529,3 +537,53 @@ def test_open_runs_without_runs_raises(tmp_path: Path) -> None:
     (tmp_path / "a").mkdir()
     with pytest.raises(FileNotFoundError):
         open_runs(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluations
+# ----------------------------------------------------------------------------------------------
+
+
+def _evaluations(done: list[int], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    block = {"evaluation": np.asarray(done, dtype=np.int64)}
+    for name in EVALUATION_VARIABLES:
+        block[name] = rng.random(len(done))
+    return block
+
+
+def test_evaluations_round_trip_and_resume_drops_later_ones(tmp_path: Path) -> None:
+    path = tmp_path / "run.zarr"
+    rng = np.random.default_rng(0)
+    writer = new_writer(path)
+    first, second = _evaluations([0, 2], rng), _evaluations([4, 6], rng)
+    writer.append(make_steps(range(0, 4), rng), None, first)
+    writer.append(make_steps(range(4, 7), rng), None, second)
+    ds = open_run(path)
+    np.testing.assert_array_equal(ds["evaluation"].values, [0, 2, 4, 6])
+    for name in EVALUATION_VARIABLES:
+        np.testing.assert_array_equal(ds[name].values, np.r_[first[name], second[name]])
+        assert ds[name].attrs["long_name"] == VARIABLES[name]["long_name"]
+    # resuming at step 4 recomputes steps 4.. : evaluations after more than 4 steps go
+    new_writer(path, mode="a", resume_step=4)
+    ds = open_run(path)
+    np.testing.assert_array_equal(ds["evaluation"].values, [0, 2, 4])
+    assert ds.sizes["step"] == 4
+
+
+def test_recorder_logs_evaluations_and_rejects_unknown_metrics(tmp_path: Path) -> None:
+    from geomkit.recorder import Recorder
+
+    path = tmp_path / "run.zarr"
+    recorder = Recorder(path, NAMES, NUMEL, "sago", schedule=Never())
+    with pytest.raises(ValueError, match="unknown evaluation metrics \\['mmlu'\\]"):
+        recorder.log_evaluation(0, {"mmlu": 0.5})
+    with pytest.raises(ValueError, match="steps_done must be an integer >= 0, got -1"):
+        recorder.log_evaluation(-1, {"forget_acc": 0.5})
+    recorder.log_evaluation(0, {"forget_acc": 1.0, "retain_acc": 0.9})
+    recorder.record(0, forget_loss=1.0)
+    recorder.log_evaluation(1, {"forget_acc": 0.0, "retain_acc": 0.8, "general_acc": 0.7})
+    recorder.close()
+    ds = open_run(path)
+    np.testing.assert_array_equal(ds["evaluation"].values, [0, 1])
+    np.testing.assert_array_equal(ds["forget_acc"].values, [1.0, 0.0])
+    assert np.isnan(ds["general_acc"].values[0])
