@@ -1,4 +1,9 @@
-"""The ``geomkit`` command line: ``geomkit run`` (DESIGN.md section 4).
+"""The ``geomkit`` command line: ``run``, ``check``, ``plot`` and ``figures``.
+
+``geomkit check RUN...`` audits recorded runs against THEORY.md (:mod:`geomkit.theory`) and exits
+1 only when a proven claim is violated; ``geomkit plot RUN... --out DIR`` writes the figure set
+(:mod:`geomkit.plot`); ``geomkit figures`` regenerates the repository's ``figures/`` from the
+embedded benchmark.
 
 ``geomkit run`` unlearns with every strategy and seed of one configuration
 (:mod:`geomkit.config`) and writes, under ``--out DIR``, one directory per run named
@@ -12,19 +17,14 @@ unlearns a local Hugging Face model on JSONL or text corpora cut into ``chunk_le
 from __future__ import annotations
 
 import argparse
-import copy
-import csv
-import json
-import math
-import random
-import statistics
+import os
 import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from geomkit.config import PRESETS, ConfigError, RunConfig, load_config
+from geomkit.config import PRESETS, ConfigError, load_config
+from geomkit.runner import audit_runs, expand_runs, run, write_report
 
 __all__ = ["main"]
 
@@ -38,6 +38,9 @@ _FLAGS = {
     "record_every": "record_every",
     "eval_every": "eval_every",
     "batch_size": "batch_size",
+    "accumulation": "accumulation",
+    "beta": "beta",
+    "delta": "delta",
     "alpha": "alpha",
     "gamma": "gamma",
     "out": "out",
@@ -72,6 +75,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--record-every", type=int, help="record geometry every N steps (0: never)")
     run.add_argument("--eval-every", type=int, help="evaluate every N steps (embedded only)")
     run.add_argument("--batch-size", type=int, help="sequences per micro-batch")
+    run.add_argument("--accumulation", type=int, help="micro-batches per optimizer step")
+    run.add_argument("--beta", type=float, help="NPO / SimNPO beta")
+    run.add_argument("--delta", type=float, help="SimNPO delta")
     run.add_argument("--alpha", type=float, help="retain weight")
     run.add_argument("--gamma", type=float, help="forget weight")
     run.add_argument("--out", metavar="DIR", help="directory receiving one folder per run")
@@ -82,354 +88,129 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--dtype", metavar="T", help="float32, bfloat16 or float16")
     run.add_argument("--threads", type=int, help="torch CPU threads")
     run.add_argument("--cache-dir", metavar="DIR", help="cache of pretrained benchmark models")
+    run.add_argument(
+        "--no-report",
+        action="store_true",
+        help="skip the theorem audit and the figure set written after the runs",
+    )
+
+    check = commands.add_parser(
+        "check",
+        help="audit recorded runs against the claims of THEORY.md (R1-R9)",
+        description="Exit status 1 only when a proven claim (R1, R2, R2b globally, R6 for "
+        "SAGO, R9) is violated beyond tolerance, which would mean a bug; never because R4 "
+        "fails.",
+    )
+    check.add_argument(
+        "runs", nargs="+", metavar="RUN", help="run directories or directories of runs"
+    )
+    check.add_argument(
+        "--json", metavar="PATH", help="where to write the JSON report (default: beside the runs)"
+    )
+
+    plot = commands.add_parser("plot", help="write the figure set of recorded runs")
+    plot.add_argument(
+        "runs", nargs="+", metavar="RUN", help="run directories or directories of runs"
+    )
+    plot.add_argument(
+        "--out", metavar="DIR", help="figure directory (default: RUN/figures for one RUN)"
+    )
+    plot.add_argument(
+        "--format", nargs="+", default=["pdf", "png"], metavar="EXT", help="file formats"
+    )
+
+    figures = commands.add_parser(
+        "figures",
+        help="regenerate the repository's figures/ from the embedded benchmark",
+        description="Runs the embedded default (or the --preset / --config given) unless --runs "
+        "names existing runs, then writes the figure set, the geometry table and the audit.",
+    )
+    figures.add_argument("--out", default="figures", metavar="DIR", help="figure directory")
+    figures.add_argument("--runs", nargs="+", metavar="RUN", help="use these runs instead")
+    figures.add_argument("--work", default="runs/figures", metavar="DIR", help="where new runs go")
+    figures.add_argument("--config", default=None, help="JSON or TOML file of settings")
+    figures.add_argument("--preset", default=None, help="one of: " + ", ".join(PRESETS))
+    figures.add_argument("--cache-dir", metavar="DIR", help="cache of pretrained benchmark models")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; return the exit status (0 on success)."""
+    """Run the command line; return the exit status (0 success, 1 bug found, 2 bad input)."""
     try:
         args = _parser().parse_args(argv)
     except SystemExit as exit_:  # argparse has printed its message
         return int(exit_.code or 0)
+    command = {"run": _run, "check": _check, "plot": _plot, "figures": _figures}[args.command]
+    try:
+        return command(args)
+    except (ConfigError, FileNotFoundError, ValueError) as error:
+        print(f"geomkit {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     given = vars(args)
     overrides = {field: given[flag] for flag, field in _FLAGS.items() if flag in given}
-    try:
-        config = load_config(args.config, args.preset, overrides)
-    except ConfigError as error:
-        print(f"geomkit run: error: {error}", file=sys.stderr)
-        return 2
-    run(config)
+    config = load_config(args.config, args.preset, overrides)
+    run(config, report=not given.get("no_report", False))
     return 0
 
 
-# --------------------------------------------------------------------------------------------
-# Runs
-# --------------------------------------------------------------------------------------------
-
-
-def run(config: RunConfig) -> list[dict[str, Any]]:
-    """Every strategy x seed of ``config`` (validated); returns the runs' metrics."""
-    import torch
-
-    config.validate()
-    torch.set_num_threads(config.threads)
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if config.real:
-        results = _run_real(config, out)
-    else:
-        results = _run_embedded(config, out)
-    _write_summary(results, out)
-    return results
-
-
-def _run_name(config: RunConfig, strategy: str, seed: int) -> str:
-    return f"{config.objective}-{strategy}-seed{seed}"
-
-
-def _unlearn(
-    config: RunConfig,
-    model: Any,
-    forget: list[dict],
-    retain: list[dict],
-    strategy: str,
-    seed: int,
-    run_dir: Path,
-    evaluate: Callable[[Any], dict[str, float]] | None,
-    before: dict[str, float] | None = None,
-) -> dict[str, Any]:
-    """One run: the Unlearner loop with a progress bar and periodic evaluation."""
-    from tqdm.auto import tqdm
-
-    from geomkit.engine import EngineConfig, Unlearner
-
-    objective = config.build_objective(seed)
-    engine = EngineConfig(
-        strategy=strategy,
-        shadows=config.shadows,
-        alpha=config.alpha,
-        gamma=config.gamma,
-        lr=config.lr,
-        steps=config.steps,
-        accumulation=config.accumulation,
-        record_every=config.record_every,
-        seed=seed,
-    )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config.save(run_dir / "config.json")
-    unlearner = Unlearner(
-        model,
-        objective,
-        forget,
-        retain if objective.retain is not None else None,
-        engine,
-        out=run_dir / "geometry.zarr",
-        attrs={"run": run_dir.name},
-    )
-    losses: list[dict[str, float]] = []
-    history: list[tuple[int, dict[str, float]]] = []
-    recorder = unlearner.recorder
-    if recorder is not None and before is not None:
-        recorder.log_evaluation(0, before)
-    bar = tqdm(total=config.steps, desc=run_dir.name, leave=False, file=sys.stderr)
-
-    def after_step(result: Any) -> None:
-        done = result.step + 1
-        losses.append(
-            {
-                "step": done,
-                "forget_loss": result.forget_loss,
-                "retain_loss": result.retain_loss,
-                "grad_norm": result.grad_norm,
-            }
+def _check(args: argparse.Namespace) -> int:
+    runs = expand_runs(args.runs)
+    audit = audit_runs(runs)
+    print(audit)
+    path = Path(args.json) if args.json else _beside(args.runs, "audit.json")
+    audit.to_json(path)
+    print(f"report written to {path}", file=sys.stderr)
+    if audit.bug_detected:
+        print(
+            "geomkit check: a proven claim is violated beyond tolerance (see the FAIL rows): "
+            "this indicates a bug in the strategy or the recording",
+            file=sys.stderr,
         )
-        bar.set_postfix(forget=f"{result.forget_loss:.3f}", retain=f"{result.retain_loss:.3f}")
-        bar.update()
-        if evaluate is not None and (done % config.eval_every == 0 or done == config.steps):
-            history.append((done, evaluate(model)))
-            if recorder is not None:
-                recorder.log_evaluation(done, history[-1][1])
-
-    start = time.perf_counter()
-    try:
-        unlearner.run(after_step)
-    finally:
-        bar.close()
-    return {
-        "run": run_dir.name,
-        "objective": config.objective,
-        "strategy": strategy,
-        "seed": seed,
-        "seconds": time.perf_counter() - start,
-        "losses": losses,
-        "history": [{"step": step, **metrics} for step, metrics in history],
-        "_history": history,
-    }
+        return 1
+    return 0
 
 
-def _write_metrics(metrics: dict[str, Any], run_dir: Path) -> None:
-    public = {k: v for k, v in metrics.items() if not k.startswith("_")}
-    (run_dir / "metrics.json").write_text(
-        json.dumps(_finite(public), indent=1) + "\n", encoding="utf-8"
-    )
+def _plot(args: argparse.Namespace) -> int:
+    runs = expand_runs(args.runs)
+    if args.out is None and len(args.runs) != 1:
+        raise ValueError("--out is required with several RUN arguments")
+    out = Path(args.out) if args.out else _beside(args.runs, "figures")
+    written = write_report(runs, out, formats=args.format)
+    _print_written(written, out)
+    return 0
 
 
-def _finite(value: Any) -> Any:
-    """``value`` with NaN and inf replaced by None (strict JSON)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
+def _figures(args: argparse.Namespace) -> int:
+    if args.runs:
+        runs = expand_runs(args.runs)
+    else:
+        overrides = {"out": args.work}
+        if args.cache_dir is not None:
+            overrides["cache_dir"] = args.cache_dir
+        config = load_config(args.config, args.preset, overrides)
+        results = run(config, report=False)
+        runs = [Path(config.out) / r["run"] for r in results]
+    out = Path(args.out)
+    written = write_report(runs, out)
+    _print_written(written, out)
+    return 0
 
 
-def _shuffled_batches(items: list, batch_size: int, seed: int, make: Callable) -> list[dict]:
-    order = list(items)
-    random.Random(seed).shuffle(order)
-    return [make(order[i : i + batch_size]) for i in range(0, len(order), batch_size)]
+def _beside(paths: Sequence[str], name: str) -> Path:
+    """``name`` inside the one path given, or in the common parent of several."""
+    if len(paths) == 1:
+        return Path(paths[0]) / name
+    return Path(os.path.commonpath([str(Path(p).resolve()) for p in paths])) / name
 
 
-# -- the embedded benchmark -----------------------------------------------------------------
-
-
-def _run_embedded(config: RunConfig, out: Path) -> list[dict[str, Any]]:
-    import torch
-
-    from geomkit.bench.data import qa_text
-    from geomkit.bench.evaluate import evaluate, matched_forgetting, recovery
-    from geomkit.bench.model import ModelConfig, TrainConfig, load_or_pretrain
-
-    target, tokenizer, data, info = load_or_pretrain(
-        config.cache_dir,
-        config.n_entities,
-        config.forget_fraction,
-        config.data_seed,
-        ModelConfig(hidden_size=config.hidden_size, layers=config.layers, heads=config.heads),
-        TrainConfig(
-            lr=config.pretrain_lr, max_epochs=config.pretrain_epochs, seed=config.data_seed
-        ),
-    )
-    target = target.to(device=config.device, dtype=getattr(torch, config.dtype))
-    max_length = target.config.max_position_embeddings
-
-    def score(model: Any) -> dict[str, float]:
-        model.eval()
-        with torch.no_grad():
-            return evaluate(model, tokenizer, data)
-
-    before = score(target)
-    print(
-        f"target model ({'cached' if info['cached'] else 'pretrained'}, {info['path']}): "
-        + ", ".join(f"{k}={v:.3f}" for k, v in before.items()),
-        file=sys.stderr,
-    )
-    forget_texts = list(data.forget_text) + [qa_text(q) for q in data.forget_qa]
-    retain_texts = list(data.retain_text) + [qa_text(q) for q in data.retain_qa]
-
-    def make(texts: list[str]) -> dict:
-        return tokenizer.batch(texts, max_length=max_length)
-
-    results = []
-    for seed in config.seeds:
-        forget = _shuffled_batches(forget_texts, config.batch_size, seed, make)
-        retain = _shuffled_batches(retain_texts, config.batch_size, seed, make)
-        for strategy in config.strategies:
-            run_dir = out / _run_name(config, strategy, seed)
-            model = copy.deepcopy(target)
-            metrics = _unlearn(
-                config, model, forget, retain, strategy, seed, run_dir, score, before
-            )
-            final = metrics["_history"][-1][1]
-            matched = matched_forgetting(metrics["_history"], config.threshold)
-            metrics.update(
-                before=before,
-                final=final,
-                recovery=recovery(final, before),
-                matched_forgetting=matched,
-                pretrain={k: info.get(k) for k in ("key", "cached", "path", "final")},
-            )
-            metrics["summary"] = {
-                **final,
-                **metrics["recovery"],
-                "matched_retain_acc": matched["retain_acc"] if matched else math.nan,
-                "matched_general_acc": matched["general_acc"] if matched else math.nan,
-            }
-            _write_metrics(metrics, run_dir)
-            results.append(metrics)
-            del model
-    return results
-
-
-# -- a local model on corpora ---------------------------------------------------------------
-
-
-def _documents(path: Path) -> list[str]:
-    """The texts of a JSONL file (``text`` field of each line) or a plain text file."""
-    text = path.read_text(encoding="utf-8")
-    if path.suffix not in (".jsonl", ".json"):
-        return [text]
-    documents = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        record = json.loads(line)
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise ValueError(f"{path}:{number}: expected a JSON object with a 'text' string")
-        documents.append(record["text"])
-    return documents
-
-
-def _chunks(tokenizer: Any, path: Path, length: int) -> list[list[int]]:
-    """The documents tokenized, joined with "\\n\\n" and cut into ``length``-token chunks."""
-    separator = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
-    ids: list[int] = []
-    for i, document in enumerate(_documents(path)):
-        if i:
-            ids.extend(separator)
-        ids.extend(tokenizer(document, add_special_tokens=False)["input_ids"])
-    if len(ids) < 2:
-        raise ValueError(f"{path} holds fewer than 2 tokens")
-    chunks = [ids[i : i + length] for i in range(0, len(ids), length)]
-    if len(chunks) > 1 and len(chunks[-1]) < length:
-        chunks.pop()  # equal lengths: no padding needed
-    return chunks
-
-
-def _lm_batch(chunks: list[list[int]]) -> dict:
-    import torch
-
-    width = max(len(c) for c in chunks)
-    ids = torch.zeros(len(chunks), width, dtype=torch.long)
-    mask = torch.zeros(len(chunks), width, dtype=torch.long)
-    for row, chunk in enumerate(chunks):
-        ids[row, : len(chunk)] = torch.tensor(chunk)
-        mask[row, : len(chunk)] = 1
-    labels = ids.masked_fill(mask == 0, -100)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def _run_real(config: RunConfig, out: Path) -> list[dict[str, Any]]:
-    import transformers
-
-    from geomkit.engine import load_model
-
-    target = load_model(config.model, device=config.device, dtype=config.dtype)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(config.model, local_files_only=True)
-    forget_chunks = _chunks(tokenizer, Path(config.forget), config.chunk_length)
-    retain_chunks = _chunks(tokenizer, Path(config.retain_data), config.chunk_length)
-    results = []
-    for seed in config.seeds:
-        forget = _shuffled_batches(forget_chunks, config.batch_size, seed, _lm_batch)
-        retain = _shuffled_batches(retain_chunks, config.batch_size, seed, _lm_batch)
-        for strategy in config.strategies:
-            run_dir = out / _run_name(config, strategy, seed)
-            model = (
-                copy.deepcopy(target) if len(config.seeds) * len(config.strategies) > 1 else target
-            )
-            metrics = _unlearn(config, model, forget, retain, strategy, seed, run_dir, None)
-            last = metrics["losses"][-1]
-            metrics["summary"] = {
-                "forget_loss": last["forget_loss"],
-                "retain_loss": last["retain_loss"],
-            }
-            _write_metrics(metrics, run_dir)
-            results.append(metrics)
-            del model
-    return results
-
-
-# -- the comparison table -------------------------------------------------------------------
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    values = [v for v in values if isinstance(v, float) and math.isfinite(v)]
-    if not values:
-        return math.nan, math.nan
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
-
-
-def _write_summary(results: list[dict[str, Any]], out: Path) -> None:
-    """Mean and std over seeds per objective x strategy: print, summary.csv, summary.md."""
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for result in results:
-        groups.setdefault((result["objective"], result["strategy"]), []).append(result)
-    columns = list(results[0]["summary"]) if results else []
-    rows = []
-    for (objective, strategy), runs in groups.items():
-        row: dict[str, Any] = {"objective": objective, "strategy": strategy, "seeds": len(runs)}
-        for column in columns:
-            row[column] = _mean_std([float(r["summary"][column]) for r in runs])
-        rows.append(row)
-    with open(out / "summary.csv", "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        header = ["objective", "strategy", "seeds"]
-        for column in columns:
-            header += [f"{column}_mean", f"{column}_std"]
-        writer.writerow(header)
-        for row in rows:
-            cells = [row["objective"], row["strategy"], row["seeds"]]
-            for column in columns:
-                cells += ["" if math.isnan(x) else f"{x:.6g}" for x in row[column]]
-            writer.writerow(cells)
-
-    def cell(pair: tuple[float, float]) -> str:
-        mean, std = pair
-        if math.isnan(mean):
-            return "-"
-        return f"{mean:.3f}" if math.isnan(std) else f"{mean:.3f} ± {std:.3f}"
-
-    lines = [
-        "| objective | strategy | seeds | " + " | ".join(columns) + " |",
-        "|" + "---|" * (3 + len(columns)),
-    ]
-    for row in rows:
-        cells = [row["objective"], row["strategy"], str(row["seeds"])]
-        lines.append("| " + " | ".join(cells + [cell(row[c]) for c in columns]) + " |")
-    table = "\n".join(lines) + "\n"
-    (out / "summary.md").write_text(table, encoding="utf-8")
-    print(table)
+def _print_written(written: dict[str, Any], out: Path) -> None:
+    skipped = {k: v for k, v in written.items() if isinstance(v, str)}
+    print(f"{len(written) - len(skipped)} figures and tables written to {out}", file=sys.stderr)
+    for name, reason in skipped.items():
+        print(f"  {name}: {reason}", file=sys.stderr)
 
 
 if __name__ == "__main__":

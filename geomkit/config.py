@@ -45,8 +45,8 @@ class RunConfig:
     shadows: list[str] | None = None  # None: record every strategy as a shadow
     alpha: float = 1.0
     gamma: float = 1.0
-    lr: float = 5e-4  # provisional: to be tuned so that the plain sum visibly hurts retention
-    steps: int = 30
+    lr: float = 3e-3  # the embedded default: the plain sum visibly hurts retention (README)
+    steps: int = 60
     batch_size: int = 16
     accumulation: int = 1
     seeds: list[int] = field(default_factory=lambda: [0])

@@ -14,24 +14,11 @@ from geomkit.cli import main
 from geomkit.config import PRESETS, ConfigError, RunConfig, load_config
 
 
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    root = tmp_path_factory.mktemp("smoke")
-    out = root / "runs"
-    status = main(
-        [
-            *("run", "--preset", "smoke", "--out", str(out), "--strategy", "sum", "sago"),
-            *("--seed", "0", "--cache-dir", str(root / "cache")),
-        ]
-    )
-    return status, out
-
-
-def test_smoke_run_writes_every_run(smoke):
-    status, out = smoke
+def test_smoke_run_writes_every_run(smoke_runs):
+    status, out = smoke_runs
     assert status == 0
-    names = ["graddiff-sago-seed0", "graddiff-sum-seed0"]
-    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == names
+    names = ["graddiff-pcgrad-seed0", "graddiff-sago-seed0", "graddiff-sum-seed0"]
+    assert sorted(p.name for p in out.iterdir() if (p / "geometry.zarr").exists()) == names
     for name in names:
         for item in ("geometry.zarr", "config.json", "metrics.json"):
             assert (out / name / item).exists()
@@ -41,8 +28,12 @@ def test_smoke_run_writes_every_run(smoke):
         assert [h["step"] for h in metrics["history"]] == [2, 4]
         assert set(metrics["final"]) == {"forget_acc", "retain_acc", "general_acc"}
         assert len(metrics["losses"]) == 4
+        ds = geomkit.open_run(out / name)  # the evaluations are in the store too
+        assert ds["evaluation"].values.tolist() == [0, 2, 4]
+        assert ds["forget_acc"].values[0] == metrics["before"]["forget_acc"]
+        assert ds["retain_acc"].values[-1] == metrics["final"]["retain_acc"]
     runs = geomkit.open_runs(out)
-    assert runs.sizes["run"] == 2
+    assert runs.sizes["run"] == 3
     assert (out / "summary.csv").read_text().startswith("objective,strategy,seeds,")
     assert "| graddiff | sago | 1 |" in (out / "summary.md").read_text()
 
@@ -94,6 +85,9 @@ def test_unknown_key_and_preset(tmp_path):
         (["--lr", "-1"], "invalid lr=-1.0"),
         (["--steps", "0"], "invalid steps=0"),
         (["--model", "m"], "invalid forget=None"),
+        (["--accumulation", "0"], "invalid accumulation=0"),
+        (["--objective", "simnpo", "--beta", "-1"], "beta must be a finite number > 0, got -1.0"),
+        (["--delta", "nan"], "invalid delta=nan"),
     ],
 )
 def test_cli_config_errors_exit_nonzero(tmp_path, capsys, argv, needle):

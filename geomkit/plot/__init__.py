@@ -1,0 +1,70 @@
+"""Figures and tables of recorded gradient geometry (the only geomkit module importing matplotlib
+and seaborn).
+
+Every plot function takes one run, a ``run``-stacked Dataset (:func:`geomkit.open_runs`) or a
+list of runs, and an optional ``ax``; it returns a :class:`PlotResult` with the artists it drew
+and never calls ``plt.show``. A figure whose data is missing raises :class:`PlotSkipped`
+(:class:`MissingVariable` for an absent variable or strategy) with the reason.
+:func:`write_figures` writes the whole set. Figures mirror the SAGO paper (Xiao et al., ACL 2026,
+arXiv 2604.14808) where it has them: Fig. 1 (:func:`loss_dynamics`), Fig. 3 (:func:`tradeoff`),
+the geometry table of section 5.4 (:func:`geometry_table`).
+
+>>> import geomkit, geomkit.plot as gp                          # doctest: +SKIP
+>>> runs = geomkit.open_runs("runs")                             # doctest: +SKIP
+>>> with gp.paper_style():                                       # doctest: +SKIP
+...     gp.save(gp.loss_dynamics(runs).figure, "figures/loss")
+"""
+
+from geomkit.plot.alignment import (
+    alignment_by_layer,
+    alignment_distributions,
+    alignment_over_steps,
+)
+from geomkit.plot.dynamics import loss_dynamics
+from geomkit.plot.figureset import write_figures
+from geomkit.plot.heatmaps import conflict_heatmap, cos_fr_heatmap, layer_heatmap
+from geomkit.plot.style import (
+    OBJECTIVE_COLORS,
+    STRATEGY_STYLES,
+    MissingVariable,
+    PlotResult,
+    PlotSkipped,
+    StrategyStyle,
+    apply_style,
+    axis_label,
+    paper_style,
+    save,
+    strategy_style,
+)
+from geomkit.plot.tables import geometry_table, geometry_table_markdown
+from geomkit.plot.theorem import sago_vs_pcgrad, violation_rates
+from geomkit.plot.tradeoff import final_evaluation, tradeoff, tradeoff_trajectories
+
+__all__ = [
+    "OBJECTIVE_COLORS",
+    "STRATEGY_STYLES",
+    "MissingVariable",
+    "PlotResult",
+    "PlotSkipped",
+    "StrategyStyle",
+    "alignment_by_layer",
+    "alignment_distributions",
+    "alignment_over_steps",
+    "apply_style",
+    "axis_label",
+    "conflict_heatmap",
+    "cos_fr_heatmap",
+    "final_evaluation",
+    "geometry_table",
+    "geometry_table_markdown",
+    "layer_heatmap",
+    "loss_dynamics",
+    "paper_style",
+    "sago_vs_pcgrad",
+    "save",
+    "strategy_style",
+    "tradeoff",
+    "tradeoff_trajectories",
+    "violation_rates",
+    "write_figures",
+]

@@ -1,0 +1,289 @@
+"""Alignment of the update with each gradient: cos(d, r) and cos(d, f) over steps and per layer.
+
+The paper's geometry table (SAGO, Xiao et al., ACL 2026, arXiv 2604.14808, section 5.4) averages
+these cosines over 100 steps; these figures show the curves behind the averages, for the applied
+strategy (solid) and the shadow strategies evaluated on the same (f, r) pair (dashed).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import seaborn as sns
+import xarray as xr
+from matplotlib import MatplotlibDeprecationWarning
+from matplotlib.axes import Axes
+from matplotlib.legend import Legend
+
+from geomkit.plot._data import Run, Source, require_geometry, require_strategies, single_run
+from geomkit.plot.style import (
+    PlotResult,
+    axis_label,
+    outside_legend,
+    resolve_axes,
+    strategy_style,
+)
+
+__all__ = ["alignment_by_layer", "alignment_distributions", "alignment_over_steps"]
+
+
+def strategy_label(name: str, applied: str) -> str:
+    """Display label of a strategy; shadow strategies are marked ``(shadow)``."""
+    label = strategy_style(name).label
+    return label if name == applied else f"{label} (shadow)"
+
+
+def _strategies(run: Run, strategies: Sequence[str] | None, figure: str) -> list[str]:
+    recorded = [str(s) for s in run.ds["strategy"].values]
+    if strategies is None:
+        return recorded
+    require_strategies(run, strategies, figure)
+    return list(strategies)
+
+
+def _select_layer(metrics: xr.Dataset, layer: int, run: Run) -> xr.Dataset:
+    layers = [int(v) for v in metrics["layer"].values]
+    if layer not in layers:
+        raise ValueError(f"unknown layer {layer!r} in run {run.label!r}; layers are {layers}")
+    return metrics.sel(layer=layer)
+
+
+def _draw_lines(
+    ax: Axes, da: xr.DataArray, strategies: list[str], applied: str
+) -> dict[str, object]:
+    lines = {}
+    x = np.asarray(da["record"].values)
+    for name in strategies:
+        style = strategy_style(name)
+        shadow = name != applied
+        (line,) = ax.plot(
+            x,
+            np.asarray(da.sel(strategy=name).values, dtype=np.float64),
+            color=style.color,
+            marker=style.marker,
+            markevery=max(1, len(x) // 12),
+            markersize=6 if style.marker == "*" else 4,
+            linestyle="--" if shadow else "-",
+            linewidth=1.0 if shadow else 1.6,
+            alpha=0.85 if shadow else 1.0,
+            label=strategy_label(name, applied),
+            zorder=2 if shadow else 3,
+        )
+        lines[name] = line
+    ax.axhline(0.0, color="0.5", linewidth=0.6, zorder=1)
+    return lines
+
+
+def alignment_over_steps(
+    source: Source,
+    metric: str | Sequence[str] = ("cos_dr", "cos_df"),
+    *,
+    layer: int | None = None,
+    strategies: Sequence[str] | None = None,
+    run: str | int | None = None,
+    ax: Axes | Sequence[Axes] | None = None,
+    legend: bool = True,
+) -> PlotResult:
+    """cos(d, r) and cos(d, f) over recorded steps, one line per strategy.
+
+    The applied strategy is drawn solid, shadow strategies (same (f, r) pair, not applied)
+    dashed and labelled ``(shadow)``.
+
+    Parameters
+    ----------
+    source : Dataset or list of Datasets
+        One run (or pick one of several with ``run``).
+    metric : str or sequence of str
+        One panel per metric of ``ds.geom.metrics`` with a strategy dimension.
+    layer : int, optional
+        One transformer block; default the whole model (all recorded tensors).
+    strategies : sequence of str, optional
+        Strategies to draw; default every recorded one.
+    run : str or int, optional
+        Which run when ``source`` holds several.
+    ax : Axes or sequence of Axes, optional
+        One Axes per metric; default a new figure.
+    legend : bool
+        Add a legend right of the last panel.
+
+    Returns
+    -------
+    PlotResult
+        ``artists[(metric, strategy)]`` is the Line2D of that strategy.
+    """
+    picked = single_run(source, run)
+    require_geometry(picked, "alignment_over_steps")
+    names = [metric] if isinstance(metric, str) else list(metric)
+    chosen = _strategies(picked, strategies, "alignment_over_steps")
+    if layer is None:
+        data = picked.ds.geom.metrics(by="model")
+    else:
+        data = _select_layer(picked.ds.geom.metrics(by="layer"), layer, picked)
+    fig, axes = resolve_axes(ax, len(names), sharex=True)
+    artists = {}
+    for panel, name in zip(axes, names, strict=True):
+        if name not in data or "strategy" not in data[name].dims:
+            raise ValueError(
+                f"metric {name!r} has no strategy dimension; use one of "
+                f"{[n for n, v in data.data_vars.items() if 'strategy' in v.dims]}"
+            )
+        lines = _draw_lines(panel, data[name], chosen, picked.strategy)
+        artists.update({(name, strategy): line for strategy, line in lines.items()})
+        panel.set_xlabel(axis_label(data["record"], "recorded optimizer step"))
+        panel.set_ylabel(axis_label(data[name], name, width=36))
+        where = "model" if layer is None else f"layer {layer}"
+        panel.set_title(f"{picked.label} ({where})", fontsize="medium")
+    extras = {"legend": outside_legend(axes[-1]) if legend else None}
+    return PlotResult(fig, axes, artists, extras)
+
+
+def alignment_by_layer(
+    source: Source,
+    metric: str = "cos_dr",
+    *,
+    layers: Sequence[int] | None = None,
+    strategies: Sequence[str] | None = None,
+    run: str | int | None = None,
+    ax: Sequence[Axes] | None = None,
+    ncols: int = 4,
+) -> PlotResult:
+    """Small multiples: ``metric`` over recorded steps, one panel per layer, one line per
+    strategy (applied solid, shadows dashed).
+
+    Parameters
+    ----------
+    metric : str
+        A metric with a strategy dimension (``cos_dr``, ``cos_df``, ``norm_d``, ...).
+    layers : sequence of int, optional
+        Default every layer index present (-1 collects tensors outside the blocks).
+    ax : sequence of Axes, optional
+        One Axes per layer.
+    ncols : int
+        Panels per row of a new figure.
+
+    Returns
+    -------
+    PlotResult
+        ``artists[(layer, strategy)]`` is the Line2D; ``axes`` follow ``layers``.
+    """
+    picked = single_run(source, run)
+    require_geometry(picked, "alignment_by_layer")
+    chosen = _strategies(picked, strategies, "alignment_by_layer")
+    data = picked.ds.geom.metrics(by="layer")
+    if metric not in data or "strategy" not in data[metric].dims:
+        raise ValueError(f"metric {metric!r} has no strategy dimension")
+    present = [int(v) for v in data["layer"].values]
+    layers = present if layers is None else list(layers)
+    fig, axes = resolve_axes(
+        ax, len(layers), ncols=ncols, panel_size=(2.6, 2.0), sharex=True, sharey=True
+    )
+    ncols = max(1, min(len(layers), ncols))
+    artists = {}
+    for i, (panel, layer) in enumerate(zip(axes, layers, strict=True)):
+        da = _select_layer(data, layer, picked)[metric]
+        lines = _draw_lines(panel, da, chosen, picked.strategy)
+        artists.update({(layer, name): line for name, line in lines.items()})
+        panel.set_title(f"layer {layer}" if layer >= 0 else "outside blocks", fontsize="small")
+        if i % ncols == 0:
+            panel.set_ylabel(axis_label(data[metric], metric, width=28))
+        if i >= len(layers) - ncols:
+            panel.set_xlabel(axis_label(data["record"], "recorded optimizer step", width=28))
+    legend = outside_legend(axes[min(ncols, len(axes)) - 1], fontsize="x-small")
+    fig.suptitle(f"{picked.label}: {metric} per layer", fontsize="medium")
+    return PlotResult(fig, axes, artists, {"legend": legend})
+
+
+def _long_frame(run: Run, metric: str, by: str, granularity: str, chosen: list[str]):
+    if granularity not in ("group", "tensor"):
+        raise ValueError(f"unknown granularity {granularity!r}; expected 'group' or 'tensor'")
+    data = run.ds.geom.metrics(by="tensor" if granularity == "tensor" else by)
+    if metric not in data:
+        raise ValueError(f"unknown metric {metric!r}; metrics are {list(data.data_vars)}")
+    da = data[metric]
+    if "strategy" in da.dims:
+        da = da.sel(strategy=chosen)
+    frame = da.reset_coords(drop=True).to_dataframe(name="value").reset_index()
+    if granularity == "tensor":
+        groups = dict(zip(run.ds["tensor"].values, run.ds[by].values, strict=True))
+        frame["group"] = frame.pop("tensor").map(groups)
+    else:
+        frame = frame.rename(columns={by: "group"})
+    frame = frame[np.isfinite(frame["value"])]
+    if "strategy" in frame:
+        frame["strategy"] = [strategy_label(str(s), run.strategy) for s in frame["strategy"]]
+    return frame, da
+
+
+def alignment_distributions(
+    source: Source,
+    metric: str = "cos_dr",
+    *,
+    by: str = "layer",
+    granularity: str = "group",
+    kind: str = "violin",
+    strategies: Sequence[str] | None = None,
+    run: str | int | None = None,
+    ax: Axes | None = None,
+) -> PlotResult:
+    """Distribution of a metric per layer (x) and strategy (hue) over recorded steps.
+
+    Parameters
+    ----------
+    metric : str
+        Any metric of ``ds.geom.metrics``; pair metrics (``cos_fr``) have no hue.
+    by : {"layer", "component", "module"}
+        The x groups.
+    granularity : {"group", "tensor"}
+        ``"group"``: one value per (recorded step, group), the group's exact cosine;
+        ``"tensor"``: one value per (recorded step, tensor), placed in its group.
+    kind : {"violin", "box", "strip"}
+        The seaborn plot.
+
+    Returns
+    -------
+    PlotResult
+        ``artists["distribution"]`` lists the artists seaborn added; ``extras["data"]`` the
+        long-format DataFrame (columns group, [strategy], value) that was drawn.
+    """
+    plotters = {"violin": sns.violinplot, "box": sns.boxplot, "strip": sns.stripplot}
+    if kind not in plotters:
+        raise ValueError(f"unknown kind {kind!r}; expected one of {list(plotters)}")
+    picked = single_run(source, run)
+    require_geometry(picked, "alignment_distributions")
+    chosen = _strategies(picked, strategies, "alignment_distributions")
+    frame, da = _long_frame(picked, metric, by, granularity, chosen)
+    order = sorted(frame["group"].unique(), key=lambda g: (isinstance(g, str), g))
+    fig, (ax,) = resolve_axes(ax, 1, panel_size=(max(3.2, 0.9 * len(order) + 1.5), 2.6))
+    before = set(ax.get_children())
+    kwargs: dict = {"data": frame, "x": "group", "y": "value", "order": order, "ax": ax}
+    if "strategy" in frame:
+        hue_order = [strategy_label(s, picked.strategy) for s in chosen]
+        kwargs.update(
+            hue="strategy",
+            hue_order=hue_order,
+            palette={strategy_label(s, picked.strategy): strategy_style(s).color for s in chosen},
+        )
+    else:
+        kwargs.update(color="0.6")
+    if kind == "violin":
+        kwargs.update(cut=0, inner="quart", density_norm="width", linewidth=0.6)
+    elif kind == "box":
+        kwargs.update(fliersize=1.5, linewidth=0.8)
+    else:
+        kwargs.update(size=2.5, alpha=0.7, dodge="strategy" in frame)
+    with warnings.catch_warnings():
+        # seaborn 0.13 passes matplotlib arguments that newer matplotlib deprecates.
+        warnings.filterwarnings("ignore", category=MatplotlibDeprecationWarning)
+        plotters[kind](**kwargs)
+    drawn = [a for a in ax.get_children() if a not in before and not isinstance(a, Legend)]
+    ax.set_xlabel(axis_label(picked.ds[by] if by in picked.ds.coords else {}, by))
+    ax.set_ylabel(axis_label(da, metric, width=36))
+    ax.set_title(f"{picked.label}: {metric} per {by}", fontsize="medium")
+    if ax.get_legend() is not None:
+        sns.move_legend(ax, "upper left", bbox_to_anchor=(1.02, 1.0), title=None, fontsize="small")
+    legend = ax.get_legend()
+    if metric.startswith("cos_"):
+        ax.axhline(0.0, color="0.5", linewidth=0.6, zorder=0)
+    return PlotResult(fig, [ax], {"distribution": drawn}, {"data": frame, "legend": legend})

@@ -1,0 +1,146 @@
+"""The whole figure set of one or several runs, written to a directory (``geomkit plot``)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import pandas as pd
+import xarray as xr
+
+from geomkit.plot._data import Run, Source, runs_of
+from geomkit.plot.alignment import alignment_by_layer, alignment_distributions, alignment_over_steps
+from geomkit.plot.dynamics import loss_dynamics
+from geomkit.plot.heatmaps import conflict_heatmap, cos_fr_heatmap
+from geomkit.plot.style import PlotResult, PlotSkipped, detached_figures, paper_style, save
+from geomkit.plot.tables import geometry_table, geometry_table_markdown
+from geomkit.plot.theorem import sago_vs_pcgrad, violation_rates
+from geomkit.plot.tradeoff import tradeoff, tradeoff_trajectories
+
+__all__ = ["RUN_FIGURES", "SET_FIGURES", "write_figures"]
+
+logger = logging.getLogger("geomkit.plot")
+
+RUN_FIGURES: dict[str, Callable[[Run], PlotResult]] = {
+    "cos_fr_heatmap": lambda run: cos_fr_heatmap(run),
+    "conflict_heatmap": lambda run: conflict_heatmap(run),
+    "alignment": lambda run: alignment_over_steps(run),
+    "alignment_layers_cos_dr": lambda run: alignment_by_layer(run, "cos_dr"),
+    "alignment_layers_cos_df": lambda run: alignment_by_layer(run, "cos_df"),
+    "distribution_cos_dr": lambda run: alignment_distributions(run, "cos_dr"),
+    "distribution_cos_df": lambda run: alignment_distributions(run, "cos_df"),
+}
+"""Figures drawn for each run (in a subdirectory per run when there are several)."""
+
+SET_FIGURES: dict[str, Callable[[list[Run]], PlotResult]] = {
+    "loss_dynamics": loss_dynamics,
+    "tradeoff_retain": lambda runs: tradeoff(runs, y="retain_acc"),
+    "tradeoff_general": lambda runs: tradeoff(runs, y="general_acc"),
+    "tradeoff_trajectories_retain": lambda runs: tradeoff_trajectories(runs, y="retain_acc"),
+    "tradeoff_trajectories_general": lambda runs: tradeoff_trajectories(runs, y="general_acc"),
+    "sago_vs_pcgrad": sago_vs_pcgrad,
+}
+"""Figures drawn once for all runs together."""
+
+
+def _open(source: Source | str | os.PathLike | Sequence[str | os.PathLike]) -> list[Run]:
+    if isinstance(source, (str, os.PathLike)):
+        from geomkit.store import open_runs
+
+        return runs_of(open_runs(source))
+    if isinstance(source, Iterable) and not isinstance(source, xr.Dataset):
+        items = list(source)
+        if items and all(isinstance(i, (str, os.PathLike)) for i in items):
+            from geomkit.store import open_runs
+
+            return runs_of(open_runs(items))
+        return runs_of(items)
+    return runs_of(source)
+
+
+def _safe(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._=+-]+", "_", label).strip("._") or "run"
+
+
+def write_figures(
+    source: Source | str | os.PathLike | Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    formats: Sequence[str] = ("pdf", "png"),
+    *,
+    audit: pd.DataFrame | None = None,
+    dpi: int = 300,
+) -> dict[str, list[Path] | str]:
+    """Write every figure and the geometry table for one or several runs.
+
+    Figures whose data is missing (e.g. no evaluations, a strategy not recorded) are skipped:
+    the reason is logged (logger ``geomkit.plot``) and returned instead of paths. Figures are
+    drawn in the :func:`~geomkit.plot.paper_style` on figures pyplot does not track, so nothing
+    is left open and no backend is needed.
+
+    Parameters
+    ----------
+    source : Dataset, list of Datasets, or path(s)
+        Runs, a ``run``-stacked Dataset, a run directory, a directory of runs, or a list of run
+        directories (opened with :func:`geomkit.open_runs`).
+    out_dir : path
+        Created if needed. With several runs, per-run figures go to ``out_dir/<run>/``.
+    formats : sequence of str
+        File formats of each figure (vector PDF and PNG by default).
+    audit : pandas.DataFrame, optional
+        ``Audit.to_frame()`` of :mod:`geomkit.theory` for the violation-rate figure.
+    dpi : int
+        Resolution of raster formats.
+
+    Returns
+    -------
+    dict
+        Figure name (``<run>/<figure>`` for per-run figures of several runs) to the written
+        paths, or to ``"skipped: <reason>"``. Names: the keys of :data:`RUN_FIGURES` and
+        :data:`SET_FIGURES`, ``geometry_table`` (``.md`` and ``.csv``) and ``violation_rates``.
+    """
+    runs = _open(source)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, list[Path] | str] = {}
+
+    def emit(name: str, stem: Path, draw: Callable[[], PlotResult]) -> None:
+        try:
+            result = draw()
+        except PlotSkipped as reason:
+            logger.warning("skipped figure %s: %s", name, reason)
+            results[name] = f"skipped: {reason}"
+            return
+        try:
+            results[name] = save(result.figure, stem, formats, dpi=dpi)
+        finally:
+            result.figure.clear()
+
+    with paper_style(), detached_figures():
+        several = len(runs) > 1
+        for run in runs:
+            folder = out / _safe(run.label) if several else out
+            for name, draw in RUN_FIGURES.items():
+                key = f"{run.label}/{name}" if several else name
+                emit(key, folder / name, lambda draw=draw, run=run: draw(run))
+        for name, draw in SET_FIGURES.items():
+            emit(name, out / name, lambda draw=draw: draw(runs))
+        if audit is None:
+            reason = "no audit frame given (pass audit=Audit.to_frame() of geomkit.theory)"
+            logger.info("skipped figure violation_rates: %s", reason)
+            results["violation_rates"] = f"skipped: {reason}"
+        else:
+            emit("violation_rates", out / "violation_rates", lambda: violation_rates(audit))
+    try:
+        table = geometry_table(runs, shadows=False)
+    except PlotSkipped as reason:
+        logger.warning("skipped geometry_table: %s", reason)
+        results["geometry_table"] = f"skipped: {reason}"
+    else:
+        markdown, csv = out / "geometry_table.md", out / "geometry_table.csv"
+        markdown.write_text(geometry_table_markdown(table))
+        table.to_csv(csv, index=False)
+        results["geometry_table"] = [markdown, csv]
+    return results

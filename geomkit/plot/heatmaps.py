@@ -1,0 +1,128 @@
+"""Layer x step heatmaps of the (f, r) geometry: cos(f, r) and the sign-conflict rate.
+
+Per-layer views are not in the SAGO paper (Xiao et al., ACL 2026, arXiv 2604.14808; PAPER.md
+section 6 item 6); they are exact groupings of the recorded sufficient statistics.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.colors import Normalize, TwoSlopeNorm
+
+from geomkit.plot._data import Source, require_geometry, single_run
+from geomkit.plot.style import PlotResult, axis_label, resolve_axes
+
+__all__ = ["conflict_heatmap", "cos_fr_heatmap", "layer_heatmap"]
+
+
+def _edges(values: np.ndarray) -> np.ndarray:
+    """Cell edges centred on ``values`` (irregular spacing allowed)."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 1:
+        return np.array([v[0] - 0.5, v[0] + 0.5])
+    mid = (v[1:] + v[:-1]) / 2
+    return np.concatenate([[v[0] - (mid[0] - v[0])], mid, [v[-1] + (v[-1] - mid[-1])]])
+
+
+def layer_heatmap(
+    source: Source,
+    metric: str = "cos_fr",
+    *,
+    by: str = "layer",
+    strategy: str | None = None,
+    run: str | int | None = None,
+    ax: Axes | None = None,
+    cmap: str | None = None,
+    vmin: float | None = None,
+    vmax: float | None = None,
+    colorbar: bool = True,
+) -> PlotResult:
+    """Heatmap of one derived metric, groups (layers) x recorded steps.
+
+    Parameters
+    ----------
+    source : Dataset or list of Datasets
+        One run (or pick one of several with ``run``).
+    metric : str
+        A metric of ``ds.geom.metrics`` (``cos_fr``, ``conflict_rate``, ``cos_dr``, ...).
+    by : {"layer", "component", "module", "tensor"}
+        The rows.
+    strategy : str, optional
+        For update metrics (``cos_dr``, ...): which strategy; default the applied one.
+    run : str or int, optional
+        Which run when ``source`` holds several.
+    ax : Axes, optional
+        Draw here; default a new figure.
+    cmap, vmin, vmax : optional
+        Colour map and limits; cosines default to a diverging map centred on 0 over [-1, 1].
+    colorbar : bool
+        Add a colorbar labelled from the metric's attributes.
+
+    Returns
+    -------
+    PlotResult
+        ``artists["heatmap"]`` is the QuadMesh; its array is ``(group, record)``.
+        ``extras["colorbar"]``, ``extras["groups"]``, ``extras["records"]``.
+    """
+    picked = single_run(source, run)
+    require_geometry(picked, f"layer_heatmap({metric!r})")
+    metrics = picked.ds.geom.metrics(by=by)
+    if metric not in metrics:
+        raise ValueError(f"unknown metric {metric!r}; metrics are {list(metrics.data_vars)}")
+    da = metrics[metric]
+    per_strategy = "strategy" in da.dims
+    if per_strategy:
+        strategy = picked.strategy if strategy is None else strategy
+        names = [str(s) for s in da["strategy"].values]
+        if strategy not in names:
+            raise ValueError(f"unknown strategy {strategy!r}; recorded: {names}")
+        da = da.sel(strategy=strategy)
+    elif strategy is not None:
+        raise ValueError(f"metric {metric!r} does not depend on the strategy (got {strategy!r})")
+    da = da.transpose(by, "record")
+    groups = [str(g) for g in da[by].values]
+    records = np.asarray(da["record"].values)
+    values = np.ma.masked_invalid(np.asarray(da.values, dtype=np.float64))
+
+    fig, (ax,) = resolve_axes(ax, 1, panel_size=(4.5, 0.35 * len(groups) + 1.4))
+    cosine = metric.startswith("cos_")
+    if cosine:
+        norm: Normalize = TwoSlopeNorm(
+            vcenter=0.0, vmin=-1.0 if vmin is None else vmin, vmax=1.0 if vmax is None else vmax
+        )
+        cmap = cmap or "RdBu_r"
+    else:
+        norm = Normalize(vmin=0.0 if vmin is None else vmin, vmax=1.0 if vmax is None else vmax)
+        cmap = cmap or "magma"
+    mesh = ax.pcolormesh(
+        _edges(records), np.arange(len(groups) + 1) - 0.5, values, cmap=cmap, norm=norm
+    )
+    ax.set_yticks(np.arange(len(groups)), groups)
+    ax.set_ylim(len(groups) - 0.5, -0.5)  # first group at the top
+    ax.grid(False)
+    ax.set_xlabel(axis_label(da["record"], "recorded optimizer step"))
+    ax.set_ylabel(axis_label(picked.ds[by] if by in picked.ds.coords else {}, by))
+    title = f"{metric} ({strategy})" if per_strategy else metric
+    ax.set_title(f"{picked.label}: {title}", fontsize="medium")
+    extras = {"groups": groups, "records": records, "colorbar": None}
+    if colorbar:
+        extras["colorbar"] = fig.colorbar(mesh, ax=ax, label=axis_label(da, metric, width=32))
+    return PlotResult(fig, [ax], {"heatmap": mesh}, extras)
+
+
+def cos_fr_heatmap(source: Source, *, ax: Axes | None = None, **kwargs) -> PlotResult:
+    """Per-layer cos(f, r) over recorded steps (:func:`layer_heatmap` with ``cos_fr``)."""
+    return layer_heatmap(source, "cos_fr", ax=ax, **kwargs)
+
+
+def conflict_heatmap(
+    source: Source, *, nonzero: bool = False, ax: Axes | None = None, **kwargs
+) -> PlotResult:
+    """Per-layer sign-conflict rate over recorded steps.
+
+    ``nonzero=True`` uses the rate among coordinates where both gradients are non-zero
+    (``conflict_rate_nonzero``); zeros never conflict.
+    """
+    metric = "conflict_rate_nonzero" if nonzero else "conflict_rate"
+    return layer_heatmap(source, metric, ax=ax, **kwargs)

@@ -1,0 +1,436 @@
+"""Running ``geomkit run``: every strategy x seed of one configuration (DESIGN.md section 4).
+
+Writes, under the configuration's ``out`` directory, one directory per run named
+``{objective}-{strategy}-seed{seed}`` holding the geometry store (``geometry.zarr``), the
+resolved configuration (``config.json``) and ``metrics.json``, plus ``summary.csv`` and
+``summary.md`` comparing the strategies. Without ``model`` it runs the embedded benchmark (a
+tiny Llama pretrained on invented facts and cached); with ``model/forget/retain_data`` it
+unlearns a local Hugging Face model on JSONL or text corpora cut into ``chunk_length`` chunks.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from geomkit.config import RunConfig
+
+__all__ = ["audit_runs", "expand_runs", "run", "write_report"]
+
+
+# --------------------------------------------------------------------------------------------
+# Runs
+# --------------------------------------------------------------------------------------------
+
+
+def run(config: RunConfig, report: bool = True) -> list[dict[str, Any]]:
+    """Every strategy x seed of ``config`` (validated); returns the runs' metrics.
+
+    With ``report``, the runs are then audited against THEORY.md (``audit.json`` and
+    ``audit.txt`` in ``config.out``) and their figure set is written to ``config.out/figures``.
+    """
+    import torch
+
+    config.validate()
+    torch.set_num_threads(config.threads)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if config.real:
+        results = _run_real(config, out)
+    else:
+        results = _run_embedded(config, out)
+    _write_summary(results, out)
+    if report and results:
+        write_report([out / r["run"] for r in results], out / "figures", audit_dir=out)
+    return results
+
+
+# -- audit and figures ------------------------------------------------------------------------
+
+
+def expand_runs(paths: Sequence[str | Path]) -> list[Path]:
+    """Run directories (or stores) named by ``paths``; a directory of runs gives its runs.
+
+    Raises
+    ------
+    FileNotFoundError
+        If a path does not exist or holds no geomkit run.
+    """
+    from geomkit.store import STORE_NAME
+
+    runs: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist; expected a run directory")
+        if (path / STORE_NAME).exists() or (path / "zarr.json").exists():
+            runs.append(path)
+            continue
+        found = sorted(p for p in path.iterdir() if (p / STORE_NAME).exists())
+        if not found:
+            raise FileNotFoundError(
+                f"{path} holds no geomkit run (no {STORE_NAME} in it or its subdirectories)"
+            )
+        runs.extend(found)
+    return runs
+
+
+def audit_runs(runs: Sequence[Path]) -> Any:
+    """The THEORY.md audit (:func:`geomkit.theory.audit`) of every run, each on its own."""
+    from geomkit import theory
+    from geomkit.store import open_runs
+
+    return theory.audit(open_runs(runs))
+
+
+def write_report(
+    runs: Sequence[Path],
+    out: Path,
+    formats: Sequence[str] = ("pdf", "png"),
+    audit_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Audit ``runs`` and write their figure set (with the violation-rate figure) to ``out``.
+
+    The audit goes to ``audit_dir`` (default ``out``) as ``audit.json`` and ``audit.txt``.
+    Returns :func:`geomkit.plot.write_figures`' map of figure name to paths or skip reason.
+    """
+    from geomkit.plot import write_figures
+    from geomkit.store import open_runs
+
+    audit = audit_runs(runs)
+    audit_dir = out if audit_dir is None else audit_dir
+    audit_dir.mkdir(parents=True, exist_ok=True)
+    audit.to_json(audit_dir / "audit.json")
+    (audit_dir / "audit.txt").write_text(str(audit) + "\n", encoding="utf-8")
+    verdict = "a proven claim is VIOLATED (a bug)" if audit.bug_detected else "no bug"
+    print(f"theorem audit: {verdict}; see {audit_dir / 'audit.txt'}", file=sys.stderr)
+    return write_figures(open_runs(runs), out, formats, audit=audit.to_frame())
+
+
+def _run_name(config: RunConfig, strategy: str, seed: int) -> str:
+    return f"{config.objective}-{strategy}-seed{seed}"
+
+
+def _unlearn(
+    config: RunConfig,
+    model: Any,
+    forget: list[dict],
+    retain: list[dict],
+    strategy: str,
+    seed: int,
+    run_dir: Path,
+    evaluate: Callable[[Any], dict[str, float]] | None,
+    before: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    """One run: the Unlearner loop with a progress bar and periodic evaluation."""
+    from tqdm.auto import tqdm
+
+    from geomkit.engine import EngineConfig, Unlearner
+
+    objective = config.build_objective(seed)
+    engine = EngineConfig(
+        strategy=strategy,
+        shadows=config.shadows,
+        alpha=config.alpha,
+        gamma=config.gamma,
+        lr=config.lr,
+        steps=config.steps,
+        accumulation=config.accumulation,
+        record_every=config.record_every,
+        seed=seed,
+    )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config.save(run_dir / "config.json")
+    unlearner = Unlearner(
+        model,
+        objective,
+        forget,
+        retain if objective.retain is not None else None,
+        engine,
+        out=run_dir / "geometry.zarr",
+        attrs={"run": run_dir.name},
+    )
+    losses: list[dict[str, float]] = []
+    history: list[tuple[int, dict[str, float]]] = []
+    recorder = unlearner.recorder
+    if recorder is not None and before is not None:
+        recorder.log_evaluation(0, before)
+    bar = tqdm(total=config.steps, desc=run_dir.name, leave=False, file=sys.stderr)
+
+    def after_step(result: Any) -> None:
+        done = result.step + 1
+        losses.append(
+            {
+                "step": done,
+                "forget_loss": result.forget_loss,
+                "retain_loss": result.retain_loss,
+                "grad_norm": result.grad_norm,
+            }
+        )
+        bar.set_postfix(forget=f"{result.forget_loss:.3f}", retain=f"{result.retain_loss:.3f}")
+        bar.update()
+        if evaluate is not None and (done % config.eval_every == 0 or done == config.steps):
+            history.append((done, evaluate(model)))
+            if recorder is not None:
+                recorder.log_evaluation(done, history[-1][1])
+
+    start = time.perf_counter()
+    try:
+        unlearner.run(after_step)
+    finally:
+        bar.close()
+    return {
+        "run": run_dir.name,
+        "objective": config.objective,
+        "strategy": strategy,
+        "seed": seed,
+        "seconds": time.perf_counter() - start,
+        "losses": losses,
+        "history": [{"step": step, **metrics} for step, metrics in history],
+        "_history": history,
+    }
+
+
+def _write_metrics(metrics: dict[str, Any], run_dir: Path) -> None:
+    public = {k: v for k, v in metrics.items() if not k.startswith("_")}
+    (run_dir / "metrics.json").write_text(
+        json.dumps(_finite(public), indent=1) + "\n", encoding="utf-8"
+    )
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with NaN and inf replaced by None (strict JSON)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _shuffled_batches(items: list, batch_size: int, seed: int, make: Callable) -> list[dict]:
+    order = list(items)
+    random.Random(seed).shuffle(order)
+    return [make(order[i : i + batch_size]) for i in range(0, len(order), batch_size)]
+
+
+# -- the embedded benchmark -----------------------------------------------------------------
+
+
+def _run_embedded(config: RunConfig, out: Path) -> list[dict[str, Any]]:
+    import torch
+
+    from geomkit.bench.data import qa_text
+    from geomkit.bench.evaluate import evaluate, matched_forgetting, recovery
+    from geomkit.bench.model import ModelConfig, TrainConfig, load_or_pretrain
+
+    target, tokenizer, data, info = load_or_pretrain(
+        config.cache_dir,
+        config.n_entities,
+        config.forget_fraction,
+        config.data_seed,
+        ModelConfig(hidden_size=config.hidden_size, layers=config.layers, heads=config.heads),
+        TrainConfig(
+            lr=config.pretrain_lr, max_epochs=config.pretrain_epochs, seed=config.data_seed
+        ),
+        progress=_pretrain_progress,
+    )
+    target = target.to(device=config.device, dtype=getattr(torch, config.dtype))
+    max_length = target.config.max_position_embeddings
+
+    def score(model: Any) -> dict[str, float]:
+        model.eval()
+        with torch.no_grad():
+            return evaluate(model, tokenizer, data)
+
+    before = score(target)
+    print(
+        f"target model ({'cached' if info['cached'] else 'pretrained'}, {info['path']}): "
+        + ", ".join(f"{k}={v:.3f}" for k, v in before.items()),
+        file=sys.stderr,
+    )
+    forget_texts = list(data.forget_text) + [qa_text(q) for q in data.forget_qa]
+    retain_texts = list(data.retain_text) + [qa_text(q) for q in data.retain_qa]
+
+    def make(texts: list[str]) -> dict:
+        return tokenizer.batch(texts, max_length=max_length)
+
+    results = []
+    for seed in config.seeds:
+        forget = _shuffled_batches(forget_texts, config.batch_size, seed, make)
+        retain = _shuffled_batches(retain_texts, config.batch_size, seed, make)
+        for strategy in config.strategies:
+            run_dir = out / _run_name(config, strategy, seed)
+            model = copy.deepcopy(target)
+            metrics = _unlearn(
+                config, model, forget, retain, strategy, seed, run_dir, score, before
+            )
+            final = metrics["_history"][-1][1]
+            matched = matched_forgetting(metrics["_history"], config.threshold)
+            metrics.update(
+                before=before,
+                final=final,
+                recovery=recovery(final, before),
+                matched_forgetting=matched,
+                pretrain={k: info.get(k) for k in ("key", "cached", "path", "final")},
+            )
+            metrics["summary"] = {
+                **final,
+                **metrics["recovery"],
+                "matched_retain_acc": matched["retain_acc"] if matched else math.nan,
+                "matched_general_acc": matched["general_acc"] if matched else math.nan,
+            }
+            _write_metrics(metrics, run_dir)
+            results.append(metrics)
+            del model
+    return results
+
+
+def _pretrain_progress(entry: dict[str, float]) -> None:
+    print(
+        f"pretraining the target model: epoch {entry['epoch']}, loss {entry['loss']:.3f}, "
+        f"forget_acc={entry['forget_acc']:.3f} retain_acc={entry['retain_acc']:.3f} "
+        f"({entry['seconds']:.0f} s)",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+# -- a local model on corpora ---------------------------------------------------------------
+
+
+def _documents(path: Path) -> list[str]:
+    """The texts of a JSONL file (``text`` field of each line) or a plain text file."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix not in (".jsonl", ".json"):
+        return [text]
+    documents = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise ValueError(f"{path}:{number}: expected a JSON object with a 'text' string")
+        documents.append(record["text"])
+    return documents
+
+
+def _chunks(tokenizer: Any, path: Path, length: int) -> list[list[int]]:
+    """The documents tokenized, joined with "\\n\\n" and cut into ``length``-token chunks."""
+    separator = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
+    ids: list[int] = []
+    for i, document in enumerate(_documents(path)):
+        if i:
+            ids.extend(separator)
+        ids.extend(tokenizer(document, add_special_tokens=False)["input_ids"])
+    if len(ids) < 2:
+        raise ValueError(f"{path} holds fewer than 2 tokens")
+    chunks = [ids[i : i + length] for i in range(0, len(ids), length)]
+    if len(chunks) > 1 and len(chunks[-1]) < length:
+        chunks.pop()  # equal lengths: no padding needed
+    return chunks
+
+
+def _lm_batch(chunks: list[list[int]]) -> dict:
+    import torch
+
+    width = max(len(c) for c in chunks)
+    ids = torch.zeros(len(chunks), width, dtype=torch.long)
+    mask = torch.zeros(len(chunks), width, dtype=torch.long)
+    for row, chunk in enumerate(chunks):
+        ids[row, : len(chunk)] = torch.tensor(chunk)
+        mask[row, : len(chunk)] = 1
+    labels = ids.masked_fill(mask == 0, -100)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _run_real(config: RunConfig, out: Path) -> list[dict[str, Any]]:
+    import transformers
+
+    from geomkit.engine import load_model
+
+    target = load_model(config.model, device=config.device, dtype=config.dtype)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(config.model, local_files_only=True)
+    forget_chunks = _chunks(tokenizer, Path(config.forget), config.chunk_length)
+    retain_chunks = _chunks(tokenizer, Path(config.retain_data), config.chunk_length)
+    results = []
+    for seed in config.seeds:
+        forget = _shuffled_batches(forget_chunks, config.batch_size, seed, _lm_batch)
+        retain = _shuffled_batches(retain_chunks, config.batch_size, seed, _lm_batch)
+        for strategy in config.strategies:
+            run_dir = out / _run_name(config, strategy, seed)
+            model = (
+                copy.deepcopy(target) if len(config.seeds) * len(config.strategies) > 1 else target
+            )
+            metrics = _unlearn(config, model, forget, retain, strategy, seed, run_dir, None)
+            last = metrics["losses"][-1]
+            metrics["summary"] = {
+                "forget_loss": last["forget_loss"],
+                "retain_loss": last["retain_loss"],
+            }
+            _write_metrics(metrics, run_dir)
+            results.append(metrics)
+            del model
+    return results
+
+
+# -- the comparison table -------------------------------------------------------------------
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if isinstance(v, float) and math.isfinite(v)]
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
+
+
+def _write_summary(results: list[dict[str, Any]], out: Path) -> None:
+    """Mean and std over seeds per objective x strategy: print, summary.csv, summary.md."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for result in results:
+        groups.setdefault((result["objective"], result["strategy"]), []).append(result)
+    columns = list(results[0]["summary"]) if results else []
+    rows = []
+    for (objective, strategy), runs in groups.items():
+        row: dict[str, Any] = {"objective": objective, "strategy": strategy, "seeds": len(runs)}
+        for column in columns:
+            row[column] = _mean_std([float(r["summary"][column]) for r in runs])
+        rows.append(row)
+    with open(out / "summary.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        header = ["objective", "strategy", "seeds"]
+        for column in columns:
+            header += [f"{column}_mean", f"{column}_std"]
+        writer.writerow(header)
+        for row in rows:
+            cells = [row["objective"], row["strategy"], row["seeds"]]
+            for column in columns:
+                cells += ["" if math.isnan(x) else f"{x:.6g}" for x in row[column]]
+            writer.writerow(cells)
+
+    def cell(pair: tuple[float, float]) -> str:
+        mean, std = pair
+        if math.isnan(mean):
+            return "-"
+        return f"{mean:.3f}" if math.isnan(std) else f"{mean:.3f} ± {std:.3f}"
+
+    lines = [
+        "| objective | strategy | seeds | " + " | ".join(columns) + " |",
+        "|" + "---|" * (3 + len(columns)),
+    ]
+    for row in rows:
+        cells = [row["objective"], row["strategy"], str(row["seeds"])]
+        lines.append("| " + " | ".join(cells + [cell(row[c]) for c in columns]) + " |")
+    table = "\n".join(lines) + "\n"
+    (out / "summary.md").write_text(table, encoding="utf-8")
+    print(table)

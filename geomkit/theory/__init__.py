@@ -1,0 +1,71 @@
+"""Executable checks of the SAGO paper's alignment claims (THEORY.md R1-R9).
+
+Xiao et al., "SAGO", ACL 2026 (arXiv 2604.14808) state that PCGrad and SAGO both keep a
+non-negative cosine with the retain gradient and that SAGO aligns "strictly tighter". THEORY.md
+splits that into claims R1-R9 with a status each (proven / false / open). This package checks
+every claim, at coordinate, tensor, layer and model granularity, on synthetic gradient pairs
+and on recorded runs, and reports margins, tolerances and undefined cases; it never assumes the
+paper is right.
+
+>>> from geomkit import theory
+>>> report = theory.audit_synthetic()                      # samplers x strategies x claims
+>>> report.bug_detected                                    # a proven claim violated?
+False
+>>> report = theory.audit(geomkit.open_run("runs/graddiff-sago-seed0"))  # doctest: +SKIP
+>>> print(report)                                          # doctest: +SKIP
+>>> theory.r4_breakdown(ds).rate_by_ratio                  # doctest: +SKIP
+
+Modules: :mod:`~geomkit.theory.claims` (the claim table), :mod:`~geomkit.theory.samplers`
+(synthetic pairs, the R4 counterexamples), :mod:`~geomkit.theory.checks` and
+:mod:`~geomkit.theory.coordinates` (one check per claim), :mod:`~geomkit.theory.synthetic` and
+:mod:`~geomkit.theory.recorded` (audits), :mod:`~geomkit.theory.breakdown` (R4 measured),
+:mod:`~geomkit.theory.report` (result types).
+"""
+
+from geomkit.theory.breakdown import DEFAULT_BINS, r4_breakdown
+from geomkit.theory.cases import Cases, build_cases, rtol
+from geomkit.theory.claims import CLAIMS, GRANULARITIES, STATUSES, Claim, get_claim
+from geomkit.theory.recorded import audit
+from geomkit.theory.report import Audit, CheckResult
+from geomkit.theory.samplers import (
+    Counterexample,
+    Counterexamples,
+    Fixed,
+    Gaussian,
+    HeavyTailed,
+    Pair,
+    Sampler,
+    Sparse,
+    Zeros,
+    counterexamples,
+    default_samplers,
+)
+from geomkit.theory.synthetic import audit_synthetic
+
+__all__ = [
+    "CLAIMS",
+    "DEFAULT_BINS",
+    "GRANULARITIES",
+    "STATUSES",
+    "Audit",
+    "Cases",
+    "CheckResult",
+    "Claim",
+    "Counterexample",
+    "Counterexamples",
+    "Fixed",
+    "Gaussian",
+    "HeavyTailed",
+    "Pair",
+    "Sampler",
+    "Sparse",
+    "Zeros",
+    "audit",
+    "audit_synthetic",
+    "build_cases",
+    "counterexamples",
+    "default_samplers",
+    "get_claim",
+    "r4_breakdown",
+    "rtol",
+]

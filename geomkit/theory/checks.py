@@ -1,0 +1,437 @@
+"""Claim checks at tensor, layer and model granularity, from additive statistics (:class:`Cases`).
+
+One function per claim of THEORY.md; each returns :class:`CheckResult` objects, one per
+strategy (or compared pair of strategies) present in the cases. The same functions serve
+synthetic samplers (statistics of materialised updates) and recorded runs (stored statistics of
+the applied and shadow strategies, paired on the same gradients).
+
+Conventions (THEORY.md "Consequences"):
+
+* a case whose quantity needs a zero norm (``|r| = 0``, ``|d| = 0``) is *undefined*: counted
+  apart, never a pass or a violation;
+* ties count as holding: a quantity ``q`` that should be ``>= 0`` violates only when
+  ``q < -tol``, with ``tol`` from :mod:`geomkit.theory.cases` (stated in each result);
+* the worst margin is the smallest ``q`` over the defined cases (R3: the largest deviation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from geomkit.theory.cases import Cases, field_of, rtol
+from geomkit.theory.claims import get_claim
+from geomkit.theory.report import CheckResult
+
+__all__ = ["ADDITIVE_CHECKS", "check_r1", "check_r2", "check_r2b", "check_r3", "check_r4"]
+__all__ += ["check_r5", "check_r7", "check_r8", "check_r9", "summarise", "cosine_gap"]
+
+_NO_DATA_NOTE = "strategy not present in this source"
+
+
+def _div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+
+
+def summarise(
+    claim_id: str,
+    strategy: str,
+    strategies: tuple[str, ...],
+    cases: Cases | None,
+    q: np.ndarray,
+    tol: np.ndarray,
+    defined: np.ndarray,
+    *,
+    granularity: str,
+    source: str,
+    where: tuple[str, ...],
+    tolerance: str,
+    evidence: str,
+    note: str = "",
+    deviation: bool = False,
+    details: dict[str, float] | None = None,
+) -> CheckResult:
+    """Count cases, undefined cases and violations of ``q >= -tol`` (``|q| <= tol`` for a
+    ``deviation``), and locate the worst margin, into a :class:`CheckResult`."""
+    claim = get_claim(claim_id)
+    defined = np.asarray(defined, dtype=bool)
+    q = np.asarray(q, dtype=np.float64)
+    tol = np.broadcast_to(np.asarray(tol, dtype=np.float64), q.shape)
+    with np.errstate(invalid="ignore"):
+        bad = (q > tol) if deviation else (q < -tol)
+    bad = bad & defined
+    worst, at = np.nan, ""
+    if defined.any():
+        idx = np.flatnonzero(defined)
+        k = idx[np.argmax(q[idx])] if deviation else idx[np.argmin(q[idx])]
+        worst, at = float(q[k]), where[k]
+    return CheckResult(
+        claim=claim.id,
+        statement=claim.statement,
+        status=claim.status_at(strategy, granularity),
+        strategy=strategy,
+        strategies=strategies,
+        granularity=granularity,
+        source=source,
+        cases=int(defined.sum()),
+        undefined=int((~defined).sum()),
+        violations=int(bad.sum()),
+        worst_margin=worst,
+        where=at,
+        tolerance=tolerance,
+        evidence=evidence,
+        note=note,
+        details=details or {},
+    )
+
+
+def _missing(
+    claim_id: str, strategy: str, strategies: tuple[str, ...], cases: Cases
+) -> CheckResult:
+    claim = get_claim(claim_id)
+    return CheckResult(
+        claim=claim.id,
+        statement=claim.statement,
+        status=claim.status_at(strategy, cases.granularity),
+        strategy=strategy,
+        strategies=strategies,
+        granularity=cases.granularity,
+        source=cases.source,
+        cases=0,
+        undefined=0,
+        violations=0,
+        worst_margin=np.nan,
+        where="",
+        tolerance="n/a (nothing evaluated)",
+        evidence="none",
+        note=f"{_NO_DATA_NOTE} ({', '.join(s for s in strategies if s not in cases.stats)})",
+    )
+
+
+def _evidence(cases: Cases, names: tuple[str, ...]) -> str:
+    kinds = {cases.evidence.get(n, "materialised") for n in names}
+    if "shadow" in kinds:
+        return "shadow"
+    return "measured" if "measured" in kinds else kinds.pop()
+
+
+def _weights_note(cases: Cases) -> str:
+    return f"alpha={cases.alpha:g}, gamma={cases.gamma:g}"
+
+
+def _source_notes(cases: Cases, names: tuple[str, ...]) -> str:
+    return "; ".join(cases.notes[n] for n in names if n in cases.notes)
+
+
+def _join(*parts: str) -> str:
+    return "; ".join(p for p in parts if p)
+
+
+# ----------------------------------------------------------------------------------------------
+# <d, r> >= 0: R1 (SAGO), R2 (per-tensor PCGrad), R2b (global PCGrad)
+# ----------------------------------------------------------------------------------------------
+
+
+def _alignment(claim_id: str, name: str, cases: Cases, residual_text: str) -> CheckResult:
+    if name not in cases.stats:
+        return _missing(claim_id, name, (name,), cases)
+    s = cases.stats[name]
+    dd, rr, dr = field_of(s, "dd"), field_of(s, "rr"), field_of(s, "dr")
+    norm = np.sqrt(dd) * np.sqrt(rr)
+    defined = norm > 0
+    q = _div(dr, norm)  # cos(d, r)
+    tol = _div(cases.rounding[name] + cases.residual[name], norm)
+    tolerance = (
+        f"cos(d,r) >= -tol (ties hold); tol = [rtol (A|f||r| + B|r|^2){residual_text}] / "
+        f"(|d||r|), summed over tensors; rtol = 8 eps({cases.dtype_name}) + 1e-12 = "
+        f"{rtol(cases.dtype):.3g}; A, B the largest |a|, |b| of d = a f + b r"
+    )
+    note = _join(
+        "undefined: |d| = 0 or |r| = 0" if (~defined).any() else "",
+        _weights_note(cases),
+        _source_notes(cases, (name,)),
+    )
+    return summarise(
+        claim_id,
+        name,
+        (name,),
+        cases,
+        q,
+        tol,
+        defined,
+        granularity=cases.granularity,
+        source=cases.source,
+        where=cases.where,
+        tolerance=tolerance,
+        evidence=_evidence(cases, (name,)),
+        note=note,
+    )
+
+
+_RESIDUAL = " + gamma|<f,r>| 1e-10/(|r|^2 + 1e-10) per projected tensor"
+
+
+def check_r1(cases: Cases) -> list[CheckResult]:
+    """R1: ``<d_SAGO, r> >= 0`` (reported as cos(d, r)) at the cases' granularity."""
+    return [_alignment("R1", "sago", cases, "")]
+
+
+def check_r2(cases: Cases) -> list[CheckResult]:
+    """R2: per-tensor PCGrad ``<d, r> >= -(1e-10 residual)`` per tensor, layer or model."""
+    return [_alignment("R2", "pcgrad", cases, _RESIDUAL)]
+
+
+def check_r2b(cases: Cases) -> list[CheckResult]:
+    """R2b: global PCGrad ``<d, r> >= 0``: proven for the model, false per tensor or layer."""
+    model = cases.granularity == "model"
+    text = " + gamma|<f,r>| 1e-10/(|r|^2 + 1e-10) of the model" if model else ""
+    return [_alignment("R2b", "pcgrad_global", cases, text)]
+
+
+# ----------------------------------------------------------------------------------------------
+# R3: PCGrad's closed form in the projected branch
+# ----------------------------------------------------------------------------------------------
+
+
+def check_r3(cases: Cases) -> list[CheckResult]:
+    """R3: where PCGrad's projection fires, cos(d, r) = alpha|r| / sqrt(alpha^2|r|^2 +
+    gamma^2|f~|^2); per tensor for ``pcgrad``, for the model for ``pcgrad_global`` (the only
+    vectors the projection is made on). Margin: the largest ``|cos(d, r) - closed form|``."""
+    scope = {"tensor": "pcgrad", "model": "pcgrad_global"}.get(cases.granularity)
+    if scope is None:
+        return []
+    if scope not in cases.stats:
+        return [_missing("R3", scope, (scope,), cases)]
+    a, g = cases.alpha, cases.gamma
+    s = cases.stats[scope]
+    ff, rr, fr = field_of(s, "ff"), field_of(s, "rr"), field_of(s, "fr")
+    dd, dr = field_of(s, "dd"), field_of(s, "dr")
+    fired = fr < 0
+    # |f~|^2 with c = <f,r>/(|r|^2 + 1e-10), written to avoid cancelling 2c<f,r> - c^2|r|^2:
+    # |f~|^2 = (|f|^2 - <f,r>^2/|r|^2) + (<f,r>^2/|r|^2) (1 - s)^2, s = |r|^2/(|r|^2 + 1e-10)
+    ratio = _div(fr * fr, rr)
+    shrink = _div(rr, rr + 1e-10)
+    ft2 = np.maximum(ff - ratio, 0.0) + ratio * (1.0 - shrink) ** 2
+    rn = np.sqrt(rr)
+    base = a * a * rr + g * g * ft2
+    closed = _div(a * rn, np.sqrt(base))
+    measured = _div(dr, np.sqrt(dd) * rn)
+    defined = fired & (dd > 0) & (rr > 0) & (base > 0)
+    # exact cos with the 1e-10 term: <f~, r> = <f,r> 1e-10/(|r|^2 + 1e-10) =: rho / gamma
+    rho = g * fr * _div(np.full_like(rr, 1e-10), rr + 1e-10)
+    exact = _div(a * rr + rho, rn * np.sqrt(np.maximum(base + 2 * a * rho, 0.0)))
+    cancel = _div(g * g * a * rn * (16 * np.finfo(np.float64).eps * ff), 2 * base**1.5)
+    tol = np.abs(exact - closed) + _div(cases.rounding[scope], np.sqrt(dd) * rn) + cancel
+    q = np.abs(measured - closed)
+    outside = int((~fired).sum())
+    note = _join(
+        f"{outside} cases outside the projected branch (<f,r> >= 0) are outside the claim"
+        if outside
+        else "",
+        _weights_note(cases),
+        _source_notes(cases, (scope,)),
+    )
+    tolerance = (
+        "|cos(d,r) - closed form| <= tol; tol = |effect of the 1e-10 term| + rounding bound / "
+        f"(|d||r|) + float64 cancellation in |f~|^2; rtol = {rtol(cases.dtype):.3g}"
+    )
+    return [
+        summarise(
+            "R3",
+            scope,
+            (scope,),
+            cases,
+            np.where(defined, q, np.nan)[fired],
+            np.where(defined, tol, np.nan)[fired],
+            defined[fired],
+            granularity=cases.granularity,
+            source=cases.source,
+            where=tuple(w for w, f in zip(cases.where, fired, strict=True) if f),
+            tolerance=tolerance,
+            evidence=_evidence(cases, (scope,)),
+            note=note,
+            deviation=True,
+        )
+    ]
+
+
+# ----------------------------------------------------------------------------------------------
+# Comparisons: R4, R7, R8 (cosines) and R5 (numerators)
+# ----------------------------------------------------------------------------------------------
+
+
+def cosine_gap(cases: Cases, first: str, second: str) -> tuple[np.ndarray, ...]:
+    """``(gap, tol, defined, norm_ratio)`` per case: ``gap = cos(d_first, r) - cos(d_second,
+    r)``, its rounding tolerance, where both cosines are defined, and ``|f| / |r|``."""
+    a, b = cases.stats[first], cases.stats[second]
+    rr = field_of(a, "rr")
+    rn = np.sqrt(rr)
+    na, nb = np.sqrt(field_of(a, "dd")) * rn, np.sqrt(field_of(b, "dd")) * rn
+    gap = _div(field_of(a, "dr"), na) - _div(field_of(b, "dr"), nb)
+    tol = _div(cases.rounding[first], na) + _div(cases.rounding[second], nb)
+    defined = (na > 0) & (nb > 0)
+    ratio = _div(np.sqrt(field_of(a, "ff")), rn)
+    return gap, tol, defined, ratio
+
+
+def _comparison(claim_id: str, first: str, second: str, cases: Cases) -> CheckResult:
+    label, pair = f"{first}>={second}", (first, second)
+    if first not in cases.stats or second not in cases.stats:
+        return _missing(claim_id, label, pair, cases)
+    gap, tol, defined, ratio = cosine_gap(cases, first, second)
+    details: dict[str, float] = {}
+    ok = defined & np.isfinite(gap)
+    if ok.any():
+        details["mean_gap"] = float(np.mean(gap[ok]))
+        details["median_gap"] = float(np.median(gap[ok]))
+        bad = ok & (gap < -tol)
+        for name, mask in (("ratio_below_1", ratio < 1), ("ratio_at_least_1", ratio >= 1)):
+            n = int((ok & mask).sum())
+            details[f"cases_{name}"] = n
+            details[f"rate_{name}"] = float((bad & mask).sum() / n) if n else float("nan")
+    weights = _weights_note(cases)
+    if claim_id in ("R4", "R7") and (cases.alpha, cases.gamma) != (1.0, 1.0):
+        weights += " (the claim is stated for alpha = gamma = 1; measured at these weights)"
+    note = _join(
+        "measured, not gated" if claim_id in ("R4", "R7", "R8") else "",
+        "undefined: a zero |d| or |r|" if (~defined).any() else "",
+        weights,
+        _source_notes(cases, pair),
+    )
+    return summarise(
+        claim_id,
+        label,
+        pair,
+        cases,
+        gap,
+        tol,
+        defined,
+        granularity=cases.granularity,
+        source=cases.source,
+        where=cases.where,
+        tolerance=(
+            f"cos(d_{first},r) - cos(d_{second},r) >= -tol (ties hold); tol = sum of both "
+            f"cosines' rounding bounds; rtol = {rtol(cases.dtype):.3g}"
+        ),
+        evidence=_evidence(cases, pair),
+        note=note,
+        details=details,
+    )
+
+
+def check_r4(cases: Cases) -> list[CheckResult]:
+    """R4 (false, measured): cos(d_SAGO, r) >= cos(d_PCGrad, r), against per-tensor and
+    global PCGrad. ``details``: mean and median gap, violation rate for ``|f| < |r|`` and
+    ``|f| >= |r|``."""
+    return [_comparison("R4", "sago", p, cases) for p in ("pcgrad", "pcgrad_global")]
+
+
+def check_r7(cases: Cases) -> list[CheckResult]:
+    """R7 (open): cos(d_sago_prefer_retain, r) >= cos(d_PCGrad, r), both PCGrad scopes."""
+    return [_comparison("R7", "sago_prefer_retain", p, cases) for p in ("pcgrad", "pcgrad_global")]
+
+
+def check_r8(cases: Cases) -> list[CheckResult]:
+    """R8 (open): cos(d_PCGrad per tensor, r) >= cos(d_PCGrad global, r)."""
+    return [_comparison("R8", "pcgrad", "pcgrad_global", cases)]
+
+
+def check_r5(cases: Cases) -> list[CheckResult]:
+    """R5 (false): ``<d_SAGO, r> >= <d_PCGrad, r>``, reported as a difference over ``|r|^2``."""
+    out = []
+    for other in ("pcgrad", "pcgrad_global"):
+        label, pair = f"sago>={other}", ("sago", other)
+        if "sago" not in cases.stats or other not in cases.stats:
+            out.append(_missing("R5", label, pair, cases))
+            continue
+        s, p = cases.stats["sago"], cases.stats[other]
+        rr = field_of(s, "rr")
+        q = _div(field_of(s, "dr") - field_of(p, "dr"), rr)
+        tol = _div(cases.rounding["sago"] + cases.rounding[other], rr)
+        out.append(
+            summarise(
+                "R5",
+                label,
+                pair,
+                cases,
+                q,
+                tol,
+                rr > 0,
+                granularity=cases.granularity,
+                source=cases.source,
+                where=cases.where,
+                tolerance=(
+                    "(<d_sago,r> - <d_pcgrad,r>) / |r|^2 >= -tol; tol = both rounding bounds / "
+                    f"|r|^2; rtol = {rtol(cases.dtype):.3g}"
+                ),
+                evidence=_evidence(cases, pair),
+                note=_join("measured, not gated", _weights_note(cases)),
+            )
+        )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# R9: SAGO's two parts have disjoint supports
+# ----------------------------------------------------------------------------------------------
+
+
+def check_r9(cases: Cases) -> list[CheckResult]:
+    """R9 from additive statistics: if ``d = alpha r 1_C + gamma f 1_A`` (disjoint supports),
+    then ``e = gamma<d,f> + alpha<d,r> - <d,d> - alpha gamma <f,r> = 0`` (coordinate-wise
+    ``e_i = -(d_i - gamma f_i)(d_i - alpha r_i)``). A necessary condition: checked as
+    ``-|e| / (alpha|r| + gamma|f|)^2 >= -rtol``."""
+    if "sago" not in cases.stats:
+        return [_missing("R9", "sago", ("sago",), cases)]
+    a, g = cases.alpha, cases.gamma
+    s = cases.stats["sago"]
+    ff, rr, fr = field_of(s, "ff"), field_of(s, "rr"), field_of(s, "fr")
+    dd, df, dr = field_of(s, "dd"), field_of(s, "df"), field_of(s, "dr")
+    e = g * df + a * dr - dd - a * g * fr
+    scale = (a * np.sqrt(rr) + g * np.sqrt(ff)) ** 2
+    defined = scale > 0
+    q = -_div(np.abs(e), scale)
+    shadow = cases.evidence.get("sago") == "shadow"
+    note = _join(
+        "necessary condition from sums only (the per-coordinate test needs the gradients)",
+        "shadow statistics: a consistency check of the closed form" if shadow else "",
+        "undefined: f = r = 0" if (~defined).any() else "",
+        _weights_note(cases),
+        _source_notes(cases, ("sago",)),
+    )
+    return [
+        summarise(
+            "R9",
+            "sago",
+            ("sago",),
+            cases,
+            q,
+            rtol(cases.dtype),
+            defined,
+            granularity=cases.granularity,
+            source=cases.source,
+            where=cases.where,
+            tolerance=(
+                "-|gamma<d,f> + alpha<d,r> - <d,d> - alpha gamma<f,r>| / (alpha|r| + gamma|f|)^2 "
+                f">= -rtol; rtol = 8 eps({cases.dtype_name}) + 1e-12 = {rtol(cases.dtype):.3g}"
+            ),
+            evidence=_evidence(cases, ("sago",)),
+            note=note,
+        )
+    ]
+
+
+ADDITIVE_CHECKS: dict[str, Callable[[Cases], list[CheckResult]]] = {
+    "R1": check_r1,
+    "R2": check_r2,
+    "R2b": check_r2b,
+    "R3": check_r3,
+    "R4": check_r4,
+    "R5": check_r5,
+    "R7": check_r7,
+    "R8": check_r8,
+    "R9": check_r9,
+}
+"""Claim id -> check over :class:`Cases` (tensor, layer, model). R6 is coordinate-wise only."""

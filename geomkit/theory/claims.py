@@ -1,0 +1,190 @@
+"""The claim table: THEORY.md R1-R9, each with its statement and what actually holds.
+
+The SAGO paper (Xiao et al., ACL 2026, arXiv 2604.14808) states that PCGrad and SAGO both keep a
+non-negative cosine with the retain gradient and that SAGO "achieves strictly tighter alignment".
+THEORY.md turns that into precise readings R1-R9 and gives each a status:
+
+``"proven"``
+    Holds for every input (a short proof exists); a violation beyond tolerance is a bug.
+``"false"``
+    Fails for some inputs (counterexamples exist); a violation is a measurement, not a bug.
+``"open"``
+    No proof and no counterexample (or holds only in a restricted reading); measured.
+
+A claim can have different statuses at different strategies and granularities (R2b holds for the
+model but fails per tensor; R6 holds for SAGO but not for PCGrad): :meth:`Claim.status_at`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+__all__ = ["CLAIMS", "GRANULARITIES", "STATUSES", "Claim", "get_claim"]
+
+STATUSES: tuple[str, ...] = ("proven", "false", "open")
+"""The statuses a claim can have at a (strategy, granularity)."""
+
+GRANULARITIES: tuple[str, ...] = ("coordinate", "tensor", "layer", "model")
+"""Where a claim is evaluated: one coordinate, one parameter tensor, one layer, the model."""
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One reading of the paper's alignment claim (THEORY.md).
+
+    Parameters
+    ----------
+    id : str
+        THEORY.md id (``"R1"`` ... ``"R9"``, ``"R2b"``).
+    statement : str
+        The claim, as a formula.
+    status : str
+        Status of the claim as stated, for all inputs (one of :data:`STATUSES`).
+    strategies : tuple of str
+        The strategies (or ``"a>=b"`` comparisons) the claim is about.
+    granularities : tuple of str
+        Granularities at which geomkit evaluates it.
+    holds : str
+        What actually holds (THEORY.md's status column, abridged).
+    overrides : mapping
+        ``(strategy, granularity) -> status`` where it differs from ``status``; ``"*"`` matches
+        every granularity.
+    """
+
+    id: str
+    statement: str
+    status: str
+    strategies: tuple[str, ...]
+    granularities: tuple[str, ...]
+    holds: str
+    overrides: Mapping[tuple[str, str], str] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        statuses = [self.status, *self.overrides.values()]
+        for status in statuses:
+            if status not in STATUSES:
+                raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
+        for granularity in self.granularities:
+            if granularity not in GRANULARITIES:
+                raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        object.__setattr__(self, "overrides", MappingProxyType(dict(self.overrides)))
+
+    def status_at(self, strategy: str, granularity: str) -> str:
+        """The status of this claim for ``strategy`` evaluated at ``granularity``."""
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        for key in ((strategy, granularity), (strategy, "*")):
+            if key in self.overrides:
+                return self.overrides[key]
+        return self.status
+
+
+_TABLE = (
+    Claim(
+        "R1",
+        "SAGO: d_i r_i >= 0 for every coordinate i, hence <d, r> >= 0 at every grouping "
+        "(any alpha, gamma >= 0)",
+        "proven",
+        ("sago",),
+        ("coordinate", "tensor", "layer", "model"),
+        "holds: <d,r> = alpha sum_C r_i^2 + gamma sum_A f_i r_i, every term >= 0; can be 0; "
+        "cos(d, r) undefined when d = 0 (e.g. f = 0)",
+    ),
+    Claim(
+        "R2",
+        "per-tensor PCGrad: <d_j, r_j> >= 0 for every tensor j, hence for every grouping",
+        "proven",
+        ("pcgrad",),
+        ("tensor", "layer", "model"),
+        "holds up to the 1e-10 in the projection denominator: a residual "
+        "gamma |<f,r>| 1e-10 / (|r|^2 + 1e-10) per projected tensor",
+    ),
+    Claim(
+        "R2b",
+        "global PCGrad: <d, r> >= 0 for the model (and, as sometimes read, per tensor)",
+        "false",
+        ("pcgrad_global",),
+        ("tensor", "layer", "model"),
+        "holds for the model (up to the 1e-10 residual); fails per tensor (a negative tensor in "
+        "about half of random draws)",
+        {("pcgrad_global", "model"): "proven"},
+    ),
+    Claim(
+        "R3",
+        "PCGrad closed form: when the projection fires, cos(d, r) = alpha |r| / "
+        "sqrt(alpha^2 |r|^2 + gamma^2 |f~|^2), f~ the projected forget gradient",
+        "open",
+        ("pcgrad", "pcgrad_global"),
+        ("tensor", "model"),
+        "only in the projected branch and only for the vector the projection was made on (one "
+        "tensor for pcgrad, the model for pcgrad_global); reported, not gated",
+    ),
+    Claim(
+        "R4",
+        "cos(d_SAGO, r) >= cos(d_PCGrad, r) for all inputs (alpha = gamma = 1)",
+        "false",
+        ("sago>=pcgrad", "sago>=pcgrad_global"),
+        ("tensor", "layer", "model"),
+        "false: r=(1,0.01), f=(0.01,1) gives 0.020 vs 0.714; holds in ~38% of random draws; "
+        "tends to hold when |f| >~ |r| (a property of the data, not a theorem)",
+    ),
+    Claim(
+        "R5",
+        "<d_SAGO, r> >= <d_PCGrad, r> (numerator comparison)",
+        "false",
+        ("sago>=pcgrad", "sago>=pcgrad_global"),
+        ("tensor", "layer", "model"),
+        "false in general",
+    ),
+    Claim(
+        "R6",
+        "coordinate-wise sign agreement: no coordinate of d opposes r (d_i r_i >= 0)",
+        "false",
+        ("sago", "sago_prefer_retain", "pcgrad", "pcgrad_global"),
+        ("coordinate",),
+        "true for SAGO and sago_prefer_retain (the reading of 'strictly tighter' that holds for "
+        "every input); false for PCGrad (almost always an opposing coordinate)",
+        {("sago", "*"): "proven", ("sago_prefer_retain", "*"): "proven"},
+    ),
+    Claim(
+        "R7",
+        "sago_prefer_retain: cos(d, r) >= cos(d_PCGrad, r) (alpha = gamma = 1)",
+        "open",
+        ("sago_prefer_retain>=pcgrad", "sago_prefer_retain>=pcgrad_global"),
+        ("tensor", "layer", "model"),
+        "THEORY.md gives a proof against global PCGrad (model); no counterexample found against "
+        "per-tensor PCGrad or at alpha, gamma in {0.1, 1}; not gated",
+    ),
+    Claim(
+        "R8",
+        "cos(d_PCGrad per tensor, r) >= cos(d_PCGrad global, r)",
+        "open",
+        ("pcgrad>=pcgrad_global",),
+        ("tensor", "layer", "model"),
+        "no counterexample beyond float noise; unproven",
+    ),
+    Claim(
+        "R9",
+        "SAGO: the two surviving parts alpha r 1_C and gamma f 1_A are orthogonal (disjoint "
+        "supports): d_i is alpha r_i or gamma f_i at every coordinate",
+        "proven",
+        ("sago",),
+        ("coordinate", "tensor", "layer", "model"),
+        "holds; from additive statistics only its consequence "
+        "<d, gamma f + alpha r> - <d, d> = alpha gamma <f, r> can be checked",
+    ),
+)
+
+CLAIMS: Mapping[str, Claim] = MappingProxyType({c.id: c for c in _TABLE})
+"""Every claim of THEORY.md by id, in order R1, R2, R2b, R3, ..., R9."""
+
+
+def get_claim(claim_id: str) -> Claim:
+    """Return the claim with id ``claim_id`` (e.g. ``"R4"``); ValueError if unknown."""
+    if not isinstance(claim_id, str):
+        raise TypeError(f"claim id must be a str, got {type(claim_id).__name__}: {claim_id!r}")
+    if claim_id not in CLAIMS:
+        raise ValueError(f"unknown claim {claim_id!r}; known claims are {', '.join(CLAIMS)}")
+    return CLAIMS[claim_id]

@@ -1,0 +1,235 @@
+"""Claim checks on synthetic gradient pairs: :func:`audit_synthetic`.
+
+For every sampler, each strategy of :mod:`geomkit.strategies` is run on the same pairs (the
+update is materialised in the sampler's dtype), its sufficient statistics are computed in
+float64 NumPy (independently of :mod:`geomkit.statistics`), and every claim is checked at
+coordinate granularity (R1, R6, R9: on the update itself), at tensor and at model granularity.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from geomkit._validation import check_weight
+from geomkit.metrics import FIELDS
+from geomkit.strategies import build
+from geomkit.theory.cases import Cases, build_cases
+from geomkit.theory.checks import ADDITIVE_CHECKS
+from geomkit.theory.claims import CLAIMS, GRANULARITIES
+from geomkit.theory.coordinates import Flat, flat64, r9_coordinates, sign_agreement
+from geomkit.theory.report import Audit, CheckResult
+from geomkit.theory.samplers import Sampler, default_samplers
+
+__all__ = ["STRATEGIES", "audit_synthetic", "check_claims", "synthetic_cases"]
+
+STRATEGIES: tuple[str, ...] = ("sago", "sago_prefer_retain", "pcgrad", "pcgrad_global")
+"""The strategies the claims are about."""
+
+Combine = Callable[[Sequence[Tensor], Sequence[Tensor]], Sequence[Tensor]]
+
+
+def check_claims(claims: Sequence[str] | None) -> tuple[str, ...]:
+    """Validate a selection of claim ids (None: all of THEORY.md)."""
+    if claims is None:
+        return tuple(CLAIMS)
+    if isinstance(claims, str):
+        claims = (claims,)
+    unknown = [c for c in claims if c not in CLAIMS]
+    if unknown:
+        raise ValueError(f"unknown claims {unknown}; known claims are {', '.join(CLAIMS)}")
+    return tuple(claims)
+
+
+def _implementations(
+    alpha: float, gamma: float, implementations: Mapping[str, Combine] | None
+) -> dict[str, Combine]:
+    impl: dict[str, Combine] = {n: build(n, alpha=alpha, gamma=gamma) for n in STRATEGIES}
+    for name, fn in (implementations or {}).items():
+        if name not in STRATEGIES:
+            raise ValueError(f"implementations may replace {STRATEGIES}, got {name!r}")
+        if not callable(fn):
+            raise TypeError(f"implementation of {name!r} must be callable, got {fn!r}")
+        impl[name] = fn
+    return impl
+
+
+def _statistics(flat: Flat, update: np.ndarray, name: str) -> np.ndarray:
+    """Sufficient statistics ``[n_pairs, n_tensors, len(FIELDS)]`` of materialised updates,
+    computed here in float64 NumPy (independently of :mod:`geomkit.statistics`, the code the
+    checks are meant to catch)."""
+    f, r, d = flat.forget, flat.retain, update
+
+    def total(x: np.ndarray) -> np.ndarray:
+        return np.add.reduceat(x, flat.starts, axis=1)
+
+    def opposite(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return (((x > 0) & (y < 0)) | ((x < 0) & (y > 0))).astype(np.float64)
+
+    fr = total(f * r)
+    if name == "pcgrad":
+        projected = (fr < 0).astype(np.float64)
+    elif name == "pcgrad_global":
+        projected = np.broadcast_to((fr.sum(1, keepdims=True) < 0).astype(np.float64), fr.shape)
+    else:
+        projected = np.zeros_like(fr)
+    numel = np.diff(np.append(flat.starts, f.shape[1])).astype(np.float64)
+    values = {
+        "ff": total(f * f),
+        "rr": total(r * r),
+        "fr": fr,
+        "dd": total(d * d),
+        "df": total(d * f),
+        "dr": total(d * r),
+        "n_conflict": total(opposite(f, r)),
+        "n_both_nonzero": total(((f != 0) & (r != 0)).astype(np.float64)),
+        "n_opposed": total(opposite(d, r)),
+        "numel": np.broadcast_to(numel, fr.shape),
+        "n_projected": projected,
+        "n_tensors": np.ones_like(fr),
+    }
+    return np.stack([values[k] for k in FIELDS], axis=-1)
+
+
+def synthetic_cases(
+    sampler: Sampler,
+    flat: Flat,
+    updates: Mapping[str, np.ndarray],
+    alpha: float,
+    gamma: float,
+) -> dict[str, Cases]:
+    """:class:`Cases` at tensor and model granularity from materialised updates."""
+    tensor_stats = {name: _statistics(flat, d, name) for name, d in updates.items()}
+    n_pairs, n_tensors = flat.forget.shape[0], len(flat.starts)
+    return build_cases(
+        tensor_stats,
+        batch_labels=[f"sample {i}" for i in range(n_pairs)],
+        tensor_labels=[str(j) for j in range(n_tensors)],
+        groupings={"model": (np.zeros(n_tensors, dtype=int), ["model"])},
+        alpha=alpha,
+        gamma=gamma,
+        dtype=flat.dtype,
+        source=f"synthetic:{sampler.name}",
+        evidence={n: "materialised" for n in updates},
+    )
+
+
+def _audit_sampler(
+    sampler: Sampler,
+    n: int,
+    seed: int,
+    alpha: float,
+    gamma: float,
+    claims: tuple[str, ...],
+    implementations: Mapping[str, Combine],
+) -> list[CheckResult]:
+    pairs = sampler.sample(n, seed)
+    flat = Flat.of_pairs(pairs)
+    updates = {}
+    for name, fn in implementations.items():
+        rows = []
+        for i, p in enumerate(pairs):
+            d = list(fn(p.forget, p.retain))
+            if [tuple(t.shape) for t in d] != [tuple(t.shape) for t in p.forget]:
+                raise ValueError(
+                    f"strategy {name!r} returned tensors of shapes {[tuple(t.shape) for t in d]}"
+                    f" for pair {i}; expected {[tuple(t.shape) for t in p.forget]}"
+                )
+            rows.append(flat64(d))
+        updates[name] = np.stack(rows)
+    source = f"synthetic:{sampler.name}"
+    weights = f"alpha={alpha:g}, gamma={gamma:g}"
+    results: list[CheckResult] = []
+    if "R1" in claims:
+        results.append(sign_agreement("R1", "sago", flat, updates["sago"], source, weights))
+    if "R6" in claims:
+        for name in STRATEGIES:
+            results.append(sign_agreement("R6", name, flat, updates[name], source, weights))
+    if "R9" in claims:
+        results.append(r9_coordinates(flat, updates["sago"], alpha, gamma, source, weights))
+    cases = synthetic_cases(sampler, flat, updates, alpha, gamma)
+    for granularity in ("tensor", "model"):
+        for claim in claims:
+            if claim in ADDITIVE_CHECKS:
+                results.extend(ADDITIVE_CHECKS[claim](cases[granularity]))
+    return results
+
+
+def sort_results(results: Sequence[CheckResult]) -> tuple[CheckResult, ...]:
+    """Order results by claim (THEORY.md order), then granularity, keeping the rest stable."""
+    claim_order = {c: i for i, c in enumerate(CLAIMS)}
+    gran_order = {g: i for i, g in enumerate(GRANULARITIES)}
+    return tuple(sorted(results, key=lambda r: (claim_order[r.claim], gran_order[r.granularity])))
+
+
+def audit_synthetic(
+    samplers: Sampler | Sequence[Sampler] | None = None,
+    *,
+    n: int = 32,
+    seed: int = 0,
+    alpha: float = 1.0,
+    gamma: float = 1.0,
+    claims: Sequence[str] | None = None,
+    implementations: Mapping[str, Combine] | None = None,
+) -> Audit:
+    """Check every THEORY.md claim on synthetic gradient pairs.
+
+    Parameters
+    ----------
+    samplers : Sampler or sequence of Sampler, optional
+        Default :func:`~geomkit.theory.samplers.default_samplers` (dense, sparse, heavy-tailed,
+        zeros; four dtypes; the R4 counterexamples).
+    n : int
+        Pairs per sampler.
+    seed : int
+        Seed of every sampler.
+    alpha, gamma : float
+        Weights of the retain and forget gradients (R4 and R7 are stated for 1, 1).
+    claims : sequence of str, optional
+        Claim ids to check (default all).
+    implementations : mapping, optional
+        Replace a strategy's implementation (``name -> callable(forget, retain) -> update``),
+        e.g. to check a new kernel against the claims, or to plant a bug in a test.
+
+    Returns
+    -------
+    Audit
+        One result per claim, strategy, granularity and sampler; ``bug_detected`` if a proven
+        claim is violated beyond tolerance.
+
+    Notes
+    -----
+    Claims from Xiao et al., "SAGO", ACL 2026 (arXiv 2604.14808), as read in THEORY.md.
+    """
+    if samplers is None:
+        samplers = default_samplers()
+    elif isinstance(samplers, Sampler):
+        samplers = (samplers,)
+    samplers = tuple(samplers)
+    if not samplers:
+        raise ValueError("samplers is empty; pass at least one Sampler (or None for defaults)")
+    for s in samplers:
+        if not isinstance(s, Sampler):
+            raise TypeError(f"samplers must be geomkit Sampler objects, got {type(s).__name__}")
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise ValueError(f"n must be an integer >= 1, got {n!r}")
+    alpha, gamma = check_weight("alpha", alpha), check_weight("gamma", gamma)
+    claims = check_claims(claims)
+    impl = _implementations(alpha, gamma, implementations)
+    results: list[CheckResult] = []
+    with torch.no_grad():
+        for sampler in samplers:
+            results.extend(_audit_sampler(sampler, n, seed, alpha, gamma, claims, impl))
+    attrs = {
+        "kind": "synthetic",
+        "samplers": [s.name for s in samplers],
+        "n": int(n),
+        "seed": int(seed),
+        "alpha": alpha,
+        "gamma": gamma,
+    }
+    return Audit(sort_results(results), attrs)

@@ -1,0 +1,588 @@
+"""geomkit.plot: what is drawn (data, labels from attributes, styles), ax= handling, skipping
+with a message when data is missing, the figure set on disk, and no figures left open."""
+
+from __future__ import annotations
+
+import logging
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+from matplotlib.colors import LogNorm
+
+import geomkit.analysis  # noqa: F401  (registers ds.geom)
+import geomkit.plot as gp
+
+STRATEGIES = ("sum", "pcgrad", "sago")
+LAYERS = 3
+RECORDS = 6
+EVALUATIONS = (0, 2, 4, 6)
+
+# --------------------------------------------------------------------------------------------
+# Synthetic runs in the store layout (docs/schema.md), with statistics of real (f, r, d) vectors
+# --------------------------------------------------------------------------------------------
+
+
+def _combine(name: str, f: np.ndarray, r: np.ndarray) -> tuple[np.ndarray, int]:
+    fr, rr = f @ r, r @ r
+    if name == "sum":
+        return f + r, 0
+    if name == "pcgrad":
+        if fr < 0:
+            return f - fr / (rr + 1e-10) * r + r, 1
+        return f + r, 0
+    if name == "sago":
+        conflict = np.sign(f) * np.sign(r) < 0
+        return np.where(conflict, r, f), 0
+    raise AssertionError(name)
+
+
+def _tensors() -> list[tuple[str, int, str, str, int]]:
+    tensors = [("model.embed_tokens.weight", -1, "embed", "embed", 24)]
+    for i in range(LAYERS - 1):
+        tensors.append((f"model.layers.{i}.self_attn.q_proj.weight", i, "attn_q", "attention", 16))
+        tensors.append((f"model.layers.{i}.mlp.up_proj.weight", i, "mlp_up", "mlp", 20))
+    return tensors
+
+
+def make_run(
+    applied: str = "sago",
+    *,
+    seed: int = 0,
+    objective: str = "graddiff",
+    shadows: tuple[str, ...] = STRATEGIES,
+    evaluations: tuple[int, ...] | None = EVALUATIONS,
+    steps: int = RECORDS,
+) -> xr.Dataset:
+    """One run as geomkit.open_run returns it, with the applied strategy first."""
+    rng = np.random.default_rng(seed * 100 + sum(map(ord, applied)))
+    strategies = [applied] + [s for s in shadows if s != applied]
+    tensors = _tensors()
+    fields = {k: np.zeros((RECORDS, len(tensors))) for k in ("ff", "rr", "fr")}
+    counts = {k: np.zeros((RECORDS, len(tensors)), np.int64) for k in ("nc", "nb")}
+    upd = {k: np.zeros((RECORDS, len(strategies), len(tensors))) for k in ("dd", "df", "dr")}
+    opp = np.zeros((RECORDS, len(strategies), len(tensors)), np.int64)
+    proj = np.zeros_like(opp)
+    for t in range(RECORDS):
+        for j, (_, _, _, _, n) in enumerate(tensors):
+            r = rng.normal(size=n)
+            scale = np.exp(rng.normal(0.5, 0.8))
+            f = scale * (-0.4 * r + rng.normal(size=n))
+            fields["ff"][t, j], fields["rr"][t, j], fields["fr"][t, j] = f @ f, r @ r, f @ r
+            counts["nc"][t, j] = int(np.sum(np.sign(f) * np.sign(r) < 0))
+            counts["nb"][t, j] = int(np.sum((f != 0) & (r != 0)))
+            for k, name in enumerate(strategies):
+                d, fired = _combine(name, f, r)
+                upd["dd"][t, k, j], upd["df"][t, k, j], upd["dr"][t, k, j] = d @ d, d @ f, d @ r
+                opp[t, k, j] = int(np.sum(d * r < 0))
+                proj[t, k, j] = fired
+    step = np.arange(steps)
+    shrink = {"sum": 1.0, "pcgrad": 0.6, "sago": 0.3}.get(applied, 0.5)
+    attrs = lambda long, units="1": {"long_name": long, "units": units, "description": long}  # noqa: E731
+    data = {
+        "forget_loss": (("step",), -0.5 * step - rng.normal(0, 0.05, steps), attrs("forget loss")),
+        "retain_loss": (
+            ("step",),
+            1 + shrink * step + rng.normal(0, 0.05, steps),
+            attrs("retain loss"),
+        ),
+        "wall_time": (("step",), 0.1 * step, attrs("wall time", "s")),
+        "ff": (("record", "tensor"), fields["ff"], attrs("<f, f>", "gradient^2")),
+        "rr": (("record", "tensor"), fields["rr"], attrs("<r, r>", "gradient^2")),
+        "fr": (("record", "tensor"), fields["fr"], attrs("<f, r>", "gradient^2")),
+        "n_conflict": (("record", "tensor"), counts["nc"], attrs("conflicting", "count")),
+        "n_both_nonzero": (("record", "tensor"), counts["nb"], attrs("both", "count")),
+        "n_opposed": (("record", "strategy", "tensor"), opp, attrs("opposed", "count")),
+        "n_projected": (("record", "strategy", "tensor"), proj, attrs("projected", "count")),
+    }
+    for k in ("dd", "df", "dr"):
+        data[k] = (("record", "strategy", "tensor"), upd[k], attrs(k, "gradient^2"))
+    coords = {
+        "step": ("step", step, attrs("optimizer step")),
+        "record": ("record", np.arange(RECORDS), attrs("recorded optimizer step")),
+        "strategy": ("strategy", np.array(strategies, object), attrs("combination strategy")),
+        "measured": ("strategy", np.arange(len(strategies)) == 0),
+        "tensor": ("tensor", np.array([t[0] for t in tensors], object), attrs("tensor")),
+        "layer": ("tensor", np.array([t[1] for t in tensors]), attrs("layer")),
+        "component": ("tensor", np.array([t[2] for t in tensors], object), attrs("component")),
+        "module": ("tensor", np.array([t[3] for t in tensors], object), attrs("module")),
+        "numel": ("tensor", np.array([t[4] for t in tensors]), attrs("coordinates", "count")),
+    }
+    if evaluations is not None:
+        ev = np.asarray(evaluations)
+        progress = ev / max(ev.max(), 1)
+        quality = {"sum": 0.5, "pcgrad": 0.8, "sago": 0.9}.get(applied, 0.7)
+        noise = rng.normal(0, 0.02, len(ev)) * (ev > 0)
+        data["forget_acc"] = (
+            ("evaluation",),
+            1 - 0.8 * progress + noise,
+            attrs("forget QA accuracy"),
+        )
+        data["retain_acc"] = (
+            ("evaluation",),
+            1 - (1 - quality) * progress + noise,
+            attrs("retain QA accuracy"),
+        )
+        data["general_acc"] = (
+            ("evaluation",),
+            0.7 - 0.1 * (1 - quality) * progress,
+            attrs("general-probe accuracy"),
+        )
+        coords["evaluation"] = ("evaluation", ev, attrs("optimizer steps completed"))
+    return xr.Dataset(
+        data,
+        coords,
+        attrs={
+            "geomkit_schema": "geomkit.run",
+            "schema_version": 1,
+            "applied_strategy": applied,
+            "objective": objective,
+            "seed": seed,
+            "alpha": 1.0,
+            "gamma": 1.0,
+            "run": f"{objective}-{applied}-seed{seed}",
+        },
+    )
+
+
+def stack(runs: list[xr.Dataset]) -> xr.Dataset:
+    """Runs along ``run`` the way geomkit.open_runs stacks them."""
+    combined = xr.concat(
+        [ds.drop_vars("measured") for ds in runs],
+        dim="run",
+        join="outer",
+        combine_attrs="drop_conflicts",
+        coords="minimal",
+        compat="override",
+    )
+    combined = combined.assign_coords(run=[ds.attrs["run"] for ds in runs])
+    for key in ("applied_strategy", "seed"):
+        values = [ds.attrs[key] for ds in runs]
+        if len(set(values)) > 1:
+            combined = combined.assign_coords({key: ("run", np.array(values, object))})
+    return combined
+
+
+@pytest.fixture(autouse=True)
+def no_open_figures():
+    plt.close("all")
+    yield
+    leaked = plt.get_fignums()
+    plt.close("all")
+    assert not leaked, f"figures left open: {leaked}"
+
+
+@pytest.fixture
+def ax():
+    fig, ax = plt.subplots()
+    yield ax
+    plt.close(fig)
+
+
+@pytest.fixture(scope="module")
+def run() -> xr.Dataset:
+    return make_run("sago")
+
+
+@pytest.fixture(scope="module")
+def runs() -> list[xr.Dataset]:
+    return [make_run(s, seed=seed) for s in STRATEGIES for seed in (0, 1)]
+
+
+def _on(artists, ax) -> bool:
+    return all(a.axes is ax for a in artists)
+
+
+# --------------------------------------------------------------------------------------------
+# Style
+# --------------------------------------------------------------------------------------------
+
+
+def test_axis_label_from_attributes_skips_unit_one() -> None:
+    assert gp.axis_label({"long_name": "retain loss", "units": "1"}) == "retain loss"
+    assert gp.axis_label({"long_name": "wall time", "units": "s"}) == "wall time [s]"
+    assert gp.axis_label({}, "fallback") == "fallback"
+
+
+def test_paper_markers_and_style_is_restored() -> None:
+    assert gp.strategy_style("sum").marker == "s"
+    assert gp.strategy_style("pcgrad").marker == "^"
+    assert gp.strategy_style("sago").marker == "*"
+    assert gp.strategy_style("new_rule") == gp.strategy_style("new_rule")  # stable fallback
+    before = matplotlib.rcParams["pdf.fonttype"], matplotlib.rcParams["axes.spines.top"]
+    with gp.paper_style():
+        assert matplotlib.rcParams["pdf.fonttype"] == 42
+        assert matplotlib.rcParams["axes.spines.top"] is False
+    assert (matplotlib.rcParams["pdf.fonttype"], matplotlib.rcParams["axes.spines.top"]) == before
+
+
+def test_save_writes_pdf_and_png(tmp_path, ax) -> None:
+    ax.plot([0, 1], [1, 0])
+    paths = gp.save(ax.figure, tmp_path / "sub" / "figure")
+    assert [p.name for p in paths] == ["figure.pdf", "figure.png"]
+    assert paths[0].read_bytes().startswith(b"%PDF")
+    assert paths[1].read_bytes().startswith(b"\x89PNG")
+    with pytest.raises(ValueError, match="'docx'"):
+        gp.save(ax.figure, tmp_path / "figure", formats=("docx",))
+
+
+# --------------------------------------------------------------------------------------------
+# Heatmaps
+# --------------------------------------------------------------------------------------------
+
+
+def test_cos_fr_heatmap_is_layer_by_step(run, ax) -> None:
+    result = gp.cos_fr_heatmap(run, ax=ax)
+    mesh = result.artists["heatmap"]
+    expected = run.geom.metrics(by="layer")["cos_fr"].transpose("layer", "record")
+    assert mesh.get_array().shape == (LAYERS, RECORDS)
+    np.testing.assert_allclose(mesh.get_array(), expected.values)
+    assert result.ax is ax and mesh.axes is ax
+    assert ax.get_xlabel() == "recorded optimizer step"
+    assert ax.get_ylabel() == "layer"
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["-1", "0", "1"]
+    label = result.extras["colorbar"].ax.get_ylabel().replace("\n", " ")
+    assert label == expected.attrs["long_name"]
+
+
+def test_conflict_heatmap_values(run) -> None:
+    result = gp.conflict_heatmap(run)
+    values = result.artists["heatmap"].get_array()
+    expected = run.geom.metrics(by="layer")["conflict_rate"].transpose("layer", "record")
+    np.testing.assert_allclose(values, expected.values)
+    assert 0 <= values.min() and values.max() <= 1
+    plt.close(result.figure)
+
+
+# --------------------------------------------------------------------------------------------
+# Alignment over steps and per layer
+# --------------------------------------------------------------------------------------------
+
+
+def test_alignment_one_line_per_strategy_applied_solid(run) -> None:
+    fig, axes = plt.subplots(1, 2)
+    result = gp.alignment_over_steps(run, ("cos_dr", "cos_df"), ax=axes)
+    assert set(result.artists) == {(m, s) for m in ("cos_dr", "cos_df") for s in STRATEGIES}
+    metrics = run.geom.metrics(by="model")
+    for (metric, strategy), line in result.artists.items():
+        panel = axes[0] if metric == "cos_dr" else axes[1]
+        assert line.axes is panel
+        np.testing.assert_allclose(line.get_ydata(), metrics[metric].sel(strategy=strategy))
+        if strategy == "sago":  # applied
+            assert line.get_linestyle() == "-" and "(shadow)" not in line.get_label()
+        else:
+            assert line.get_linestyle() == "--" and line.get_label().endswith("(shadow)")
+        assert line.get_marker() == gp.strategy_style(strategy).marker
+    assert axes[0].get_ylabel().replace("\n", " ") == metrics["cos_dr"].attrs["long_name"]
+    assert len(axes[0].get_lines()) == len(STRATEGIES) + 1  # + the zero line
+    plt.close(fig)
+
+
+def test_alignment_layer_selection(run, ax) -> None:
+    result = gp.alignment_over_steps(run, metric="cos_dr", layer=1, ax=ax, strategies=["pcgrad"])
+    assert list(result.artists) == [("cos_dr", "pcgrad")]
+    expected = run.geom.metrics(by="layer")["cos_dr"].sel(layer=1, strategy="pcgrad")
+    np.testing.assert_allclose(result.artists[("cos_dr", "pcgrad")].get_ydata(), expected)
+    with pytest.raises(ValueError, match="unknown layer 7"):
+        gp.alignment_over_steps(run, "cos_dr", layer=7, ax=ax)
+    with pytest.raises(gp.MissingVariable, match="'blur'"):
+        gp.alignment_over_steps(run, "cos_dr", strategies=["blur"], ax=ax)
+
+
+def test_alignment_small_multiples(run) -> None:
+    result = gp.alignment_by_layer(run, "cos_df", ncols=2)
+    assert len(result.axes) == LAYERS
+    assert set(result.artists) == {(layer, s) for layer in (-1, 0, 1) for s in STRATEGIES}
+    for (layer, _), line in result.artists.items():
+        assert line.axes is result.axes[[-1, 0, 1].index(layer)]
+    plt.close(result.figure)
+
+
+@pytest.mark.parametrize("kind", ["violin", "box", "strip"])
+def test_distributions_per_layer_and_strategy(run, ax, kind) -> None:
+    result = gp.alignment_distributions(run, "cos_dr", kind=kind, ax=ax)
+    frame = result.extras["data"]
+    assert len(frame) == RECORDS * LAYERS * len(STRATEGIES)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["-1", "0", "1"]
+    legend = [t.get_text() for t in result.extras["legend"].get_texts()]
+    assert legend == ["SAGO", "sum (shadow)", "PCGrad (shadow)"]
+    assert result.artists["distribution"] and _on(result.artists["distribution"], ax)
+
+
+def test_distributions_per_tensor(run, ax) -> None:
+    result = gp.alignment_distributions(run, "cos_fr", granularity="tensor", ax=ax)
+    frame = result.extras["data"]
+    assert len(frame) == RECORDS * len(_tensors())
+    assert "strategy" not in frame
+
+
+# --------------------------------------------------------------------------------------------
+# Theorem figures
+# --------------------------------------------------------------------------------------------
+
+
+def test_sago_vs_pcgrad_scatter(run, ax) -> None:
+    result = gp.sago_vs_pcgrad(run, ax=ax)
+    points = result.artists["points"]
+    metrics = run.geom.metrics(by="tensor")
+    x = metrics["cos_dr"].sel(strategy="pcgrad").values.ravel()
+    y = metrics["cos_dr"].sel(strategy="sago").values.ravel()
+    assert result.extras["n_points"] == x.size == RECORDS * len(_tensors())
+    assert result.extras["n_below"] == int(np.sum(y < x - 1e-12))
+    np.testing.assert_allclose(sorted(points.get_offsets()[:, 0]), sorted(x))
+    assert isinstance(points.norm, LogNorm)
+    assert _on([points, result.artists["diagonal"]], ax)
+    assert "|f| / |r|" in result.extras["colorbar"].ax.get_ylabel()
+
+
+def test_sago_vs_pcgrad_skips_without_the_strategy(ax) -> None:
+    with pytest.raises(gp.MissingVariable, match="'pcgrad'") as error:
+        gp.sago_vs_pcgrad(make_run("sago", shadows=("sum", "sago")), ax=ax)
+    assert isinstance(error.value, gp.PlotSkipped) and error.value.variable == "pcgrad"
+
+
+def test_violation_rates_bars(ax) -> None:
+    frame = pd.DataFrame(
+        {
+            "claim": ["R1", "R1", "R4", "R4"],
+            "granularity": ["tensor", "model", "tensor", "model"],
+            "violation_rate": [0.0, 0.0, 0.62, 0.3],
+            "status": ["proven", "proven", "false", "false"],
+        }
+    )
+    result = gp.violation_rates(frame, ax=ax)
+    assert result.artists[("R4", "tensor")].get_width() == pytest.approx(0.62)
+    assert len(result.artists) == 4 and _on(result.artists.values(), ax)
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["R1", "R4"]
+    assert [t.get_text() for t in result.extras["legend"].get_texts()] == ["tensor", "model"]
+    assert ax.get_xlabel() == "violation rate"
+    with pytest.raises(ValueError, match="violation_rate"):
+        gp.violation_rates(frame.drop(columns="violation_rate"), ax=ax)
+
+
+def test_violation_rates_pool_sources(ax) -> None:
+    """Audit.to_frame() has one row per source (run or sampler) and strategy."""
+    frame = pd.DataFrame(
+        {
+            "claim": ["R4", "R4", "R4", "R1"],
+            "granularity": ["tensor"] * 4,
+            "strategy": ["sago>=pcgrad", "sago>=pcgrad", "sago>=pcgrad_global", "sago"],
+            "source": ["run-a", "run-b", "run-a", "run-a"],
+            "cases": [10, 30, 10, 0],
+            "violations": [5, 3, 1, 0],
+            "violation_rate": [0.5, 0.1, 0.1, np.nan],
+            "status": ["false"] * 3 + ["proven"],
+        }
+    )
+    result = gp.violation_rates(frame, ax=ax)
+    assert result.artists[("R4 sago>=pcgrad", "tensor")].get_width() == pytest.approx(8 / 40)
+    assert result.artists[("R4 sago>=pcgrad_global", "tensor")].get_width() == pytest.approx(0.1)
+    table = result.extras["table"].set_index("group")
+    assert table.loc["R4 sago>=pcgrad", "cases"] == 40
+    assert np.isnan(table.loc["R1 sago", "violation_rate"])
+    assert any(t.get_text() == "proven n/a" for t in ax.texts)
+
+
+# --------------------------------------------------------------------------------------------
+# Loss dynamics, trade-off
+# --------------------------------------------------------------------------------------------
+
+
+def test_loss_dynamics_mean_over_seeds(runs) -> None:
+    result = gp.loss_dynamics(stack(runs))
+    assert len(result.axes) == 2
+    assert set(result.artists) == {
+        (v, ("graddiff", s)) for v in ("retain_loss", "forget_loss") for s in STRATEGIES
+    }
+    line = result.artists[("retain_loss", ("graddiff", "pcgrad"))]
+    pair = [r for r in runs if r.attrs["applied_strategy"] == "pcgrad"]
+    np.testing.assert_allclose(line.get_ydata(), (pair[0].retain_loss + pair[1].retain_loss) / 2)
+    assert line.get_label() == "PCGrad (n=2)" and line.axes is result.axes[0]
+    assert len(result.extras["bands"]) == 2 * len(STRATEGIES)
+    assert result.axes[0].get_ylabel() == "retain loss"
+    assert result.axes[1].get_xlabel() == "optimizer step"
+    plt.close(result.figure)
+
+
+def test_loss_dynamics_missing_variable(ax) -> None:
+    with pytest.raises(gp.MissingVariable, match="'retain_loss'"):
+        gp.loss_dynamics([make_run("sum").drop_vars("retain_loss")], ax=[ax, ax])
+
+
+def test_tradeoff_arrows_from_sum(runs, ax) -> None:
+    result = gp.tradeoff(stack(runs), y="general_acc", ax=ax)
+    points = result.extras["points"]
+    assert set(points) == {("graddiff", s) for s in STRATEGIES}
+    sago = [r for r in runs if r.attrs["applied_strategy"] == "sago"]
+    final = [(float(r.forget_acc[-1]), float(r.general_acc[-1])) for r in sago]
+    assert points[("graddiff", "sago")] == pytest.approx(tuple(np.mean(final, axis=0)))
+    arrows = result.extras["arrows"]
+    assert set(arrows) == {("graddiff", "sum", "pcgrad"), ("graddiff", "sum", "sago")}
+    for (_, start, end), arrow in arrows.items():
+        assert arrow.xyann == pytest.approx(points[("graddiff", start)])
+        assert arrow.xy == pytest.approx(points[("graddiff", end)])
+        assert arrow.arrow_patch.get_linestyle() == "--" and arrow.axes is ax
+    target = result.extras["target"]
+    assert target.get_ydata()[0] == pytest.approx(float(runs[0].general_acc[0]))
+    assert target.get_linestyle() == "--"
+    sago_marker = result.artists[("graddiff", "sago")][0]
+    assert sago_marker.get_marker() == "*" and sago_marker.axes is ax
+    assert result.artists[("graddiff", "sum")][0].get_marker() == "s"
+    assert result.artists[("graddiff", "sago")].has_xerr  # two seeds: error bars
+    assert ax.get_xlabel() == "final forget QA accuracy (lower is better)"
+    assert ax.get_ylabel() == "final general-probe accuracy (higher is better)"
+
+
+def test_tradeoff_trajectories_start_at_target(runs, ax) -> None:
+    result = gp.tradeoff_trajectories(runs, ax=ax)
+    line = result.artists[("graddiff", "sum")]
+    assert len(line.get_xdata()) == len(EVALUATIONS)
+    assert line.get_xdata()[0] == pytest.approx(float(runs[0].forget_acc[0]))
+    assert _on(result.artists.values(), ax)
+
+
+def test_final_evaluation_table(runs) -> None:
+    table = gp.final_evaluation(stack(runs))
+    assert list(table["run"]) == ["target"] + [r.attrs["run"] for r in runs]
+    assert list(table.columns[-3:]) == ["forget_acc", "retain_acc", "general_acc"]
+    last = table.set_index("run").loc[runs[1].attrs["run"]]
+    assert last["evaluation"] == EVALUATIONS[-1]
+    assert last["retain_acc"] == pytest.approx(float(runs[1].retain_acc[-1]))
+    assert table.loc[0, "forget_acc"] == pytest.approx(float(runs[0].forget_acc[0]))
+
+
+def test_tradeoff_skips_without_evaluations(ax) -> None:
+    with pytest.raises(gp.MissingVariable, match="'forget_acc'"):
+        gp.tradeoff([make_run("sum", evaluations=None)], ax=ax)
+    only_target = make_run("sum", evaluations=(0,))
+    with pytest.raises(gp.PlotSkipped, match="after step 0"):
+        gp.tradeoff(only_target, ax=ax)
+    empty = make_run("sum", evaluations=None).assign(
+        forget_acc=("evaluation", np.zeros(0)), retain_acc=("evaluation", np.zeros(0))
+    )
+    with pytest.raises(gp.PlotSkipped, match="no data"):
+        gp.tradeoff(empty, ax=ax)
+
+
+# --------------------------------------------------------------------------------------------
+# Geometry table
+# --------------------------------------------------------------------------------------------
+
+
+def test_geometry_table_means_over_steps(runs) -> None:
+    table = gp.geometry_table(runs)
+    assert list(table["strategy"]) == list(STRATEGIES)
+    pcgrad = [r for r in runs if r.attrs["applied_strategy"] == "pcgrad"]
+    cos = [float(r.geom.metrics()["cos_dr"].sel(strategy="pcgrad").mean()) for r in pcgrad]
+    row = table.set_index("strategy").loc["pcgrad"]
+    assert row["cos_dr"] == pytest.approx(np.mean(cos))
+    assert row["cos_dr_sd"] == pytest.approx(np.std(cos, ddof=1))
+    assert row["runs"] == 2 and row["applied"]
+    markdown = gp.geometry_table_markdown(table)
+    assert "Forget-Retain cos(f, r)" in markdown and "| PCGrad | 2 | 6 |" in markdown
+    shadows = gp.geometry_table(runs, shadows=True)
+    assert len(shadows) == len(STRATEGIES) ** 2 and (~shadows["applied"]).sum() == 6
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs, the figure set
+# --------------------------------------------------------------------------------------------
+
+
+def test_several_runs_need_a_choice(runs) -> None:
+    stacked = stack(runs)
+    with pytest.raises(ValueError, match="pass run="):
+        gp.cos_fr_heatmap(stacked)
+    result = gp.cos_fr_heatmap(stacked, run="graddiff-pcgrad-seed1")
+    expected = runs[3].geom.metrics(by="layer")["cos_fr"].transpose("layer", "record")
+    np.testing.assert_allclose(result.artists["heatmap"].get_array(), expected.values)
+    plt.close(result.figure)
+
+
+def test_write_figures_writes_every_figure(tmp_path, runs) -> None:
+    audit = pd.DataFrame(
+        {"claim": ["R4"], "granularity": ["tensor"], "violation_rate": [0.4], "status": ["fails"]}
+    )
+    results = gp.write_figures(runs[0], tmp_path, audit=audit, dpi=40)
+    skipped = {k: v for k, v in results.items() if isinstance(v, str)}
+    assert not skipped
+    assert set(results) == {
+        *("cos_fr_heatmap", "conflict_heatmap", "alignment"),
+        *("alignment_layers_cos_dr", "alignment_layers_cos_df"),
+        *("distribution_cos_dr", "distribution_cos_df", "loss_dynamics"),
+        *("tradeoff_retain", "tradeoff_general"),
+        *("tradeoff_trajectories_retain", "tradeoff_trajectories_general"),
+        *("sago_vs_pcgrad", "violation_rates", "geometry_table"),
+    }
+    for name, paths in results.items():
+        if name != "geometry_table":
+            assert [p.suffix for p in paths] == [".pdf", ".png"], name
+            assert paths[0].read_bytes().startswith(b"%PDF")
+            assert paths[1].read_bytes().startswith(b"\x89PNG")
+    assert (tmp_path / "alignment.pdf").exists()
+    assert (tmp_path / "geometry_table.md").read_text().startswith("| Method")
+    assert pd.read_csv(tmp_path / "geometry_table.csv").shape[0] == 1
+    assert plt.get_fignums() == []
+
+
+def test_write_figures_skips_with_a_message(tmp_path, caplog) -> None:
+    single = make_run("sum", evaluations=None, shadows=("sum", "sago"))
+    with caplog.at_level(logging.WARNING, logger="geomkit.plot"):
+        results = gp.write_figures(single, tmp_path, formats=("png",), dpi=40)
+    assert results["tradeoff_retain"].startswith("skipped:")
+    assert "'forget_acc'" in results["tradeoff_retain"]
+    assert "'pcgrad'" in results["sago_vs_pcgrad"]
+    assert results["violation_rates"].startswith("skipped: no audit frame")
+    assert [p.name for p in results["cos_fr_heatmap"]] == ["cos_fr_heatmap.png"]
+    assert any("tradeoff_retain" in r.getMessage() for r in caplog.records)
+    assert not (tmp_path / "tradeoff_retain.png").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# A real recorded run (the smoke preset: tiny model, 4 steps)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def plot_smoke_runs(smoke_runs):
+    status, out = smoke_runs  # the session's smoke `geomkit run` (tests/conftest.py)
+    assert status == 0
+    return out
+
+
+def test_real_run_figure_set(plot_smoke_runs, tmp_path) -> None:
+    import geomkit
+
+    stacked = geomkit.open_runs(plot_smoke_runs)
+    results = gp.write_figures(plot_smoke_runs, tmp_path, formats=("png",), dpi=40)
+    skipped = {k for k, v in results.items() if isinstance(v, str)}
+    evaluated = "forget_acc" in stacked and stacked.sizes.get("evaluation", 0) > 0
+    allowed = {"violation_rates"} | (set() if evaluated else {n for n in results if "trade" in n})
+    assert skipped <= allowed, {k: results[k] for k in skipped - allowed}
+    for run_label in stacked["run"].values:
+        assert (tmp_path / str(run_label) / "cos_fr_heatmap.png").exists()
+        assert f"{run_label}/alignment" in results
+    table = gp.geometry_table(stacked)
+    assert sorted(table["strategy"]) == ["pcgrad", "sago", "sum"]
+    assert table[["cos_fr", "cos_dr", "cos_df"]].abs().le(1).all().all()
+    assert (table.set_index("strategy")["cos_dr"] >= -1e-9).loc[["pcgrad", "sago"]].all()
+    assert plt.get_fignums() == []
+
+
+def test_real_audit_frame(plot_smoke_runs, ax) -> None:
+    import geomkit
+    from geomkit import theory
+
+    frame = theory.audit(geomkit.open_runs(plot_smoke_runs)).to_frame()
+    result = gp.violation_rates(frame, ax=ax)
+    table = result.extras["table"]
+    assert len(result.artists) == len(table) > 0
+    assert set(table["claim"]) == set(frame["claim"])
+    rates = table["violation_rate"].dropna()
+    assert ((rates >= 0) & (rates <= 1)).all()
