@@ -118,6 +118,7 @@ def _parser() -> argparse.ArgumentParser:
     plot.add_argument(
         "--format", nargs="+", default=["pdf", "png"], metavar="EXT", help="file formats"
     )
+    plot.add_argument("--dpi", type=int, default=300, help="resolution of raster formats")
 
     figures = commands.add_parser(
         "figures",
@@ -131,6 +132,7 @@ def _parser() -> argparse.ArgumentParser:
     figures.add_argument("--config", default=None, help="JSON or TOML file of settings")
     figures.add_argument("--preset", default=None, help="one of: " + ", ".join(PRESETS))
     figures.add_argument("--cache-dir", metavar="DIR", help="cache of pretrained benchmark models")
+    figures.add_argument("--dpi", type=int, default=150, help="resolution of the PNG files")
     return parser
 
 
@@ -178,7 +180,7 @@ def _plot(args: argparse.Namespace) -> int:
     if args.out is None and len(args.runs) != 1:
         raise ValueError("--out is required with several RUN arguments")
     out = Path(args.out) if args.out else _beside(args.runs, "figures")
-    written = write_report(runs, out, formats=args.format)
+    written = write_report(runs, out, formats=args.format, dpi=args.dpi)
     _print_written(written, out)
     return 0
 
@@ -194,7 +196,7 @@ def _figures(args: argparse.Namespace) -> int:
         results = run(config, report=False)
         runs = [Path(config.out) / r["run"] for r in results]
     out = Path(args.out)
-    written = write_report(runs, out)
+    written = write_report(runs, out, dpi=args.dpi, first_seed_only=True)
     _print_written(written, out)
     return 0
 

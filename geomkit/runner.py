@@ -15,6 +15,7 @@ import csv
 import json
 import math
 import random
+import re
 import statistics
 import sys
 import time
@@ -97,11 +98,16 @@ def write_report(
     out: Path,
     formats: Sequence[str] = ("pdf", "png"),
     audit_dir: Path | None = None,
+    *,
+    dpi: int = 300,
+    first_seed_only: bool = False,
 ) -> dict[str, Any]:
     """Audit ``runs`` and write their figure set (with the violation-rate figure) to ``out``.
 
     The audit goes to ``audit_dir`` (default ``out``) as ``audit.json`` and ``audit.txt``.
-    Returns :func:`geomkit.plot.write_figures`' map of figure name to paths or skip reason.
+    With ``first_seed_only``, per-run figures are drawn for one seed of each objective and
+    strategy (the set figures still use every run). Returns
+    :func:`geomkit.plot.write_figures`' map of figure name to paths or skip reason.
     """
     from geomkit.plot import write_figures
     from geomkit.store import open_runs
@@ -113,7 +119,15 @@ def write_report(
     (audit_dir / "audit.txt").write_text(str(audit) + "\n", encoding="utf-8")
     verdict = "a proven claim is VIOLATED (a bug)" if audit.bug_detected else "no bug"
     print(f"theorem audit: {verdict}; see {audit_dir / 'audit.txt'}", file=sys.stderr)
-    return write_figures(open_runs(runs), out, formats, audit=audit.to_frame())
+    per_run = None
+    if first_seed_only:
+        first: dict[str, str] = {}
+        for path in sorted(runs, key=lambda p: p.name):
+            first.setdefault(re.sub(r"-seed\d+$", "", path.name), path.name)
+        per_run = list(first.values())
+    return write_figures(
+        open_runs(runs), out, formats, audit=audit.to_frame(), dpi=dpi, per_run=per_run
+    )
 
 
 def _run_name(config: RunConfig, strategy: str, seed: int) -> str:
@@ -287,6 +301,7 @@ def _run_embedded(config: RunConfig, out: Path) -> list[dict[str, Any]]:
             metrics["summary"] = {
                 **final,
                 **metrics["recovery"],
+                "matched_step": float(matched["step"]) if matched else math.nan,
                 "matched_retain_acc": matched["retain_acc"] if matched else math.nan,
                 "matched_general_acc": matched["general_acc"] if matched else math.nan,
             }
@@ -403,17 +418,21 @@ def _write_summary(results: list[dict[str, Any]], out: Path) -> None:
     rows = []
     for (objective, strategy), runs in groups.items():
         row: dict[str, Any] = {"objective": objective, "strategy": strategy, "seeds": len(runs)}
+        # runs whose forget accuracy reached the threshold (those the matched_* columns average)
+        row["forgotten"] = sum(
+            math.isfinite(r["summary"].get("matched_step", math.nan)) for r in runs
+        )
         for column in columns:
             row[column] = _mean_std([float(r["summary"][column]) for r in runs])
         rows.append(row)
     with open(out / "summary.csv", "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        header = ["objective", "strategy", "seeds"]
+        header = ["objective", "strategy", "seeds", "forgotten"]
         for column in columns:
             header += [f"{column}_mean", f"{column}_std"]
         writer.writerow(header)
         for row in rows:
-            cells = [row["objective"], row["strategy"], row["seeds"]]
+            cells = [row["objective"], row["strategy"], row["seeds"], row["forgotten"]]
             for column in columns:
                 cells += ["" if math.isnan(x) else f"{x:.6g}" for x in row[column]]
             writer.writerow(cells)
@@ -425,11 +444,11 @@ def _write_summary(results: list[dict[str, Any]], out: Path) -> None:
         return f"{mean:.3f}" if math.isnan(std) else f"{mean:.3f} ± {std:.3f}"
 
     lines = [
-        "| objective | strategy | seeds | " + " | ".join(columns) + " |",
-        "|" + "---|" * (3 + len(columns)),
+        "| objective | strategy | seeds | forgotten | " + " | ".join(columns) + " |",
+        "|" + "---|" * (4 + len(columns)),
     ]
     for row in rows:
-        cells = [row["objective"], row["strategy"], str(row["seeds"])]
+        cells = [row["objective"], row["strategy"], str(row["seeds"]), str(row["forgotten"])]
         lines.append("| " + " | ".join(cells + [cell(row[c]) for c in columns]) + " |")
     table = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(table, encoding="utf-8")

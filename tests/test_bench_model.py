@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import geomkit.bench.model as bench_model
-from geomkit.bench.data import QA, make_benchmark, qa_prompt
+from geomkit.bench.data import QA, make_benchmark, qa_prompt, qa_text
 from geomkit.bench.evaluate import (
     evaluate,
     exact_match,
@@ -24,6 +24,7 @@ from geomkit.bench.model import (
     cache_key,
     load_or_pretrain,
     pretrain,
+    training_texts,
 )
 from geomkit.bench.tokenizer import WordTokenizer
 
@@ -191,3 +192,16 @@ def test_cache_reuse(tmp_path, monkeypatch) -> None:
     assert cache_key(params, TINY, train) != info["key"]
     with pytest.raises(AssertionError, match="cached"):
         load_or_pretrain(tmp_path, 10, 0.2, 8, TINY, train)
+
+
+def test_general_probe_examples_are_repeated_never_the_probe_itself() -> None:
+    data = make_benchmark(n_entities=10, seed=0)
+    once, thrice = training_texts(data), training_texts(data, general_repeats=3)
+    assert len(thrice) - len(once) == 2 * len(data.general_train_text)
+    for text in data.general_train_text:
+        assert thrice.count(text) == 3 * once.count(text)
+    probe = {qa_text(q) for q in data.general_qa}
+    assert not probe & set(thrice)
+    with pytest.raises(ValueError, match="general_repeats"):
+        TrainConfig(general_repeats=0)
+    assert cache_key({}, TINY, TrainConfig()) != cache_key({}, TINY, TrainConfig(general_repeats=1))

@@ -72,6 +72,7 @@ def write_figures(
     *,
     audit: pd.DataFrame | None = None,
     dpi: int = 300,
+    per_run: Sequence[str] | None = None,
 ) -> dict[str, list[Path] | str]:
     """Write every figure and the geometry table for one or several runs.
 
@@ -93,6 +94,9 @@ def write_figures(
         ``Audit.to_frame()`` of :mod:`geomkit.theory` for the violation-rate figure.
     dpi : int
         Resolution of raster formats.
+    per_run : sequence of str, optional
+        Labels of the runs that get the per-run figures (default: every run); the figures of
+        the whole set always use every run.
 
     Returns
     -------
@@ -120,7 +124,13 @@ def write_figures(
 
     with paper_style(), detached_figures():
         several = len(runs) > 1
+        labels = {run.label for run in runs}
+        unknown = sorted(set(per_run or ()) - labels)
+        if unknown:
+            raise ValueError(f"per_run names runs that are not in the source: {unknown}")
         for run in runs:
+            if per_run is not None and run.label not in per_run:
+                continue
             folder = out / _safe(run.label) if several else out
             for name, draw in RUN_FIGURES.items():
                 key = f"{run.label}/{name}" if several else name
