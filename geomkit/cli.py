@@ -34,6 +34,7 @@ _FLAGS = {
     "strategy": "strategies",
     "lr": "lr",
     "steps": "steps",
+    "epochs": "epochs",
     "seed": "seeds",
     "record_every": "record_every",
     "eval_every": "eval_every",
@@ -71,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--strategy", nargs="+", metavar="NAME", help="applied strategies")
     run.add_argument("--lr", type=float, help="peak learning rate")
     run.add_argument("--steps", type=int, help="optimizer steps per run")
+    run.add_argument(
+        "--epochs", type=int, help="passes over the forget data (sets the steps; RWKU presets)"
+    )
     run.add_argument("--seed", nargs="+", type=int, metavar="N", help="seeds")
     run.add_argument("--record-every", type=int, help="record geometry every N steps (0: never)")
     run.add_argument("--eval-every", type=int, help="evaluate every N steps (embedded only)")

@@ -47,6 +47,7 @@ class RunConfig:
     gamma: float = 1.0
     lr: float = 3e-3  # the embedded default: the plain sum visibly hurts retention (README)
     steps: int = 60
+    epochs: int | None = None  # when set: steps = epochs x forget batches / accumulation
     batch_size: int = 16
     accumulation: int = 1
     seeds: list[int] = field(default_factory=lambda: [0])
@@ -109,6 +110,8 @@ class RunConfig:
         for name in ("steps", "batch_size", "accumulation", "eval_every", "chunk_length"):
             _integer(name, getattr(self, name), 1)
         _integer("record_every", self.record_every, 0)
+        if self.epochs is not None:
+            _integer("epochs", self.epochs, 1)
         if not isinstance(self.seeds, list) or not self.seeds:
             raise _bad("seeds", self.seeds, "a non-empty list of integers >= 0")
         for seed in self.seeds:
@@ -259,6 +262,15 @@ _WMDP: dict[str, Any] = {
     "seeds": [0],
 }
 
+# The paper's RWKU batch setting (PAPER.md section 4.2): Llama-3-8B-Instruct, forget the first 50
+# targets' passages, retain the last 50 targets' passages, 2 epochs, global batch 32.
+_RWKU: dict[str, Any] = {**_WMDP, "epochs": 2}
+
+
+def _rwku(objective: str, strategy: str, lr: float, **extra: Any) -> dict[str, Any]:
+    return {**_RWKU, "objective": objective, "strategies": [strategy], "lr": lr, **extra}
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     # The tiny test configuration: a 2-layer, 32-wide model over 10 entities, 4 steps.
@@ -314,6 +326,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         "layer": 7,
         "coefficient": 2.0,
     },
+    "rwku_graddiff": _rwku("graddiff", "sum", 8e-7),
+    "rwku_graddiff_pcgrad": _rwku("graddiff", "pcgrad", 3e-6),
+    "rwku_graddiff_pcgrad_global": _rwku("graddiff", "pcgrad_global", 4e-6),
+    "rwku_graddiff_sago": _rwku("graddiff", "sago", 1e-5),
+    "rwku_npo": _rwku("npo", "sum", 3e-6, beta=1e-3),
+    "rwku_npo_pcgrad": _rwku("npo", "pcgrad", 8e-6, beta=1e-3),
+    "rwku_npo_sago": _rwku("npo", "sago", 1e-5, beta=1e-3),
+    "rwku_simnpo": _rwku("simnpo", "sum", 8e-6, beta=0.5, delta=0.1),
+    "rwku_simnpo_pcgrad": _rwku("simnpo", "pcgrad", 8e-6, alpha=0.5, beta=0.5, delta=0.1),
+    "rwku_simnpo_sago": _rwku("simnpo", "sago", 1e-5, alpha=0.1, beta=0.1, delta=0.1),
 }
 
 

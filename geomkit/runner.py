@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import json
 import math
 import random
@@ -232,6 +233,14 @@ def _finite(value: Any) -> Any:
     return value
 
 
+def _with_epochs(config: RunConfig, n_batches: int) -> RunConfig:
+    """``config`` with ``steps`` from ``epochs`` (passes over the forget batches), if set."""
+    if config.epochs is None:
+        return config
+    steps = max(1, math.ceil(config.epochs * n_batches / config.accumulation))
+    return dataclasses.replace(config, steps=steps)
+
+
 def _shuffled_batches(items: list, batch_size: int, seed: int, make: Callable) -> list[dict]:
     order = list(items)
     random.Random(seed).shuffle(order)
@@ -283,6 +292,7 @@ def _run_embedded(config: RunConfig, out: Path) -> list[dict[str, Any]]:
     for seed in config.seeds:
         forget = _shuffled_batches(forget_texts, config.batch_size, seed, make)
         retain = _shuffled_batches(retain_texts, config.batch_size, seed, make)
+        config = _with_epochs(config, len(forget))
         for strategy in config.strategies:
             run_dir = out / _run_name(config, strategy, seed)
             model = copy.deepcopy(target)
@@ -382,6 +392,7 @@ def _run_real(config: RunConfig, out: Path) -> list[dict[str, Any]]:
     for seed in config.seeds:
         forget = _shuffled_batches(forget_chunks, config.batch_size, seed, _lm_batch)
         retain = _shuffled_batches(retain_chunks, config.batch_size, seed, _lm_batch)
+        config = _with_epochs(config, len(forget))
         for strategy in config.strategies:
             run_dir = out / _run_name(config, strategy, seed)
             model = (

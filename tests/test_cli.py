@@ -69,6 +69,13 @@ def test_invalid_values_name_the_field(overrides, field):
         load_config(overrides=overrides)
 
 
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_is_valid(name):
+    config = load_config(preset=name)
+    if name.startswith("rwku_"):
+        assert config.epochs == 2 and config.batch_size * config.accumulation == 32
+
+
 def test_unknown_key_and_preset(tmp_path):
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"stepz": 3}))
@@ -133,10 +140,12 @@ def test_real_model_path(tmp_path):
     status = main(
         [
             *("run", "--model", str(directory), "--forget", str(forget), "--retain", str(retain)),
-            *("--out", str(out), "--strategy", "sago", "--steps", "2", "--batch-size", "2"),
+            *("--out", str(out), "--strategy", "sago", "--epochs", "2", "--batch-size", "2"),
         ]
     )
     assert status == 0
+    # --epochs 2: two passes over the forget data, here one chunk in one batch
+    assert json.loads((out / "graddiff-sago-seed0" / "config.json").read_text())["steps"] == 2
     store = geomkit.open_run(out / "graddiff-sago-seed0")
     assert store.sizes["step"] == 2
     assert torch.isfinite(torch.tensor(store["forget_loss"].values)).all()
