@@ -20,7 +20,7 @@ import re
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -233,6 +233,18 @@ def _finite(value: Any) -> Any:
     return value
 
 
+def _grid(
+    config: RunConfig, forget_items: list, retain_items: list, make: Callable
+) -> Iterator[tuple[RunConfig, int, str, list[dict], list[dict]]]:
+    """Every (seed, strategy) run: its configuration and its seed's shuffled batches."""
+    for seed in config.seeds:
+        forget = _shuffled_batches(forget_items, config.batch_size, seed, make)
+        retain = _shuffled_batches(retain_items, config.batch_size, seed, make)
+        seeded = _with_epochs(config, len(forget))
+        for strategy in config.strategies:
+            yield seeded, seed, strategy, forget, retain
+
+
 def _with_epochs(config: RunConfig, n_batches: int) -> RunConfig:
     """``config`` with ``steps`` from ``epochs`` (passes over the forget batches), if set."""
     if config.epochs is None:
@@ -289,35 +301,33 @@ def _run_embedded(config: RunConfig, out: Path) -> list[dict[str, Any]]:
         return tokenizer.batch(texts, max_length=max_length)
 
     results = []
-    for seed in config.seeds:
-        forget = _shuffled_batches(forget_texts, config.batch_size, seed, make)
-        retain = _shuffled_batches(retain_texts, config.batch_size, seed, make)
-        config = _with_epochs(config, len(forget))
-        for strategy in config.strategies:
-            run_dir = out / _run_name(config, strategy, seed)
-            model = copy.deepcopy(target)
-            metrics = _unlearn(
-                config, model, forget, retain, strategy, seed, run_dir, score, before
-            )
-            final = metrics["_history"][-1][1]
-            matched = matched_forgetting(metrics["_history"], config.threshold)
-            metrics.update(
-                before=before,
-                final=final,
-                recovery=recovery(final, before),
-                matched_forgetting=matched,
-                pretrain={k: info.get(k) for k in ("key", "cached", "path", "final")},
-            )
-            metrics["summary"] = {
-                **final,
-                **metrics["recovery"],
-                "matched_step": float(matched["step"]) if matched else math.nan,
-                "matched_retain_acc": matched["retain_acc"] if matched else math.nan,
-                "matched_general_acc": matched["general_acc"] if matched else math.nan,
-            }
-            _write_metrics(metrics, run_dir)
-            results.append(metrics)
-            del model
+    for run_config, seed, strategy, forget, retain in _grid(
+        config, forget_texts, retain_texts, make
+    ):
+        run_dir = out / _run_name(run_config, strategy, seed)
+        model = copy.deepcopy(target)
+        metrics = _unlearn(
+            run_config, model, forget, retain, strategy, seed, run_dir, score, before
+        )
+        final = metrics["_history"][-1][1]
+        matched = matched_forgetting(metrics["_history"], run_config.threshold)
+        metrics.update(
+            before=before,
+            final=final,
+            recovery=recovery(final, before),
+            matched_forgetting=matched,
+            pretrain={k: info.get(k) for k in ("key", "cached", "path", "final")},
+        )
+        metrics["summary"] = {
+            **final,
+            **metrics["recovery"],
+            "matched_step": float(matched["step"]) if matched else math.nan,
+            "matched_retain_acc": matched["retain_acc"] if matched else math.nan,
+            "matched_general_acc": matched["general_acc"] if matched else math.nan,
+        }
+        _write_metrics(metrics, run_dir)
+        results.append(metrics)
+        del model
     return results
 
 
@@ -389,24 +399,19 @@ def _run_real(config: RunConfig, out: Path) -> list[dict[str, Any]]:
     forget_chunks = _chunks(tokenizer, Path(config.forget), config.chunk_length)
     retain_chunks = _chunks(tokenizer, Path(config.retain_data), config.chunk_length)
     results = []
-    for seed in config.seeds:
-        forget = _shuffled_batches(forget_chunks, config.batch_size, seed, _lm_batch)
-        retain = _shuffled_batches(retain_chunks, config.batch_size, seed, _lm_batch)
-        config = _with_epochs(config, len(forget))
-        for strategy in config.strategies:
-            run_dir = out / _run_name(config, strategy, seed)
-            model = (
-                copy.deepcopy(target) if len(config.seeds) * len(config.strategies) > 1 else target
-            )
-            metrics = _unlearn(config, model, forget, retain, strategy, seed, run_dir, None)
-            last = metrics["losses"][-1]
-            metrics["summary"] = {
-                "forget_loss": last["forget_loss"],
-                "retain_loss": last["retain_loss"],
-            }
-            _write_metrics(metrics, run_dir)
-            results.append(metrics)
-            del model
+    grid = _grid(config, forget_chunks, retain_chunks, _lm_batch)
+    for run_config, seed, strategy, forget, retain in grid:
+        run_dir = out / _run_name(run_config, strategy, seed)
+        model = copy.deepcopy(target) if len(config.seeds) * len(config.strategies) > 1 else target
+        metrics = _unlearn(run_config, model, forget, retain, strategy, seed, run_dir, None)
+        last = metrics["losses"][-1]
+        metrics["summary"] = {
+            "forget_loss": last["forget_loss"],
+            "retain_loss": last["retain_loss"],
+        }
+        _write_metrics(metrics, run_dir)
+        results.append(metrics)
+        del model
     return results
 
 

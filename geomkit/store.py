@@ -41,6 +41,7 @@ __all__ = [
     "SchemaError",
     "open_run",
     "open_runs",
+    "stack_runs",
 ]
 
 SCHEMA = "geomkit.run"
@@ -593,13 +594,24 @@ def open_runs(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> xr.Data
         else Path(ds.attrs["source"]).name
         for ds in runs
     ]
+    return stack_runs(runs, labels)
+
+
+def stack_runs(runs: Sequence[xr.Dataset], labels: Sequence[str]) -> xr.Dataset:
+    """Stack opened runs along a new ``run`` dimension labelled ``labels``.
+
+    Steps and records that only some runs have are filled with NaN; per-run attributes that
+    differ between the runs become ``run`` coordinates.
+    """
+    if len(runs) != len(labels):
+        raise ValueError(f"{len(runs)} runs but {len(labels)} labels")
     varying = sorted(
         key
         for key in set().union(*(ds.attrs for ds in runs))
         if key != "source" and len({repr(ds.attrs.get(key)) for ds in runs}) > 1
     )
     combined = xr.concat(
-        [ds.drop_vars("measured") for ds in runs],
+        [ds.drop_vars("measured", errors="ignore") for ds in runs],
         dim="run",
         join="outer",
         combine_attrs="drop_conflicts",

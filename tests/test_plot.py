@@ -18,6 +18,7 @@ from matplotlib.colors import LogNorm
 
 import geomkit.analysis  # noqa: F401  (registers ds.geom)
 import geomkit.plot as gp
+from geomkit.store import stack_runs
 
 STRATEGIES = ("sum", "pcgrad", "sago")
 LAYERS = 3
@@ -153,20 +154,7 @@ def make_run(
 
 def stack(runs: list[xr.Dataset]) -> xr.Dataset:
     """Runs along ``run`` the way geomkit.open_runs stacks them."""
-    combined = xr.concat(
-        [ds.drop_vars("measured") for ds in runs],
-        dim="run",
-        join="outer",
-        combine_attrs="drop_conflicts",
-        coords="minimal",
-        compat="override",
-    )
-    combined = combined.assign_coords(run=[ds.attrs["run"] for ds in runs])
-    for key in ("applied_strategy", "seed"):
-        values = [ds.attrs[key] for ds in runs]
-        if len(set(values)) > 1:
-            combined = combined.assign_coords({key: ("run", np.array(values, object))})
-    return combined
+    return stack_runs(runs, [ds.attrs["run"] for ds in runs])
 
 
 @pytest.fixture(autouse=True)

@@ -10,6 +10,7 @@ import numpy as np
 import xarray as xr
 
 import geomkit.analysis  # noqa: F401  (registers the ds.geom accessor)
+from geomkit.metrics import FIELDS
 from geomkit.plot.style import MissingVariable, PlotSkipped
 
 __all__ = ["EVALUATIONS", "GEOMETRY", "Run", "Source", "require", "runs_of", "single_run"]
@@ -17,18 +18,7 @@ __all__ = ["EVALUATIONS", "GEOMETRY", "Run", "Source", "require", "runs_of", "si
 Source = xr.Dataset | Sequence[xr.Dataset]
 """One run, several runs stacked along ``run`` (:func:`geomkit.open_runs`), or a list of either."""
 
-GEOMETRY: tuple[str, ...] = (
-    "ff",
-    "rr",
-    "fr",
-    "dd",
-    "df",
-    "dr",
-    "n_conflict",
-    "n_both_nonzero",
-    "n_opposed",
-    "n_projected",
-)
+GEOMETRY: tuple[str, ...] = tuple(f for f in FIELDS if f not in ("numel", "n_tensors"))
 """The recorded statistics every geometry figure needs."""
 
 EVALUATIONS: tuple[str, ...] = ("forget_acc", "retain_acc", "general_acc")
