@@ -32,6 +32,22 @@ _PAIR_METRICS = (
 """Metrics of the (f, r) pair alone: they carry no ``strategy`` dimension."""
 
 
+LONG_NAMES: dict[str, str] = {
+    "cos_fr": "cos(f, r)",
+    "cos_dr": "cos(d, r)",
+    "cos_df": "cos(d, f)",
+    "norm_f": "|f|",
+    "norm_r": "|r|",
+    "norm_d": "|d|",
+    "norm_ratio": "|f| / |r|",
+    "conflict_rate": "sign-conflict rate",
+    "conflict_rate_nonzero": "sign-conflict rate (both non-zero)",
+    "opposed_rate": "rate of coordinates where d opposes r",
+    "projected_fraction": "fraction of tensors projected",
+}
+"""Short axis labels (``long_name``) of the derived metrics; the definition is ``description``."""
+
+
 @xr.register_dataset_accessor("geom")
 class GeometryAccessor:
     """Derived gradient-geometry metrics of a geomkit run (``ds.geom``)."""
@@ -54,6 +70,10 @@ class GeometryAccessor:
         ----------
         by : {"tensor", "layer", "component", "module", "model"}
             The grouping. ``"model"`` sums every tensor.
+
+        Sums do not skip NaN: a NaN (or inf) statistic of one tensor makes the sum of its
+        layer, component, module and model non-finite, so a NaN update cannot vanish from a
+        group (xarray's default ``skipna`` would drop it and report a clean sum).
         """
         self._require()
         if by not in GROUPINGS:
@@ -81,11 +101,11 @@ class GeometryAccessor:
             {c: ds[c] for c in ("layer", "component", "module") if c in ds.coords}
         )
         if by == "model":
-            grouped = stacked.sum("tensor")
+            grouped = stacked.sum("tensor", skipna=False)
         elif by == "tensor":
             grouped = stacked
         else:
-            grouped = stacked.groupby(by).sum("tensor")
+            grouped = stacked.groupby(by).sum("tensor", skipna=False)
         dims = [d for d in grouped.dims if d != "field"] + ["field"]
         return grouped.transpose(*dims)
 
@@ -105,7 +125,7 @@ class GeometryAccessor:
             da = template.copy(data=array)
             if name in _PAIR_METRICS and "strategy" in da.dims:
                 da = da.isel(strategy=0, drop=True)
-            da.attrs = {"long_name": METRICS[name], "units": "1"}
+            da.attrs = {"long_name": LONG_NAMES[name], "units": "1", "description": METRICS[name]}
             out[name] = da
         result = xr.Dataset(out)
         result.attrs = dict(self._ds.attrs, grouping=by)

@@ -47,6 +47,8 @@ PROVEN = {
     ("R6", "sago_prefer_retain"),
     ("R9", "sago"),
 }
+# proven (THEORY.md gives a proof) but outside the bug gate, evaluated for the model only
+PROVEN_UNGATED = {("R7", "sago_prefer_retain>=pcgrad_global")}
 NAMES = [
     "model.embed_tokens.weight",
     "model.layers.0.self_attn.q_proj.weight",
@@ -165,9 +167,14 @@ def assert_proven_pass(audit: Audit) -> None:
     assert not audit.bug_detected, audit.failures
     for r in audit:
         if r.status == "proven":
-            assert r.violations == 0, r
-            assert (r.claim, r.strategy) in PROVEN
+            assert r.violations == 0 and r.non_finite == 0, r
+            if r.gates:
+                assert (r.claim, r.strategy) in PROVEN
+            else:
+                assert (r.claim, r.strategy) in PROVEN_UNGATED and r.granularity == "model"
             assert r.tolerance  # stated
+        else:
+            assert not r.gates
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
@@ -295,6 +302,54 @@ def test_sum_posing_as_pcgrad_breaks_r2():
     assert audit.bug_detected
 
 
+class NaNSAGO:
+    """SAGO, except that on the ``bad``-th call coordinate ``k`` of tensor 1 is NaN."""
+
+    def __init__(self, bad: int, k: int, value: float = math.nan) -> None:
+        self.calls, self.bad, self.k, self.value = 0, bad, k, value
+        self.sago = build("sago")
+
+    def __call__(self, forget, retain):
+        d = self.sago(forget, retain)
+        if self.calls == self.bad:
+            d[1] = d[1].clone().reshape(-1)
+            d[1][self.k] = self.value
+            d[1] = d[1].reshape(forget[1].shape)
+        self.calls += 1
+        return d
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_non_finite_sago_update_is_a_violation_not_a_pass(value):
+    sampler = Gaussian(rho=0.2, dtype=torch.float32)
+    audit = theory.audit_synthetic(
+        sampler, n=6, implementations={"sago": NaNSAGO(bad=2, k=5, value=value)}
+    )
+    assert audit.bug_detected
+    for claim in ("R1", "R6", "R9"):
+        coord = one(audit, claim, "coordinate", "sago")
+        assert coord.failed and coord.non_finite == 1 and coord.violations >= 1, coord
+        assert coord.where == "sample 2, tensor 1, coordinate 5"
+        assert coord.worst_margin == -math.inf and "non-finite" in coord.note
+        assert math.isfinite(coord.details["worst_finite_margin"])
+    for granularity, where in (("tensor", "sample 2, tensor 1"), ("model", "sample 2")):
+        for claim in ("R1", "R9"):
+            r = one(audit, claim, granularity, "sago")
+            assert r.failed and r.non_finite == 1 and r.undefined == 0, r
+            assert r.where == where and r.worst_margin == -math.inf
+    # the comparisons see it too (measured claims: counted, not a bug by themselves)
+    r4 = one(audit, "R4", "model", "sago>=pcgrad")
+    assert r4.non_finite == 1 and r4.violations >= 1 and not r4.failed
+    assert one(audit, "R6", "coordinate", "sago_prefer_retain").non_finite == 0
+    assert {r.claim for r in audit.failures} == {"R1", "R6", "R9"}
+    # renders: the non-finite count is a column; strict JSON keeps -inf
+    assert "nonfin" in audit.table()
+    again = Audit.from_json(audit.to_json())
+    assert again.get("R1", "tensor", "sago").worst_margin == -math.inf
+    assert again.get("R1", "tensor", "sago").non_finite == 1
+    assert again.to_frame()["non_finite"].sum() == audit.to_frame()["non_finite"].sum() > 0
+
+
 def write_run(path: Path, pairs, strategy: str = "sago", **weights) -> Path:
     """A real store written through the public Recorder hook (no model needed)."""
     shapes = [tuple(t.shape) for t in pairs[0].forget]
@@ -387,6 +442,117 @@ def test_tampered_statistics_are_caught_and_located(recorded):
     assert r2.failed and r2.where == f"step 0, tensor {NAMES[0]}"
 
 
+@pytest.mark.parametrize("name", ["dr", "dd"])
+def test_nan_statistic_of_the_applied_update_is_caught_at_every_granularity(recorded, name):
+    ds = geomkit.open_run(recorded / "synthetic-sago")
+    target = NAMES[2]  # layer 0
+    audit = theory.audit(tamper(ds, name, "sago", 1, target, math.nan))
+    assert audit.bug_detected
+    for granularity, where in (
+        ("tensor", f"step 1, tensor {target}"),
+        ("layer", "step 1, layer 0"),
+        ("model", "step 1"),
+    ):
+        for claim in ("R1", "R9"):
+            r = one(audit, claim, granularity, "sago")
+            assert r.failed and r.violations == 1 and r.non_finite == 1, r
+            assert r.undefined == 0 and r.where == where and r.worst_margin == -math.inf
+            assert math.isfinite(r.details["worst_finite_margin"])
+    # the record is kept (not dropped as padding): every record is still a case
+    assert one(audit, "R1", "model", "sago").cases == 5
+    # a shadow strategy's statistics are untouched
+    assert one(audit, "R2", "model", "pcgrad").violations == 0
+
+
+def test_inf_in_ff_is_not_silently_dropped(recorded):
+    ds = geomkit.open_run(recorded / "synthetic-sago").load().copy(deep=True)
+    ds["ff"].loc[{"record": ds["record"].values[3], "tensor": NAMES[1]}] = math.inf
+    audit = theory.audit(ds)
+    assert audit.bug_detected
+    model = one(audit, "R1", "model", "sago")
+    assert model.cases == 5 and model.non_finite == 1 and model.where == "step 3"
+    tensor = one(audit, "R1", "tensor", "sago")
+    assert tensor.cases == 25 and tensor.where == f"step 3, tensor {NAMES[1]}"
+    assert one(audit, "R2", "tensor", "pcgrad").non_finite == 1  # ff sets every tolerance
+    assert "dropped" not in model.note
+
+
+def test_padding_of_stacked_runs_is_dropped_silently(recorded):
+    ds = geomkit.open_runs(recorded)  # 5 and 3 records: 2 all-NaN padding rows for one run
+    assert ds.sizes["record"] == 5
+    audit = theory.audit(ds)
+    assert not audit.bug_detected
+    assert all(r.non_finite == 0 for r in audit)
+    short = audit.select(source="synthetic-pcgrad")
+    assert one(short, "R2", "model", "pcgrad").cases == 3
+    assert one(short, "R2", "tensor", "pcgrad").cases == 3 * 5
+    assert not any("dropped" in r.note or "non-finite" in r.note for r in audit)
+    # the same padding in a single run (not stacked) is dropped but named in the note
+    single = geomkit.open_run(recorded / "synthetic-sago").load()
+    for var in ("ff", "rr", "fr", "dd", "df", "dr", "n_conflict", "n_both_nonzero"):
+        single[var] = single[var].astype(np.float64)
+        single[var].loc[{"record": 4}] = math.nan
+    for var in ("n_opposed", "n_projected"):
+        single[var] = single[var].astype(np.float64)
+        single[var].loc[{"record": 4}] = math.nan
+    audit = theory.audit(single)
+    r1 = one(audit, "R1", "model", "sago")
+    assert r1.cases == 4 and not audit.bug_detected and "steps 4" in r1.note
+
+
+def test_geometry_sums_propagate_nan(recorded):
+    ds = geomkit.open_run(recorded / "synthetic-sago")
+    bad = tamper(ds, "dr", "sago", 1, NAMES[2], math.nan)
+    dr = {by: bad.geom.statistics(by).sel(field="dr", strategy="sago") for by in ("layer", "model")}
+    layer = dr["layer"].sel(layer=0)
+    assert np.isnan(layer.isel(record=1)) and np.isfinite(layer.drop_sel(record=1)).all()
+    assert np.isfinite(dr["layer"].sel(layer=[-1, 1])).all()
+    assert (
+        np.isnan(dr["model"].isel(record=1)) and np.isfinite(dr["model"].drop_sel(record=1)).all()
+    )
+    assert np.isnan(bad.geom.metrics("layer")["cos_dr"].sel(strategy="sago", layer=0)[1])
+
+
+def test_global_pcgrad_comparisons_are_model_level_only(recorded):
+    audit = theory.audit(geomkit.open_run(recorded / "synthetic-sago"), claims=["R7", "R8"])
+    assert {r.granularity for r in audit.select(claim="R8")} == {"model"}
+    r7_global = audit.select(claim="R7", strategy="sago_prefer_retain>=pcgrad_global")
+    assert [r.granularity for r in r7_global] == ["model"]
+    model = r7_global.results[0]
+    assert model.status == "proven" and model.gates is False and model.verdict == "ok"
+    assert model.cases == 5 and model.violations == 0 and "outside the bug gate" in model.note
+    r7_tensor = one(audit, "R7", "tensor", "sago_prefer_retain>=pcgrad")
+    assert r7_tensor.status == "open" and not r7_tensor.gates
+    assert {r.granularity for r in audit.select(claim="R7", strategy=r7_tensor.strategy)} == {
+        "tensor",
+        "layer",
+        "model",
+    }
+    claim = theory.get_claim("R7")
+    assert claim.status_at("sago_prefer_retain>=pcgrad_global", "model") == "proven"
+    assert not claim.gates("sago_prefer_retain>=pcgrad_global", "model")
+    assert not claim.evaluated_at("sago_prefer_retain>=pcgrad_global", "tensor")
+    assert theory.get_claim("R1").gates("sago", "tensor")
+    assert theory.get_claim("R2b").gates("pcgrad_global", "model")
+    assert not theory.get_claim("R2b").gates("pcgrad_global", "tensor")
+    frame = audit.to_frame()
+    assert {"gates", "non_finite", "status", "verdict"} <= set(frame.columns)
+    row = frame[(frame.claim == "R7") & (frame.strategy == model.strategy)].iloc[0]
+    assert (row.status, bool(row.gates), row.verdict) == ("proven", False, "ok")
+
+
+def test_violated_ungated_proven_claim_is_reported_but_not_a_bug(recorded):
+    ds = geomkit.open_run(recorded / "synthetic-sago")
+    bad = tamper(ds, "dr", "sago_prefer_retain", 2, NAMES[0], -50.0)
+    audit = theory.audit(bad, claims=["R7"])
+    r7 = one(audit, "R7", "model", "sago_prefer_retain>=pcgrad_global")
+    assert r7.violations == 1 and r7.verdict == "violated" and not r7.failed
+    assert not audit.bug_detected and audit.failures == ()
+    assert "outside the gate violated" in audit.table()
+    data = r7.to_dict()
+    assert data["gates"] is False and CheckResult.from_dict(data) == r7
+
+
 def test_r2b_per_tensor_failure_is_not_a_bug(recorded):
     # these gradients (rho = -0.3) already give global PCGrad negative tensors: R2b fails per
     # tensor and per layer (status "false") while the model stays aligned (status "proven")
@@ -469,6 +635,24 @@ def test_r4_breakdown_of_counterexamples_and_runs(recorded):
         theory.r4_breakdown(Counterexamples(), granularity="block")
     with pytest.raises(ValueError, match="increasing"):
         theory.r4_breakdown(Counterexamples(), bins=[1.0, 0.5])
+    with pytest.raises(ValueError, match=r"cover \[0, inf\].*0\.1, 10\.0"):
+        theory.r4_breakdown(Counterexamples(), bins=[0.1, 10.0])
+    with pytest.raises(ValueError, match=r"cover \[0, inf\]"):
+        theory.r4_breakdown(Counterexamples(), bins=[0.0, 1.0, 100.0])
+    b = theory.r4_breakdown(Counterexamples(), bins=[0.0, 1.0, math.inf])
+    np.testing.assert_array_equal(b["cases_by_ratio"].sum("ratio_bin"), b["cases"])
+    assert list(b["ratio_bin"].values) == ["[0, 1)", "[1, inf)"]
+    with pytest.raises(ValueError, match=r"'layer'.*synthetic.*'tensor' or 'model'"):
+        theory.r4_breakdown(Counterexamples(), granularity="layer")
+
+
+def test_r4_breakdown_counts_non_finite_cases(recorded):
+    ds = geomkit.open_run(recorded / "synthetic-sago")
+    b = theory.r4_breakdown(tamper(ds, "dr", "sago", 1, NAMES[2], math.nan), granularity="model")
+    clean = theory.r4_breakdown(ds, granularity="model")
+    assert (b["cases"] == 5).all() and (b["non_finite"] == 1).all() and (b["undefined"] == 0).all()
+    assert (b["violations"] == clean["violations"] + 1).all()
+    assert (b["worst_gap"] == -np.inf).all() and np.isfinite(b["mean_gap"]).all()
 
 
 # ----------------------------------------------------------------------------------------------

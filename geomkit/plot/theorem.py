@@ -136,7 +136,7 @@ def sago_vs_pcgrad(
     runs_text = f"{len(runs)} run{'s' if len(runs) != 1 else ''}"
     ax.set_title(
         f"per {granularity} and step, {runs_text}\n{strategy_style(y).label} below "
-        f"{strategy_style(x).label}: {below} of {cx.size} ({below / cx.size:.1%})",
+        f"{strategy_style(x).label}:\n{below} of {cx.size} ({below / cx.size:.1%})",
         fontsize="medium",
     )
     extras = {"n_points": int(cx.size), "n_below": below, "n_undefined": n_undefined}

@@ -171,7 +171,7 @@ def tradeoff(
     if not finals:
         raise PlotSkipped(f"tradeoff: no run was evaluated after step 0 ({x!r}, {y!r})")
     objectives = {m[0] for m in finals}
-    fig, (ax,) = resolve_axes(ax, 1, panel_size=(3.6, 3.0))
+    fig, (ax,) = resolve_axes(ax, 1, panel_size=(5.2, 3.6))
     artists, points = {}, {}
     for method, rows in finals.items():
         xs = np.array([row[x] for row in rows])
@@ -261,7 +261,7 @@ def tradeoff_trajectories(
     runs, skipped = _evaluated(runs_of(source), (x, y), "tradeoff_trajectories")
     methods = group_methods(runs)
     objectives = sorted({m[0] for m in methods})
-    fig, (ax,) = resolve_axes(ax, 1, panel_size=(3.6, 3.0))
+    fig, (ax,) = resolve_axes(ax, 1, panel_size=(5.2, 3.6))
     artists = {}
     for method, members in methods.items():
         _, mx, _, _ = seed_statistics([r.ds[x] for r in members], "evaluation", None)

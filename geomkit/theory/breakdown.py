@@ -40,6 +40,11 @@ def _cases(
     elif isinstance(source, Sequence) and source and all(isinstance(s, Sampler) for s in source):
         samplers = list(source)
     if samplers:
+        if granularity not in ("tensor", "model"):
+            raise ValueError(
+                f"granularity {granularity!r} is not available for synthetic samplers (their "
+                "pairs have tensors but no layers); use 'tensor' or 'model'"
+            )
         from geomkit.theory.coordinates import Flat, flat64
         from geomkit.theory.synthetic import STRATEGIES, _implementations, synthetic_cases
 
@@ -81,9 +86,12 @@ def r4_breakdown(
         gamma) or synthetic samplers (``n`` pairs each, from ``seed``, at ``alpha``, ``gamma``).
     granularity : {"tensor", "layer", "model"}
         What one case is: a (step, tensor), a (step, layer) or a step. Per-layer rates group
-        the cases by their layer (for synthetic data: by tensor index).
+        the cases by their layer (for synthetic data: by tensor index). Synthetic samplers
+        have no layers: ``"tensor"`` or ``"model"`` only (ValueError otherwise).
     bins : sequence of float
-        Increasing edges of the ``|f| / |r|`` bins (of the case's own f and r).
+        Increasing edges of the ``|f| / |r|`` bins (of the case's own f and r), covering
+        ``[0, inf]``: the first edge ``<= 0`` and the last ``inf`` (ValueError otherwise), so
+        that every finite ratio falls in exactly one bin ``[low, high)``.
     against : sequence of str
         PCGrad scopes to compare with (those present in the source are used).
 
@@ -91,17 +99,25 @@ def r4_breakdown(
     -------
     xarray.Dataset
         Dimensions ``against``, ``ratio_bin`` (with ``ratio_low``, ``ratio_high``) and
-        ``layer``. Variables: ``cases``, ``undefined``, ``violations``, ``rate``, ``worst_gap``,
-        ``mean_gap``, ``median_gap`` (per ``against``); ``cases_by_ratio``,
-        ``violations_by_ratio``, ``rate_by_ratio``, ``mean_gap_by_ratio``; ``cases_by_layer``,
-        ``violations_by_layer``, ``rate_by_layer``, ``mean_gap_by_layer``. A violation is a gap
-        below ``-tol`` (rounding bounds of both cosines); rates are NaN for empty bins.
+        ``layer``. Variables: ``cases``, ``undefined``, ``violations``, ``non_finite``,
+        ``rate``, ``worst_gap``, ``mean_gap``, ``median_gap`` (per ``against``);
+        ``cases_by_ratio``, ``violations_by_ratio``, ``rate_by_ratio``, ``mean_gap_by_ratio``;
+        ``cases_by_layer``, ``violations_by_layer``, ``rate_by_layer``, ``mean_gap_by_layer``.
+        A violation is a gap below ``-tol`` (rounding bounds of both cosines) or a case with
+        non-finite statistics (``non_finite``; such a case is never undefined, its ratio may
+        fall in no bin, and ``worst_gap`` is then ``-inf``); gaps are averaged over the finite
+        cases; rates are NaN for empty bins.
     """
     if granularity not in ("tensor", "layer", "model"):
         raise ValueError(f"granularity must be 'tensor', 'layer' or 'model', got {granularity!r}")
     edges = np.asarray(bins, dtype=np.float64)
     if edges.ndim != 1 or edges.size < 2 or np.any(np.diff(edges) <= 0):
         raise ValueError(f"bins must be at least two increasing edges, got {list(bins)!r}")
+    if not (edges[0] <= 0.0 and edges[-1] == np.inf):
+        raise ValueError(
+            f"bins must cover [0, inf] (first edge <= 0, last edge inf) so that no |f|/|r| "
+            f"falls outside them, got {list(bins)!r}"
+        )
     if isinstance(against, str):
         against = (against,)
     for name in against:
@@ -115,32 +131,43 @@ def r4_breakdown(
     per = {}
     for name in present:
         parts = [cosine_gap(c, "sago", name) for c in all_cases]
-        gap, tol, defined, ratio = (np.concatenate([p[i] for p in parts]) for i in range(4))
+        gap, tol, defined, ratio, finite = (np.concatenate([p[i] for p in parts]) for i in range(5))
         group = np.concatenate([np.asarray(c.group, dtype=object) for c in all_cases])
-        per[name] = (gap, tol, defined, ratio, group)
-    layers = sorted({g for v in per.values() for g in v[4][v[2]]}, key=_order)
+        per[name] = (gap, tol, defined, ratio, finite, group)
+    layers = sorted({g for v in per.values() for g in v[5][v[2]]}, key=_order)
     n_bins = edges.size - 1
 
     def stats(gap: np.ndarray, bad: np.ndarray) -> tuple[int, int, float, float]:
         count = int(gap.size)
         if not count:
             return 0, 0, np.nan, np.nan
-        return count, int(bad.sum()), float(bad.sum() / count), float(np.mean(gap))
+        good = gap[np.isfinite(gap)]
+        mean = float(np.mean(good)) if good.size else np.nan
+        return count, int(bad.sum()), float(bad.sum() / count), mean
 
     data: dict[str, list] = {k: [] for k in _VARIABLES}
     for name in present:
-        gap, tol, defined, ratio, group = per[name]
+        gap, tol, defined, ratio, finite, group = per[name]
         g, t, r, grp = gap[defined], tol[defined], ratio[defined], group[defined]
-        bad = g < -t
+        nonfin = ~(finite[defined] & np.isfinite(g) & np.isfinite(t))
+        g = np.where(nonfin, np.nan, g)  # a non-finite case has no gap to average
+        with np.errstate(invalid="ignore"):
+            bad = (g < -t) | nonfin
         count, viol, rate, mean = stats(g, bad)
+        good = g[~nonfin]
         data["cases"].append(count)
         data["undefined"].append(int((~defined).sum()))
         data["violations"].append(viol)
+        data["non_finite"].append(int(nonfin.sum()))
         data["rate"].append(rate)
-        data["worst_gap"].append(float(g.min()) if count else np.nan)
+        worst = float(good.min()) if good.size else np.nan
+        data["worst_gap"].append(-np.inf if nonfin.any() else worst)
         data["mean_gap"].append(mean)
-        data["median_gap"].append(float(np.median(g)) if count else np.nan)
-        which = np.clip(np.searchsorted(edges, r, side="right") - 1, 0, n_bins - 1)
+        data["median_gap"].append(float(np.median(good)) if good.size else np.nan)
+        # [low, high) bins covering [0, inf); a non-finite ratio is in no bin (which = -1)
+        which = np.full(r.shape, -1)
+        in_range = np.isfinite(r)
+        which[in_range] = np.searchsorted(edges, r[in_range], side="right") - 1
         rows = [stats(g[which == b], bad[which == b]) for b in range(n_bins)]
         for key, k in (("cases", 0), ("violations", 1), ("rate", 2), ("mean_gap", 3)):
             data[f"{key}_by_ratio"].append([row[k] for row in rows])
@@ -203,9 +230,10 @@ def _order(label: object) -> tuple[int, object]:
 _VARIABLES = {
     "cases": "cases with both cosines defined",
     "undefined": "cases with a zero |d| or |r|",
-    "violations": "cases with cos(d_SAGO, r) < cos(d_PCGrad, r) beyond tolerance",
+    "violations": "cases with cos(d_SAGO, r) < cos(d_PCGrad, r) beyond tolerance, or non-finite",
+    "non_finite": "cases with NaN or infinite statistics (counted as violations)",
     "rate": "violation rate",
-    "worst_gap": "most negative cos(d_SAGO, r) - cos(d_PCGrad, r)",
+    "worst_gap": "most negative cos(d_SAGO, r) - cos(d_PCGrad, r) (-inf if a case is non-finite)",
     "mean_gap": "mean cos(d_SAGO, r) - cos(d_PCGrad, r)",
     "median_gap": "median cos(d_SAGO, r) - cos(d_PCGrad, r)",
     "cases_by_ratio": "cases per |f|/|r| bin",

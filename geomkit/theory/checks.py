@@ -7,11 +7,15 @@ the applied and shadow strategies, paired on the same gradients).
 
 Conventions (THEORY.md "Consequences"):
 
-* a case whose quantity needs a zero norm (``|r| = 0``, ``|d| = 0``) is *undefined*: counted
-  apart, never a pass or a violation;
+* a case whose quantity needs a zero norm (``|r| = 0``, ``|d| = 0``) of finite statistics is
+  *undefined*: counted apart, never a pass or a violation. Only a true zero is undefined;
+* a case whose statistics, quantity or tolerance are NaN or infinite is a *violation*
+  (``non_finite``), never undefined and never a pass: a NaN update must not hide;
 * ties count as holding: a quantity ``q`` that should be ``>= 0`` violates only when
   ``q < -tol``, with ``tol`` from :mod:`geomkit.theory.cases` (stated in each result);
-* the worst margin is the smallest ``q`` over the defined cases (R3: the largest deviation).
+* the worst margin is the smallest ``q`` over the defined, finite cases (R3: the largest
+  deviation); with a non-finite case it is ``-inf`` (R3: ``+inf``) at the first non-finite case,
+  and the smallest finite margin goes to ``details["worst_finite_margin"]``.
 """
 
 from __future__ import annotations
@@ -31,8 +35,26 @@ _NO_DATA_NOTE = "strategy not present in this source"
 
 
 def _div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+
+
+def _sqrt(x: np.ndarray) -> np.ndarray:
+    """Square root; NaN (not a warning) for a negative (tampered) sum of squares."""
+    with np.errstate(invalid="ignore"):
+        return np.sqrt(x)
+
+
+def _finite(cases: Cases, names: tuple[str, ...], fields: tuple[str, ...]) -> np.ndarray:
+    """Per case: every listed statistic of every listed strategy, and their rounding and
+    residual bounds, are finite."""
+    out = np.ones(len(cases), dtype=bool)
+    for name in names:
+        s = cases.stats[name]
+        for f in fields:
+            out &= np.isfinite(field_of(s, f))
+        out &= np.isfinite(cases.rounding[name]) & np.isfinite(cases.residual[name])
+    return out
 
 
 def summarise(
@@ -52,25 +74,45 @@ def summarise(
     note: str = "",
     deviation: bool = False,
     details: dict[str, float] | None = None,
+    finite: np.ndarray | None = None,
 ) -> CheckResult:
     """Count cases, undefined cases and violations of ``q >= -tol`` (``|q| <= tol`` for a
-    ``deviation``), and locate the worst margin, into a :class:`CheckResult`."""
+    ``deviation``), and locate the worst margin, into a :class:`CheckResult`.
+
+    ``defined`` is False only where a zero norm makes ``q`` undefined; ``finite`` (default all
+    True) says where the statistics behind ``q`` are finite. A case with non-finite statistics,
+    or a defined case with a non-finite ``q`` or ``tol``, is a violation (``non_finite``)."""
     claim = get_claim(claim_id)
-    defined = np.asarray(defined, dtype=bool)
     q = np.asarray(q, dtype=np.float64)
     tol = np.broadcast_to(np.asarray(tol, dtype=np.float64), q.shape)
+    inputs = np.ones(q.shape, dtype=bool) if finite is None else np.asarray(finite, dtype=bool)
+    defined = np.asarray(defined, dtype=bool) | ~inputs  # non-finite data is never undefined
+    non_finite = defined & ~(inputs & np.isfinite(q) & np.isfinite(tol))
     with np.errstate(invalid="ignore"):
-        bad = (q > tol) if deviation else (q < -tol)
-    bad = bad & defined
+        exceeded = (q > tol) if deviation else (q < -tol)
+    bad = defined & (exceeded | non_finite)
+    details = dict(details or {})
     worst, at = np.nan, ""
-    if defined.any():
-        idx = np.flatnonzero(defined)
+    ok = defined & ~non_finite
+    if ok.any():
+        idx = np.flatnonzero(ok)
         k = idx[np.argmax(q[idx])] if deviation else idx[np.argmin(q[idx])]
         worst, at = float(q[k]), where[k]
+    if non_finite.any():
+        k = int(np.flatnonzero(non_finite)[0])
+        details["worst_finite_margin"] = worst
+        worst, at = (np.inf if deviation else -np.inf), where[k]
+        note = _join(
+            f"{int(non_finite.sum())} non-finite case(s) (NaN or inf statistic, quantity or "
+            f"tolerance) counted as violations, first at {where[k]}; worst_margin "
+            f"{'+inf' if deviation else '-inf'} marks them (worst finite margin in details)",
+            note,
+        )
     return CheckResult(
         claim=claim.id,
         statement=claim.statement,
         status=claim.status_at(strategy, granularity),
+        gates=claim.gates(strategy, granularity),
         strategy=strategy,
         strategies=strategies,
         granularity=granularity,
@@ -78,12 +120,13 @@ def summarise(
         cases=int(defined.sum()),
         undefined=int((~defined).sum()),
         violations=int(bad.sum()),
+        non_finite=int(non_finite.sum()),
         worst_margin=worst,
         where=at,
         tolerance=tolerance,
         evidence=evidence,
         note=note,
-        details=details or {},
+        details=details,
     )
 
 
@@ -95,6 +138,7 @@ def _missing(
         claim=claim.id,
         statement=claim.statement,
         status=claim.status_at(strategy, cases.granularity),
+        gates=claim.gates(strategy, cases.granularity),
         strategy=strategy,
         strategies=strategies,
         granularity=cases.granularity,
@@ -139,8 +183,9 @@ def _alignment(claim_id: str, name: str, cases: Cases, residual_text: str) -> Ch
         return _missing(claim_id, name, (name,), cases)
     s = cases.stats[name]
     dd, rr, dr = field_of(s, "dd"), field_of(s, "rr"), field_of(s, "dr")
-    norm = np.sqrt(dd) * np.sqrt(rr)
-    defined = norm > 0
+    norm = _sqrt(dd) * _sqrt(rr)
+    defined = ~(norm == 0)  # only a true zero norm is undefined; NaN is a violation
+    finite = _finite(cases, (name,), ("ff", "rr", "fr", "dd", "dr"))
     q = _div(dr, norm)  # cos(d, r)
     tol = _div(cases.rounding[name] + cases.residual[name], norm)
     tolerance = (
@@ -149,7 +194,7 @@ def _alignment(claim_id: str, name: str, cases: Cases, residual_text: str) -> Ch
         f"{rtol(cases.dtype):.3g}; A, B the largest |a|, |b| of d = a f + b r"
     )
     note = _join(
-        "undefined: |d| = 0 or |r| = 0" if (~defined).any() else "",
+        "undefined: |d| = 0 or |r| = 0" if (~defined & finite).any() else "",
         _weights_note(cases),
         _source_notes(cases, (name,)),
     )
@@ -167,6 +212,7 @@ def _alignment(claim_id: str, name: str, cases: Cases, residual_text: str) -> Ch
         tolerance=tolerance,
         evidence=_evidence(cases, (name,)),
         note=note,
+        finite=finite,
     )
 
 
@@ -208,22 +254,24 @@ def check_r3(cases: Cases) -> list[CheckResult]:
     s = cases.stats[scope]
     ff, rr, fr = field_of(s, "ff"), field_of(s, "rr"), field_of(s, "fr")
     dd, dr = field_of(s, "dd"), field_of(s, "dr")
-    fired = fr < 0
+    finite = _finite(cases, (scope,), ("ff", "rr", "fr", "dd", "dr"))
+    fired = (fr < 0) | ~finite  # a non-finite case is never outside the claim
     # |f~|^2 with c = <f,r>/(|r|^2 + 1e-10), written to avoid cancelling 2c<f,r> - c^2|r|^2:
     # |f~|^2 = (|f|^2 - <f,r>^2/|r|^2) + (<f,r>^2/|r|^2) (1 - s)^2, s = |r|^2/(|r|^2 + 1e-10)
     ratio = _div(fr * fr, rr)
     shrink = _div(rr, rr + 1e-10)
     ft2 = np.maximum(ff - ratio, 0.0) + ratio * (1.0 - shrink) ** 2
-    rn = np.sqrt(rr)
+    rn = _sqrt(rr)
     base = a * a * rr + g * g * ft2
-    closed = _div(a * rn, np.sqrt(base))
-    measured = _div(dr, np.sqrt(dd) * rn)
-    defined = fired & (dd > 0) & (rr > 0) & (base > 0)
+    closed = _div(a * rn, _sqrt(base))
+    measured = _div(dr, _sqrt(dd) * rn)
+    defined = fired & ~((dd == 0) | (rr == 0) | (base == 0))  # zero norms only
     # exact cos with the 1e-10 term: <f~, r> = <f,r> 1e-10/(|r|^2 + 1e-10) =: rho / gamma
     rho = g * fr * _div(np.full_like(rr, 1e-10), rr + 1e-10)
-    exact = _div(a * rr + rho, rn * np.sqrt(np.maximum(base + 2 * a * rho, 0.0)))
-    cancel = _div(g * g * a * rn * (16 * np.finfo(np.float64).eps * ff), 2 * base**1.5)
-    tol = np.abs(exact - closed) + _div(cases.rounding[scope], np.sqrt(dd) * rn) + cancel
+    exact = _div(a * rr + rho, rn * _sqrt(np.maximum(base + 2 * a * rho, 0.0)))
+    with np.errstate(invalid="ignore", over="ignore"):
+        cancel = _div(g * g * a * rn * (16 * np.finfo(np.float64).eps * ff), 2 * base**1.5)
+    tol = np.abs(exact - closed) + _div(cases.rounding[scope], _sqrt(dd) * rn) + cancel
     q = np.abs(measured - closed)
     outside = int((~fired).sum())
     note = _join(
@@ -253,6 +301,7 @@ def check_r3(cases: Cases) -> list[CheckResult]:
             evidence=_evidence(cases, (scope,)),
             note=note,
             deviation=True,
+            finite=finite[fired],
         )
     ]
 
@@ -263,26 +312,32 @@ def check_r3(cases: Cases) -> list[CheckResult]:
 
 
 def cosine_gap(cases: Cases, first: str, second: str) -> tuple[np.ndarray, ...]:
-    """``(gap, tol, defined, norm_ratio)`` per case: ``gap = cos(d_first, r) - cos(d_second,
-    r)``, its rounding tolerance, where both cosines are defined, and ``|f| / |r|``."""
+    """``(gap, tol, defined, norm_ratio, finite)`` per case: ``gap = cos(d_first, r) -
+    cos(d_second, r)``, its rounding tolerance, where no zero norm makes a cosine undefined
+    (True for non-finite data: a NaN is never undefined), ``|f| / |r|``, and where the
+    statistics of both strategies are finite."""
     a, b = cases.stats[first], cases.stats[second]
     rr = field_of(a, "rr")
-    rn = np.sqrt(rr)
-    na, nb = np.sqrt(field_of(a, "dd")) * rn, np.sqrt(field_of(b, "dd")) * rn
+    rn = _sqrt(rr)
+    na, nb = _sqrt(field_of(a, "dd")) * rn, _sqrt(field_of(b, "dd")) * rn
     gap = _div(field_of(a, "dr"), na) - _div(field_of(b, "dr"), nb)
     tol = _div(cases.rounding[first], na) + _div(cases.rounding[second], nb)
-    defined = (na > 0) & (nb > 0)
-    ratio = _div(np.sqrt(field_of(a, "ff")), rn)
-    return gap, tol, defined, ratio
+    finite = _finite(cases, (first, second), ("ff", "rr", "fr", "dd", "dr"))
+    defined = ~((na == 0) | (nb == 0)) | ~finite
+    ratio = _div(_sqrt(field_of(a, "ff")), rn)
+    return gap, tol, defined, ratio, finite
 
 
-def _comparison(claim_id: str, first: str, second: str, cases: Cases) -> CheckResult:
+def _comparison(claim_id: str, first: str, second: str, cases: Cases) -> list[CheckResult]:
     label, pair = f"{first}>={second}", (first, second)
+    claim = get_claim(claim_id)
+    if not claim.evaluated_at(label, cases.granularity):
+        return []  # e.g. global PCGrad below the model: a slice of it is outside the claim
     if first not in cases.stats or second not in cases.stats:
-        return _missing(claim_id, label, pair, cases)
-    gap, tol, defined, ratio = cosine_gap(cases, first, second)
+        return [_missing(claim_id, label, pair, cases)]
+    gap, tol, defined, ratio, finite = cosine_gap(cases, first, second)
     details: dict[str, float] = {}
-    ok = defined & np.isfinite(gap)
+    ok = defined & finite & np.isfinite(gap) & np.isfinite(tol)
     if ok.any():
         details["mean_gap"] = float(np.mean(gap[ok]))
         details["median_gap"] = float(np.median(gap[ok]))
@@ -294,13 +349,17 @@ def _comparison(claim_id: str, first: str, second: str, cases: Cases) -> CheckRe
     weights = _weights_note(cases)
     if claim_id in ("R4", "R7") and (cases.alpha, cases.gamma) != (1.0, 1.0):
         weights += " (the claim is stated for alpha = gamma = 1; measured at these weights)"
+    if claim.status_at(label, cases.granularity) == "proven":
+        gate = "proven (THEORY.md), reported but outside the bug gate"
+    else:
+        gate = "measured, not gated" if claim_id in ("R4", "R7", "R8") else ""
     note = _join(
-        "measured, not gated" if claim_id in ("R4", "R7", "R8") else "",
+        gate,
         "undefined: a zero |d| or |r|" if (~defined).any() else "",
         weights,
         _source_notes(cases, pair),
     )
-    return summarise(
+    result = summarise(
         claim_id,
         label,
         pair,
@@ -318,24 +377,33 @@ def _comparison(claim_id: str, first: str, second: str, cases: Cases) -> CheckRe
         evidence=_evidence(cases, pair),
         note=note,
         details=details,
+        finite=finite,
     )
+    return [result]
 
 
 def check_r4(cases: Cases) -> list[CheckResult]:
     """R4 (false, measured): cos(d_SAGO, r) >= cos(d_PCGrad, r), against per-tensor and
     global PCGrad. ``details``: mean and median gap, violation rate for ``|f| < |r|`` and
     ``|f| >= |r|``."""
-    return [_comparison("R4", "sago", p, cases) for p in ("pcgrad", "pcgrad_global")]
+    return [r for p in ("pcgrad", "pcgrad_global") for r in _comparison("R4", "sago", p, cases)]
 
 
 def check_r7(cases: Cases) -> list[CheckResult]:
-    """R7 (open): cos(d_sago_prefer_retain, r) >= cos(d_PCGrad, r), both PCGrad scopes."""
-    return [_comparison("R7", "sago_prefer_retain", p, cases) for p in ("pcgrad", "pcgrad_global")]
+    """R7: cos(d_sago_prefer_retain, r) >= cos(d_PCGrad, r). Against per-tensor PCGrad (open)
+    at every granularity; against global PCGrad (proven, outside the bug gate) for the model
+    only: a tensor or layer slice of the globally projected update is outside the claim."""
+    return [
+        r
+        for p in ("pcgrad", "pcgrad_global")
+        for r in _comparison("R7", "sago_prefer_retain", p, cases)
+    ]
 
 
 def check_r8(cases: Cases) -> list[CheckResult]:
-    """R8 (open): cos(d_PCGrad per tensor, r) >= cos(d_PCGrad global, r)."""
-    return [_comparison("R8", "pcgrad", "pcgrad_global", cases)]
+    """R8 (open): cos(d_PCGrad per tensor, r) >= cos(d_PCGrad global, r), for the model only
+    (the claim is about the model-level vectors)."""
+    return _comparison("R8", "pcgrad", "pcgrad_global", cases)
 
 
 def check_r5(cases: Cases) -> list[CheckResult]:
@@ -348,6 +416,7 @@ def check_r5(cases: Cases) -> list[CheckResult]:
             continue
         s, p = cases.stats["sago"], cases.stats[other]
         rr = field_of(s, "rr")
+        finite = _finite(cases, pair, ("ff", "rr", "fr", "dr"))
         q = _div(field_of(s, "dr") - field_of(p, "dr"), rr)
         tol = _div(cases.rounding["sago"] + cases.rounding[other], rr)
         out.append(
@@ -358,7 +427,7 @@ def check_r5(cases: Cases) -> list[CheckResult]:
                 cases,
                 q,
                 tol,
-                rr > 0,
+                ~(rr == 0),
                 granularity=cases.granularity,
                 source=cases.source,
                 where=cases.where,
@@ -368,6 +437,7 @@ def check_r5(cases: Cases) -> list[CheckResult]:
                 ),
                 evidence=_evidence(cases, pair),
                 note=_join("measured, not gated", _weights_note(cases)),
+                finite=finite,
             )
         )
     return out
@@ -389,15 +459,17 @@ def check_r9(cases: Cases) -> list[CheckResult]:
     s = cases.stats["sago"]
     ff, rr, fr = field_of(s, "ff"), field_of(s, "rr"), field_of(s, "fr")
     dd, df, dr = field_of(s, "dd"), field_of(s, "df"), field_of(s, "dr")
-    e = g * df + a * dr - dd - a * g * fr
-    scale = (a * np.sqrt(rr) + g * np.sqrt(ff)) ** 2
-    defined = scale > 0
+    finite = _finite(cases, ("sago",), ("ff", "rr", "fr", "dd", "df", "dr"))
+    with np.errstate(invalid="ignore", over="ignore"):
+        e = g * df + a * dr - dd - a * g * fr
+        scale = (a * _sqrt(rr) + g * _sqrt(ff)) ** 2
+    defined = ~(scale == 0)
     q = -_div(np.abs(e), scale)
     shadow = cases.evidence.get("sago") == "shadow"
     note = _join(
         "necessary condition from sums only (the per-coordinate test needs the gradients)",
         "shadow statistics: a consistency check of the closed form" if shadow else "",
-        "undefined: f = r = 0" if (~defined).any() else "",
+        "undefined: f = r = 0" if (~defined & finite).any() else "",
         _weights_note(cases),
         _source_notes(cases, ("sago",)),
     )
@@ -419,6 +491,7 @@ def check_r9(cases: Cases) -> list[CheckResult]:
             ),
             evidence=_evidence(cases, ("sago",)),
             note=note,
+            finite=finite,
         )
     ]
 

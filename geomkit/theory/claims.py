@@ -13,6 +13,16 @@ THEORY.md turns that into precise readings R1-R9 and gives each a status:
 
 A claim can have different statuses at different strategies and granularities (R2b holds for the
 model but fails per tensor; R6 holds for SAGO but not for PCGrad): :meth:`Claim.status_at`.
+
+Gating: a violation of a proven claim sets ``Audit.bug_detected`` only where the claim *gates*
+(:meth:`Claim.gates`). The gating claims are exactly R1, R2, R2b for the model, R6 for ``sago``
+and ``sago_prefer_retain``, and R9. R7 against global PCGrad for the model is proven (THEORY.md
+gives a proof) but is outside the gate: it is reported with status ``"proven"`` and verdict
+``ok`` / ``violated``, never ``BUG``.
+
+Scope: a comparison with global PCGrad (R7, R8) is about the model-level vector the projection
+was made on; a tensor or layer slice of it is outside the claim, so those comparisons are
+evaluated for the model only (:meth:`Claim.evaluated_at`).
 """
 
 from __future__ import annotations
@@ -51,6 +61,12 @@ class Claim:
     overrides : mapping
         ``(strategy, granularity) -> status`` where it differs from ``status``; ``"*"`` matches
         every granularity.
+    ungated : frozenset of (str, str)
+        ``(strategy, granularity)`` pairs where the claim is proven but does not gate
+        ``bug_detected`` (``"*"`` matches every granularity).
+    scopes : mapping
+        ``strategy -> granularities`` where a strategy (or comparison) is evaluated at fewer
+        granularities than ``granularities``.
     """
 
     id: str
@@ -60,6 +76,8 @@ class Claim:
     granularities: tuple[str, ...]
     holds: str
     overrides: Mapping[tuple[str, str], str] = field(default_factory=dict, hash=False)
+    ungated: frozenset[tuple[str, str]] = frozenset()
+    scopes: Mapping[str, tuple[str, ...]] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         statuses = [self.status, *self.overrides.values()]
@@ -69,7 +87,18 @@ class Claim:
         for granularity in self.granularities:
             if granularity not in GRANULARITIES:
                 raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        for strategy, granularities in self.scopes.items():
+            extra = set(granularities) - set(self.granularities)
+            if extra:
+                raise ValueError(
+                    f"scope of {strategy!r} names granularities {sorted(extra)} outside "
+                    f"{self.granularities}"
+                )
         object.__setattr__(self, "overrides", MappingProxyType(dict(self.overrides)))
+        object.__setattr__(self, "ungated", frozenset(self.ungated))
+        object.__setattr__(
+            self, "scopes", MappingProxyType({k: tuple(v) for k, v in self.scopes.items()})
+        )
 
     def status_at(self, strategy: str, granularity: str) -> str:
         """The status of this claim for ``strategy`` evaluated at ``granularity``."""
@@ -79,6 +108,18 @@ class Claim:
             if key in self.overrides:
                 return self.overrides[key]
         return self.status
+
+    def gates(self, strategy: str, granularity: str) -> bool:
+        """Whether a violation for ``strategy`` at ``granularity`` sets ``bug_detected``: the
+        claim is proven there and not listed in ``ungated``."""
+        if self.status_at(strategy, granularity) != "proven":
+            return False
+        return (strategy, granularity) not in self.ungated and (strategy, "*") not in self.ungated
+
+    def evaluated_at(self, strategy: str, granularity: str) -> bool:
+        """Whether ``strategy`` (or comparison) is evaluated at ``granularity`` (R7 and R8
+        against global PCGrad: the model only)."""
+        return granularity in self.scopes.get(strategy, self.granularities)
 
 
 _TABLE = (
@@ -154,16 +195,21 @@ _TABLE = (
         "open",
         ("sago_prefer_retain>=pcgrad", "sago_prefer_retain>=pcgrad_global"),
         ("tensor", "layer", "model"),
-        "THEORY.md gives a proof against global PCGrad (model); no counterexample found against "
-        "per-tensor PCGrad or at alpha, gamma in {0.1, 1}; not gated",
+        "proven against global PCGrad for the model (THEORY.md gives a proof; evaluated for the "
+        "model only, reported but outside the bug gate); open against per-tensor PCGrad (no "
+        "counterexample, also at alpha, gamma in {0.1, 1}), measured at every granularity",
+        {("sago_prefer_retain>=pcgrad_global", "model"): "proven"},
+        frozenset({("sago_prefer_retain>=pcgrad_global", "*")}),
+        {"sago_prefer_retain>=pcgrad_global": ("model",)},
     ),
     Claim(
         "R8",
         "cos(d_PCGrad per tensor, r) >= cos(d_PCGrad global, r)",
         "open",
         ("pcgrad>=pcgrad_global",),
-        ("tensor", "layer", "model"),
-        "no counterexample beyond float noise; unproven",
+        ("model",),
+        "no counterexample beyond float noise; unproven. About the model-level vectors: a tensor "
+        "or layer slice of the globally projected update is outside the claim",
     ),
     Claim(
         "R9",

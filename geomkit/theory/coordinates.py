@@ -4,6 +4,10 @@ alpha r_i or gamma f_i), on materialised synthetic updates; and R1/R6 from the r
 
 The sign test is exact and product-free (DESIGN.md section 2): ``d_i`` opposes ``r_i`` iff
 ``(d_i > 0 and r_i < 0) or (d_i < 0 and r_i > 0)``; zeros, ``-0.0`` included, never oppose.
+A coordinate where ``d_i`` (or ``f_i``, ``r_i``) is NaN or infinite is a violation
+(``non_finite``): every comparison with NaN is False, so it would otherwise pass. The worst
+margin is then ``-inf`` at the first such coordinate (``details["worst_finite_margin"]`` keeps
+the most negative finite margin).
 """
 
 from __future__ import annotations
@@ -70,16 +74,34 @@ def flat64(tensors: Sequence[Tensor]) -> np.ndarray:
 
 def _unit(values: np.ndarray, flat: Flat) -> np.ndarray:
     """Each value divided by the norm of its tensor (0 for a zero tensor); ``[N, L]``."""
-    norms = np.sqrt(np.add.reduceat(values * values, flat.starts, axis=1))
+    with np.errstate(invalid="ignore", over="ignore"):
+        norms = np.sqrt(np.add.reduceat(values * values, flat.starts, axis=1))
     den = norms[:, flat.tensor]
-    return np.divide(values, den, out=np.zeros_like(values), where=den > 0)
+    with np.errstate(invalid="ignore"):
+        return np.divide(values, den, out=np.zeros_like(values), where=den > 0)
 
 
-def _worst(margin: np.ndarray, flat: Flat) -> tuple[float, str]:
-    if margin.size == 0:
-        return np.nan, ""
-    i, k = np.unravel_index(int(np.argmin(margin)), margin.shape)
-    return float(margin[i, k]), flat.where(int(i), int(k))
+def _worst(
+    margin: np.ndarray, flat: Flat, non_finite: np.ndarray
+) -> tuple[float, str, dict[str, float], str]:
+    """``(worst margin, where, details, note)``: the most negative finite margin, or ``-inf``
+    at the first non-finite coordinate when there is one."""
+    ok = np.isfinite(margin) & ~non_finite
+    worst, where = np.nan, ""
+    if ok.any():
+        masked = np.where(ok, margin, np.inf)
+        i, k = np.unravel_index(int(np.argmin(masked)), margin.shape)
+        worst, where = float(margin[i, k]), flat.where(int(i), int(k))
+    if not non_finite.any():
+        return worst, where, {}, ""
+    i, k = np.unravel_index(int(np.argmax(non_finite)), margin.shape)
+    at = flat.where(int(i), int(k))
+    note = (
+        f"{int(non_finite.sum())} non-finite coordinate(s) (NaN or inf in d, f or r) counted "
+        f"as violations, first at {at}; worst_margin -inf marks them (worst finite margin in "
+        "details)"
+    )
+    return -np.inf, at, {"worst_finite_margin": worst}, note
 
 
 def _result(
@@ -93,12 +115,15 @@ def _result(
     tolerance: str,
     evidence: str,
     note: str,
+    non_finite: int = 0,
+    details: dict[str, float] | None = None,
 ) -> CheckResult:
     claim = get_claim(claim_id)
     return CheckResult(
         claim=claim.id,
         statement=claim.statement,
         status=claim.status_at(strategy, "coordinate"),
+        gates=claim.gates(strategy, "coordinate"),
         strategy=strategy,
         strategies=(strategy,),
         granularity="coordinate",
@@ -106,11 +131,13 @@ def _result(
         cases=cases,
         undefined=0,
         violations=violations,
+        non_finite=non_finite,
         worst_margin=worst,
         where=where,
         tolerance=tolerance,
         evidence=evidence,
         note=note,
+        details=details or {},
     )
 
 
@@ -123,23 +150,27 @@ def sign_agreement(
     violation is a coordinate where ``d_i`` opposes ``r_i``. The margin is
     ``(d_i / |d_j|) (r_i / |r_j|)`` (tensor j's norms): the worst margin is the most negative
     normalised product (an opposed coordinate whose product underflows counts as ``-tiny``).
+    A coordinate where ``d_i`` or ``r_i`` is not finite is a violation (``non_finite``).
     """
     d, r = update, flat.retain
+    non_finite = ~(np.isfinite(d) & np.isfinite(r))
     opposed = ((d > 0) & (r < 0)) | ((d < 0) & (r > 0))
     margin = _unit(d, flat) * _unit(r, flat)
     margin = np.where(opposed, np.minimum(margin, -np.finfo(np.float64).tiny), margin)
-    worst, where = _worst(margin, flat)
+    worst, where, details, extra = _worst(margin, flat, non_finite)
     return _result(
         claim_id,
         strategy,
         source,
         d.size,
-        int(opposed.sum()),
+        int((opposed | non_finite).sum()),
         worst,
         where,
         SIGN_TOLERANCE,
         "materialised",
-        note,
+        "; ".join(p for p in (extra, note) if p),
+        non_finite=int(non_finite.sum()),
+        details=details,
     )
 
 
@@ -152,17 +183,21 @@ def r9_coordinates(
 
     Quantity ``-|(d_i - gamma f_i)(d_i - alpha r_i)| / s_i^2`` with ``s_i = |gamma f_i| +
     |alpha r_i|``; violation when ``|(d_i - gamma f_i)(d_i - alpha r_i)| > rtol s_i^2 +
-    2 s_i subnormal(dtype)`` (rounding of d to the gradient dtype).
+    2 s_i subnormal(dtype)`` (rounding of d to the gradient dtype). A coordinate where
+    ``d_i``, ``f_i`` or ``r_i`` is not finite is a violation (``non_finite``).
     """
     d, f, r = update, flat.forget, flat.retain
     tol = rtol(flat.dtype)
     tiny = torch.finfo(flat.dtype).smallest_normal * torch.finfo(flat.dtype).eps
-    e = np.abs((d - gamma * f) * (d - alpha * r))
-    s = np.abs(gamma * f) + np.abs(alpha * r)
-    bad = e > tol * s * s + 2 * s * tiny
-    floor = np.finfo(np.float64).tiny
-    margin = -e / np.maximum(s * s, floor)
-    worst, where = _worst(margin, flat)
+    non_finite = ~(np.isfinite(d) & np.isfinite(f) & np.isfinite(r))
+    with np.errstate(invalid="ignore", over="ignore"):
+        e = np.abs((d - gamma * f) * (d - alpha * r))
+        s = np.abs(gamma * f) + np.abs(alpha * r)
+        bad = (e > tol * s * s + 2 * s * tiny) | non_finite | ~np.isfinite(e)
+        floor = np.finfo(np.float64).tiny
+        margin = -e / np.maximum(s * s, floor)
+    non_finite = non_finite | ~np.isfinite(e)
+    worst, where, details, extra = _worst(margin, flat, non_finite)
     dtype_name = str(flat.dtype).replace("torch.", "")
     tolerance = (
         "-|(d_i - gamma f_i)(d_i - alpha r_i)| / s_i^2 >= -tol, s_i = |gamma f_i| + |alpha r_i|;"
@@ -178,7 +213,9 @@ def r9_coordinates(
         where,
         tolerance,
         "materialised",
-        note,
+        "; ".join(p for p in (extra, note) if p),
+        non_finite=int(non_finite.sum()),
+        details=details,
     )
 
 
@@ -199,7 +236,9 @@ def opposed_counts(
     rule's ``n_opposed`` is 0 by construction (not counted), so pass ``evidence="by
     construction"`` to report nothing evaluated. The statistics carry no ``d_i r_i`` values:
     the worst margin is NaN and ``where`` names the (step, tensor) with the most opposed
-    coordinates.
+    coordinates. A non-finite count (NaN in a kept record) verifies none of the case's
+    coordinates: all ``numel`` of them count as violations (``non_finite``), ``worst_margin``
+    is ``-inf`` and ``where`` names the first such case.
     """
     if evidence == "by construction":
         return _result(
@@ -224,19 +263,30 @@ def opposed_counts(
         )
     n_opposed = np.asarray(n_opposed, dtype=np.float64)
     numel = np.asarray(numel, dtype=np.float64)
-    at = ""
-    if n_opposed.size and n_opposed.max() > 0:
-        at = f"{where[int(np.argmax(n_opposed))]} ({int(n_opposed.max())} coordinates)"
+    bad = ~np.isfinite(n_opposed)
+    counted = np.where(bad, 0.0, n_opposed)
+    at, worst = "", np.nan
+    if counted.size and counted.max() > 0:
+        at = f"{where[int(np.argmax(counted))]} ({int(counted.max())} coordinates)"
     text = "counts only: the recorded statistics carry no d_i r_i values, so no margin"
+    non_finite = int(numel[bad].sum())
+    if bad.any():
+        first = where[int(np.argmax(bad))]
+        at, worst = f"{first} (non-finite n_opposed)", -np.inf
+        text = (
+            f"{int(bad.sum())} (step, tensor) case(s) with a non-finite n_opposed: their "
+            f"{non_finite} coordinates counted as violations, first at {first}; {text}"
+        )
     return _result(
         claim_id,
         strategy,
         source,
         int(numel.sum()),
-        int(n_opposed.sum()),
-        np.nan,
+        int(counted.sum()) + non_finite,
+        worst,
         at,
         SIGN_TOLERANCE,
         evidence,
         "; ".join(p for p in (text, note) if p),
+        non_finite=non_finite,
     )

@@ -124,14 +124,20 @@ def run_cases(
 ) -> tuple[dict[str, Cases], xr.Dataset, str]:
     """:class:`Cases` at tensor, layer and model granularity of one run.
 
-    Returns the cases, the run restricted to its complete records, and a note (empty unless
-    the dtype had to be assumed). Records missing in this run (NaN-filled by ``open_runs``)
-    are dropped.
+    Returns the cases, the run restricted to its records, and a note (the dtype assumption and
+    any dropped records, else empty).
+
+    Only *padding* is dropped: a record (or tensor) at which every geometry statistic is NaN,
+    as ``open_runs`` fills the records (tensors) that only other runs have. The integer counts
+    (``n_opposed``, ...) of a written record are never NaN, so a real record is never all NaN;
+    a record with some non-finite statistic (a NaN update, an overflow) is kept and checked,
+    and counts as a violation. Padding of a stacked run is dropped silently; all-NaN records
+    of a single run (no stacking, so not padding) are dropped and named in the note.
     """
     alpha, gamma = _weights(ds, name)
     dtype, note = _dtype(ds, dtype)
-    complete = np.isfinite(ds["ff"].values).all(axis=-1)
-    ds = ds.isel(record=np.flatnonzero(complete))
+    ds, dropped = _drop_padding(ds)
+    note = "; ".join(p for p in (note, dropped) if p)
     names = [str(s) for s in ds["strategy"].values]
     measured = _measured(ds)
     geom = ds.geom
@@ -164,6 +170,57 @@ def run_cases(
         tensor_groups=tensor_layer,
     )
     return cases, ds, note
+
+
+_STATISTICS = (
+    "ff",
+    "rr",
+    "fr",
+    "dd",
+    "df",
+    "dr",
+    "n_conflict",
+    "n_both_nonzero",
+    "n_opposed",
+    "n_projected",
+)
+
+
+def _all_nan(ds: xr.Dataset, dim: str) -> np.ndarray:
+    """Per index of ``dim``: every value of every geometry statistic is NaN there."""
+    out = np.ones(ds.sizes[dim], dtype=bool)
+    for var in _STATISTICS:
+        if var not in ds or dim not in ds[var].dims:
+            continue
+        da = ds[var]
+        if not np.issubdtype(da.dtype, np.floating):
+            return np.zeros(ds.sizes[dim], dtype=bool)  # an integer count is never padding
+        other = [d for d in da.dims if d != dim]
+        out &= np.isnan(da.transpose(dim, *other).values.reshape(ds.sizes[dim], -1)).all(-1)
+    return out
+
+
+def _drop_padding(ds: xr.Dataset) -> tuple[xr.Dataset, str]:
+    """Drop the all-NaN records and tensors; a note names them unless they are the padding of
+    a run stacked by ``open_runs`` (the single-run Dataset then has a scalar ``run``)."""
+    stacked = "run" in ds.coords and ds["run"].ndim == 0
+    parts = []
+    empty = _all_nan(ds, "record") if ds.sizes.get("record") else np.zeros(0, dtype=bool)
+    if empty.any():
+        if not stacked:
+            steps = ", ".join(str(int(s)) for s in ds["record"].values[empty])
+            parts.append(
+                f"{int(empty.sum())} record(s) with every statistic NaN dropped (steps {steps})"
+            )
+        ds = ds.isel(record=np.flatnonzero(~empty))
+    if ds.sizes.get("record") and ds.sizes.get("tensor"):
+        absent = _all_nan(ds, "tensor")
+        if absent.any():
+            if not stacked:
+                names = ", ".join(str(t) for t in ds["tensor"].values[absent])
+                parts.append(f"tensor(s) with every statistic NaN dropped ({names})")
+            ds = ds.isel(tensor=np.flatnonzero(~absent))
+    return ds, "; ".join(parts)
 
 
 def _coordinate(claims: tuple[str, ...], ds: xr.Dataset, name: str) -> list[CheckResult]:
@@ -217,6 +274,7 @@ def _not_evaluable(claim_id: str, strategy: str, source: str, note: str) -> Chec
         claim=claim.id,
         statement=claim.statement,
         status=claim.status_at(strategy, "coordinate"),
+        gates=claim.gates(strategy, "coordinate"),
         strategy=strategy,
         strategies=(strategy,),
         granularity="coordinate",

@@ -29,11 +29,13 @@ COLUMNS: tuple[str, ...] = (
     "cases",
     "undefined",
     "violations",
+    "non_finite",
     "violation_rate",
     "worst_margin",
     "where",
     "tolerance",
     "evidence",
+    "gates",
     "verdict",
     "note",
 )
@@ -55,6 +57,12 @@ class CheckResult:
     claim, statement, status : str
         THEORY.md id, the claim, and its status at this strategy and granularity
         (``"proven"``, ``"false"`` or ``"open"``).
+    gates : bool
+        Whether a violation sets :attr:`Audit.bug_detected`: True exactly for the proven
+        claims the product gates on (R1, R2, R2b for the model, R6 for SAGO and
+        ``sago_prefer_retain``, R9); False for a proven claim outside the gate (R7 against
+        global PCGrad for the model), and for false and open claims. Default (``None``):
+        ``status == "proven"``.
     strategy : str
         The strategy, or a comparison ``"a>=b"`` (R4, R5, R7, R8).
     strategies : tuple of str
@@ -66,15 +74,21 @@ class CheckResult:
     cases : int
         Cases evaluated (coordinates, or (step, group) pairs, or samples).
     undefined : int
-        Cases where the checked quantity is undefined (a zero norm): neither pass nor fail.
+        Cases where the checked quantity is undefined because of a true zero norm (finite
+        statistics): neither pass nor fail.
     violations : int
-        Evaluated cases where the claim fails beyond ``tolerance``.
+        Evaluated cases where the claim fails beyond ``tolerance``, non-finite cases included.
+    non_finite : int
+        Of the violations, the cases whose statistics or checked quantity are NaN or infinite
+        (a NaN update, a tampered statistic): never undefined, never a pass.
     worst_margin : float
         The most negative value of the quantity that should be ``>= 0`` (for R3: the largest
-        absolute deviation from the closed form); NaN when nothing was evaluated or the data
-        carry counts only.
+        absolute deviation from the closed form); ``-inf`` (R3: ``+inf``) when a case is
+        non-finite (the most negative finite margin is then ``details["worst_finite_margin"]``);
+        NaN when nothing was evaluated or the data carry counts only.
     where : str
-        Where ``worst_margin`` occurred (step and tensor/layer, or sample, tensor, coordinate).
+        Where ``worst_margin`` occurred (step and tensor/layer, or sample, tensor, coordinate);
+        with non-finite cases, the first of them.
     tolerance : str
         The tolerance and tie convention used.
     evidence : str
@@ -82,7 +96,8 @@ class CheckResult:
     note : str
         Anything else a reader needs (what could not be evaluated and why, weights used).
     details : mapping of str to float
-        Extra measurements (R4: mean and median gap, rates split at ``|f| = |r|``).
+        Extra measurements (R4: mean and median gap, rates split at ``|f| = |r|``;
+        ``worst_finite_margin`` when a case is non-finite).
     """
 
     claim: str
@@ -101,23 +116,36 @@ class CheckResult:
     evidence: str = "materialised"
     note: str = ""
     details: Mapping[str, float] = field(default_factory=dict, hash=False, compare=True)
+    non_finite: int = 0
+    gates: bool | None = None
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
             raise ValueError(f"status must be one of {STATUSES}, got {self.status!r}")
+        gates = self.status == "proven" if self.gates is None else self.gates
+        if not isinstance(gates, bool):
+            raise TypeError(f"gates must be a bool or None, got {self.gates!r}")
+        if gates and self.status != "proven":
+            raise ValueError(f"only a proven claim can gate, got status {self.status!r}")
+        object.__setattr__(self, "gates", gates)
         if self.granularity not in GRANULARITIES:
             raise ValueError(
                 f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}"
             )
         if self.evidence not in EVIDENCE:
             raise ValueError(f"evidence must be one of {EVIDENCE}, got {self.evidence!r}")
-        for name in ("cases", "undefined", "violations"):
+        for name in ("cases", "undefined", "violations", "non_finite"):
             value = getattr(self, name)
             if isinstance(value, bool) or int(value) != value or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
             object.__setattr__(self, name, int(value))
         if self.violations > self.cases:
             raise ValueError(f"violations ({self.violations}) exceed cases ({self.cases})")
+        if self.non_finite > self.violations:
+            raise ValueError(
+                f"non_finite ({self.non_finite}) exceeds violations ({self.violations}): a "
+                "non-finite case is a violation"
+            )
         object.__setattr__(self, "strategies", tuple(self.strategies))
         object.__setattr__(self, "worst_margin", float(self.worst_margin))
         object.__setattr__(self, "details", {k: float(v) for k, v in self.details.items()})
@@ -129,19 +157,21 @@ class CheckResult:
 
     @property
     def failed(self) -> bool:
-        """A proven claim violated beyond tolerance: a bug in the code or the data."""
-        return self.status == "proven" and self.violations > 0
+        """A gating proven claim violated beyond tolerance (or non-finite): a bug in the code
+        or the data."""
+        return bool(self.gates) and self.violations > 0
 
     @property
     def verdict(self) -> str:
-        """``BUG``, ``ok`` (proven, no violation), ``holds`` / ``fails`` (a measured claim),
-        or ``n/a`` (nothing evaluated)."""
+        """``BUG`` (a gating claim violated), ``ok`` (proven, no violation), ``violated``
+        (a proven claim outside the gate violated: reported, not a bug verdict), ``holds`` /
+        ``fails`` (a measured claim), or ``n/a`` (nothing evaluated)."""
         if self.failed:
             return "BUG"
         if self.cases == 0:
             return "n/a"
         if self.status == "proven":
-            return "ok"
+            return "violated" if self.violations else "ok"
         return "fails" if self.violations else "holds"
 
     def to_dict(self) -> dict[str, Any]:
@@ -159,7 +189,7 @@ class CheckResult:
         if not isinstance(data, Mapping):
             raise TypeError(f"expected a mapping, got {type(data).__name__}")
         names = {f.name for f in fields(cls)}
-        missing = names - set(data) - {"evidence", "note", "details"}
+        missing = names - set(data) - {"evidence", "note", "details", "non_finite", "gates"}
         if missing:
             raise ValueError(f"check result is missing {sorted(missing)}")
         kwargs = {k: v for k, v in data.items() if k in names}
@@ -195,10 +225,12 @@ def _fmt(value: float) -> str:
 class Audit:
     """A collection of :class:`CheckResult` (every claim at every applicable granularity).
 
-    ``str(audit)`` is a plain-text table; :attr:`bug_detected` is True only when a proven claim
-    (R1 for SAGO, R2 per-tensor PCGrad, R2b global PCGrad for the model, R6 for SAGO and
-    ``sago_prefer_retain``, R9) is violated beyond tolerance. Violations of false or open claims
-    (R4, R5, R2b per tensor, ...) are measurements and never set it.
+    ``str(audit)`` is a plain-text table; :attr:`bug_detected` is True only when a gating
+    proven claim (R1 for SAGO, R2 per-tensor PCGrad, R2b global PCGrad for the model, R6 for
+    SAGO and ``sago_prefer_retain``, R9) is violated beyond tolerance or non-finite. Violations
+    of false or open claims (R4, R5, R2b per tensor, ...) are measurements and never set it; R7
+    against global PCGrad for the model is proven but outside the gate (``gates=False``,
+    verdict ``violated`` if it fails).
     """
 
     results: tuple[CheckResult, ...]
@@ -225,7 +257,8 @@ class Audit:
 
     @property
     def bug_detected(self) -> bool:
-        """Whether any proven claim was violated beyond tolerance."""
+        """Whether any gating proven claim was violated beyond tolerance (non-finite cases
+        count as violations)."""
         return any(r.failed for r in self.results)
 
     @property
@@ -323,9 +356,11 @@ class Audit:
             "status",
             "verdict",
             "source",
+            "gate",
             "cases",
             "undef",
             "viol",
+            "nonfin",
             "rate",
             "worst",
             "where",
@@ -342,9 +377,11 @@ class Audit:
                     r.status,
                     r.verdict,
                     r.source,
+                    "yes" if r.gates else "no",
                     str(r.cases),
                     str(r.undefined),
                     str(r.violations),
+                    str(r.non_finite),
                     _fmt(r.violation_rate),
                     _fmt(r.worst_margin),
                     where,
@@ -352,7 +389,7 @@ class Audit:
                 )
             )
         widths = [max([len(h), *(len(row[i]) for row in lines)]) for i, h in enumerate(head)]
-        numeric = {6, 7, 8, 9, 10}
+        numeric = {7, 8, 9, 10, 11, 12}
 
         def render(row: Iterable[str]) -> str:
             cells = [
@@ -364,11 +401,16 @@ class Audit:
         out = [render(head), render("-" * w for w in widths)]
         out += [render(row) for row in lines]
         failures = self.failures
-        verdict = (
-            f"BUG: {len(failures)} proven claim check(s) violated"
-            if failures
-            else "no proven claim violated"
-        )
+        outside = sum(1 for r in self.results if r.verdict == "violated")
+        if failures:
+            verdict = f"BUG: {len(failures)} gating proven claim check(s) violated"
+        elif outside:
+            verdict = (
+                f"no gating proven claim violated; {outside} proven check(s) outside the gate "
+                "violated (reported, not a bug)"
+            )
+        else:
+            verdict = "no proven claim violated"
         out.append("")
         out.append(verdict)
         return "\n".join(out)
