@@ -136,7 +136,10 @@ def _parser() -> argparse.ArgumentParser:
     figures.add_argument("--config", default=None, help="JSON or TOML file of settings")
     figures.add_argument("--preset", default=None, help="one of: " + ", ".join(PRESETS))
     figures.add_argument("--cache-dir", metavar="DIR", help="cache of pretrained benchmark models")
-    figures.add_argument("--dpi", type=int, default=150, help="resolution of the PNG files")
+    figures.add_argument("--dpi", type=int, default=110, help="resolution of the PNG files")
+    figures.add_argument(
+        "--format", nargs="+", default=["png"], metavar="EXT", help="file formats (png, pdf)"
+    )
     return parser
 
 
@@ -200,7 +203,7 @@ def _figures(args: argparse.Namespace) -> int:
         results = run(config, report=False)
         runs = [Path(config.out) / r["run"] for r in results]
     out = Path(args.out)
-    written = write_report(runs, out, dpi=args.dpi, first_seed_only=True)
+    written = write_report(runs, out, args.format, dpi=args.dpi, first_seed_only=True)
     _print_written(written, out)
     return 0
 

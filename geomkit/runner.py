@@ -26,7 +26,7 @@ from typing import Any
 
 from geomkit.config import RunConfig
 
-__all__ = ["audit_runs", "expand_runs", "run", "write_report"]
+__all__ = ["audit_runs", "audit_summary", "expand_runs", "run", "write_report"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,6 +94,24 @@ def audit_runs(runs: Sequence[Path]) -> Any:
     return theory.audit(open_runs(runs))
 
 
+def audit_summary(audit: Any) -> str:
+    """A few lines for the terminal: the verdict and R4 measured, pooled over the runs."""
+    verdict = (
+        "a proven claim is VIOLATED (a bug)" if audit.bug_detected else "no proven claim violated"
+    )
+    lines = [f"theorem audit: {verdict}"]
+    frame = audit.to_frame()
+    r4 = frame[frame["claim"] == "R4"].groupby(["strategy", "granularity"], sort=False)
+    for (strategy, granularity), rows in r4:
+        cases, violations = int(rows["cases"].sum()), int(rows["violations"].sum())
+        if cases:
+            lines.append(
+                f"  R4 (false as stated) {strategy} at {granularity} level: "
+                f"fails in {violations} of {cases} cases ({violations / cases:.0%})"
+            )
+    return "\n".join(lines)
+
+
 def write_report(
     runs: Sequence[Path],
     out: Path,
@@ -118,8 +136,7 @@ def write_report(
     audit_dir.mkdir(parents=True, exist_ok=True)
     audit.to_json(audit_dir / "audit.json")
     (audit_dir / "audit.txt").write_text(str(audit) + "\n", encoding="utf-8")
-    verdict = "a proven claim is VIOLATED (a bug)" if audit.bug_detected else "no bug"
-    print(f"theorem audit: {verdict}; see {audit_dir / 'audit.txt'}", file=sys.stderr)
+    print(audit_summary(audit) + f"\nfull table: {audit_dir / 'audit.txt'}", file=sys.stderr)
     per_run = None
     if first_seed_only:
         first: dict[str, str] = {}

@@ -87,3 +87,13 @@ def test_figures_from_existing_runs(smoke_runs, tmp_path):
     assert main(["figures", "--out", str(figures), "--runs", *runs]) == 0
     assert (figures / "tradeoff_retain.png").exists()
     assert np.isfinite(json.loads((figures / "audit.json").read_text())["results"][0]["cases"])
+
+
+def test_audit_summary_reports_r4_measured():
+    from geomkit import theory
+    from geomkit.runner import audit_summary
+
+    audit = theory.audit_synthetic([theory.Counterexamples()], claims=["R4"])
+    text = audit_summary(audit)
+    assert text.startswith("theorem audit: no proven claim violated")
+    assert "sago>=pcgrad at tensor level: fails in 3 of 3 cases (100%)" in text
