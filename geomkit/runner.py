@@ -39,21 +39,42 @@ def run(config: RunConfig, report: bool = True) -> list[dict[str, Any]]:
 
     With ``report``, the runs are then audited against THEORY.md (``audit.json`` and
     ``audit.txt`` in ``config.out``) and their figure set is written to ``config.out/figures``.
+
+    Under ``torchrun`` every process runs this with the same configuration: each takes its own
+    share of every seed's batches, the engine averages the gradients, and only rank 0 writes
+    (stores, metrics, tables, report) and prints.
     """
     import torch
 
+    from geomkit.distributed import init_from_environment
+
     config.validate()
     torch.set_num_threads(config.threads)
+    init_from_environment()
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     if config.real:
         results = _run_real(config, out)
     else:
         results = _run_embedded(config, out)
-    _write_summary(results, out)
-    if report and results:
-        write_report([out / r["run"] for r in results], out / "figures", audit_dir=out)
+    if _is_main():
+        _write_summary(results, out)
+        if report and results:
+            write_report([out / r["run"] for r in results], out / "figures", audit_dir=out)
     return results
+
+
+def _is_main() -> bool:
+    from geomkit.distributed import rank_and_world
+
+    return rank_and_world()[0] == 0
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 # -- audit and figures ------------------------------------------------------------------------
@@ -181,7 +202,8 @@ def _unlearn(
         seed=seed,
     )
     run_dir.mkdir(parents=True, exist_ok=True)
-    config.save(run_dir / "config.json")
+    if _is_main():
+        config.save(run_dir / "config.json")
     unlearner = Unlearner(
         model,
         objective,
@@ -196,7 +218,13 @@ def _unlearn(
     recorder = unlearner.recorder
     if recorder is not None and before is not None:
         recorder.log_evaluation(0, before)
-    bar = tqdm(total=config.steps, desc=run_dir.name, leave=False, file=sys.stderr)
+    bar = tqdm(
+        total=config.steps,
+        desc=run_dir.name,
+        leave=False,
+        file=sys.stderr,
+        disable=not _is_main(),
+    )
 
     def after_step(result: Any) -> None:
         done = result.step + 1
@@ -233,6 +261,8 @@ def _unlearn(
 
 
 def _write_metrics(metrics: dict[str, Any], run_dir: Path) -> None:
+    if not _is_main():
+        return
     public = {k: v for k, v in metrics.items() if not k.startswith("_")}
     (run_dir / "metrics.json").write_text(
         json.dumps(_finite(public), indent=1) + "\n", encoding="utf-8"
@@ -253,10 +283,21 @@ def _finite(value: Any) -> Any:
 def _grid(
     config: RunConfig, forget_items: list, retain_items: list, make: Callable
 ) -> Iterator[tuple[RunConfig, int, str, list[dict], list[dict]]]:
-    """Every (seed, strategy) run: its configuration and its seed's shuffled batches."""
+    """Every (seed, strategy) run: its configuration and its seed's shuffled batches.
+
+    In a data-parallel job each process gets every ``world``-th batch, starting at its rank.
+    """
+    from geomkit.distributed import rank_and_world
+
+    rank, world = rank_and_world()
     for seed in config.seeds:
-        forget = _shuffled_batches(forget_items, config.batch_size, seed, make)
-        retain = _shuffled_batches(retain_items, config.batch_size, seed, make)
+        forget = _shuffled_batches(forget_items, config.batch_size, seed, make)[rank::world]
+        retain = _shuffled_batches(retain_items, config.batch_size, seed, make)[rank::world]
+        if not forget or not retain:
+            raise ValueError(
+                f"{world} processes but the data make fewer batches of batch_size="
+                f"{config.batch_size}; expected at least one forget and one retain batch each"
+            )
         seeded = _with_epochs(config, len(forget))
         for strategy in config.strategies:
             yield seeded, seed, strategy, forget, retain
@@ -286,6 +327,9 @@ def _run_embedded(config: RunConfig, out: Path) -> list[dict[str, Any]]:
     from geomkit.bench.evaluate import evaluate, matched_forgetting, recovery
     from geomkit.bench.model import ModelConfig, TrainConfig, load_or_pretrain
 
+    main = _is_main()
+    if not main:
+        _barrier()  # the other processes wait for rank 0 to pretrain (or find) the target
     target, tokenizer, data, info = load_or_pretrain(
         config.cache_dir,
         config.n_entities,
@@ -295,8 +339,10 @@ def _run_embedded(config: RunConfig, out: Path) -> list[dict[str, Any]]:
         TrainConfig(
             lr=config.pretrain_lr, max_epochs=config.pretrain_epochs, seed=config.data_seed
         ),
-        progress=_pretrain_progress,
+        progress=_pretrain_progress if main else None,
     )
+    if main:
+        _barrier()
     target = target.to(device=config.device, dtype=getattr(torch, config.dtype))
     max_length = target.config.max_position_embeddings
 
@@ -306,11 +352,12 @@ def _run_embedded(config: RunConfig, out: Path) -> list[dict[str, Any]]:
             return evaluate(model, tokenizer, data)
 
     before = score(target)
-    print(
-        f"target model ({'cached' if info['cached'] else 'pretrained'}, {info['path']}): "
-        + ", ".join(f"{k}={v:.3f}" for k, v in before.items()),
-        file=sys.stderr,
-    )
+    if main:
+        print(
+            f"target model ({'cached' if info['cached'] else 'pretrained'}, {info['path']}): "
+            + ", ".join(f"{k}={v:.3f}" for k, v in before.items()),
+            file=sys.stderr,
+        )
     forget_texts = list(data.forget_text) + [qa_text(q) for q in data.forget_qa]
     retain_texts = list(data.retain_text) + [qa_text(q) for q in data.retain_qa]
 

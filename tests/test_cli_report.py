@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import zarr
@@ -97,3 +98,34 @@ def test_audit_summary_reports_r4_measured():
     text = audit_summary(audit)
     assert text.startswith("theorem audit: no proven claim violated")
     assert "sago>=pcgrad at tensor level: fails in 3 of 3 cases (100%)" in text
+
+
+def test_torchrun_runs_the_same_job_data_parallel(smoke_runs, tmp_path):
+    """``torchrun --nproc_per_node 2 -m geomkit run``: one set of outputs, written by rank 0."""
+    import os
+    import subprocess
+    import sys
+
+    import geomkit
+
+    _, out = smoke_runs
+    cache = out.parent / "cache"  # the session's smoke target model: no pretraining here
+    runs = tmp_path / "ddp"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"),
+            *("-m", "geomkit", "run", "--preset", "smoke", "--strategy", "sago"),
+            *("--out", str(runs), "--cache-dir", str(cache), "--no-report"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("target model (cached") == 1  # only rank 0 prints
+    assert result.stdout.count("| graddiff | sago |") == 1
+    ds = geomkit.open_run(runs / "graddiff-sago-seed0")
+    assert ds.attrs["world_size"] == 2
+    assert ds.sizes["step"] == 4 and ds["evaluation"].values.tolist() == [0, 2, 4]
