@@ -10,7 +10,58 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["check_weight", "check_pair", "check_out"]
+__all__ = ["check_integer", "check_out", "check_pair", "check_real", "check_weight"]
+
+
+def _prefix(owner: str | None) -> str:
+    return f"{owner}: " if owner else ""
+
+
+def check_integer(
+    name: str, value: object, low: int | None = None, *, owner: str | None = None
+) -> int:
+    """Return ``value`` as an int if it is an integer (not a bool) >= ``low``, else raise.
+
+    Messages name ``owner`` (the class or function checking), the field and the value.
+    """
+    p = _prefix(owner)
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{p}{name} must be an integer, got {type(value).__name__}: {value!r}")
+    if low is not None and value < low:
+        raise ValueError(f"{p}{name} must be an integer >= {low}, got {value!r}")
+    return int(value)
+
+
+def check_real(
+    name: str,
+    value: object,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    strict: bool = False,
+    owner: str | None = None,
+) -> float:
+    """Return ``value`` as a float if it is a finite real number in range, else raise.
+
+    The range is ``[low, high]`` (``(low, high]`` with ``strict``); either end may be None.
+    """
+    p = _prefix(owner)
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{p}{name} must be a real number, got {type(value).__name__}: {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{p}{name} must be a finite number, got {value!r}")
+    below = low is not None and (value <= low if strict else value < low)
+    above = high is not None and value > high
+    if below or above:
+        if low is not None and high is not None:
+            interval = f"in {'(' if strict else '['}{low:g}, {high:g}]"
+        elif low is not None:
+            interval = f"{'>' if strict else '>='} {low:g}"
+        else:
+            interval = f"<= {high:g}"
+        raise ValueError(f"{p}{name} must be a finite number {interval}, got {value!r}")
+    return value
 
 
 def check_weight(name: str, value: object) -> float:

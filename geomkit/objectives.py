@@ -25,8 +25,6 @@ Objective(name='simnpo', forget=SimNPO(beta=0.7, delta=0.1), retain=NLL(), train
 
 from __future__ import annotations
 
-import math
-import numbers
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -36,6 +34,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from geomkit._validation import check_integer, check_real
 
 __all__ = [
     "IGNORE_INDEX",
@@ -74,34 +74,6 @@ _KEYS_ACTIVATION = ("input_ids", "attention_mask")
 # --------------------------------------------------------------------------------------------
 # Parameter and input checks
 # --------------------------------------------------------------------------------------------
-
-
-def _real(owner: str, name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(
-            f"{owner}: {name} must be a real number, got {type(value).__name__}: {value!r}"
-        )
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{owner}: {name} must be a finite number, got {value!r}")
-    return value
-
-
-def _positive(owner: str, name: str, value: object) -> float:
-    value = _real(owner, name, value)
-    if value <= 0:
-        raise ValueError(f"{owner}: {name} must be a finite number > 0, got {value!r}")
-    return value
-
-
-def _index(owner: str, name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(
-            f"{owner}: {name} must be an integer >= 0, got {type(value).__name__}: {value!r}"
-        )
-    if value < 0:
-        raise ValueError(f"{owner}: {name} must be an integer >= 0, got {value!r}")
-    return int(value)
 
 
 def _batch(owner: str, batch: object, keys: tuple[str, ...]) -> list[Tensor]:
@@ -301,7 +273,7 @@ class NPO(ForgetLoss):
     needs_reference = True
 
     def __init__(self, beta: float = 0.1) -> None:
-        self.beta = _positive("NPO", "beta", beta)
+        self.beta = check_real("beta", beta, 0, strict=True, owner="NPO")
 
     def _params(self) -> dict[str, object]:
         return {"beta": self.beta}
@@ -338,8 +310,8 @@ class SimNPO(ForgetLoss):
     """
 
     def __init__(self, beta: float = 2.5, delta: float = 0.0) -> None:
-        self.beta = _positive("SimNPO", "beta", beta)
-        self.delta = _real("SimNPO", "delta", delta)
+        self.beta = check_real("beta", beta, 0, strict=True, owner="SimNPO")
+        self.delta = check_real("delta", delta, owner="SimNPO")
 
     def _params(self) -> dict[str, object]:
         return {"beta": self.beta, "delta": self.delta}
@@ -381,9 +353,9 @@ class RMU(ForgetLoss):
     """
 
     def __init__(self, layer: int | None = None, coefficient: float = 2.0, seed: int = 0) -> None:
-        self.layer = None if layer is None else _index("RMU", "layer", layer)
-        self.coefficient = _positive("RMU", "coefficient", coefficient)
-        self.seed = _index("RMU", "seed", seed)
+        self.layer = None if layer is None else check_integer("layer", layer, 0, owner="RMU")
+        self.coefficient = check_real("coefficient", coefficient, 0, strict=True, owner="RMU")
+        self.seed = check_integer("seed", seed, 0, owner="RMU")
         self._directions: dict[tuple[int, torch.device | None, torch.dtype], Tensor] = {}
 
     def _params(self) -> dict[str, object]:
@@ -405,7 +377,7 @@ class RMU(ForgetLoss):
         Generated in float32 on the CPU from ``seed`` (so identical on every device), then cast
         to ``device`` and ``dtype``; cached per ``(hidden_size, device, dtype)``.
         """
-        hidden_size = _index("RMU", "hidden_size", hidden_size)
+        hidden_size = check_integer("hidden_size", hidden_size, 0, owner="RMU")
         device = None if device is None else torch.device(device)
         key = (hidden_size, device, dtype)
         if key not in self._directions:
@@ -492,7 +464,7 @@ class RMURetain(RetainLoss):
     needs_reference = True
 
     def __init__(self, layer: int | None = None) -> None:
-        self.layer = None if layer is None else _index("RMURetain", "layer", layer)
+        self.layer = None if layer is None else check_integer("layer", layer, 0, owner="RMURetain")
 
     def _params(self) -> dict[str, object]:
         return {"layer": self.layer}
@@ -530,7 +502,7 @@ def rmu_trainable(layer: int) -> str:
     The ``mlp.down_proj`` weights of blocks ``layer - 2 .. layer`` (clipped at 0), as in the
     paper (layer 7: ``layers\\.(5|6|7)\\.mlp\\.down_proj``). Llama-family names.
     """
-    layer = _index("rmu_trainable", "layer", layer)
+    layer = check_integer("layer", layer, 0, owner="rmu_trainable")
     blocks = "|".join(str(i) for i in range(max(0, layer - 2), layer + 1))
     return rf"layers\.({blocks})\.mlp\.down_proj"
 

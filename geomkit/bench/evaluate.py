@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from geomkit._validation import check_integer
 from geomkit.bench.data import QA, BenchmarkData, qa_prompt
 from geomkit.bench.tokenizer import WordTokenizer
 
@@ -45,16 +46,6 @@ _SPLITS: tuple[str, ...] = ("forget", "retain", "general")
 
 def _normalise(text: str) -> str:
     return " ".join(text.split())
-
-
-def _check_positive_int(name: str, value: object, caller: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(
-            f"{caller}: {name} must be an integer, got {type(value).__name__}: {value!r}"
-        )
-    if value < 1:
-        raise ValueError(f"{caller}: {name} must be >= 1, got {value}")
-    return int(value)
 
 
 def _device(model: torch.nn.Module) -> torch.device:
@@ -120,8 +111,8 @@ def greedy_answers(
         The decoded answers, words joined by single spaces.
     """
     caller = "greedy_answers"
-    max_new_tokens = _check_positive_int("max_new_tokens", max_new_tokens, caller)
-    batch_size = _check_positive_int("batch_size", batch_size, caller)
+    max_new_tokens = check_integer("max_new_tokens", max_new_tokens, 1, owner=caller)
+    batch_size = check_integer("batch_size", batch_size, 1, owner=caller)
     encoded = [tokenizer.encode(p, bos=True) for p in prompts]
     groups: dict[int, list[int]] = {}
     for i, row in enumerate(encoded):

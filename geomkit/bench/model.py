@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 import transformers
 
+from geomkit._validation import check_integer, check_real
 from geomkit.bench.data import BenchmarkData, make_benchmark, qa_text
 from geomkit.bench.evaluate import evaluate
 from geomkit.bench.tokenizer import WordTokenizer
@@ -47,24 +47,6 @@ PRETRAIN_FILE: str = "geomkit_pretrain.json"
 """File of a cached model directory with the key's inputs, the history and final accuracies."""
 
 Progress = Callable[[dict[str, float]], None]
-
-
-def _check_int(caller: str, name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(
-            f"{caller}: {name} must be an integer, got {type(value).__name__}: {value!r}"
-        )
-    if value < minimum:
-        raise ValueError(f"{caller}: {name} must be >= {minimum}, got {value}")
-
-
-def _check_float(caller: str, name: str, value: object, low: float, high: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(
-            f"{caller}: {name} must be a real number, got {type(value).__name__}: {value!r}"
-        )
-    if not (math.isfinite(value) and low <= value <= high):
-        raise ValueError(f"{caller}: {name} must be in [{low}, {high}], got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -94,9 +76,9 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "layers", "heads", "max_length"):
-            _check_int("ModelConfig", name, getattr(self, name), 1)
+            check_integer(name, getattr(self, name), 1, owner="ModelConfig")
         if self.intermediate_size is not None:
-            _check_int("ModelConfig", "intermediate_size", self.intermediate_size, 1)
+            check_integer("intermediate_size", self.intermediate_size, 1, owner="ModelConfig")
         if self.hidden_size % self.heads:
             raise ValueError(
                 f"ModelConfig: hidden_size {self.hidden_size} is not a multiple of "
@@ -146,18 +128,16 @@ class TrainConfig:
     general_repeats: int = 4
 
     def __post_init__(self) -> None:
-        _check_float("TrainConfig", "lr", self.lr, 0.0, math.inf)
-        if self.lr <= 0:
-            raise ValueError(f"TrainConfig: lr must be > 0, got {self.lr!r}")
-        _check_int("TrainConfig", "batch_size", self.batch_size, 1)
-        _check_int("TrainConfig", "max_epochs", self.max_epochs, 1)
-        _check_float("TrainConfig", "target_acc", self.target_acc, 0.0, 1.0)
-        _check_int("TrainConfig", "eval_every", self.eval_every, 1)
-        _check_int("TrainConfig", "seed", self.seed, 0)
-        _check_int("TrainConfig", "warmup_steps", self.warmup_steps, 0)
-        _check_float("TrainConfig", "weight_decay", self.weight_decay, 0.0, math.inf)
-        _check_float("TrainConfig", "max_grad_norm", self.max_grad_norm, 0.0, math.inf)
-        _check_int("TrainConfig", "general_repeats", self.general_repeats, 1)
+        check_real("lr", self.lr, 0.0, strict=True, owner="TrainConfig")
+        check_integer("batch_size", self.batch_size, 1, owner="TrainConfig")
+        check_integer("max_epochs", self.max_epochs, 1, owner="TrainConfig")
+        check_real("target_acc", self.target_acc, 0.0, 1.0, owner="TrainConfig")
+        check_integer("eval_every", self.eval_every, 1, owner="TrainConfig")
+        check_integer("seed", self.seed, 0, owner="TrainConfig")
+        check_integer("warmup_steps", self.warmup_steps, 0, owner="TrainConfig")
+        check_real("weight_decay", self.weight_decay, 0.0, owner="TrainConfig")
+        check_real("max_grad_norm", self.max_grad_norm, 0.0, owner="TrainConfig")
+        check_integer("general_repeats", self.general_repeats, 1, owner="TrainConfig")
 
 
 def build_model(config: ModelConfig, vocab_size: int, seed: int) -> transformers.LlamaForCausalLM:
@@ -167,8 +147,8 @@ def build_model(config: ModelConfig, vocab_size: int, seed: int) -> transformers
     bos 1, eos 2); input and output embeddings are not tied. Initialisation is drawn from
     ``seed`` without touching the global random state.
     """
-    _check_int("build_model", "vocab_size", vocab_size, len(WordTokenizer.SPECIALS))
-    _check_int("build_model", "seed", seed, 0)
+    check_integer("vocab_size", vocab_size, len(WordTokenizer.SPECIALS), owner="build_model")
+    check_integer("seed", seed, 0, owner="build_model")
     llama_config = transformers.LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=config.hidden_size,

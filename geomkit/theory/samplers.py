@@ -34,7 +34,7 @@ from typing import ClassVar, NamedTuple
 import torch
 from torch import Tensor
 
-from geomkit._validation import check_pair
+from geomkit._validation import check_integer, check_pair, check_real
 
 __all__ = [
     "DTYPES",
@@ -64,23 +64,6 @@ class Pair(NamedTuple):
     retain: list[Tensor]
 
 
-def _check_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}: {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value!r}")
-    return int(value)
-
-
-def _check_real(name: str, value: object, low: float, high: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}: {value!r}")
-    value = float(value)
-    if not (math.isfinite(value) and low <= value <= high):
-        raise ValueError(f"{name} must be in [{low}, {high}], got {value!r}")
-    return value
-
-
 @dataclass(frozen=True)
 class Sampler(ABC):
     """Base class of the synthetic gradient-pair samplers (see the module docstring)."""
@@ -93,17 +76,17 @@ class Sampler(ABC):
     kind: ClassVar[str] = "sampler"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "rho", _check_real("rho", self.rho, -1.0, 1.0))
+        object.__setattr__(self, "rho", check_real("rho", self.rho, -1.0, 1.0))
         ratio = self.norm_ratio
         if isinstance(ratio, tuple):
             if len(ratio) != 2:
                 raise ValueError(f"norm_ratio range must be (low, high), got {ratio!r}")
-            low, high = (_check_real("norm_ratio", x, 1e-12, 1e12) for x in ratio)
+            low, high = (check_real("norm_ratio", x, 1e-12, 1e12) for x in ratio)
             if not (0 < low <= high):
                 raise ValueError(f"norm_ratio range must have 0 < low <= high, got {ratio!r}")
             object.__setattr__(self, "norm_ratio", (low, high))
         else:
-            value = _check_real("norm_ratio", ratio, 0.0, 1e12)
+            value = check_real("norm_ratio", ratio, 0.0, 1e12)
             if value <= 0:
                 raise ValueError(f"norm_ratio must be > 0, got {ratio!r}")
             object.__setattr__(self, "norm_ratio", value)
@@ -117,7 +100,7 @@ class Sampler(ABC):
             raise ValueError(f"shapes must be a non-empty sequence of shapes, got {self.shapes!r}")
         for shape in shapes:
             for size in shape:
-                _check_positive_int("every tensor dimension", size)
+                check_integer("every tensor dimension", size, 1)
         object.__setattr__(self, "shapes", shapes)
 
     # -- what a subclass defines -------------------------------------------------------------
@@ -190,7 +173,7 @@ class Sampler(ABC):
         -------
         list of Pair
         """
-        n = _check_positive_int("n", n)
+        n = check_integer("n", n, 1)
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}: {seed!r}")
         g = torch.Generator().manual_seed(int(seed))
@@ -226,7 +209,7 @@ class Sparse(Sampler):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        object.__setattr__(self, "density", _check_real("density", self.density, 0.0, 1.0))
+        object.__setattr__(self, "density", check_real("density", self.density, 0.0, 1.0))
 
     def _params(self) -> str:
         return f"density={self.density:g}"
@@ -251,7 +234,7 @@ class HeavyTailed(Sampler):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        object.__setattr__(self, "df", _check_positive_int("df", self.df))
+        object.__setattr__(self, "df", check_integer("df", self.df, 1))
 
     def _params(self) -> str:
         return f"df={self.df}"
@@ -274,7 +257,7 @@ class Zeros(Sampler):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        object.__setattr__(self, "fraction", _check_real("fraction", self.fraction, 0.0, 1.0))
+        object.__setattr__(self, "fraction", check_real("fraction", self.fraction, 0.0, 1.0))
 
     def _params(self) -> str:
         return f"fraction={self.fraction:g}"
@@ -360,7 +343,7 @@ class Counterexamples(Sampler):
         return f"counterexamples({str(self.dtype).replace('torch.', '')})"
 
     def sample(self, n: int = 3, seed: int = 0) -> list[Pair]:
-        _check_positive_int("n", n)
+        check_integer("n", n, 1)
         return [c.pair(self.dtype) for c in _COUNTEREXAMPLES]
 
 
@@ -393,7 +376,7 @@ class Fixed(Sampler):
         return f"{self.label}({str(self.dtype).replace('torch.', '')})"
 
     def sample(self, n: int = 1, seed: int = 0) -> list[Pair]:
-        _check_positive_int("n", n)
+        check_integer("n", n, 1)
         return [Pair(list(p.forget), list(p.retain)) for p in self.pairs]
 
 
