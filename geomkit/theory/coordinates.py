@@ -104,7 +104,7 @@ def _worst(
     return -np.inf, at, {"worst_finite_margin": worst}, note
 
 
-def _result(
+def coordinate_result(
     claim_id: str,
     strategy: str,
     source: str,
@@ -158,7 +158,7 @@ def sign_agreement(
     margin = _unit(d, flat) * _unit(r, flat)
     margin = np.where(opposed, np.minimum(margin, -np.finfo(np.float64).tiny), margin)
     worst, where, details, extra = _worst(margin, flat, non_finite)
-    return _result(
+    return coordinate_result(
         claim_id,
         strategy,
         source,
@@ -203,7 +203,7 @@ def r9_coordinates(
         "-|(d_i - gamma f_i)(d_i - alpha r_i)| / s_i^2 >= -tol, s_i = |gamma f_i| + |alpha r_i|;"
         f" tol = rtol + 2 subnormal/s_i, rtol = 8 eps({dtype_name}) + 1e-12 = {tol:.3g}"
     )
-    return _result(
+    return coordinate_result(
         "R9",
         "sago",
         source,
@@ -241,7 +241,7 @@ def opposed_counts(
     is ``-inf`` and ``where`` names the first such case.
     """
     if evidence == "by construction":
-        return _result(
+        return coordinate_result(
             claim_id,
             strategy,
             source,
@@ -277,7 +277,7 @@ def opposed_counts(
             f"{int(bad.sum())} (step, tensor) case(s) with a non-finite n_opposed: their "
             f"{non_finite} coordinates counted as violations, first at {first}; {text}"
         )
-    return _result(
+    return coordinate_result(
         claim_id,
         strategy,
         source,

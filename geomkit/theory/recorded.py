@@ -25,11 +25,11 @@ import torch
 import xarray as xr
 
 import geomkit.analysis  # noqa: F401  (registers the ds.geom accessor)
+from geomkit.metrics import FIELDS
 from geomkit.strategies import build
 from geomkit.theory.cases import Cases, build_cases
 from geomkit.theory.checks import ADDITIVE_CHECKS
-from geomkit.theory.claims import get_claim
-from geomkit.theory.coordinates import opposed_counts
+from geomkit.theory.coordinates import coordinate_result, opposed_counts
 from geomkit.theory.report import Audit, CheckResult
 from geomkit.theory.synthetic import STRATEGIES, check_claims, sort_results
 
@@ -172,18 +172,7 @@ def run_cases(
     return cases, ds, note
 
 
-_STATISTICS = (
-    "ff",
-    "rr",
-    "fr",
-    "dd",
-    "df",
-    "dr",
-    "n_conflict",
-    "n_both_nonzero",
-    "n_opposed",
-    "n_projected",
-)
+_STATISTICS: tuple[str, ...] = tuple(f for f in FIELDS if f not in ("numel", "n_tensors"))
 
 
 def _all_nan(ds: xr.Dataset, dim: str) -> np.ndarray:
@@ -269,24 +258,9 @@ def _coordinate(claims: tuple[str, ...], ds: xr.Dataset, name: str) -> list[Chec
 
 
 def _not_evaluable(claim_id: str, strategy: str, source: str, note: str) -> CheckResult:
-    claim = get_claim(claim_id)
-    return CheckResult(
-        claim=claim.id,
-        statement=claim.statement,
-        status=claim.status_at(strategy, "coordinate"),
-        gates=claim.gates(strategy, "coordinate"),
-        strategy=strategy,
-        strategies=(strategy,),
-        granularity="coordinate",
-        source=source,
-        cases=0,
-        undefined=0,
-        violations=0,
-        worst_margin=np.nan,
-        where="",
-        tolerance="n/a (nothing evaluated)",
-        evidence="none",
-        note=note,
+    """A coordinate-level result with nothing evaluated (never a pass)."""
+    return coordinate_result(
+        claim_id, strategy, source, 0, 0, np.nan, "", "n/a (nothing evaluated)", "none", note
     )
 
 
