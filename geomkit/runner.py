@@ -60,7 +60,8 @@ def run(config: RunConfig, report: bool = True) -> list[dict[str, Any]]:
     if _is_main():
         _write_summary(results, out)
         if report and results:
-            write_report([out / r["run"] for r in results], out / "figures", audit_dir=out)
+            runs = [out / r["run"] for r in results]
+            write_report(runs, out / "figures", audit_dir=out, dpi=150)
     return results
 
 
