@@ -150,10 +150,12 @@ def write_report(
     strategy (the set figures still use every run). Returns
     :func:`geomkit.plot.write_figures`' map of figure name to paths or skip reason.
     """
+    from geomkit import theory
     from geomkit.plot import write_figures
     from geomkit.store import open_runs
 
-    audit = audit_runs(runs)
+    stacked = open_runs(runs)  # opened once for the audit and the figures
+    audit = theory.audit(stacked)
     audit_dir = out if audit_dir is None else audit_dir
     audit_dir.mkdir(parents=True, exist_ok=True)
     audit.to_json(audit_dir / "audit.json")
@@ -165,9 +167,7 @@ def write_report(
         for path in sorted(runs, key=lambda p: p.name):
             first.setdefault(re.sub(r"-seed\d+$", "", path.name), path.name)
         per_run = list(first.values())
-    return write_figures(
-        open_runs(runs), out, formats, audit=audit.to_frame(), dpi=dpi, per_run=per_run
-    )
+    return write_figures(stacked, out, formats, audit=audit.to_frame(), dpi=dpi, per_run=per_run)
 
 
 def _run_name(config: RunConfig, strategy: str, seed: int) -> str:

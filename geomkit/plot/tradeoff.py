@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 from matplotlib.axes import Axes
+from matplotlib.lines import Line2D
 
 from geomkit.plot._data import EVALUATIONS, Run, Source, require, runs_of
 from geomkit.plot._methods import group_methods, method_label, objective_linestyle
@@ -120,6 +121,14 @@ def _target(runs: list[Run], variable: str) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
+def _target_line(ax: Axes, runs: list[Run], variable: str) -> Line2D | None:
+    """The dashed line of the target model's ``variable`` (evaluation 0), if it was evaluated."""
+    level = _target(runs, variable)
+    if not np.isfinite(level):
+        return None
+    return ax.axhline(level, color="0.3", linestyle="--", linewidth=0.9, label="target", zorder=1)
+
+
 def _better_label(da: xr.DataArray, fallback: str, lower: bool) -> str:
     return f"final {axis_label(da, fallback)} ({'lower' if lower else 'higher'} is better)"
 
@@ -216,13 +225,7 @@ def tradeoff(
                 },
                 zorder=2,
             )
-    target_line = None
-    if target:
-        level = _target(runs, y)
-        if np.isfinite(level):
-            target_line = ax.axhline(
-                level, color="0.3", linestyle="--", linewidth=0.9, label="target", zorder=1
-            )
+    target_line = _target_line(ax, runs, y) if target else None
     first = runs[0].ds
     if len(objectives) == 1:
         ax.set_title(next(iter(objectives)), fontsize="medium")
@@ -288,13 +291,7 @@ def tradeoff_trajectories(
         artists[method] = line
     if not artists:
         raise PlotSkipped(f"tradeoff_trajectories: no finite evaluations of {x!r} and {y!r}")
-    target_line = None
-    if target:
-        level = _target(runs, y)
-        if np.isfinite(level):
-            target_line = ax.axhline(
-                level, color="0.3", linestyle="--", linewidth=0.9, label="target", zorder=1
-            )
+    target_line = _target_line(ax, runs, y) if target else None
     first = runs[0].ds
     ax.set_xlabel(axis_label(first[x], x) + " (lower is better)")
     ax.set_ylabel(axis_label(first[y], y) + " (higher is better)")
