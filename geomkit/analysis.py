@@ -13,7 +13,8 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-from geomkit.metrics import FIELDS, METRICS, derive
+from geomkit.fields import FIELD_TABLE, FIELDS, METRIC_TABLE
+from geomkit.metrics import derive
 
 __all__ = ["GROUPINGS", "GeometryAccessor"]
 
@@ -21,31 +22,14 @@ GROUPINGS: tuple[str, ...] = ("tensor", "layer", "component", "module", "model")
 """Groupings accepted by ``by=``: per tensor, per layer index, per component, per module, or the
 whole model."""
 
-_PAIR_METRICS = (
-    "cos_fr",
-    "norm_f",
-    "norm_r",
-    "norm_ratio",
-    "conflict_rate",
-    "conflict_rate_nonzero",
-)
+_PAIR_METRICS: tuple[str, ...] = tuple(n for n, m in METRIC_TABLE.items() if m.role == "pair")
 """Metrics of the (f, r) pair alone: they carry no ``strategy`` dimension."""
 
-
-LONG_NAMES: dict[str, str] = {
-    "cos_fr": "cos(f, r)",
-    "cos_dr": "cos(d, r)",
-    "cos_df": "cos(d, f)",
-    "norm_f": "|f|",
-    "norm_r": "|r|",
-    "norm_d": "|d|",
-    "norm_ratio": "|f| / |r|",
-    "conflict_rate": "sign-conflict rate",
-    "conflict_rate_nonzero": "sign-conflict rate (both non-zero)",
-    "opposed_rate": "rate of coordinates where d opposes r",
-    "projected_fraction": "fraction of tensors projected",
-}
+LONG_NAMES: dict[str, str] = {name: m.long_name for name, m in METRIC_TABLE.items()}
 """Short axis labels (``long_name``) of the derived metrics; the definition is ``description``."""
+
+_REQUIRED: tuple[str, ...] = tuple(n for n, f in FIELD_TABLE.items() if f.constant is None)
+"""The statistics a run must hold: every stored field and the ``numel`` coordinate."""
 
 
 @xr.register_dataset_accessor("geom")
@@ -56,7 +40,7 @@ class GeometryAccessor:
         self._ds = ds
 
     def _require(self) -> None:
-        missing = [n for n in ("ff", "rr", "fr", "dd", "df", "dr") if n not in self._ds]
+        missing = [n for n in _REQUIRED if n not in self._ds]
         if missing:
             raise KeyError(
                 f"this Dataset has no geometry statistics (missing {missing}); open a run "
@@ -79,22 +63,13 @@ class GeometryAccessor:
         if by not in GROUPINGS:
             raise ValueError(f"unknown grouping {by!r}; expected one of {GROUPINGS}")
         ds = self._ds
-        ones = xr.ones_like(ds["numel"], dtype=np.float64)
-        pieces = {
-            "ff": ds["ff"],
-            "rr": ds["rr"],
-            "fr": ds["fr"],
-            "dd": ds["dd"],
-            "df": ds["df"],
-            "dr": ds["dr"],
-            "n_conflict": ds["n_conflict"],
-            "n_both_nonzero": ds["n_both_nonzero"],
-            "n_opposed": ds["n_opposed"],
-            "numel": ds["numel"],
-            "n_projected": ds["n_projected"],
-            "n_tensors": ones,
-        }
-        arrays = [pieces[name].astype(np.float64).reset_coords(drop=True) for name in FIELDS]
+        arrays = []
+        for name, spec in FIELD_TABLE.items():
+            if spec.constant is None:  # a stored variable, or the numel coordinate
+                piece = ds[name].astype(np.float64)
+            else:
+                piece = xr.full_like(ds["numel"], spec.constant, dtype=np.float64)
+            arrays.append(piece.reset_coords(drop=True))
         arrays = xr.broadcast(*arrays)
         stacked = xr.concat(arrays, dim=xr.Variable("field", list(FIELDS)), coords="minimal")
         stacked = stacked.assign_coords(
@@ -125,7 +100,7 @@ class GeometryAccessor:
             da = template.copy(data=array)
             if name in _PAIR_METRICS and "strategy" in da.dims:
                 da = da.isel(strategy=0, drop=True)
-            da.attrs = {"long_name": LONG_NAMES[name], "units": "1", "description": METRICS[name]}
+            da.attrs = METRIC_TABLE[name].attrs
             out[name] = da
         result = xr.Dataset(out)
         result.attrs = dict(self._ds.attrs, grouping=by)

@@ -33,6 +33,10 @@ from torch import Tensor
 __all__ = [
     "BACKENDS",
     "COLUMNS",
+    "DOT_FIELDS",
+    "GRAM_FIELDS",
+    "MOMENT_FIELDS",
+    "TRIPLE_FIELDS",
     "get_backend",
     "set_backend",
     "use_backend",
@@ -347,10 +351,15 @@ def _elementwise(kernel: Callable, f: Tensor, r: Tensor, out: Tensor, *extra) ->
 # --------------------------------------------------------------------------------------------
 
 
+DOT_FIELDS: tuple[str, ...] = ("ff", "rr", "fr")
+"""Layout of :func:`dot_products`, and of the pooled ``dots`` every strategy rule takes."""
+
+
 def dot_products(f: Tensor, r: Tensor) -> Tensor:
-    """Return ``[<f,f>, <r,r>, <f,r>]`` of one tensor pair as a float64 device vector."""
+    """Return ``[<f,f>, <r,r>, <f,r>]`` of one tensor pair (layout :data:`DOT_FIELDS`) as a
+    float64 device vector."""
     if f.numel() == 0:
-        return torch.zeros(3, dtype=torch.float64, device=f.device)
+        return torch.zeros(len(DOT_FIELDS), dtype=torch.float64, device=f.device)
     return _reduce(_k_dot_products, [f, r])
 
 
@@ -364,7 +373,9 @@ GRAM_FIELDS: tuple[str, ...] = (
     "n_conflict",
     "n_both_nonzero",
 )
-"""Layout of :func:`gram`: the sign-partitioned Gramian and two coordinate counts."""
+"""Layout of :func:`gram`: the sign-partitioned Gramian and two coordinate counts. A field
+``x`` of :data:`geomkit.fields.FIELD_TABLE` is either named here or is the sum of
+``x_conflict`` and ``x_agree``."""
 
 
 def gram(f: Tensor, r: Tensor) -> Tensor:
@@ -389,7 +400,10 @@ TRIPLE_FIELDS: tuple[str, ...] = (
     "n_both_nonzero",
     "n_opposed",
 )
-"""Layout of :func:`triple`."""
+"""Layout of :func:`triple`: fields of :data:`geomkit.fields.FIELD_TABLE`, by name."""
+
+MOMENT_FIELDS: tuple[str, ...] = ("n_opposed", "dd", "df", "dr")
+"""Layout of the last axis of :func:`linear_moments`."""
 
 
 def triple(f: Tensor, r: Tensor, d: Tensor) -> Tensor:
@@ -412,13 +426,14 @@ def linear_moments(f: Tensor, r: Tensor, coefficients: Tensor) -> Tensor:
     Returns
     -------
     Tensor
-        ``[S, 4]`` float64: per rule the count of coordinates with ``d_i r_i < 0``, and
-        ``<d,d>``, ``<d,f>``, ``<d,r>``, each accumulated directly over coordinates.
+        ``[S, 4]`` float64 (layout :data:`MOMENT_FIELDS`): per rule the count of coordinates
+        with ``d_i r_i < 0``, and ``<d,d>``, ``<d,f>``, ``<d,r>``, each accumulated directly
+        over coordinates.
     """
     n_rules = coefficients.shape[0]
     if f.numel() == 0:
-        return torch.zeros(n_rules, 4, dtype=torch.float64, device=f.device)
-    return _reduce(_k_linear_moments, [f, r], coefficients).view(n_rules, 4)
+        return torch.zeros(n_rules, len(MOMENT_FIELDS), dtype=torch.float64, device=f.device)
+    return _reduce(_k_linear_moments, [f, r], coefficients).view(n_rules, len(MOMENT_FIELDS))
 
 
 def combine_linear(

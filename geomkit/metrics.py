@@ -1,10 +1,10 @@
 """Metrics derived exactly from the additive sufficient statistics, at any grouping.
 
-The statistics arrays of :mod:`geomkit.statistics` carry :data:`~geomkit.statistics.FIELDS` in
-their last axis. Because every field is a sum, the statistics of a layer, a component or the whole
-model are the sums of the rows of its tensors (:func:`aggregate`), and every metric follows from
-them (:func:`derive`) with no approximation. Undefined values (a cosine with a zero-norm vector,
-a rate over zero coordinates) are NaN, never 0.
+The statistics arrays of :mod:`geomkit.statistics` carry :data:`FIELDS` in their last axis (the
+statistics and metrics are declared in :mod:`geomkit.fields`). Because every field is a sum, the
+statistics of a layer, a component or the whole model are the sums of the rows of its tensors
+(:func:`aggregate`), and every metric follows from them (:func:`derive`) with no approximation.
+Undefined values (a cosine with a zero-norm vector, a rate over zero coordinates) are NaN, never 0.
 
 This module needs only NumPy.
 """
@@ -15,69 +15,20 @@ from collections.abc import Hashable, Sequence
 
 import numpy as np
 
+from geomkit.fields import FIELDS, INDEX, METRIC_TABLE
+
 __all__ = ["FIELDS", "METRICS", "aggregate", "derive", "field"]
 
-FIELDS: tuple[str, ...] = (
-    "ff",
-    "rr",
-    "fr",
-    "dd",
-    "df",
-    "dr",
-    "n_conflict",
-    "n_both_nonzero",
-    "n_opposed",
-    "numel",
-    "n_projected",
-    "n_tensors",
-)
-"""The additive statistics of one tensor (last axis of every statistics array).
-
-``ff, rr, dd`` squared norms; ``fr, df, dr`` inner products (float64 sums); ``n_conflict``
-coordinates with ``sign(f_i) sign(r_i) < 0`` (zeros never conflict); ``n_both_nonzero``
-coordinates with ``f_i != 0`` and ``r_i != 0``; ``n_opposed`` coordinates with ``d_i r_i < 0``;
-``numel`` coordinates; ``n_projected`` 1 if the strategy's projection fired for the tensor
-(per-tensor or global test); ``n_tensors`` 1 per tensor.
-"""
-_INDEX = {name: i for i, name in enumerate(FIELDS)}
-
-METRICS: dict[str, str] = {
-    "cos_fr": "cosine between forget and retain gradients, <f,r>/(|f||r|)",
-    "cos_dr": "cosine between the update and the retain gradient, <d,r>/(|d||r|)",
-    "cos_df": "cosine between the update and the forget gradient, <d,f>/(|d||f|)",
-    "norm_f": "Euclidean norm of the forget gradient",
-    "norm_r": "Euclidean norm of the retain gradient",
-    "norm_d": "Euclidean norm of the update",
-    "norm_ratio": "|f| / |r| (inf when only r is zero)",
-    "conflict_rate": "fraction of all coordinates with sign(f_i) sign(r_i) < 0",
-    "conflict_rate_nonzero": "fraction of coordinates with f_i != 0 and r_i != 0 that conflict",
-    "opposed_rate": "fraction of coordinates with d_i r_i < 0",
-    "projected_fraction": "fraction of tensors whose projection fired",
-}
-"""Every metric :func:`derive` returns, with its definition."""
+METRICS: dict[str, str] = {name: m.description for name, m in METRIC_TABLE.items()}
+"""Every metric :func:`derive` returns, with its definition (from
+:data:`geomkit.fields.METRIC_TABLE`)."""
 
 
 def field(statistics: np.ndarray, name: str) -> np.ndarray:
     """Return one field of a statistics array (last axis)."""
-    if name not in _INDEX:
+    if name not in INDEX:
         raise KeyError(f"unknown statistics field {name!r}; fields are {', '.join(FIELDS)}")
-    return np.asarray(statistics)[..., _INDEX[name]]
-
-
-def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
-
-
-def _cosine(dot: np.ndarray, aa: np.ndarray, bb: np.ndarray) -> np.ndarray:
-    # sqrt of each squared norm separately: aa * bb can overflow or underflow in float64.
-    return np.clip(_ratio(dot, np.sqrt(aa) * np.sqrt(bb)), -1.0, 1.0)
-
-
-def _norm_ratio(ff: np.ndarray, rr: np.ndarray) -> np.ndarray:
-    # |f| / |r|: inf when only r is zero, NaN when both are.
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.sqrt(ff) / np.sqrt(rr)
+    return np.asarray(statistics)[..., INDEX[name]]
 
 
 def derive(statistics: np.ndarray) -> dict[str, np.ndarray]:
@@ -99,21 +50,8 @@ def derive(statistics: np.ndarray) -> dict[str, np.ndarray]:
             f"statistics must have {len(FIELDS)} fields in the last axis ({', '.join(FIELDS)}), "
             f"got shape {s.shape}"
         )
-    ff, rr, fr, dd, df, dr = (s[..., i] for i in range(6))
-    get = lambda name: s[..., _INDEX[name]]  # noqa: E731
-    return {
-        "cos_fr": _cosine(fr, ff, rr),
-        "cos_dr": _cosine(dr, dd, rr),
-        "cos_df": _cosine(df, dd, ff),
-        "norm_f": np.sqrt(ff),
-        "norm_r": np.sqrt(rr),
-        "norm_d": np.sqrt(dd),
-        "norm_ratio": _norm_ratio(ff, rr),
-        "conflict_rate": _ratio(get("n_conflict"), get("numel")),
-        "conflict_rate_nonzero": _ratio(get("n_conflict"), get("n_both_nonzero")),
-        "opposed_rate": _ratio(get("n_opposed"), get("numel")),
-        "projected_fraction": _ratio(get("n_projected"), get("n_tensors")),
-    }
+    named = {name: s[..., i] for name, i in INDEX.items()}
+    return {name: metric(named) for name, metric in METRIC_TABLE.items()}
 
 
 def aggregate(

@@ -36,17 +36,12 @@ import torch
 from torch import Tensor
 
 from geomkit import statistics as gstats
+from geomkit.fields import INDEX, PAIR_FIELDS, UPDATE_FIELDS
 from geomkit.layers import TensorLocation, locate_all
-from geomkit.metrics import FIELDS
 from geomkit.store import EVALUATION_VARIABLES, RunWriter
 from geomkit.strategies import Strategy, build, names
 
 __all__ = ["Schedule", "Every", "Never", "LogSpaced", "Recorder"]
-
-_F = {name: i for i, name in enumerate(FIELDS)}
-_PAIR = ("ff", "rr", "fr", "n_conflict", "n_both_nonzero")
-_UPDATE = ("dd", "df", "dr", "n_opposed", "n_projected")
-
 
 # ----------------------------------------------------------------------------------------------
 # Schedules
@@ -379,10 +374,10 @@ class Recorder:
             if self._records:
                 stats = np.stack([r for _, r in self._records])  # [n, S, T, F]
                 records = {"record": np.array([s for s, _ in self._records])}
-                for name in _PAIR:
-                    records[name] = stats[:, 0, :, _F[name]]
-                for name in _UPDATE:
-                    records[name] = stats[:, :, :, _F[name]]
+                for name in PAIR_FIELDS:
+                    records[name] = stats[:, 0, :, INDEX[name]]
+                for name in UPDATE_FIELDS:
+                    records[name] = stats[:, :, :, INDEX[name]]
             evaluations = (
                 {k: np.array([e[k] for e in self._evaluations]) for k in self._evaluations[0]}
                 if self._evaluations

@@ -1,6 +1,7 @@
 """Additive sufficient statistics of (f, r, d) triples, computed on the device (DESIGN.md §2).
 
-At a recorded step every parameter tensor is reduced to the vector :data:`FIELDS`. All fields
+At a recorded step every parameter tensor is reduced to the vector :data:`FIELDS` (declared in
+:mod:`geomkit.fields`; columns are assembled by name from the kernels' layouts). All fields
 are sums over coordinates (or over tensors), so any grouping - tensor, layer, component, model,
 or a data-parallel shard - is obtained exactly by adding rows; every metric users look at
 (cosines, norms, conflict rates) is derived afterwards by :mod:`geomkit.metrics`.
@@ -19,7 +20,7 @@ step to the host (see :func:`to_numpy`). Nothing here synchronises with the host
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -27,7 +28,7 @@ from torch import Tensor
 
 from geomkit import kernels
 from geomkit._validation import check_pair
-from geomkit.metrics import FIELDS
+from geomkit.fields import FIELD_TABLE, FIELDS, PAIR_FIELDS, SIZE_FIELDS
 from geomkit.strategies import Strategy
 
 __all__ = ["FIELDS", "sufficient", "shadow", "to_numpy"]
@@ -37,9 +38,46 @@ def _stack_on(vectors: Sequence[Tensor], device: torch.device) -> Tensor:
     return torch.stack([v.to(device) for v in vectors])
 
 
-def _sizes(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
+_SHARDED_SIZES: tuple[str, ...] = tuple(n for n in SIZE_FIELDS if FIELD_TABLE[n].constant is None)
+"""Size fields of which each shard holds a part (summed over processes); the others are
+constants per tensor."""
+
+
+def _sizes(tensors: Sequence[Tensor], device: torch.device) -> dict[str, Tensor]:
+    """Every size field of :data:`FIELDS`, one ``[n_tensors]`` float64 column each."""
     numel = [float(t.numel()) for t in tensors]
-    return torch.tensor([numel, [1.0] * len(numel)], dtype=torch.float64, device=device).T
+    columns = [
+        numel if FIELD_TABLE[n].constant is None else [FIELD_TABLE[n].constant] * len(numel)
+        for n in SIZE_FIELDS
+    ]
+    table = torch.tensor(columns, dtype=torch.float64, device=device)
+    return dict(zip(SIZE_FIELDS, table.unbind(0), strict=True))
+
+
+def _sum_shards(
+    block: Tensor, sizes: dict[str, Tensor], shard_sum: Callable[[Tensor], Tensor] | None
+) -> Tensor:
+    """Sum ``block`` ``[n_tensors, k]`` and the sharded size columns over processes in one
+    all-reduce; ``sizes`` is updated in place, the summed block returned."""
+    if shard_sum is None:
+        return block
+    k = block.shape[1]
+    sharded = torch.stack([sizes[n] for n in _SHARDED_SIZES], dim=1)
+    summed = shard_sum(torch.cat([block, sharded], dim=1))
+    sizes.update(zip(_SHARDED_SIZES, summed[:, k:].unbind(1), strict=True))
+    return summed[:, :k]
+
+
+def _assemble(columns: Mapping[str, Tensor], shape: tuple[int, ...]) -> Tensor:
+    """Stack named columns into a statistics tensor ``[*shape, len(FIELDS)]`` (layout
+    :data:`FIELDS`), broadcasting each column to ``shape``."""
+    missing = [n for n in FIELDS if n not in columns]
+    if missing:
+        raise RuntimeError(
+            f"no kernel computes the statistics fields {missing}: every field of "
+            "geomkit.fields.FIELD_TABLE needs a source in geomkit.kernels"
+        )
+    return torch.stack([columns[n].expand(shape) for n in FIELDS], dim=-1)
 
 
 @torch.no_grad()
@@ -76,15 +114,14 @@ def sufficient(
         [kernels.triple(f, r, d) for f, r, d in zip(forget, retain, combined, strict=True)], home
     )
     sizes = _sizes(forget, home)
-    if shard_sum is not None:
-        summed = shard_sum(torch.cat([rows, sizes[:, :1]], dim=1))
-        rows, sizes = summed[:, :-1], torch.cat([summed[:, -1:], sizes[:, 1:]], dim=1)
-    dots = rows[:, [0, 1, 2]]
+    rows = _sum_shards(rows, sizes, shard_sum)
+    columns = dict(zip(kernels.TRIPLE_FIELDS, rows.unbind(1), strict=True))
     if strategy is not None and strategy.rule.reduces:
+        dots = torch.stack([columns[n] for n in kernels.DOT_FIELDS], dim=1)
         projected = strategy.projected(torch.stack(strategy.scope.pool(list(dots))))
     else:
         projected = torch.zeros(len(forget), dtype=torch.float64, device=home)
-    return torch.cat([rows, sizes[:, :1], projected[:, None], sizes[:, 1:]], dim=1)
+    return _assemble({**columns, "n_projected": projected, **sizes}, (len(forget),))
 
 
 @torch.no_grad()
@@ -144,11 +181,14 @@ def shadow(
     home = forget[0].device
     g = _stack_on([kernels.gram(f, r) for f, r in zip(forget, retain, strict=True)], home)
     sizes = _sizes(forget, home)
-    if shard_sum is not None:
-        g = shard_sum(torch.cat([g, sizes[:, :1]], dim=1))
-        g, sizes = g[:, :-1], torch.cat([g[:, -1:], sizes[:, 1:]], dim=1)
-    ff_c, ff_a, rr_c, rr_a, fr_c, fr_a, n_conflict, n_nonzero = g.unbind(1)
-    dots = torch.stack([ff_c + ff_a, rr_c + rr_a, fr_c + fr_a], dim=1)  # [T, 3]
+    gram = dict(zip(kernels.GRAM_FIELDS, _sum_shards(g, sizes, shard_sum).unbind(1), strict=True))
+    pair = {}  # each pair field: in the Gramian, or the sum of its C and A parts
+    for name in PAIR_FIELDS:
+        if name in gram:
+            pair[name] = gram[name]
+        elif f"{name}_conflict" in gram:
+            pair[name] = gram[f"{name}_conflict"] + gram[f"{name}_agree"]
+    dots = torch.stack([pair[n] for n in kernels.DOT_FIELDS], dim=1)  # [T, 3]
 
     forms, projected = [], []
     for s in strategies:
@@ -157,16 +197,17 @@ def shadow(
         projected.append(s.projected(pooled))  # [T]
     form = torch.stack(forms)  # [S, T, 4]
     a_c, b_c, a_a, b_a = form.unbind(-1)  # each [S, T]
-    moments = torch.stack(
-        [
-            torch.zeros_like(a_c),  # n_opposed
-            (a_c * a_c * ff_c + 2 * a_c * b_c * fr_c + b_c * b_c * rr_c)
-            + (a_a * a_a * ff_a + 2 * a_a * b_a * fr_a + b_a * b_a * rr_a),
-            a_c * ff_c + b_c * fr_c + a_a * ff_a + b_a * fr_a,
-            a_c * fr_c + b_c * rr_c + a_a * fr_a + b_a * rr_a,
-        ],
-        dim=-1,
-    )  # [S, T, 4]: n_opposed, dd, df, dr
+    ff_c, ff_a = gram["ff_conflict"], gram["ff_agree"]
+    rr_c, rr_a = gram["rr_conflict"], gram["rr_agree"]
+    fr_c, fr_a = gram["fr_conflict"], gram["fr_agree"]
+    closed = {
+        "n_opposed": torch.zeros_like(a_c),
+        "dd": (a_c * a_c * ff_c + 2 * a_c * b_c * fr_c + b_c * b_c * rr_c)
+        + (a_a * a_a * ff_a + 2 * a_a * b_a * fr_a + b_a * b_a * rr_a),
+        "df": a_c * ff_c + b_c * fr_c + a_a * ff_a + b_a * fr_a,
+        "dr": a_c * fr_c + b_c * rr_c + a_a * fr_a + b_a * rr_a,
+    }
+    moments = torch.stack([closed[n] for n in kernels.MOMENT_FIELDS], dim=-1)  # [S, T, 4]
     uniform = [i for i, s in enumerate(strategies) if s.rule.uniform]
     if uniform:
         direct = [
@@ -177,21 +218,9 @@ def shadow(
         if shard_sum is not None:
             direct = shard_sum(direct)
         moments[uniform] = direct
-    n_opposed, dd, df, dr = moments.unbind(-1)
-    n_s, n_t = form.shape[0], form.shape[1]
-    counts = torch.stack([n_conflict, n_nonzero], dim=1)  # [T, 2]
-    return torch.cat(
-        [
-            dots.expand(n_s, n_t, 3),
-            torch.stack([dd, df, dr], dim=-1),
-            counts.expand(n_s, n_t, 2),
-            n_opposed[..., None],
-            sizes[:, :1].expand(n_s, n_t, 1),
-            torch.stack(projected)[..., None],
-            sizes[:, 1:].expand(n_s, n_t, 1),
-        ],
-        dim=-1,
-    )
+    update = dict(zip(kernels.MOMENT_FIELDS, moments.unbind(-1), strict=True))
+    update["n_projected"] = torch.stack(projected)
+    return _assemble({**pair, **update, **sizes}, tuple(form.shape[:2]))
 
 
 def to_numpy(statistics: Tensor) -> np.ndarray:

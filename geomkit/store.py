@@ -30,6 +30,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
+from geomkit.fields import FIELD_TABLE, STORED_FIELDS
 from geomkit.layers import TensorLocation
 
 __all__ = [
@@ -46,8 +47,6 @@ __all__ = [
 
 SCHEMA = "geomkit.run"
 SCHEMA_VERSION = 1
-
-_ZERO = "zeros never conflict: a coordinate conflicts when sign(f_i)*sign(r_i) < 0 with sign(0)=0"
 
 VARIABLES: dict[str, dict[str, Any]] = {
     # per optimizer step
@@ -119,80 +118,9 @@ VARIABLES: dict[str, dict[str, Any]] = {
         description="exact-match accuracy on the general-capability probe (never in the "
         "retain loss; stands in for MMLU)",
     ),
-    # per recorded step and tensor: statistics of the (f, r) pair
-    "ff": dict(
-        dims=("record", "tensor"),
-        dtype="float64",
-        long_name="<f, f>",
-        units="gradient^2",
-        description="squared Euclidean norm of the forget gradient, float64 sum",
-    ),
-    "rr": dict(
-        dims=("record", "tensor"),
-        dtype="float64",
-        long_name="<r, r>",
-        units="gradient^2",
-        description="squared Euclidean norm of the retain gradient, float64 sum",
-    ),
-    "fr": dict(
-        dims=("record", "tensor"),
-        dtype="float64",
-        long_name="<f, r>",
-        units="gradient^2",
-        description="inner product of forget and retain gradients, float64 sum",
-    ),
-    "n_conflict": dict(
-        dims=("record", "tensor"),
-        dtype="int64",
-        long_name="conflicting coordinates",
-        units="count",
-        description=f"number of coordinates with sign(f_i)*sign(r_i) < 0; {_ZERO}",
-    ),
-    "n_both_nonzero": dict(
-        dims=("record", "tensor"),
-        dtype="int64",
-        long_name="coordinates where both are non-zero",
-        units="count",
-        description="number of coordinates with f_i != 0 and r_i != 0 (-0.0 is zero)",
-    ),
-    # per recorded step, strategy and tensor: statistics of the update d
-    "dd": dict(
-        dims=("record", "strategy", "tensor"),
-        dtype="float64",
-        long_name="<d, d>",
-        units="gradient^2",
-        description="squared Euclidean norm of the combined update, float64",
-    ),
-    "df": dict(
-        dims=("record", "strategy", "tensor"),
-        dtype="float64",
-        long_name="<d, f>",
-        units="gradient^2",
-        description="inner product of the update with the forget gradient, float64",
-    ),
-    "dr": dict(
-        dims=("record", "strategy", "tensor"),
-        dtype="float64",
-        long_name="<d, r>",
-        units="gradient^2",
-        description="inner product of the update with the retain gradient, float64",
-    ),
-    "n_opposed": dict(
-        dims=("record", "strategy", "tensor"),
-        dtype="int64",
-        long_name="coordinates where d opposes r",
-        units="count",
-        description="number of coordinates with d_i*r_i < 0; measured on the applied update; "
-        "for shadow sign rules (SAGO variants) 0 by construction (THEORY.md R6)",
-    ),
-    "n_projected": dict(
-        dims=("record", "strategy", "tensor"),
-        dtype="int64",
-        long_name="projection fired",
-        units="count",
-        description="1 if the strategy's projection fired for this tensor (per-tensor test for "
-        "pcgrad, model-level test for pcgrad_global, always for blur), else 0",
-    ),
+    # per recorded step and tensor (role "pair": statistics of the (f, r) pair), or per
+    # recorded step, strategy and tensor (role "update": statistics of the update d)
+    **{name: FIELD_TABLE[name].spec() for name in STORED_FIELDS},
 }
 """Every data variable of schema version 1, with its dims, dtype and CF-style attributes."""
 
@@ -234,7 +162,7 @@ COORDINATES: dict[str, dict[str, Any]] = {
     "module": dict(
         long_name="module", units="1", description="coarse group: attention, mlp, norm, ..."
     ),
-    "numel": dict(long_name="coordinates", units="count", description="number of elements"),
+    "numel": FIELD_TABLE["numel"].attrs,
 }
 
 _STEP_VARS = [n for n, v in VARIABLES.items() if v["dims"] == ("step",)]

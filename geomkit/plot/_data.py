@@ -10,7 +10,7 @@ import numpy as np
 import xarray as xr
 
 import geomkit.analysis  # noqa: F401  (registers the ds.geom accessor)
-from geomkit.metrics import FIELDS
+from geomkit.fields import STORED_FIELDS
 from geomkit.plot.style import MissingVariable, PlotSkipped
 
 __all__ = ["EVALUATIONS", "GEOMETRY", "Run", "Source", "require", "runs_of", "single_run"]
@@ -18,7 +18,7 @@ __all__ = ["EVALUATIONS", "GEOMETRY", "Run", "Source", "require", "runs_of", "si
 Source = xr.Dataset | Sequence[xr.Dataset]
 """One run, several runs stacked along ``run`` (:func:`geomkit.open_runs`), or a list of either."""
 
-GEOMETRY: tuple[str, ...] = tuple(f for f in FIELDS if f not in ("numel", "n_tensors"))
+GEOMETRY: tuple[str, ...] = STORED_FIELDS
 """The recorded statistics every geometry figure needs."""
 
 EVALUATIONS: tuple[str, ...] = ("forget_acc", "retain_acc", "general_acc")

@@ -30,17 +30,16 @@ import numpy as np
 import torch
 
 from geomkit import strategies as gstrategies
-from geomkit.metrics import FIELDS
+from geomkit.fields import FIELDS, INDEX
+from geomkit.kernels import DOT_FIELDS
 from geomkit.strategies import EPSILON, Global, PCGrad
 
 __all__ = ["Cases", "build_cases", "field_of", "rtol"]
 
-_F = {name: i for i, name in enumerate(FIELDS)}
-
 
 def field_of(stats: np.ndarray, name: str) -> np.ndarray:
     """One field (last axis) of a statistics array."""
-    return stats[..., _F[name]]
+    return stats[..., INDEX[name]]
 
 
 def rtol(dtype: torch.dtype) -> float:
@@ -101,7 +100,7 @@ def _bounds(
     """Per-tensor rounding bound ``[B, T]``, per-tensor PCGrad residual ``[B, T]`` and model
     residual ``[B]`` of strategy ``name`` from its tensor statistics ``[B, T, F]``."""
     ff, rr, fr = (field_of(tensor_stats, k) for k in ("ff", "rr", "fr"))
-    dots = np.stack([ff, rr, fr], axis=-1)  # [B, T, 3]
+    dots = np.stack([field_of(tensor_stats, k) for k in DOT_FIELDS], axis=-1)  # [B, T, 3]
     try:
         strategy = gstrategies.build(name, alpha=alpha, gamma=gamma)
     except ValueError:

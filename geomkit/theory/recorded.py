@@ -25,7 +25,7 @@ import torch
 import xarray as xr
 
 import geomkit.analysis  # noqa: F401  (registers the ds.geom accessor)
-from geomkit.metrics import FIELDS
+from geomkit.fields import STORED_FIELDS
 from geomkit.strategies import build
 from geomkit.theory.cases import Cases, build_cases
 from geomkit.theory.checks import ADDITIVE_CHECKS
@@ -172,7 +172,7 @@ def run_cases(
     return cases, ds, note
 
 
-_STATISTICS: tuple[str, ...] = tuple(f for f in FIELDS if f not in ("numel", "n_tensors"))
+_STATISTICS: tuple[str, ...] = STORED_FIELDS
 
 
 def _all_nan(ds: xr.Dataset, dim: str) -> np.ndarray:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from geomkit._validation import check_weight
-from geomkit.metrics import FIELDS
+from geomkit.fields import FIELD_TABLE, FIELDS, SIZE_FIELDS
 from geomkit.strategies import build
 from geomkit.theory.cases import Cases, build_cases
 from geomkit.theory.checks import ADDITIVE_CHECKS
@@ -88,10 +88,12 @@ def _statistics(flat: Flat, update: np.ndarray, name: str) -> np.ndarray:
         "n_conflict": total(opposite(f, r)),
         "n_both_nonzero": total(((f != 0) & (r != 0)).astype(np.float64)),
         "n_opposed": total(opposite(d, r)),
-        "numel": np.broadcast_to(numel, fr.shape),
         "n_projected": projected,
-        "n_tensors": np.ones_like(fr),
     }
+    for name in SIZE_FIELDS:  # the tensor's coordinates, or a constant per tensor
+        constant = FIELD_TABLE[name].constant
+        size = numel if constant is None else np.full(numel.shape, constant)
+        values[name] = np.broadcast_to(size, fr.shape)
     return np.stack([values[k] for k in FIELDS], axis=-1)
 
 
