@@ -13,7 +13,14 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-from geomkit.fields import FIELD_TABLE, FIELDS, METRIC_TABLE
+from geomkit.fields import (
+    FIELD_TABLE,
+    FIELDS,
+    METRIC_TABLE,
+    PAIR_FIELDS,
+    SIZE_FIELDS,
+    UPDATE_FIELDS,
+)
 from geomkit.metrics import derive
 
 __all__ = ["GROUPINGS", "GeometryAccessor"]
@@ -63,14 +70,18 @@ class GeometryAccessor:
         if by not in GROUPINGS:
             raise ValueError(f"unknown grouping {by!r}; expected one of {GROUPINGS}")
         ds = self._ds
-        arrays = []
+        pieces = {}
         for name, spec in FIELD_TABLE.items():
             if spec.constant is None:  # a stored variable, or the numel coordinate
                 piece = ds[name].astype(np.float64)
             else:
                 piece = xr.full_like(ds["numel"], spec.constant, dtype=np.float64)
-            arrays.append(piece.reset_coords(drop=True))
-        arrays = xr.broadcast(*arrays)
+            pieces[name] = piece.reset_coords(drop=True)
+        # broadcast by role, so that the dimension order (those of the pair fields, then
+        # strategy) does not depend on the order of the fields
+        order = (*PAIR_FIELDS, *UPDATE_FIELDS, *SIZE_FIELDS)
+        broadcast = dict(zip(order, xr.broadcast(*(pieces[n] for n in order)), strict=True))
+        arrays = [broadcast[name] for name in FIELDS]
         stacked = xr.concat(arrays, dim=xr.Variable("field", list(FIELDS)), coords="minimal")
         stacked = stacked.assign_coords(
             {c: ds[c] for c in ("layer", "component", "module") if c in ds.coords}
