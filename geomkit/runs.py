@@ -145,7 +145,9 @@ def find(source: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
             continue
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist; expected {_EXPECTED}")
-        inside = sorted(p for p in path.iterdir() if p.is_dir() and _is_run(p))
+        inside = (
+            sorted(p for p in path.iterdir() if p.is_dir() and _is_run(p)) if path.is_dir() else []
+        )
         if not inside:
             raise FileNotFoundError(f"{path} holds no geomkit run; expected {_EXPECTED}")
         found.extend(inside)

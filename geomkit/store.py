@@ -588,7 +588,7 @@ def stack_runs(runs: Sequence[xr.Dataset], labels: Sequence[str]) -> xr.Dataset:
     """Stack opened runs along a new ``run`` dimension labelled ``labels``.
 
     Steps, records, evaluations, tensors and strategies that only some runs have are filled
-    with NaN (tensors and strategies in the order the runs first name them); per-run
+    with NaN (tensors and strategies keep the runs' own order where they agree); per-run
     attributes that differ between the runs become ``run`` coordinates.
     """
     if len(runs) != len(labels):
@@ -598,8 +598,13 @@ def stack_runs(runs: Sequence[xr.Dataset], labels: Sequence[str]) -> xr.Dataset:
         for key in set().union(*(ds.attrs for ds in runs))
         if key not in ("source", "run") and len({repr(ds.attrs.get(key)) for ds in runs}) > 1
     )
+    # the coordinates along tensor and strategy are put back by _first_seen, from the runs
+    aligned = [
+        ds.drop_vars([n for n, c in ds.coords.items() if n not in ds.dims and c.dims in _ALIGNED])
+        for ds in runs
+    ]
     combined = xr.concat(
-        [ds.drop_vars("measured", errors="ignore") for ds in runs],
+        aligned,
         dim="run",
         join="outer",
         combine_attrs="drop_conflicts",
@@ -617,29 +622,39 @@ def stack_runs(runs: Sequence[xr.Dataset], labels: Sequence[str]) -> xr.Dataset:
     return combined
 
 
+_ALIGNED = (("tensor",), ("strategy",))
+
+
 def _first_seen(combined: xr.Dataset, runs: Sequence[xr.Dataset], dim: str) -> xr.Dataset:
-    """``dim`` of the stacked runs in the order the runs first name its entries, with its
+    """``dim`` of the stacked runs in the runs' own order (merged), with its
     coordinates (``layer``, ``numel``, ...) taken from the runs that have each entry; a
-    coordinate the runs disagree on becomes a ``(run, dim)`` coordinate."""
-    if dim not in combined.dims or all(
-        dim in ds.dims and ds.sizes[dim] == combined.sizes[dim] for ds in runs
-    ):
-        return combined  # every run has every entry: nothing was aligned
-    order = list(dict.fromkeys(v for ds in runs if dim in ds.dims for v in ds[dim].values))
-    combined = combined.sel({dim: order})
-    for name, coord in list(combined.coords.items()):
-        if name == dim or coord.dims != (dim,):
-            continue
+    coordinate the runs disagree on becomes a ``(run, dim)`` coordinate. ``measured`` is left
+    out: it differs between runs by design (:func:`geomkit.runs.load` restores it)."""
+    if dim not in combined.dims:
+        return combined
+    order: list[Any] = []
+    for ds in runs:  # each new entry right after its predecessor in its own run
+        at = 0
+        for value in ds[dim].values if dim in ds.dims else ():
+            if value in order:
+                at = order.index(value) + 1
+            else:
+                order.insert(at, value)
+                at += 1
+    if list(combined[dim].values) != order:
+        combined = combined.sel({dim: order})
+    names = [n for ds in runs for n, c in ds.coords.items() if n != dim and c.dims == (dim,)]
+    for name in dict.fromkeys(n for n in names if n != "measured"):
         per_run = [
             ds[name].to_series().reindex(order) if name in ds.coords else None for ds in runs
         ]
         known = pd.concat([s for s in per_run if s is not None], axis=1)
-        agree = (known.nunique(axis=1, dropna=True) <= 1).all()
-        if agree:
-            values = known.bfill(axis=1).iloc[:, 0].to_numpy()
-            dtype = next(ds[name].dtype for ds in runs if name in ds.coords)
-            combined = combined.assign_coords({name: (dim, values.astype(dtype))})
+        first = next(ds[name] for ds in runs if name in ds.coords)
+        if (known.nunique(axis=1, dropna=True) <= 1).all():
+            values = known.bfill(axis=1).iloc[:, 0].to_numpy().astype(first.dtype)
+            coord = xr.Variable((dim,), values, attrs=first.attrs)
         else:
             rows = [s if s is not None else pd.Series(np.nan, order) for s in per_run]
-            combined = combined.assign_coords({name: (("run", dim), np.stack(rows))})
+            coord = xr.Variable(("run", dim), np.stack(rows), attrs=first.attrs)
+        combined = combined.assign_coords({name: coord})
     return combined
