@@ -100,9 +100,8 @@ class Run:
     def __repr__(self) -> str:
         method = " + ".join(p for p in (self.objective, self.strategy) if p) or "unknown"
         seed = "" if self.seed is None else f", seed {self.seed}"
-        sizes = ", ".join(
-            f"{self.ds.sizes[d]} {d}s" for d in _GROWING if d in self.ds.dims
-        ).replace("1 steps", "1 step")
+        counts = [(self.ds.sizes[d], d) for d in _GROWING if d in self.ds.dims]
+        sizes = ", ".join(f"{n} {d}{'' if n == 1 else 's'}" for n, d in counts)
         return f"Run({self.label!r}: {method}{seed}; {sizes or 'no data'})"
 
 
@@ -285,15 +284,13 @@ def _unstack_attrs(ds: xr.Dataset) -> xr.Dataset:
 def _padding(ds: xr.Dataset, dim: str) -> np.ndarray:
     """Per entry of ``dim``: every data variable along ``dim`` is NaN there (and has values)."""
     n = ds.sizes.get(dim, 0)
-    mask, judged = np.ones(n, dtype=bool), False
-    for var in ds.data_vars.values():
-        if dim not in var.dims or var.size == 0:
-            continue
-        if var.dtype.kind in "biuSU":  # cannot hold NaN, so nothing along dim is padding
-            return np.zeros(n, dtype=bool)
+    variables = [v for v in ds.data_vars.values() if dim in v.dims and v.size]
+    if not variables or any(v.dtype.kind in "biuSU" for v in variables):
+        return np.zeros(n, dtype=bool)  # a variable that cannot hold NaN: nothing is padding
+    mask = np.ones(n, dtype=bool)
+    for var in variables:
         mask &= np.asarray(var.isnull().all([d for d in var.dims if d != dim]))
-        judged = True
-    return mask if judged else np.zeros(n, dtype=bool)
+    return mask
 
 
 def _drop_padding(ds: xr.Dataset) -> tuple[xr.Dataset, tuple[str, ...]]:

@@ -252,6 +252,8 @@ def test_metadata_from_the_store_attributes(tmp_path: Path) -> None:
     assert run.method == ("graddiff", "pcgrad") and not run.forget_only
     text = repr(run)
     assert text == "Run('a': graddiff + pcgrad, seed 3; 4 steps, 2 records, 2 evaluations)"
+    (one,) = load(write(tmp_path / "one", steps=1, records=(0,), evaluations=(1,)))
+    assert repr(one) == "Run('one': graddiff + sago, seed 0; 1 step, 1 record, 1 evaluation)"
     (bare,) = load(write(tmp_path / "b", attrs={"seed": None}))
     assert (bare.objective, bare.seed, bare.alpha, bare.dtype) == (None, None, None, None)
     assert bare.strategy == "sago" and bare.method == ("unknown", "sago")
