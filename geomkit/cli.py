@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from geomkit.config import PRESETS, ConfigError, load_config
-from geomkit.runner import audit_runs, expand_runs, run, write_report
+from geomkit.runner import audit_runs, run, write_report
 
 __all__ = ["main"]
 
@@ -166,8 +166,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    runs = expand_runs(args.runs)
-    audit = audit_runs(runs)
+    audit = audit_runs(args.runs)
     print(audit)
     path = Path(args.json) if args.json else _beside(args.runs, "audit.json")
     audit.to_json(path)
@@ -183,18 +182,17 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    runs = expand_runs(args.runs)
     if args.out is None and len(args.runs) != 1:
         raise ValueError("--out is required with several RUN arguments")
     out = Path(args.out) if args.out else _beside(args.runs, "figures")
-    written = write_report(runs, out, formats=args.format, dpi=args.dpi)
+    written = write_report(args.runs, out, formats=args.format, dpi=args.dpi)
     _print_written(written, out)
     return 0
 
 
 def _figures(args: argparse.Namespace) -> int:
     if args.runs:
-        runs = expand_runs(args.runs)
+        runs = args.runs
     else:
         overrides = {"out": args.work}
         if args.cache_dir is not None:

@@ -16,7 +16,6 @@ import dataclasses
 import json
 import math
 import random
-import re
 import statistics
 import sys
 import time
@@ -26,7 +25,7 @@ from typing import Any
 
 from geomkit.config import RunConfig
 
-__all__ = ["audit_runs", "audit_summary", "expand_runs", "run", "write_report"]
+__all__ = ["audit_runs", "audit_summary", "run", "write_report"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -81,39 +80,12 @@ def _barrier() -> None:
 # -- audit and figures ------------------------------------------------------------------------
 
 
-def expand_runs(paths: Sequence[str | Path]) -> list[Path]:
-    """Run directories (or stores) named by ``paths``; a directory of runs gives its runs.
-
-    Raises
-    ------
-    FileNotFoundError
-        If a path does not exist or holds no geomkit run.
-    """
-    from geomkit.store import STORE_NAME
-
-    runs: list[Path] = []
-    for raw in paths:
-        path = Path(raw)
-        if not path.exists():
-            raise FileNotFoundError(f"{path} does not exist; expected a run directory")
-        if (path / STORE_NAME).exists() or (path / "zarr.json").exists():
-            runs.append(path)
-            continue
-        found = sorted(p for p in path.iterdir() if (p / STORE_NAME).exists())
-        if not found:
-            raise FileNotFoundError(
-                f"{path} holds no geomkit run (no {STORE_NAME} in it or its subdirectories)"
-            )
-        runs.extend(found)
-    return runs
-
-
-def audit_runs(runs: Sequence[Path]) -> Any:
-    """The THEORY.md audit (:func:`geomkit.theory.audit`) of every run, each on its own."""
+def audit_runs(source: Any) -> Any:
+    """The THEORY.md audit (:func:`geomkit.theory.audit`) of every run in ``source`` (anything
+    :func:`geomkit.runs.load` takes), each on its own."""
     from geomkit import theory
-    from geomkit.store import open_runs
 
-    return theory.audit(open_runs(runs))
+    return theory.audit(source)
 
 
 def audit_summary(audit: Any) -> str:
@@ -135,7 +107,7 @@ def audit_summary(audit: Any) -> str:
 
 
 def write_report(
-    runs: Sequence[Path],
+    source: Any,
     out: Path,
     formats: Sequence[str] = ("pdf", "png"),
     audit_dir: Path | None = None,
@@ -143,19 +115,21 @@ def write_report(
     dpi: int = 300,
     first_seed_only: bool = False,
 ) -> dict[str, Any]:
-    """Audit ``runs`` and write their figure set (with the violation-rate figure) to ``out``.
+    """Audit the runs in ``source`` and write their figure set (with the violation-rate
+    figure) to ``out``.
 
-    The audit goes to ``audit_dir`` (default ``out``) as ``audit.json`` and ``audit.txt``.
-    With ``first_seed_only``, per-run figures are drawn for one seed of each objective and
-    strategy (the set figures still use every run). Returns
+    ``source`` is anything :func:`geomkit.runs.load` takes (run directories, a directory of
+    runs, Datasets, runs). The audit goes to ``audit_dir`` (default ``out``) as ``audit.json``
+    and ``audit.txt``. With ``first_seed_only``, per-run figures are drawn for the lowest seed
+    of each objective and strategy (the set figures still use every run). Returns
     :func:`geomkit.plot.write_figures`' map of figure name to paths or skip reason.
     """
     from geomkit import theory
     from geomkit.plot import write_figures
-    from geomkit.store import open_runs
+    from geomkit.runs import load
 
-    stacked = open_runs(runs)  # opened once for the audit and the figures
-    audit = theory.audit(stacked)
+    runs = load(source)  # opened once for the audit and the figures
+    audit = theory.audit(runs)
     audit_dir = out if audit_dir is None else audit_dir
     audit_dir.mkdir(parents=True, exist_ok=True)
     audit.to_json(audit_dir / "audit.json")
@@ -163,11 +137,11 @@ def write_report(
     print(audit_summary(audit) + f"\nfull table: {audit_dir / 'audit.txt'}", file=sys.stderr)
     per_run = None
     if first_seed_only:
-        first: dict[str, str] = {}
-        for path in sorted(runs, key=lambda p: p.name):
-            first.setdefault(re.sub(r"-seed\d+$", "", path.name), path.name)
+        first: dict[tuple[str | None, str | None], str] = {}
+        for run in sorted(runs, key=lambda r: (r.seed is None, r.seed or 0, r.label)):
+            first.setdefault((run.objective, run.strategy), run.label)
         per_run = list(first.values())
-    return write_figures(stacked, out, formats, audit=audit.to_frame(), dpi=dpi, per_run=per_run)
+    return write_figures(runs, out, formats, audit=audit.to_frame(), dpi=dpi, per_run=per_run)
 
 
 def _run_name(config: RunConfig, strategy: str, seed: int) -> str:

@@ -1,8 +1,9 @@
 """Figures and tables of recorded gradient geometry (the only geomkit module importing matplotlib
 and seaborn).
 
-Every plot function takes one run, a ``run``-stacked Dataset (:func:`geomkit.open_runs`) or a
-list of runs, and an optional ``ax``; it returns a :class:`PlotResult` with the artists it drew
+Every plot function takes anything :func:`geomkit.runs.load` does (a run, a ``run``-stacked
+Dataset, run directories, :class:`geomkit.runs.Run` objects, or a list of these) and an optional
+``ax``; it returns a :class:`PlotResult` with the artists it drew
 and never calls ``plt.show``. A figure whose data is missing raises :class:`PlotSkipped`
 (:class:`MissingVariable` for an absent variable or strategy) with the reason.
 :func:`write_figures` writes the whole set. Figures mirror the SAGO paper (Xiao et al., ACL 2026,

@@ -11,7 +11,7 @@ import numpy as np
 import xarray as xr
 from matplotlib.axes import Axes
 
-from geomkit.plot._data import Source, require, runs_of
+from geomkit.plot._data import Source, require
 from geomkit.plot._methods import group_methods, method_label, objective_linestyle
 from geomkit.plot.style import (
     PlotResult,
@@ -20,6 +20,7 @@ from geomkit.plot.style import (
     resolve_axes,
     strategy_style,
 )
+from geomkit.runs import load
 
 __all__ = ["loss_dynamics", "seed_statistics"]
 
@@ -82,7 +83,7 @@ def loss_dynamics(
         ``artists[(variable, (objective, strategy))]`` is the mean Line2D;
         ``extras["bands"]`` holds the band collections under the same keys.
     """
-    runs = runs_of(source)
+    runs = load(source)
     for run in runs:
         require(run, variables, "loss_dynamics")
     methods = group_methods(runs)

@@ -5,13 +5,12 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pandas as pd
-import xarray as xr
 
-from geomkit.plot._data import Run, Source, runs_of
+from geomkit.plot._data import Run, Source
 from geomkit.plot.alignment import alignment_by_layer, alignment_distributions, alignment_over_steps
 from geomkit.plot.dynamics import loss_dynamics
 from geomkit.plot.heatmaps import conflict_heatmap, cos_fr_heatmap
@@ -19,6 +18,7 @@ from geomkit.plot.style import PlotResult, PlotSkipped, detached_figures, paper_
 from geomkit.plot.tables import geometry_table, geometry_table_markdown
 from geomkit.plot.theorem import sago_vs_pcgrad, violation_rates
 from geomkit.plot.tradeoff import tradeoff, tradeoff_trajectories
+from geomkit.runs import load
 
 __all__ = ["RUN_FIGURES", "SET_FIGURES", "write_figures"]
 
@@ -46,27 +46,12 @@ SET_FIGURES: dict[str, Callable[[list[Run]], PlotResult]] = {
 """Figures drawn once for all runs together."""
 
 
-def _open(source: Source | str | os.PathLike | Sequence[str | os.PathLike]) -> list[Run]:
-    if isinstance(source, (str, os.PathLike)):
-        from geomkit.store import open_runs
-
-        return runs_of(open_runs(source))
-    if isinstance(source, Iterable) and not isinstance(source, xr.Dataset):
-        items = list(source)
-        if items and all(isinstance(i, (str, os.PathLike)) for i in items):
-            from geomkit.store import open_runs
-
-            return runs_of(open_runs(items))
-        return runs_of(items)
-    return runs_of(source)
-
-
 def _safe(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9._=+-]+", "_", label).strip("._") or "run"
 
 
 def write_figures(
-    source: Source | str | os.PathLike | Sequence[str | os.PathLike],
+    source: Source,
     out_dir: str | os.PathLike,
     formats: Sequence[str] = ("pdf", "png"),
     *,
@@ -83,9 +68,9 @@ def write_figures(
 
     Parameters
     ----------
-    source : Dataset, list of Datasets, or path(s)
-        Runs, a ``run``-stacked Dataset, a run directory, a directory of runs, or a list of run
-        directories (opened with :func:`geomkit.open_runs`).
+    source : Dataset, path, Run or list of these
+        Anything :func:`geomkit.runs.load` takes: a run, a ``run``-stacked Dataset, a run
+        directory, a directory of runs, runs, or a list of these.
     out_dir : path
         Created if needed. With several runs, per-run figures go to ``out_dir/<run>/``.
     formats : sequence of str
@@ -105,7 +90,7 @@ def write_figures(
         paths, or to ``"skipped: <reason>"``. Names: the keys of :data:`RUN_FIGURES` and
         :data:`SET_FIGURES`, ``geometry_table`` (``.md`` and ``.csv``) and ``violation_rates``.
     """
-    runs = _open(source)
+    runs = load(source)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[Path] | str] = {}

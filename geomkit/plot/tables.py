@@ -7,9 +7,10 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from geomkit.plot._data import Source, require_geometry, runs_of
+from geomkit.plot._data import Source, require_geometry
 from geomkit.plot._methods import group_methods
 from geomkit.plot.style import strategy_style
+from geomkit.runs import load
 
 __all__ = ["COLUMNS", "geometry_table", "geometry_table_markdown"]
 
@@ -43,7 +44,7 @@ def geometry_table(source: Source, *, shadows: bool = False) -> pd.DataFrame:
         mean), ``cos_fr``, ``cos_dr``, ``cos_df`` and ``cos_fr_sd``, ``cos_dr_sd``, ``cos_df_sd``.
     """
     rows = []
-    for (objective, trajectory), members in group_methods(runs_of(source)).items():
+    for (objective, trajectory), members in group_methods(load(source)).items():
         per_strategy: dict[str, list[dict[str, float]]] = {}
         for run in members:
             require_geometry(run, "geometry_table")

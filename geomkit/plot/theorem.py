@@ -19,7 +19,7 @@ from matplotlib.axes import Axes
 from matplotlib.colors import LogNorm
 from matplotlib.ticker import FuncFormatter
 
-from geomkit.plot._data import Source, require_geometry, require_strategies, runs_of, single_run
+from geomkit.plot._data import Source, require_geometry, require_strategies, single_run
 from geomkit.plot.style import (
     PlotResult,
     PlotSkipped,
@@ -27,6 +27,7 @@ from geomkit.plot.style import (
     resolve_axes,
     strategy_style,
 )
+from geomkit.runs import load
 
 __all__ = ["GRANULARITY_ORDER", "sago_vs_pcgrad", "violation_rates"]
 
@@ -82,7 +83,7 @@ def sago_vs_pcgrad(
         ``n_points``, ``n_below``, ``n_undefined`` (a cosine undefined: zero norm) and
         ``colorbar``.
     """
-    runs = runs_of(source) if run is None else [single_run(source, run)]
+    runs = load(source) if run is None else [single_run(source, run)]
     xs, ys, ratios = [], [], []
     n_undefined = 0
     for one in runs:

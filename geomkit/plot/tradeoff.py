@@ -13,7 +13,7 @@ import xarray as xr
 from matplotlib.axes import Axes
 from matplotlib.lines import Line2D
 
-from geomkit.plot._data import EVALUATIONS, Run, Source, require, runs_of
+from geomkit.plot._data import EVALUATIONS, Run, Source, require
 from geomkit.plot._methods import group_methods, method_label, objective_linestyle
 from geomkit.plot.dynamics import seed_statistics
 from geomkit.plot.style import (
@@ -26,6 +26,7 @@ from geomkit.plot.style import (
     resolve_axes,
     strategy_style,
 )
+from geomkit.runs import load
 
 __all__ = ["final_evaluation", "tradeoff", "tradeoff_trajectories"]
 
@@ -88,7 +89,7 @@ def final_evaluation(
         ``evaluation`` (optimizer steps completed at the last evaluation where every variable is
         finite; NaN when a run was not evaluated after step 0) and one column per variable.
     """
-    runs = runs_of(source)
+    runs = load(source)
     wanted = tuple(variables)
     if wanted == EVALUATIONS:
         wanted = tuple(v for v in EVALUATIONS if any(v in r.ds for r in runs)) or EVALUATIONS
@@ -171,7 +172,7 @@ def tradeoff(
         ``extras["target"]`` the target line (or None); ``extras["skipped"]`` the reasons runs
         without evaluations were left out.
     """
-    runs, skipped = _evaluated(runs_of(source), (x, y), "tradeoff")
+    runs, skipped = _evaluated(load(source), (x, y), "tradeoff")
     finals: dict[tuple[str, str], list[dict[str, float]]] = {}
     for method, members in group_methods(runs).items():
         rows = [row for r in members if (row := _final(r, (x, y))) is not None]
@@ -261,7 +262,7 @@ def tradeoff_trajectories(
         ``artists[(objective, strategy)]`` is the path Line2D (marker at its final point);
         ``extras["target"]`` the target line.
     """
-    runs, skipped = _evaluated(runs_of(source), (x, y), "tradeoff_trajectories")
+    runs, skipped = _evaluated(load(source), (x, y), "tradeoff_trajectories")
     methods = group_methods(runs)
     objectives = sorted({m[0] for m in methods})
     fig, (ax,) = resolve_axes(ax, 1, panel_size=(5.2, 3.6))

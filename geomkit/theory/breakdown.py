@@ -59,10 +59,10 @@ def _cases(
             }
             out.append(synthetic_cases(sampler, flat, updates, alpha, gamma)[granularity])
         return out
-    from geomkit.theory.recorded import open_source, run_cases, split_runs
+    from geomkit.runs import load
+    from geomkit.theory.recorded import run_cases
 
-    ds = open_source(source)
-    return [run_cases(run, name)[0][granularity] for name, run in split_runs(ds)]
+    return [run_cases(run)[granularity] for run in load(source)]
 
 
 def r4_breakdown(

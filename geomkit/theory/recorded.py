@@ -15,10 +15,7 @@ coordinate granularity where the statistics allow it:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -26,6 +23,7 @@ import xarray as xr
 
 import geomkit.analysis  # noqa: F401  (registers the ds.geom accessor)
 from geomkit.fields import STORED_FIELDS
+from geomkit.runs import Run, Source, load
 from geomkit.strategies import build
 from geomkit.theory.cases import Cases, build_cases
 from geomkit.theory.checks import ADDITIVE_CHECKS
@@ -33,7 +31,7 @@ from geomkit.theory.coordinates import coordinate_result, opposed_counts
 from geomkit.theory.report import Audit, CheckResult
 from geomkit.theory.synthetic import STRATEGIES, check_claims, sort_results
 
-__all__ = ["audit", "open_source", "run_cases", "split_runs"]
+__all__ = ["audit", "run_cases"]
 
 _DTYPES = {
     "float64": torch.float64,
@@ -43,60 +41,15 @@ _DTYPES = {
 }
 
 
-def open_source(source: xr.Dataset | str | os.PathLike | Sequence) -> xr.Dataset:
-    """A Dataset from a Dataset, a run directory, a directory of runs, or a list of runs."""
-    if isinstance(source, xr.Dataset):
-        return source
-    from geomkit.store import open_run, open_runs
-
-    if isinstance(source, str | os.PathLike):
-        try:
-            return open_run(source)
-        except FileNotFoundError:
-            return open_runs(source)
-    if (
-        isinstance(source, Sequence)
-        and source
-        and all(isinstance(s, str | os.PathLike) for s in source)
-    ):
-        return open_runs(list(source))
-    raise TypeError(
-        "source must be an xarray Dataset (geomkit.open_run / open_runs), a run path or a list "
-        f"of run paths, got {type(source).__name__}: {source!r}"
-    )
+def _weights(run: Run) -> tuple[float, float]:
+    if run.alpha is None or run.gamma is None:
+        key = "alpha" if run.alpha is None else "gamma"
+        raise ValueError(f"run {run.label!r} has no {key!r} attribute; is it a geomkit run?")
+    return run.alpha, run.gamma
 
 
-def _value(ds: xr.Dataset, key: str, default: Any = None) -> Any:
-    """A run attribute, or a scalar coordinate of the same name (as left by ``isel(run=i)``)."""
-    if key in ds.coords and ds[key].ndim == 0:
-        value = ds[key].values.item()
-        return value.decode() if isinstance(value, bytes) else value
-    return ds.attrs.get(key, default)
-
-
-def split_runs(ds: xr.Dataset) -> list[tuple[str, xr.Dataset]]:
-    """``[(run name, single-run Dataset)]`` of a run or of runs stacked along ``run``."""
-    if "run" in ds.dims:
-        return [(str(ds["run"].values[i]), ds.isel(run=i)) for i in range(ds.sizes["run"])]
-    name = ds.attrs.get("run")
-    if name is None and "source" in ds.attrs:
-        path = Path(str(ds.attrs["source"]))
-        name = path.parent.name if path.name.endswith(".zarr") else path.name
-    return [(str(name or "run"), ds)]
-
-
-def _weights(ds: xr.Dataset, name: str) -> tuple[float, float]:
-    out = []
-    for key in ("alpha", "gamma"):
-        value = _value(ds, key)
-        if value is None:
-            raise ValueError(f"run {name!r} has no {key!r} attribute; is it a geomkit run?")
-        out.append(float(value))
-    return out[0], out[1]
-
-
-def _dtype(ds: xr.Dataset, override: torch.dtype | str | None) -> tuple[torch.dtype, str]:
-    value = override if override is not None else _value(ds, "dtype")
+def _dtype(run: Run, override: torch.dtype | str | None) -> tuple[torch.dtype, str]:
+    value = override if override is not None else run.dtype
     if isinstance(value, torch.dtype):
         if value not in _DTYPES.values():
             raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {value}")
@@ -112,32 +65,23 @@ def _dtype(ds: xr.Dataset, override: torch.dtype | str | None) -> tuple[torch.dt
 
 
 def _measured(ds: xr.Dataset) -> dict[str, bool]:
+    """Strategy name -> measured on the applied update (the run layer sets ``measured``)."""
     names = [str(s) for s in ds["strategy"].values]
-    if "measured" in ds.coords:
-        return dict(zip(names, (bool(m) for m in ds["measured"].values), strict=True))
-    applied = _value(ds, "applied_strategy", names[0])
-    return {n: n == str(applied) for n in names}
+    return dict(zip(names, (bool(m) for m in ds["measured"].values), strict=True))
 
 
-def run_cases(
-    ds: xr.Dataset, name: str, dtype: torch.dtype | str | None = None
-) -> tuple[dict[str, Cases], xr.Dataset, str]:
+def run_cases(run: Run, dtype: torch.dtype | str | None = None) -> dict[str, Cases]:
     """:class:`Cases` at tensor, layer and model granularity of one run.
 
-    Returns the cases, the run restricted to its records, and a note (the dtype assumption and
-    any dropped records, else empty).
-
-    Only *padding* is dropped: a record (or tensor) at which every geometry statistic is NaN,
-    as ``open_runs`` fills the records (tensors) that only other runs have. The integer counts
-    (``n_opposed``, ...) of a written record are never NaN, so a real record is never all NaN;
-    a record with some non-finite statistic (a NaN update, an overflow) is kept and checked,
-    and counts as a violation. Padding of a stacked run is dropped silently; all-NaN records
-    of a single run (no stacking, so not padding) are dropped and named in the note.
+    Their note names the dtype assumption and any all-NaN entries the run layer dropped from a
+    Dataset that was not stacked. Padding is removed by :func:`geomkit.runs.load`; a record
+    with some non-finite statistic (a NaN update, an overflow) is kept and checked, and counts
+    as a violation.
     """
-    alpha, gamma = _weights(ds, name)
-    dtype, note = _dtype(ds, dtype)
-    ds, dropped = _drop_padding(ds)
-    note = "; ".join(p for p in (note, dropped) if p)
+    alpha, gamma = _weights(run)
+    dtype, note = _dtype(run, dtype)
+    note = "; ".join(p for p in (note, *run.dropped) if p)
+    ds, name = run.ds, run.label
     names = [str(s) for s in ds["strategy"].values]
     measured = _measured(ds)
     geom = ds.geom
@@ -149,7 +93,7 @@ def run_cases(
     tensor_layer = ds["layer"].values
     codes = np.array([index[label] for label in tensor_layer])
     by_layer = by_layer.values
-    cases = build_cases(
+    return build_cases(
         {n: by_tensor[:, k] for k, n in enumerate(names)},
         batch_labels=[f"step {int(s)}" for s in ds["record"].values],
         tensor_labels=[str(t) for t in ds["tensor"].values],
@@ -169,47 +113,9 @@ def run_cases(
         notes={n: note for n in names} if note else None,
         tensor_groups=tensor_layer,
     )
-    return cases, ds, note
 
 
 _STATISTICS: tuple[str, ...] = STORED_FIELDS
-
-
-def _all_nan(ds: xr.Dataset, dim: str) -> np.ndarray:
-    """Per index of ``dim``: every value of every geometry statistic is NaN there."""
-    out = np.ones(ds.sizes[dim], dtype=bool)
-    for var in _STATISTICS:
-        if var not in ds or dim not in ds[var].dims:
-            continue
-        da = ds[var]
-        if not np.issubdtype(da.dtype, np.floating):
-            return np.zeros(ds.sizes[dim], dtype=bool)  # an integer count is never padding
-        other = [d for d in da.dims if d != dim]
-        out &= np.isnan(da.transpose(dim, *other).values.reshape(ds.sizes[dim], -1)).all(-1)
-    return out
-
-
-def _drop_padding(ds: xr.Dataset) -> tuple[xr.Dataset, str]:
-    """Drop the all-NaN records and tensors; a note names them unless they are the padding of
-    a run stacked by ``open_runs`` (the single-run Dataset then has a scalar ``run``)."""
-    stacked = "run" in ds.coords and ds["run"].ndim == 0
-    parts = []
-    empty = _all_nan(ds, "record") if ds.sizes.get("record") else np.zeros(0, dtype=bool)
-    if empty.any():
-        if not stacked:
-            steps = ", ".join(str(int(s)) for s in ds["record"].values[empty])
-            parts.append(
-                f"{int(empty.sum())} record(s) with every statistic NaN dropped (steps {steps})"
-            )
-        ds = ds.isel(record=np.flatnonzero(~empty))
-    if ds.sizes.get("record") and ds.sizes.get("tensor"):
-        absent = _all_nan(ds, "tensor")
-        if absent.any():
-            if not stacked:
-                names = ", ".join(str(t) for t in ds["tensor"].values[absent])
-                parts.append(f"tensor(s) with every statistic NaN dropped ({names})")
-            ds = ds.isel(tensor=np.flatnonzero(~absent))
-    return ds, "; ".join(parts)
 
 
 def _coordinate(claims: tuple[str, ...], ds: xr.Dataset, name: str) -> list[CheckResult]:
@@ -265,7 +171,7 @@ def _not_evaluable(claim_id: str, strategy: str, source: str, note: str) -> Chec
 
 
 def audit(
-    source: xr.Dataset | str | os.PathLike | Sequence,
+    source: Source,
     *,
     claims: Sequence[str] | None = None,
     dtype: torch.dtype | str | None = None,
@@ -274,10 +180,11 @@ def audit(
 
     Parameters
     ----------
-    source : xarray.Dataset, path or list of paths
+    source : Dataset, path, Run or list of these
         One run (:func:`geomkit.open_run`), runs stacked along ``run``
-        (:func:`geomkit.open_runs`), or paths to open. Each run is checked on its own (the
-        result's ``source`` is the run name), with its own ``alpha``, ``gamma`` and dtype.
+        (:func:`geomkit.open_runs`), paths to open, or runs (:func:`geomkit.runs.load`). Each
+        run is checked on its own (the result's ``source`` is the run label), with its own
+        ``alpha``, ``gamma`` and dtype.
     claims : sequence of str, optional
         Claim ids (default all).
     dtype : torch.dtype or str, optional
@@ -294,21 +201,20 @@ def audit(
     (false) is measured at the run's own alpha and gamma, stated in each result's note.
     """
     claims = check_claims(claims)
-    ds = open_source(source)
-    for required in ("ff", "rr", "fr", "dd", "df", "dr", "n_opposed"):
-        if required not in ds:
-            raise ValueError(
-                f"source has no {required!r} variable; expected a geomkit run Dataset "
-                "(geomkit.open_run / open_runs)"
-            )
+    runs = load(source)
     results: list[CheckResult] = []
-    runs = split_runs(ds)
-    for name, run in runs:
-        cases, run, _ = run_cases(run, name, dtype)
-        results.extend(_coordinate(claims, run, name))
+    for run in runs:
+        missing = [name for name in _STATISTICS if name not in run.ds]
+        if missing:
+            raise ValueError(
+                f"run {run.label!r} has no {missing} variables; expected a geomkit run "
+                "(geomkit.open_run / open_runs / geomkit.runs.load)"
+            )
+        cases = run_cases(run, dtype)
+        results.extend(_coordinate(claims, run.ds, run.label))
         for granularity in ("tensor", "layer", "model"):
             for claim in claims:
                 if claim in ADDITIVE_CHECKS:
                     results.extend(ADDITIVE_CHECKS[claim](cases[granularity]))
-    attrs = {"kind": "recorded", "runs": [name for name, _ in runs]}
+    attrs = {"kind": "recorded", "runs": [run.label for run in runs]}
     return Audit(sort_results(results), attrs)
