@@ -1,4 +1,6 @@
-"""Running ``geomkit run``: every strategy x seed of one configuration (DESIGN.md section 4).
+"""Running ``geomkit run``: every strategy x seed of one configuration.
+
+See docs/method.md#embedded-benchmark.
 
 Writes, under the configuration's ``out`` directory, one directory per run named
 ``{objective}-{strategy}-seed{seed}`` holding the geometry store (``geometry.zarr``), the
@@ -37,7 +39,7 @@ __all__ = ["audit_runs", "audit_summary", "expand_runs", "run", "write_report"]
 def run(config: RunConfig, report: bool = True) -> list[dict[str, Any]]:
     """Every strategy x seed of ``config`` (validated); returns the runs' metrics.
 
-    With ``report``, the runs are then audited against THEORY.md (``audit.json`` and
+    With ``report``, the runs are then audited against docs/theory.md (``audit.json`` and
     ``audit.txt`` in ``config.out``) and their figure set is written to ``config.out/figures``.
 
     Under ``torchrun`` every process runs this with the same configuration: each takes its own
@@ -109,7 +111,7 @@ def expand_runs(paths: Sequence[str | Path]) -> list[Path]:
 
 
 def audit_runs(runs: Sequence[Path]) -> Any:
-    """The THEORY.md audit (:func:`geomkit.theory.audit`) of every run, each on its own."""
+    """The docs/theory.md audit (:func:`geomkit.theory.audit`) of every run, each on its own."""
     from geomkit import theory
     from geomkit.store import open_runs
 

@@ -1,4 +1,6 @@
-"""Additive sufficient statistics of (f, r, d) triples, computed on the device (DESIGN.md §2).
+"""Additive sufficient statistics of (f, r, d) triples, computed on the device.
+
+See docs/method.md#sufficient-statistics.
 
 At a recorded step every parameter tensor is reduced to the vector :data:`FIELDS`. All fields
 are sums over coordinates (or over tensors), so any grouping - tensor, layer, component, model,
@@ -106,7 +108,7 @@ def shadow(
        ``<d,f> = sum_X a_X S_X(ff) + b_X S_X(fr)``, ``<d,r> = sum_X a_X S_X(fr) + b_X S_X(rr)``
        and ``<d,d> = sum_X a_X^2 S_X(ff) + 2 a_X b_X S_X(fr) + b_X^2 S_X(rr)``, where every
        term of ``<d,d>`` and ``<d,r>`` is non-negative (no cancellation); their ``n_opposed`` is
-       0 by construction (``Rule.never_opposes``, THEORY.md R6, proved);
+       0 by construction (``Rule.never_opposes``, docs/theory.md#r6, proved);
     2. for the uniform rules (sum, PCGrad, BLUR: one ``(a, b)`` per tensor), ``<d,d>``,
        ``<d,f>``, ``<d,r>`` and ``n_opposed`` accumulated directly over coordinates, so a
        projected update that nearly cancels is still measured exactly.

@@ -183,7 +183,7 @@ VARIABLES: dict[str, dict[str, Any]] = {
         long_name="coordinates where d opposes r",
         units="count",
         description="number of coordinates with d_i*r_i < 0; measured on the applied update; "
-        "for shadow sign rules (SAGO variants) 0 by construction (THEORY.md R6)",
+        "for shadow sign rules (SAGO variants) 0 by construction (docs/theory.md#r6)",
     ),
     "n_projected": dict(
         dims=("record", "strategy", "tensor"),

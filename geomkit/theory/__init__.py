@@ -1,11 +1,11 @@
-"""Executable checks of the SAGO paper's alignment claims (THEORY.md R1-R9).
+"""Executable checks of the SAGO paper's alignment claims (docs/theory.md, R1-R9).
 
 Xiao et al., "SAGO", ACL 2026 (arXiv 2604.14808) state that PCGrad and SAGO both keep a
-non-negative cosine with the retain gradient and that SAGO aligns "strictly tighter". THEORY.md
-splits that into claims R1-R9 with a status each (proven / false / open). This package checks
-every claim, at coordinate, tensor, layer and model granularity, on synthetic gradient pairs
-and on recorded runs, and reports margins, tolerances and undefined cases; it never assumes the
-paper is right.
+non-negative cosine with the retain gradient and that SAGO aligns "strictly tighter".
+docs/theory.md splits that into claims R1-R9 with a status each (proven / false / open). This
+package checks every claim, at coordinate, tensor, layer and model granularity, on synthetic
+gradient pairs and on recorded runs, and reports margins, tolerances and undefined cases; it never
+assumes the paper is right.
 
 >>> from geomkit import theory
 >>> report = theory.audit_synthetic()                      # samplers x strategies x claims
