@@ -20,7 +20,15 @@ A frozen reference model, where a loss needs one (``needs_reference``), is evalu
 >>> objective = build_objective("simnpo", beta=0.7, delta=0.1)
 >>> objective
 Objective(name='simnpo', forget=SimNPO(beta=0.7, delta=0.1), retain=NLL(), trainable=None)
->>> forget_loss = objective.forget(model, forget_batch)  # doctest: +SKIP
+>>> import torch
+>>> from types import SimpleNamespace
+>>> class Uniform(torch.nn.Module):  # a stand-in LM: all 5 words of its vocabulary equally likely
+...     def forward(self, input_ids, attention_mask=None, **kwargs):
+...         return SimpleNamespace(logits=torch.zeros(*input_ids.shape, 5))
+>>> ids = torch.tensor([[1, 2, 3, 4]])
+>>> batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+>>> round(float(build_objective("ga").forget(Uniform(), batch)), 4)  # -mean NLL = -log 5
+-1.6094
 """
 
 from __future__ import annotations

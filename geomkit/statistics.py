@@ -70,6 +70,17 @@ def sufficient(
     -------
     Tensor
         ``[n_tensors, len(FIELDS)]`` float64, on the first tensor's device.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from geomkit.metrics import field
+    >>> from geomkit.strategies import build
+    >>> f, r = [torch.tensor([1.0, -2.0, 0.0])], [torch.tensor([3.0, 1.0, -1.0])]
+    >>> sago = build("sago")
+    >>> stats = sufficient(f, r, sago(f, r), strategy=sago)  # one row per tensor
+    >>> [float(field(stats, k)[0]) for k in ("ff", "rr", "fr", "dd", "dr", "n_opposed")]
+    [5.0, 11.0, 1.0, 2.0, 4.0, 0.0]
     """
     forget, retain = check_pair(forget, retain)
     _, combined = check_pair(forget, combined, names=("forget", "combined"))
@@ -128,6 +139,18 @@ def shadow(
     -------
     Tensor
         ``[n_strategies, n_tensors, len(FIELDS)]`` float64 on the first tensor's device.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from geomkit.strategies import build
+    >>> f, r = [torch.tensor([1.0, -2.0, 0.0])], [torch.tensor([3.0, 1.0, -1.0])]
+    >>> rows = shadow(f, r, [build("sago"), build("pcgrad"), build("sum")])
+    >>> tuple(rows.shape[:2])  # strategies x tensors
+    (3, 1)
+    >>> sago = build("sago")  # the same numbers as measuring the update SAGO forms
+    >>> torch.allclose(rows[0], sufficient(f, r, sago(f, r), strategy=sago))
+    True
     """
     forget, retain = check_pair(forget, retain)
     if isinstance(strategies, Strategy):
