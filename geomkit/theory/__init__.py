@@ -11,9 +11,19 @@ assumes the paper is right.
 >>> report = theory.audit_synthetic()                      # samplers x strategies x claims
 >>> report.bug_detected                                    # a proven claim violated?
 False
->>> report = theory.audit(geomkit.open_run("runs/graddiff-sago-seed0"))  # doctest: +SKIP
->>> print(report)                                          # doctest: +SKIP
->>> theory.r4_breakdown(ds).rate_by_ratio                  # doctest: +SKIP
+>>> import tempfile, torch, geomkit
+>>> tmp = tempfile.TemporaryDirectory()                    # a tiny recorded run, SAGO applied
+>>> rec = geomkit.Recorder(f"{tmp.name}/geometry.zarr", ["layers.0.w", "layers.1.w"], [8, 8],
+...                        "sago")
+>>> for step in range(3):
+...     rec.record(step, torch.randn(2, 8).unbind(), torch.randn(2, 8).unbind())
+>>> rec.close()
+>>> ds = geomkit.open_run(tmp.name)
+>>> theory.audit(ds).bug_detected                          # every claim on the recorded steps
+False
+>>> theory.r4_breakdown(ds).rate_by_ratio.dims             # R4 violations by |f| / |r|
+('against', 'ratio_bin')
+>>> tmp.cleanup()
 
 Modules: :mod:`~geomkit.theory.claims` (the claim table), :mod:`~geomkit.theory.samplers`
 (synthetic pairs, the R4 counterexamples), :mod:`~geomkit.theory.checks` and
