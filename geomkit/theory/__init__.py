@@ -8,7 +8,7 @@ gradient pairs and on recorded runs, and reports margins, tolerances and undefin
 assumes the paper is right.
 
 >>> from geomkit import theory
->>> report = theory.audit_synthetic()                      # samplers x strategies x claims
+>>> report = theory.audit_synthetic(n=4)                  # samplers x strategies x claims
 >>> report.bug_detected                                    # a proven claim violated?
 False
 >>> import tempfile, torch, geomkit
