@@ -1,7 +1,19 @@
 """The ``ds.geom`` accessor: exact derived metrics of a recorded run at any grouping.
 
->>> ds = geomkit.open_run("runs/graddiff-sago-seed0")             # doctest: +SKIP
->>> ds.geom.metrics(by="layer").cos_dr.sel(strategy="pcgrad")      # doctest: +SKIP
+>>> import tempfile, torch, geomkit
+>>> tmp = tempfile.TemporaryDirectory()  # a tiny run: two tensors, three steps, SAGO applied
+>>> names = ["model.layers.0.mlp.up_proj.weight", "model.layers.1.mlp.up_proj.weight"]
+>>> rec = geomkit.Recorder(f"{tmp.name}/geometry.zarr", names, [8, 8], "sago")
+>>> for step in range(3):
+...     rec.record(step, torch.randn(2, 8).unbind(), torch.randn(2, 8).unbind())
+>>> rec.close()
+>>> ds = geomkit.open_run(tmp.name)
+>>> cos = ds.geom.metrics(by="layer").cos_dr.sel(strategy="pcgrad")  # PCGrad as a shadow
+>>> cos.dims, cos.sizes["layer"]
+(('record', 'layer'), 2)
+>>> bool((ds.geom.metrics(by="tensor").cos_dr.sel(strategy="sago") >= 0).all())
+True
+>>> tmp.cleanup()
 
 Grouping sums the additive statistics of the tensors in a group (exact: they are sums), and the
 metrics are then derived from the group sums by :func:`geomkit.metrics.derive`, the single

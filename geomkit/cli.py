@@ -1,8 +1,8 @@
 """The ``geomkit`` command line: ``run``, ``check``, ``plot`` and ``figures``.
 
-``geomkit check RUN...`` audits recorded runs against THEORY.md (:mod:`geomkit.theory`) and exits
-1 only when a proven claim is violated; ``geomkit plot RUN... --out DIR`` writes the figure set
-(:mod:`geomkit.plot`); ``geomkit figures`` regenerates the repository's ``figures/`` from the
+``geomkit check RUN...`` audits recorded runs against docs/theory.md (:mod:`geomkit.theory`) and
+exits 1 only when a proven claim is violated; ``geomkit plot RUN... --out DIR`` writes the figure
+set (:mod:`geomkit.plot`); ``geomkit figures`` regenerates the repository's ``figures/`` from the
 embedded benchmark.
 
 ``geomkit run`` unlearns with every strategy and seed of one configuration
@@ -100,7 +100,7 @@ def _parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser(
         "check",
-        help="audit recorded runs against the claims of THEORY.md (R1-R9)",
+        help="audit recorded runs against the claims R1-R9 of docs/theory.md",
         description="Exit status 1 only when a proven claim (R1, R2, R2b globally, R6 for "
         "SAGO, R9) is violated beyond tolerance, which would mean a bug; never because R4 "
         "fails.",

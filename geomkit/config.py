@@ -250,9 +250,10 @@ def _string(name: str, value: object) -> None:
 # Presets
 # --------------------------------------------------------------------------------------------
 
-# Shared by the paper's WMDP presets (PAPER.md section 4.2): global batch 32 (here one GPU,
-# 4 x 8 accumulation), 512-token chunks, bf16, seed 0. Warm-up 0.1 and linear decay are the
-# engine's defaults. The model and corpora paths are given per run (--model/--forget/--retain).
+# Shared by the paper's WMDP presets (docs/method.md#paper-hyper-parameters): global batch 32
+# (here one GPU, 4 x 8 accumulation), 512-token chunks, bf16, seed 0. Warm-up 0.1 and linear decay
+# are the engine's defaults. The model and corpora paths are given per run
+# (--model/--forget/--retain).
 _WMDP: dict[str, Any] = {
     "batch_size": 4,
     "accumulation": 8,
@@ -262,8 +263,9 @@ _WMDP: dict[str, Any] = {
     "seeds": [0],
 }
 
-# The paper's RWKU batch setting (PAPER.md section 4.2): Llama-3-8B-Instruct, forget the first 50
-# targets' passages, retain the last 50 targets' passages, 2 epochs, global batch 32.
+# The paper's RWKU batch setting (docs/method.md#paper-hyper-parameters): Llama-3-8B-Instruct,
+# forget the first 50 targets' passages, retain the last 50 targets' passages, 2 epochs, global
+# batch 32.
 _RWKU: dict[str, Any] = {**_WMDP, "epochs": 2}
 
 

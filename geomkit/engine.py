@@ -47,7 +47,7 @@ class NonFiniteGradientError(FloatingPointError):
 
 @dataclass
 class EngineConfig:
-    """Settings of the unlearning loop (DESIGN.md section 1; PAPER.md section 4.2).
+    """Settings of the unlearning loop (docs/method.md#engine-loop).
 
     Attributes
     ----------

@@ -181,7 +181,7 @@ FIELD_TABLE: dict[str, Field] = _table(
         "coordinates where d opposes r",
         "count",
         "number of coordinates with d_i*r_i < 0; measured on the applied update; "
-        "for shadow sign rules (SAGO variants) 0 by construction (THEORY.md R6)",
+        "for shadow sign rules (SAGO variants) 0 by construction (docs/theory.md#r6)",
     ),
     Field("numel", "size", "int64", "coordinates", "count", "number of elements"),
     Field(

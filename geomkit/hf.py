@@ -6,10 +6,25 @@ forget and retain gradients are accumulated separately over the accumulation win
 over data-parallel processes, and at the window's last micro-batch combined by the strategy into
 ``.grad`` (and recorded). The Trainer then clips, steps and schedules as usual.
 
->>> trainer = TwoTaskTrainer(model=model, args=args, train_dataset=pairs,           # doctest: +SKIP
-...                          objective=build_objective("graddiff"), strategy="sago",
-...                          record_to="run/geometry.zarr")
->>> trainer.train()                                                               # doctest: +SKIP
+>>> import tempfile, torch, transformers
+>>> from geomkit.objectives import build_objective
+>>> config = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+...                                   num_hidden_layers=1, num_attention_heads=2)
+>>> model = transformers.LlamaForCausalLM(config)            # a tiny, untrained Llama
+>>> ids = torch.arange(8)
+>>> text = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+>>> pairs = [{"forget": text, "retain": text}] * 4           # (forget, retain) items
+>>> out = tempfile.TemporaryDirectory()
+>>> args = transformers.TrainingArguments(out.name, max_steps=2, per_device_train_batch_size=2,
+...                                       remove_unused_columns=False, use_cpu=True,
+...                                       report_to=[], disable_tqdm=True)
+>>> trainer = TwoTaskTrainer(model=model, args=args, train_dataset=pairs,
+...                          data_collator=pair_collator, objective=build_objective("graddiff"),
+...                          strategy="sago", record_to=f"{out.name}/geometry.zarr")
+>>> trainer.remove_callback(transformers.PrinterCallback)   # no log lines on stdout
+>>> trainer.train().global_step
+2
+>>> out.cleanup()
 
 Use ``TrainingArguments(remove_unused_columns=False)`` so that the nested sub-batches reach the
 step; a collator such as :func:`pair_collator` stacks them.

@@ -14,10 +14,11 @@ of a flattened tensor. Two backends run the same function:
 Element-wise kernels give identical results on both backends (the arithmetic is the same
 sequence of IEEE operations); reductions accumulate in float64 and agree to float64 rounding.
 
-Exactness notes (DESIGN.md section 2): the sign-conflict test ``sign(f) * sign(r) < 0`` is
-evaluated as ``float64(f) * float64(r) < 0`` for float16/bfloat16/float32 inputs, which is exact
-(the product of two such values never rounds to zero in float64), and with explicit sign
-comparisons for float64 inputs. Zeros never conflict; ``-0.0`` is a zero.
+Exactness notes (docs/method.md#sign-test-and-zeros): the sign-conflict test
+``sign(f) * sign(r) < 0`` is evaluated as ``float64(f) * float64(r) < 0`` for
+float16/bfloat16/float32 inputs, which is exact (the product of two such values never rounds to zero
+in float64), and with explicit sign comparisons for float64 inputs. Zeros never conflict; ``-0.0``
+is a zero.
 """
 
 from __future__ import annotations
@@ -381,8 +382,8 @@ GRAM_FIELDS: tuple[str, ...] = (
 def gram(f: Tensor, r: Tensor) -> Tensor:
     """Return the sign-partitioned Gramian of one tensor pair (layout :data:`GRAM_FIELDS`).
 
-    C is the set of coordinates with ``sign(f_i) * sign(r_i) < 0`` and A the rest (DESIGN.md
-    section 2); sums are accumulated in float64.
+    C is the set of coordinates with ``sign(f_i) * sign(r_i) < 0`` and A the rest
+    (docs/method.md#shadow-strategies); sums are accumulated in float64.
     """
     if f.numel() == 0:
         return torch.zeros(len(GRAM_FIELDS), dtype=torch.float64, device=f.device)

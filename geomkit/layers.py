@@ -181,6 +181,14 @@ def locate_all(names: Iterable[str]) -> list[TensorLocation]:
         If ``names`` is a single string, or any element is not a string.
     ValueError
         If any name is empty.
+
+    Examples
+    --------
+    >>> names = ["model.embed_tokens.weight", "model.layers.3.self_attn.q_proj.weight"]
+    >>> for loc in locate_all(names):
+    ...     print(loc.layer, loc.component, loc.module)
+    -1 embed embed
+    3 attn_q attention
     """
     if isinstance(names, str):
         raise TypeError("expected an iterable of parameter name strings, got a single str")

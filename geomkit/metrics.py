@@ -43,6 +43,19 @@ def derive(statistics: np.ndarray) -> dict[str, np.ndarray]:
     -------
     dict of str to ndarray
         Each metric with the leading shape of ``statistics``; NaN where undefined.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> stats = np.zeros(len(FIELDS))
+    >>> for name, value in {"ff": 4, "rr": 1, "fr": -1, "dd": 1, "dr": 1, "numel": 10,
+    ...                     "n_conflict": 3}.items():
+    ...     stats[FIELDS.index(name)] = value
+    >>> m = derive(stats)
+    >>> [float(m[k]) for k in ("cos_fr", "cos_dr", "norm_ratio", "conflict_rate")]
+    [-0.5, 1.0, 2.0, 0.3]
+    >>> float(derive(np.zeros(len(FIELDS)))["cos_fr"])  # undefined: NaN, never 0
+    nan
     """
     s = np.asarray(statistics, dtype=np.float64)
     if s.shape[-1] != len(FIELDS):
@@ -75,6 +88,16 @@ def aggregate(
         The distinct labels, in order of first appearance.
     grouped : ndarray
         ``statistics`` with the tensor axis replaced by one entry per label.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rows = np.zeros((3, len(FIELDS)))  # three tensors
+    >>> rows[:, FIELDS.index("n_conflict")] = [1, 2, 3]
+    >>> rows[:, FIELDS.index("numel")] = [10, 10, 10]
+    >>> labels, grouped = aggregate(rows, ["layer 0", "layer 0", "layer 1"])
+    >>> labels, derive(grouped)["conflict_rate"].tolist()  # rates of the sums, not mean rates
+    (['layer 0', 'layer 1'], [0.15, 0.3])
     """
     s = np.asarray(statistics, dtype=np.float64)
     axis = axis % s.ndim

@@ -1,4 +1,6 @@
-"""Running ``geomkit run``: every strategy x seed of one configuration (DESIGN.md section 4).
+"""Running ``geomkit run``: every strategy x seed of one configuration.
+
+See docs/method.md#embedded-benchmark.
 
 Writes, under the configuration's ``out`` directory, one directory per run named
 ``{objective}-{strategy}-seed{seed}`` holding the geometry store (``geometry.zarr``), the
@@ -36,7 +38,7 @@ __all__ = ["audit_runs", "audit_summary", "run", "write_report"]
 def run(config: RunConfig, report: bool = True) -> list[dict[str, Any]]:
     """Every strategy x seed of ``config`` (validated); returns the runs' metrics.
 
-    With ``report``, the runs are then audited against THEORY.md (``audit.json`` and
+    With ``report``, the runs are then audited against docs/theory.md (``audit.json`` and
     ``audit.txt`` in ``config.out``) and their figure set is written to ``config.out/figures``.
 
     Under ``torchrun`` every process runs this with the same configuration: each takes its own
@@ -81,7 +83,7 @@ def _barrier() -> None:
 
 
 def audit_runs(source: Any) -> Any:
-    """The THEORY.md audit (:func:`geomkit.theory.audit`) of every run in ``source`` (anything
+    """The docs/theory.md audit (:func:`geomkit.theory.audit`) of every run in ``source`` (anything
     :func:`geomkit.runs.load` takes), each on its own."""
     from geomkit import theory
 

@@ -1,4 +1,6 @@
-"""Additive sufficient statistics of (f, r, d) triples, computed on the device (DESIGN.md §2).
+"""Additive sufficient statistics of (f, r, d) triples, computed on the device.
+
+See docs/method.md#sufficient-statistics.
 
 At a recorded step every parameter tensor is reduced to the vector :data:`FIELDS` (declared in
 :mod:`geomkit.fields`; columns are assembled by name from the kernels' layouts). All fields
@@ -106,6 +108,17 @@ def sufficient(
     -------
     Tensor
         ``[n_tensors, len(FIELDS)]`` float64, on the first tensor's device.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from geomkit.metrics import field
+    >>> from geomkit.strategies import build
+    >>> f, r = [torch.tensor([1.0, -2.0, 0.0])], [torch.tensor([3.0, 1.0, -1.0])]
+    >>> sago = build("sago")
+    >>> stats = sufficient(f, r, sago(f, r), strategy=sago)  # one row per tensor
+    >>> [float(field(stats, k)[0]) for k in ("ff", "rr", "fr", "dd", "dr", "n_opposed")]
+    [5.0, 11.0, 1.0, 2.0, 4.0, 0.0]
     """
     forget, retain = check_pair(forget, retain)
     _, combined = check_pair(forget, combined, names=("forget", "combined"))
@@ -143,7 +156,7 @@ def shadow(
        ``<d,f> = sum_X a_X S_X(ff) + b_X S_X(fr)``, ``<d,r> = sum_X a_X S_X(fr) + b_X S_X(rr)``
        and ``<d,d> = sum_X a_X^2 S_X(ff) + 2 a_X b_X S_X(fr) + b_X^2 S_X(rr)``, where every
        term of ``<d,d>`` and ``<d,r>`` is non-negative (no cancellation); their ``n_opposed`` is
-       0 by construction (``Rule.never_opposes``, THEORY.md R6, proved);
+       0 by construction (``Rule.never_opposes``, docs/theory.md#r6, proved);
     2. for the uniform rules (sum, PCGrad, BLUR: one ``(a, b)`` per tensor), ``<d,d>``,
        ``<d,f>``, ``<d,r>`` and ``n_opposed`` accumulated directly over coordinates, so a
        projected update that nearly cancels is still measured exactly.
@@ -163,6 +176,18 @@ def shadow(
     -------
     Tensor
         ``[n_strategies, n_tensors, len(FIELDS)]`` float64 on the first tensor's device.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from geomkit.strategies import build
+    >>> f, r = [torch.tensor([1.0, -2.0, 0.0])], [torch.tensor([3.0, 1.0, -1.0])]
+    >>> rows = shadow(f, r, [build("sago"), build("pcgrad"), build("sum")])
+    >>> tuple(rows.shape[:2])  # strategies x tensors
+    (3, 1)
+    >>> sago = build("sago")  # the same numbers as measuring the update SAGO forms
+    >>> torch.allclose(rows[0], sufficient(f, r, sago(f, r), strategy=sago))
+    True
     """
     forget, retain = check_pair(forget, retain)
     if isinstance(strategies, Strategy):

@@ -453,6 +453,19 @@ def open_run(path: str | os.PathLike) -> xr.Dataset:
         If there is no store at ``path``.
     SchemaError
         If the store is not a geomkit run or has another schema version.
+
+    Examples
+    --------
+    >>> import tempfile, torch
+    >>> from geomkit.recorder import Recorder
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> rec = Recorder(f"{tmp.name}/geometry.zarr", ["layers.0.w"], [4], "sago")
+    >>> rec.record(0, [torch.ones(4)], [-torch.ones(4)], forget_loss=2.0, retain_loss=1.0)
+    >>> rec.close()
+    >>> ds = open_run(tmp.name)  # the run directory, or the store inside it
+    >>> ds.attrs["applied_strategy"], ds.sizes["record"], float(ds["forget_loss"][0])
+    ('sago', 1, 2.0)
+    >>> tmp.cleanup()
     """
     store = _store_path(path)
     group = zarr.open_group(store, mode="r")

@@ -1,7 +1,8 @@
-"""Independent float64 NumPy reference for the combination strategies of DESIGN.md section 1.
+"""Independent float64 NumPy reference for the combination strategies (docs/method.md#strategies).
 
 This module deliberately shares no code with :mod:`geomkit`: it re-derives every rule from the
-table in DESIGN.md, in float64, with plain NumPy, so that tests can compare geomkit against it.
+table in docs/method.md#rule-and-scope, in float64, with plain NumPy, so that tests can compare
+geomkit against it.
 
 Rules (per parameter tensor ``j``: forget gradient ``f``, retain gradient ``r``, weights
 ``alpha`` on retain and ``gamma`` on forget; C = coordinates with ``sign(f_i) sign(r_i) < 0``,
@@ -56,10 +57,10 @@ __all__ = [
 ]
 
 EPSILON = 1e-10
-"""Added to the squared norm in the projection denominators (DESIGN.md section 1)."""
+"""Added to the squared norm in the projection denominators (docs/method.md#notation)."""
 
 NAMES = ("sum", "pcgrad", "pcgrad_global", "sago", "sago_prefer_retain", "blur")
-"""The strategy names of DESIGN.md section 1, in the registry's order."""
+"""The strategy names of docs/method.md#strategies, in the registry's order."""
 
 _PROJECTIONS = ("pcgrad", "pcgrad_global", "blur")
 _GLOBAL = ("pcgrad_global", "blur")

@@ -1,4 +1,4 @@
-"""Tests for geomkit.objectives: the forget and retain losses of DESIGN.md section 1.
+"""Tests for geomkit.objectives: the forget and retain losses of docs/method.md#objectives.
 
 Layout:
 

@@ -1,6 +1,6 @@
 """Tests for geomkit.statistics and geomkit.metrics against an independent float64 reference.
 
-The reference below re-implements the strategies of DESIGN.md section 1 and the sufficient
+The reference below re-implements the strategies of docs/method.md#strategies and the sufficient
 statistics of section 2 directly in float64 NumPy, coordinate by coordinate, without the
 sign-partitioned Gramian. Counts must match exactly; float sums must match to float64
 accumulation error, measured against the magnitudes of the summed terms (so cancellation in
@@ -20,7 +20,7 @@ from geomkit import kernels, metrics, statistics, strategies
 from geomkit.layers import locate_all
 from geomkit.metrics import FIELDS
 
-EPSILON = 1e-10  # the projection denominators' constant, DESIGN.md section 1
+EPSILON = 1e-10  # the projection denominators' constant, docs/method.md#notation
 NAMES = ("sum", "pcgrad", "pcgrad_global", "sago", "sago_prefer_retain", "blur")
 WEIGHTS = ((1.0, 1.0), (0.5, 1.0), (1.0, 0.5), (0.0, 1.0), (1.0, 0.0), (0.5, 2.0))
 COUNT_FIELDS = ("n_conflict", "n_both_nonzero", "n_opposed", "numel", "n_projected", "n_tensors")

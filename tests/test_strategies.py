@@ -1,9 +1,9 @@
-"""Tests for geomkit.strategies: the combination rules of DESIGN.md section 1.
+"""Tests for geomkit.strategies: the combination rules of docs/method.md#strategies.
 
 Layout:
 
 1. golden values worked out by hand (each expected number is written literally, with the
-   arithmetic in a comment), including zero handling and the R4 counterexamples of THEORY.md;
+   arithmetic in a comment), including zero handling and the counterexamples of docs/theory.md#r4;
 2. brute force against the independent float64 NumPy reference in ``tests/reference.py``, on
    random multi-tensor inputs spanning many orders of magnitude, in four dtypes;
 3. ``out=``, non-contiguous tensors, and that inputs are never modified;
@@ -176,7 +176,7 @@ def test_pcgrad_global_projects_every_tensor_with_one_coefficient():
     d_a, d_b = combine("pcgrad_global", forget, retain)
     assert_values(d_a, [2.99999999995], abs_tol=1e-15)
     assert_values(d_b, [1.00000000005], abs_tol=1e-15)
-    # THEORY.md R2b: global PCGrad can leave a tensor opposing its retain gradient.
+    # docs/theory.md#r2b: global PCGrad can leave a tensor opposing its retain gradient.
     assert float(d_b @ retain[1]) < 0
     # Per tensor: A has <f,r> = 1 > 0 (d_A = 2); B: c = -3/(1 + 1e-10),
     # f~ = 3 - 3/(1 + 1e-10) = 3e-10, d_B = -1 + 3e-10 = -0.9999999997 (and <d_B, r_B> > 0).
@@ -287,7 +287,7 @@ def test_sago_conflict_test_does_not_underflow(dtype, f, r):
     ],
 )
 def test_theory_r4_counterexamples(r, f, sago_cos, pcgrad_cos):
-    # THEORY.md R4 is false: on these inputs SAGO's update is LESS aligned with r than PCGrad's.
+    # docs/theory.md#r4: on these inputs SAGO's update is LESS aligned with r than PCGrad's.
     rt, ft = vec(*r), vec(*f)
     (d_sago,) = combine("sago", [ft], [rt])
     (d_pcgrad,) = combine("pcgrad", [ft], [rt])
@@ -423,7 +423,7 @@ def test_matches_reference_mixed_dtypes(name):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", ["sago", "sago_prefer_retain"])
 def test_sago_never_opposes_retain(name, dtype):
-    # THEORY.md R1/R6: no coordinate of d opposes r, exactly, for any alpha, gamma >= 0.
+    # R1/R6 (docs/theory.md#r6): no coordinate of d opposes r, exactly, for any alpha, gamma >= 0.
     forget, retain = _cached_pair(3, dtype)
     for alpha, gamma in WEIGHTS:
         for d, r in zip(combine(name, forget, retain, alpha, gamma), retain, strict=True):

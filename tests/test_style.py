@@ -28,7 +28,7 @@ def test_ruff_clean(args: list[str]) -> None:
 
 def test_core_imports_no_heavy_dependencies() -> None:
     """strategies, statistics, metrics and layers import neither xarray, matplotlib nor
-    transformers (DESIGN.md section 2)."""
+    transformers (docs/method.md#data-flow)."""
     code = (
         "import sys; import geomkit, geomkit.strategies, geomkit.statistics, geomkit.metrics, "
         "geomkit.layers; bad = [m for m in ('xarray', 'matplotlib', 'transformers', 'seaborn') "

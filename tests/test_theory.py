@@ -1,4 +1,4 @@
-"""Tests of geomkit.theory: claim checks of THEORY.md R1-R9 on synthetic and recorded data.
+"""Tests of geomkit.theory: claim checks of docs/theory.md R1-R9 on synthetic and recorded data.
 
 Layout:
 
@@ -47,7 +47,7 @@ PROVEN = {
     ("R6", "sago_prefer_retain"),
     ("R9", "sago"),
 }
-# proven (THEORY.md gives a proof) but outside the bug gate, evaluated for the model only
+# proven (docs/theory.md#r7 gives a proof) but outside the bug gate, evaluated for the model only
 PROVEN_UNGATED = {("R7", "sago_prefer_retain>=pcgrad_global")}
 NAMES = [
     "model.embed_tokens.weight",
@@ -129,7 +129,7 @@ def test_sparse_sampler_density():
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_counterexample_numbers(dtype):
-    """THEORY.md: SAGO 0.020 vs PCGrad 0.714; 0.707 vs 0.714; 0.708 vs 0.894 (projected)."""
+    """docs/theory.md#r4: SAGO 0.020 vs PCGrad 0.714; 0.707 vs 0.714; 0.708 vs 0.894 (projected)."""
     want = [(0.020, 0.714, False), (0.707, 0.714, False), (0.708, 0.894, True)]
     got = []
     for c, (sago_cos, pcgrad_cos, projects) in zip(theory.counterexamples(), want, strict=True):

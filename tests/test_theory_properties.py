@@ -1,4 +1,4 @@
-"""Property tests of the claims in THEORY.md, at coordinate, tensor and model granularity.
+"""Property tests of the claims in docs/theory.md, at coordinate, tensor and model granularity.
 
 Each claim is checked twice: on the update a strategy actually materialises (in the input
 dtype), and through the statistics (:func:`geomkit.statistics.sufficient` and the closed-form

@@ -1,4 +1,4 @@
-"""The embedded default benchmark (DESIGN.md section 4): invented facts, no downloads.
+"""The embedded default benchmark (docs/method.md#embedded-benchmark): invented facts, no downloads.
 
 :mod:`geomkit.bench.data` builds a deterministic TOFU-style "fictitious knowledge" benchmark
 (forget and retain entities, QA pairs, a general-capability probe), and

@@ -1,4 +1,4 @@
-"""A deterministic "fictitious knowledge" benchmark in the style of TOFU (DESIGN.md section 4).
+"""A deterministic TOFU-style "fictitious knowledge" benchmark (docs/method.md#embedded-benchmark).
 
 Invented entities (names built from syllables) carry three attributes, a birthplace (an
 invented town), a profession and a birth year. Each attribute is rendered as several

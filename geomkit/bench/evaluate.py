@@ -1,4 +1,6 @@
-"""Exact-match evaluation of a causal LM on the embedded benchmark (DESIGN.md section 4).
+"""Exact-match evaluation of a causal LM on the embedded benchmark.
+
+See docs/method.md#embedded-benchmark.
 
 A model answers a question by greedy decoding from :func:`geomkit.bench.data.qa_prompt` until
 it emits ``<eos>``; the answer is right when it equals ``qa.answer`` word for word.

@@ -4,7 +4,7 @@
 downloaded), :func:`pretrain` trains it on every training text of a
 :class:`~geomkit.bench.data.BenchmarkData` until it knows the forget and retain facts, and
 :func:`load_or_pretrain` keeps the result in a cache directory keyed by :func:`cache_key`, so
-that later runs start from the same model in seconds (DESIGN.md section 4).
+that later runs start from the same model in seconds (docs/method.md#embedded-benchmark).
 """
 
 from __future__ import annotations

@@ -10,10 +10,20 @@ and never calls ``plt.show``. A figure whose data is missing raises :class:`Plot
 arXiv 2604.14808) where it has them: Fig. 1 (:func:`loss_dynamics`), Fig. 3 (:func:`tradeoff`),
 the geometry table of section 5.4 (:func:`geometry_table`).
 
->>> import geomkit, geomkit.plot as gp                          # doctest: +SKIP
->>> runs = geomkit.open_runs("runs")                             # doctest: +SKIP
->>> with gp.paper_style():                                       # doctest: +SKIP
-...     gp.save(gp.loss_dynamics(runs).figure, "figures/loss")
+>>> import tempfile, torch, geomkit, geomkit.plot as gp
+>>> tmp = tempfile.TemporaryDirectory()                  # a tiny GradDiff + SAGO run, 4 steps
+>>> rec = geomkit.Recorder(f"{tmp.name}/run/geometry.zarr", ["layers.0.w"], [8], "sago",
+...                        attrs={"objective": "graddiff", "seed": 0})
+>>> for step in range(4):
+...     rec.record(step, [torch.randn(8)], [torch.randn(8)], forget_loss=-step, retain_loss=1.0)
+>>> rec.close()
+>>> runs = geomkit.open_runs(tmp.name)                   # every run under a directory
+>>> with gp.paper_style():
+...     result = gp.loss_dynamics(runs)
+...     written = gp.save(result.figure, f"{tmp.name}/figures/loss", formats=["png"], dpi=50)
+>>> [path.name for path in written]
+['loss.png']
+>>> tmp.cleanup()
 """
 
 from geomkit.plot.alignment import (

@@ -1,7 +1,7 @@
 """Layer x step heatmaps of the (f, r) geometry: cos(f, r) and the sign-conflict rate.
 
-Per-layer views are not in the SAGO paper (Xiao et al., ACL 2026, arXiv 2604.14808; PAPER.md
-section 6 item 6); they are exact groupings of the recorded sufficient statistics.
+Per-layer views are not in the SAGO paper (Xiao et al., ACL 2026, arXiv 2604.14808;
+docs/method.md#references); they are exact groupings of the recorded sufficient statistics.
 """
 
 from __future__ import annotations

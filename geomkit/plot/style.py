@@ -157,9 +157,12 @@ def paper_style(font_scale: float = 1.0) -> Iterator[None]:
 
     Examples
     --------
-    >>> with paper_style():                                  # doctest: +SKIP
-    ...     result = geomkit.plot.loss_dynamics(runs)
-    ...     geomkit.plot.save(result.figure, "figures/loss")
+    >>> import matplotlib as mpl
+    >>> before = mpl.rcParams["pdf.fonttype"]
+    >>> with paper_style():
+    ...     inside = mpl.rcParams["pdf.fonttype"]  # TrueType fonts: text stays editable in PDF
+    >>> inside, mpl.rcParams["pdf.fonttype"] == before  # restored after the block
+    (42, True)
     """
     with mpl.rc_context():
         _theme(font_scale)

@@ -1,7 +1,7 @@
 """Figures for the paper's alignment claims (SAGO, Xiao et al., ACL 2026, arXiv 2604.14808).
 
 The abstract claims SAGO achieves "strictly tighter alignment" with the retain gradient than
-PCGrad. Read as cos(d_SAGO, r) >= cos(d_PCGrad, r) this is false in general (THEORY.md R4); the
+PCGrad. Read as cos(d_SAGO, r) >= cos(d_PCGrad, r) this is false in general (docs/theory.md#r4); the
 scatter shows, on recorded gradients, where it holds and where not, against the norm ratio
 ||f|| / ||r|| that decides it in practice. Violation rates come from the theory module's audit
 (a DataFrame; this module does not import :mod:`geomkit.theory`).
@@ -58,7 +58,7 @@ def sago_vs_pcgrad(
 
     Points below the diagonal y = x are cases where SAGO aligns *less* with the retain gradient
     than PCGrad on the same (f, r) pair, i.e. violations of the literal reading of the paper's
-    claim (THEORY.md R4); their count is annotated, never filtered out.
+    claim (docs/theory.md#r4); their count is annotated, never filtered out.
 
     Parameters
     ----------
@@ -277,7 +277,7 @@ def violation_rates(
     )
     ax.set_yticks(np.arange(len(groups)), groups)
     ax.set_ylim(len(groups) - 0.5, -0.5)  # first claim at the top
-    ax.set_ylabel("claim (THEORY.md)")
+    ax.set_ylabel("claim (docs/theory.md)")
     ax.set_xlabel("violation rate")
     ax.set_xlim(0.0, span * 1.25)
     table = pooled.drop(columns=["order"])

@@ -1,8 +1,11 @@
 """Combination strategies for two-task unlearning: a rule composed with a scope.
 
+>>> import torch
 >>> from geomkit import strategies
 >>> sago = strategies.build("sago")
->>> update = sago(forget_grads, retain_grads)          # doctest: +SKIP
+>>> forget_grads, retain_grads = [torch.tensor([1.0, -2.0, 0.0])], [torch.tensor([3.0, 1.0, -1.0])]
+>>> sago(forget_grads, retain_grads)  # agree: gamma f; conflict: alpha r; a zero never conflicts
+[tensor([1., 1., 0.])]
 >>> strategies.names()
 ['sum', 'pcgrad', 'pcgrad_global', 'sago', 'sago_prefer_retain', 'blur']
 """

@@ -85,7 +85,7 @@ class Rule(ABC):
 
     never_opposes: bool = False
     """Whether ``d_i r_i >= 0`` holds for every coordinate by construction when
-    ``alpha, gamma >= 0`` (THEORY.md R6, proved for the sign rules). Shadow statistics then
+    ``alpha, gamma >= 0`` (docs/theory.md#r6, proved for the sign rules). Shadow statistics then
     record ``n_opposed = 0`` without a counting pass; the applied update is always measured."""
 
     @abstractmethod

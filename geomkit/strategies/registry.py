@@ -38,6 +38,17 @@ def build(name: str, alpha: float = 1.0, gamma: float = 1.0) -> Strategy:
         Weight of the retain gradient (>= 0).
     gamma : float
         Weight of the forget gradient (>= 0).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from geomkit.strategies import build
+    >>> pcgrad = build("pcgrad", alpha=0.5)
+    >>> pcgrad.rule, pcgrad.scope, pcgrad.alpha, pcgrad.gamma
+    (PCGrad(), PerTensor(), 0.5, 1.0)
+    >>> f, r = torch.tensor([-1.0, 1.0]), torch.tensor([1.0, 0.0])  # <f, r> < 0: f is projected
+    >>> pcgrad([f], [r])  # f - <f,r>/|r|^2 r = (0, 1), plus 0.5 r
+    [tensor([0.5000, 1.0000])]
     """
     if name not in _REGISTRY:
         raise ValueError(f"unknown strategy {name!r}; valid names are: {', '.join(names())}")

@@ -1,4 +1,4 @@
-"""The combination rules (DESIGN.md section 1; semantics of the released SAGO code).
+"""The combination rules (docs/method.md#strategies; semantics of the released SAGO code).
 
 Notation: forget gradient ``f``, retain gradient ``r``, update ``d``; ``alpha`` weighs the retain
 gradient, ``gamma`` the forget gradient; C is the set of coordinates with

@@ -1,19 +1,29 @@
-"""Executable checks of the SAGO paper's alignment claims (THEORY.md R1-R9).
+"""Executable checks of the SAGO paper's alignment claims (docs/theory.md, R1-R9).
 
 Xiao et al., "SAGO", ACL 2026 (arXiv 2604.14808) state that PCGrad and SAGO both keep a
-non-negative cosine with the retain gradient and that SAGO aligns "strictly tighter". THEORY.md
-splits that into claims R1-R9 with a status each (proven / false / open). This package checks
-every claim, at coordinate, tensor, layer and model granularity, on synthetic gradient pairs
-and on recorded runs, and reports margins, tolerances and undefined cases; it never assumes the
-paper is right.
+non-negative cosine with the retain gradient and that SAGO aligns "strictly tighter".
+docs/theory.md splits that into claims R1-R9 with a status each (proven / false / open). This
+package checks every claim, at coordinate, tensor, layer and model granularity, on synthetic
+gradient pairs and on recorded runs, and reports margins, tolerances and undefined cases; it never
+assumes the paper is right.
 
 >>> from geomkit import theory
->>> report = theory.audit_synthetic()                      # samplers x strategies x claims
+>>> report = theory.audit_synthetic(n=4)                  # samplers x strategies x claims
 >>> report.bug_detected                                    # a proven claim violated?
 False
->>> report = theory.audit(geomkit.open_run("runs/graddiff-sago-seed0"))  # doctest: +SKIP
->>> print(report)                                          # doctest: +SKIP
->>> theory.r4_breakdown(ds).rate_by_ratio                  # doctest: +SKIP
+>>> import tempfile, torch, geomkit
+>>> tmp = tempfile.TemporaryDirectory()                    # a tiny recorded run, SAGO applied
+>>> rec = geomkit.Recorder(f"{tmp.name}/geometry.zarr", ["layers.0.w", "layers.1.w"], [8, 8],
+...                        "sago")
+>>> for step in range(3):
+...     rec.record(step, torch.randn(2, 8).unbind(), torch.randn(2, 8).unbind())
+>>> rec.close()
+>>> ds = geomkit.open_run(tmp.name)
+>>> theory.audit(ds).bug_detected                          # every claim on the recorded steps
+False
+>>> theory.r4_breakdown(ds).rate_by_ratio.dims             # R4 violations by |f| / |r|
+('against', 'ratio_bin')
+>>> tmp.cleanup()
 
 Modules: :mod:`~geomkit.theory.claims` (the claim table), :mod:`~geomkit.theory.samplers`
 (synthetic pairs, the R4 counterexamples), :mod:`~geomkit.theory.checks` and

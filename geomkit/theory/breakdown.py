@@ -1,7 +1,7 @@
 """R4 measured: how often, by how much, at which ``|f|/|r|`` and in which layers SAGO's cosine
 with the retain gradient falls below PCGrad's (:func:`r4_breakdown`).
 
-THEORY.md: R4, ``cos(d_SAGO, r) >= cos(d_PCGrad, r)``, is false; it tends to hold when
+docs/theory.md#r4: R4, ``cos(d_SAGO, r) >= cos(d_PCGrad, r)``, is false; it tends to hold when
 ``|f| >~ |r|``. This module measures that dependence rather than asserting the claim.
 """
 

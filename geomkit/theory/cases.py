@@ -18,7 +18,7 @@ tolerances:
     over the tensors of the case) or for the model only (global PCGrad; 0 at smaller groups).
 
 Both are additive over tensors, so they are computed per tensor and summed exactly like the
-statistics (THEORY.md R2: "holds up to the 1e-10 in the denominator").
+statistics (docs/theory.md#r2: R2 holds up to the 1e-10 in the denominator).
 """
 
 from __future__ import annotations

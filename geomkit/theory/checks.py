@@ -1,11 +1,11 @@
 """Claim checks at tensor, layer and model granularity, from additive statistics (:class:`Cases`).
 
-One function per claim of THEORY.md; each returns :class:`CheckResult` objects, one per
+One function per claim of docs/theory.md; each returns :class:`CheckResult` objects, one per
 strategy (or compared pair of strategies) present in the cases. The same functions serve
 synthetic samplers (statistics of materialised updates) and recorded runs (stored statistics of
 the applied and shadow strategies, paired on the same gradients).
 
-Conventions (THEORY.md "Consequences"):
+Conventions (docs/theory.md#conventions):
 
 * a case whose quantity needs a zero norm (``|r| = 0``, ``|d| = 0``) of finite statistics is
   *undefined*: counted apart, never a pass or a violation. Only a true zero is undefined;
@@ -350,7 +350,7 @@ def _comparison(claim_id: str, first: str, second: str, cases: Cases) -> list[Ch
     if claim_id in ("R4", "R7") and (cases.alpha, cases.gamma) != (1.0, 1.0):
         weights += " (the claim is stated for alpha = gamma = 1; measured at these weights)"
     if claim.status_at(label, cases.granularity) == "proven":
-        gate = "proven (THEORY.md), reported but outside the bug gate"
+        gate = "proven (docs/theory.md#r7), reported but outside the bug gate"
     else:
         gate = "measured, not gated" if claim_id in ("R4", "R7", "R8") else ""
     note = _join(

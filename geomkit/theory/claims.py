@@ -1,8 +1,8 @@
-"""The claim table: THEORY.md R1-R9, each with its statement and what actually holds.
+"""The claim table: docs/theory.md R1-R9, each with its statement and what actually holds.
 
 The SAGO paper (Xiao et al., ACL 2026, arXiv 2604.14808) states that PCGrad and SAGO both keep a
 non-negative cosine with the retain gradient and that SAGO "achieves strictly tighter alignment".
-THEORY.md turns that into precise readings R1-R9 and gives each a status:
+docs/theory.md turns that into precise readings R1-R9 and gives each a status:
 
 ``"proven"``
     Holds for every input (a short proof exists); a violation beyond tolerance is a bug.
@@ -16,9 +16,9 @@ model but fails per tensor; R6 holds for SAGO but not for PCGrad): :meth:`Claim.
 
 Gating: a violation of a proven claim sets ``Audit.bug_detected`` only where the claim *gates*
 (:meth:`Claim.gates`). The gating claims are exactly R1, R2, R2b for the model, R6 for ``sago``
-and ``sago_prefer_retain``, and R9. R7 against global PCGrad for the model is proven (THEORY.md
-gives a proof) but is outside the gate: it is reported with status ``"proven"`` and verdict
-``ok`` / ``violated``, never ``BUG``.
+and ``sago_prefer_retain``, and R9. R7 against global PCGrad for the model is proven
+(docs/theory.md#r7 gives a proof) but is outside the gate: it is reported with status ``"proven"``
+and verdict ``ok`` / ``violated``, never ``BUG``.
 
 Scope: a comparison with global PCGrad (R7, R8) is about the model-level vector the projection
 was made on; a tensor or layer slice of it is outside the claim, so those comparisons are
@@ -42,12 +42,12 @@ GRANULARITIES: tuple[str, ...] = ("coordinate", "tensor", "layer", "model")
 
 @dataclass(frozen=True)
 class Claim:
-    """One reading of the paper's alignment claim (THEORY.md).
+    """One reading of the paper's alignment claim (docs/theory.md).
 
     Parameters
     ----------
     id : str
-        THEORY.md id (``"R1"`` ... ``"R9"``, ``"R2b"``).
+        Claim id in docs/theory.md (``"R1"`` ... ``"R9"``, ``"R2b"``).
     statement : str
         The claim, as a formula.
     status : str
@@ -57,7 +57,7 @@ class Claim:
     granularities : tuple of str
         Granularities at which geomkit evaluates it.
     holds : str
-        What actually holds (THEORY.md's status column, abridged).
+        What actually holds (docs/theory.md, abridged).
     overrides : mapping
         ``(strategy, granularity) -> status`` where it differs from ``status``; ``"*"`` matches
         every granularity.
@@ -195,7 +195,7 @@ _TABLE = (
         "open",
         ("sago_prefer_retain>=pcgrad", "sago_prefer_retain>=pcgrad_global"),
         ("tensor", "layer", "model"),
-        "proven against global PCGrad for the model (THEORY.md gives a proof; evaluated for the "
+        "proven against global PCGrad for the model (docs/theory.md#r7; evaluated for the "
         "model only, reported but outside the bug gate); open against per-tensor PCGrad (no "
         "counterexample, also at alpha, gamma in {0.1, 1}), measured at every granularity",
         {("sago_prefer_retain>=pcgrad_global", "model"): "proven"},
@@ -224,7 +224,7 @@ _TABLE = (
 )
 
 CLAIMS: Mapping[str, Claim] = MappingProxyType({c.id: c for c in _TABLE})
-"""Every claim of THEORY.md by id, in order R1, R2, R2b, R3, ..., R9."""
+"""Every claim of docs/theory.md by id, in order R1, R2, R2b, R3, ..., R9."""
 
 
 def get_claim(claim_id: str) -> Claim:

@@ -2,9 +2,9 @@
 alpha r_i or gamma f_i), on materialised synthetic updates; and R1/R6 from the recorded
 ``n_opposed`` counts of a run.
 
-The sign test is exact and product-free (DESIGN.md section 2): ``d_i`` opposes ``r_i`` iff
-``(d_i > 0 and r_i < 0) or (d_i < 0 and r_i > 0)``; zeros, ``-0.0`` included, never oppose.
-A coordinate where ``d_i`` (or ``f_i``, ``r_i``) is NaN or infinite is a violation
+The sign test is exact and product-free (docs/method.md#sign-test-and-zeros): ``d_i`` opposes
+``r_i`` iff ``(d_i > 0 and r_i < 0) or (d_i < 0 and r_i > 0)``; zeros, ``-0.0`` included, never
+oppose. A coordinate where ``d_i`` (or ``f_i``, ``r_i``) is NaN or infinite is a violation
 (``non_finite``): every comparison with NaN is False, so it would otherwise pass. The worst
 margin is then ``-inf`` at the first such coordinate (``details["worst_finite_margin"]`` keeps
 the most negative finite margin).

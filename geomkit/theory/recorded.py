@@ -176,7 +176,7 @@ def audit(
     claims: Sequence[str] | None = None,
     dtype: torch.dtype | str | None = None,
 ) -> Audit:
-    """Check every THEORY.md claim on recorded runs, at every granularity the data allow.
+    """Check every claim of docs/theory.md on recorded runs, at every granularity the data allow.
 
     Parameters
     ----------
@@ -197,7 +197,7 @@ def audit(
 
     Notes
     -----
-    Claims from Xiao et al., "SAGO", ACL 2026 (arXiv 2604.14808), as read in THEORY.md. R4
+    Claims from Xiao et al., "SAGO", ACL 2026 (arXiv 2604.14808), as read in docs/theory.md. R4
     (false) is measured at the run's own alpha and gamma, stated in each result's note.
     """
     claims = check_claims(claims)

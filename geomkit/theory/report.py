@@ -55,7 +55,7 @@ class CheckResult:
     Attributes
     ----------
     claim, statement, status : str
-        THEORY.md id, the claim, and its status at this strategy and granularity
+        Claim id (docs/theory.md), the claim, and its status at this strategy and granularity
         (``"proven"``, ``"false"`` or ``"open"``).
     gates : bool
         Whether a violation sets :attr:`Audit.bug_detected`: True exactly for the proven

@@ -11,7 +11,7 @@ Every sampler shares four knobs:
     ``rho < 0`` makes conflicts (and PCGrad projections) frequent.
 ``norm_ratio``
     ``|f_j| / |r_j|`` per tensor: a number, or a range ``(low, high)`` drawn log-uniformly per
-    tensor (THEORY.md R4 depends on it).
+    tensor (docs/theory.md#r4 depends on it).
 ``dtype``
     float64, float32, bfloat16 or float16.
 ``shapes``
@@ -20,7 +20,7 @@ Every sampler shares four knobs:
 Samplers: :class:`Gaussian` (dense), :class:`Sparse` (a chosen density of non-zeros),
 :class:`HeavyTailed` (Student-t; ``df=1`` is Cauchy), :class:`Zeros` (exact zeros including
 ``-0.0``, and whole zero tensors: the undefined cases), :class:`Counterexamples` (the three
-THEORY.md counterexamples to R4, fixed) and :class:`Fixed` (any given pairs).
+counterexamples to R4 of docs/theory.md#r4, fixed) and :class:`Fixed` (any given pairs).
 """
 
 from __future__ import annotations
@@ -250,7 +250,7 @@ class Zeros(Sampler):
     """Gaussian coordinates with a ``fraction`` of exact zeros (``+0.0`` and ``-0.0``) in f and
     r, and whole zero tensors: in a quarter of the pairs the first tensor's f is zero (SAGO then
     gives d = 0 there), in a quarter the last tensor's r is zero, in an eighth every f is zero
-    (the undefined cases of THEORY.md)."""
+    (the undefined cases of docs/theory.md#conventions)."""
 
     fraction: float = 0.3
     kind: ClassVar[str] = "zeros"
@@ -284,16 +284,16 @@ class Zeros(Sampler):
 
 
 # ----------------------------------------------------------------------------------------------
-# THEORY.md counterexamples to R4
+# Counterexamples to R4 (docs/theory.md#r4)
 # ----------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Counterexample:
-    """One THEORY.md counterexample to R4 (one tensor, alpha = gamma = 1).
+    """One counterexample to R4 of docs/theory.md#r4 (one tensor, alpha = gamma = 1).
 
-    ``cos_sago`` and ``cos_pcgrad`` are cos(d, r) of SAGO and PCGrad as THEORY.md states them
-    (three decimals); ``projects`` whether PCGrad's projection fires.
+    ``cos_sago`` and ``cos_pcgrad`` are cos(d, r) of SAGO and PCGrad as docs/theory.md#r4 states
+    them (three decimals); ``projects`` whether PCGrad's projection fires.
     """
 
     label: str
@@ -318,7 +318,7 @@ _COUNTEREXAMPLES = (
 
 
 def counterexamples() -> tuple[Counterexample, ...]:
-    """The three THEORY.md counterexamples to R4 (cos(d_SAGO, r) < cos(d_PCGrad, r)):
+    """The three counterexamples to R4 of docs/theory.md#r4, cos(d_SAGO, r) < cos(d_PCGrad, r):
 
     ``r = (1, 0.01), f = (0.01, 1)``: SAGO 0.020 vs PCGrad 0.714;
     ``r = (1, 1), f = (100, 0.01)``: 0.707 vs 0.714;
@@ -329,8 +329,9 @@ def counterexamples() -> tuple[Counterexample, ...]:
 
 @dataclass(frozen=True)
 class Counterexamples(Sampler):
-    """The fixed THEORY.md counterexamples as a sampler: :meth:`sample` returns the three pairs
-    whatever ``n`` and ``seed`` are (``rho``, ``norm_ratio`` and ``shapes`` are ignored)."""
+    """The fixed counterexamples of docs/theory.md#r4 as a sampler: :meth:`sample` returns the
+    three pairs whatever ``n`` and ``seed`` are (``rho``, ``norm_ratio`` and ``shapes`` are
+    ignored)."""
 
     dtype: torch.dtype = torch.float64
     kind: ClassVar[str] = "counterexamples"
@@ -383,7 +384,7 @@ class Fixed(Sampler):
 def default_samplers() -> tuple[Sampler, ...]:
     """The samplers of :func:`geomkit.theory.audit_synthetic` by default: dense (independent,
     anti-correlated with a wide norm ratio, correlated with a small ratio), sparse,
-    heavy-tailed, exact zeros, in float32, float64, bfloat16 and float16, plus the THEORY.md
+    heavy-tailed, exact zeros, in float32, float64, bfloat16 and float16, plus the docs/theory.md#r4
     counterexamples."""
     return (
         Gaussian(rho=0.0, dtype=torch.float32),

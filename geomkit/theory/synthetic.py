@@ -34,7 +34,7 @@ Combine = Callable[[Sequence[Tensor], Sequence[Tensor]], Sequence[Tensor]]
 
 
 def check_claims(claims: Sequence[str] | None) -> tuple[str, ...]:
-    """Validate a selection of claim ids (None: all of THEORY.md)."""
+    """Validate a selection of claim ids (None: all of docs/theory.md)."""
     if claims is None:
         return tuple(CLAIMS)
     if isinstance(claims, str):
@@ -162,7 +162,7 @@ def _audit_sampler(
 
 
 def sort_results(results: Sequence[CheckResult]) -> tuple[CheckResult, ...]:
-    """Order results by claim (THEORY.md order), then granularity, keeping the rest stable."""
+    """Order results by claim (docs/theory.md order), then granularity, keeping the rest stable."""
     claim_order = {c: i for i, c in enumerate(CLAIMS)}
     gran_order = {g: i for i, g in enumerate(GRANULARITIES)}
     return tuple(sorted(results, key=lambda r: (claim_order[r.claim], gran_order[r.granularity])))
@@ -178,7 +178,7 @@ def audit_synthetic(
     claims: Sequence[str] | None = None,
     implementations: Mapping[str, Combine] | None = None,
 ) -> Audit:
-    """Check every THEORY.md claim on synthetic gradient pairs.
+    """Check every claim of docs/theory.md on synthetic gradient pairs.
 
     Parameters
     ----------
@@ -205,7 +205,7 @@ def audit_synthetic(
 
     Notes
     -----
-    Claims from Xiao et al., "SAGO", ACL 2026 (arXiv 2604.14808), as read in THEORY.md.
+    Claims from Xiao et al., "SAGO", ACL 2026 (arXiv 2604.14808), as read in docs/theory.md.
     """
     if samplers is None:
         samplers = default_samplers()
