@@ -172,7 +172,7 @@ def test_round_trip_values_coordinates_and_attributes(tmp_path: Path) -> None:
         assert ds[name].dims == ("tensor",)
 
     # attributes: the user's, plus the schema's; the commit counters stay private
-    assert ds.attrs["schema_version"] == SCHEMA_VERSION == 1
+    assert ds.attrs["schema_version"] == SCHEMA_VERSION == 2
     assert ds.attrs["geomkit_schema"] == "geomkit.run"
     assert ds.attrs["applied_strategy"] == "sago"
     assert ds.attrs["model"] == "TinyLlama"
