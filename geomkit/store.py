@@ -724,10 +724,28 @@ class _Found:
     dim: str | None
     start: int
     stop: int
+    lost: bool = False  # the whole variable is unreadable
+
+
+@dataclass
+class _Plan:
+    """One array being read: its dims and attributes, the buffer, the damaged regions."""
+
+    array: Any  # zarr.AsyncArray
+    dims: tuple[str, ...]
+    attrs: dict[str, Any]
+    data: np.ndarray
+    extent: tuple[int, ...]
+    bad: list[tuple[slice, ...]]
 
 
 class _Reader:
-    """Reads and verifies one store (see :func:`open_run`)."""
+    """Reads and verifies one store (see :func:`open_run`).
+
+    Three round trips to the store in all: list its keys, open every array's metadata, read
+    every array's committed part (all concurrently); chunks are read one by one only to locate
+    a chunk that does not decode.
+    """
 
     def __init__(
         self,
@@ -742,42 +760,53 @@ class _Reader:
         self.mask = mask
         self.found: list[_Found] = []
         self.meta = "zarr.json" if group.metadata.zarr_format == 3 else ".zarray"
+        self.keys: set[str] = set()
 
     def read(self) -> tuple[xr.Dataset, list[StoreDamage]]:
-        keys = _list_keys(self.group.store, self.group.store_path.path)
+        from zarr.core.sync import sync
+
+        self.keys = _list_keys(self.group.store, self.group.store_path.path)
         required = [*COORDINATES, *VARIABLES]
-        arrays: dict[str, zarr.Array] = {}
-        names = {k.split("/", 1)[0] for k in keys if "/" in k}
-        for name in sorted(names | set(required), key=_schema_order):
-            try:
-                node = self.group[name]
-            except Exception as error:  # metadata lost or unreadable
-                if name not in required:
-                    continue
-                absent = f"{name}/{self.meta}" not in keys
-                problem = "is missing" if absent else f"cannot be read ({_short(error)})"
-                self.found.append(_Found(name, f"{name}/{self.meta}", problem, None, 0, 0))
-                continue
-            if isinstance(node, zarr.Array):
+        names = sorted(
+            {k.split("/", 1)[0] for k in self.keys if "/" in k} | set(required),
+            key=_schema_order,
+        )
+        opened = sync(_open_all(self.group.store_path, names))
+        arrays: dict[str, Any] = {}
+        for name, node in zip(names, opened, strict=True):
+            if isinstance(node, zarr.AsyncArray):
                 arrays[name] = node
-        optional = set()
+            elif isinstance(node, BaseException) and name in required:  # metadata lost
+                key = f"{name}/{self.meta}"
+                problem = (
+                    "is missing" if key not in self.keys else f"cannot be read ({_short(node)})"
+                )
+                self.found.append(_Found(name, key, problem, None, 0, 0, lost=True))
+        optional: set[str] = set()
         if self.version == 1 and "evaluation" not in arrays:  # written before evaluations
             optional = {"evaluation", *EVALUATION_VARIABLES}
             self.found = [f for f in self.found if f.variable not in optional]
 
         sizes = self._sizes(arrays)
+        plans = {name: self._plan(name, array, sizes) for name, array in arrays.items()}
+        plans = {name: plan for name, plan in plans.items() if plan is not None}
         for found in self.found:  # lost metadata: everything along the first dimension
             dims = _schema_dims(found.variable)
-            if found.variable != "(group)" and dims:
+            if found.lost and dims:
                 found.dim, found.stop = dims[0], sizes.get(dims[0], 0)
-        variables = {
-            name: self._variable(name, array, sizes, keys) for name, array in arrays.items()
-        }
-        lost = {f.variable for f in self.found if f.key.endswith(self.meta)}
-        for name in sorted(lost & set(VARIABLES)):  # only reached with mask=True
-            dims = VARIABLES[name]["dims"]
-            if all(d in sizes for d in dims):
-                variables[name] = _variable(name, np.full([sizes[d] for d in dims], np.nan))
+        readable = [name for name, plan in plans.items() if all(plan.extent)]
+        reads = [
+            plans[n].array.getitem(tuple(slice(0, e) for e in plans[n].extent)) for n in readable
+        ]
+        results = sync(_gather(reads))
+        for name, result in zip(readable, results, strict=True):
+            self._check_chunks(name, plans[name], result)
+        variables = {name: self._variable(plan) for name, plan in plans.items()}
+        for found in self.found:  # only reached with mask=True
+            spec = VARIABLES.get(found.variable)
+            if found.lost and spec and all(d in sizes for d in spec["dims"]):
+                shape = [sizes[d] for d in spec["dims"]]
+                variables[found.variable] = _variable(found.variable, np.full(shape, np.nan))
         for name in sorted(optional):
             if name in VARIABLES:
                 variables[name] = _variable(name, np.zeros(0))
@@ -789,7 +818,7 @@ class _Reader:
         ds.attrs = {k: v for k, v in self.attrs.items() if not k.startswith("committed_")}
         return ds, self._describe(variables)
 
-    def _sizes(self, arrays: Mapping[str, zarr.Array]) -> dict[str, int]:
+    def _sizes(self, arrays: Mapping[str, Any]) -> dict[str, int]:
         """Length of each dimension: committed counts, fixed sizes from the arrays."""
         sizes: dict[str, int] = {}
         required = ("step", "record") if self.version == 1 else tuple(_GROWING)
@@ -807,56 +836,39 @@ class _Reader:
                 sizes.setdefault(dim, n)
         return sizes
 
-    def _variable(
-        self, name: str, array: zarr.Array, sizes: Mapping[str, int], keys: set[str]
-    ) -> xr.Variable:
+    def _plan(self, name: str, array: Any, sizes: Mapping[str, int]) -> _Plan | None:
         dims = _dims(array)
+        if len(dims) != len(array.shape):
+            key = f"{name}/{self.meta}"
+            self.found.append(_Found(name, key, "lacks dimension names", None, 0, 0, lost=True))
+            return None
         attrs = {
             k: v for k, v in array.attrs.items() if not k.startswith("_") and k != "coordinates"
         }
-        if len(dims) != len(array.shape):
-            self.found.append(
-                _Found(name, f"{name}/{self.meta}", "lacks its dimension names", None, 0, 0)
-            )
-            return xr.Variable((), np.nan)
         want = tuple(sizes[d] for d in dims)
         extent = tuple(min(w, n) for w, n in zip(want, array.shape, strict=True))
         dtype = np.dtype(object) if array.dtype.kind in "OTSU" else np.dtype(array.dtype)
-        data = np.full(want, _blank(dtype), dtype=dtype)
-        bad: list[tuple[slice, ...]] = []
+        plan = _Plan(array, dims, attrs, np.full(want, _blank(dtype), dtype=dtype), extent, [])
         for i, (w, n) in enumerate(zip(want, array.shape, strict=True)):
             if n < w:  # an array shorter than the committed count, or than its dimension
-                self.found.append(
-                    _Found(
-                        name,
-                        f"{name}/{self.meta}",
-                        f"holds {n} of {w} {dims[i]} entries",
-                        dims[0] if i == 0 else None,
-                        n if i == 0 else 0,
-                        w if i == 0 else want[0],
-                    )
-                )
+                rows = (n, w) if i == 0 else (0, want[0])
+                problem = f"holds {n} of {w} {dims[i]} entries"
                 region = [slice(None)] * len(want)
                 region[i] = slice(n, w)
-                bad.append(tuple(region))
-        if all(extent):
-            bad += self._read_chunks(name, array, extent, data, keys)
-        if bad and self.mask:
-            if data.dtype.kind in "iub":
-                data = data.astype(np.float64)
-            for region in bad:
-                data[region] = _blank(data.dtype)
-        return xr.Variable(dims, data, attrs=attrs)
+            elif n > w and dims[i] not in _GROWING:  # sizes disagree: trust none of it
+                rows = (0, want[0])
+                problem = f"holds {n} {dims[i]} entries where the store has {w}"
+                region = [slice(None)] * len(want)
+            else:
+                continue
+            self.found.append(_Found(name, f"{name}/{self.meta}", problem, dims[0], *rows))
+            plan.bad.append(tuple(region))
+        return plan
 
-    def _read_chunks(
-        self,
-        name: str,
-        array: zarr.Array,
-        extent: tuple[int, ...],
-        data: np.ndarray,
-        keys: set[str],
-    ) -> list[tuple[slice, ...]]:
-        """Read ``array[:extent]`` into ``data``; return the regions of the damaged chunks."""
+    def _check_chunks(self, name: str, plan: _Plan, result: Any) -> None:
+        """Store ``result`` (the committed part, or the error reading it) in ``plan.data``;
+        record every chunk of it that is missing (version 2) or does not decode."""
+        array, extent = plan.array, plan.extent
         chunks = array.chunks
         grid = itertools.product(
             *(range(math.ceil(e / c)) for e, c in zip(extent, chunks, strict=True))
@@ -872,24 +884,33 @@ class _Reader:
         problems = {}
         if self.version >= 2:  # version 1 omits chunks of fill values: absence is no damage
             for index in regions:
-                if prefix + array.metadata.encode_chunk_key(index) not in keys:
+                if prefix + array.metadata.encode_chunk_key(index) not in self.keys:
                     problems[index] = "is missing"
-        whole = tuple(slice(0, e) for e in extent)
-        try:
-            data[whole] = array[whole]
-        except Exception:  # locate the chunks that do not decode
+        if not isinstance(result, BaseException):
+            plan.data[tuple(slice(0, e) for e in extent)] = result
+        else:  # locate the chunks that do not decode, one by one
+            sync_array = zarr.Array(array)
             for index, region in regions.items():
                 if index in problems:
                     continue
                 try:
-                    data[region] = array[region]
+                    plan.data[region] = sync_array[region]
                 except Exception as error:
                     problems[index] = f"does not decode ({_short(error)})"
         for index, problem in problems.items():
             rows = regions[index][0]
             key = prefix + array.metadata.encode_chunk_key(index)
-            self.found.append(_Found(name, key, problem, _dims(array)[0], rows.start, rows.stop))
-        return [regions[index] for index in problems]
+            self.found.append(_Found(name, key, problem, plan.dims[0], rows.start, rows.stop))
+            plan.bad.append(regions[index])
+
+    def _variable(self, plan: _Plan) -> xr.Variable:
+        data = plan.data
+        if plan.bad and self.mask:
+            if data.dtype.kind in "iub":
+                data = data.astype(np.float64)
+            for region in plan.bad:
+                data[region] = _blank(data.dtype)
+        return xr.Variable(plan.dims, data, attrs=plan.attrs)
 
     def _describe(self, variables: Mapping[str, xr.Variable]) -> list[StoreDamage]:
         """The damage found, with the affected records as coordinate values where known."""
@@ -912,6 +933,21 @@ class _Reader:
             affected = _affected(f.dim, f.start, f.stop, values)
             out.append(StoreDamage(f.variable, f.key, f.problem, affected, f.dim, f.start, f.stop))
         return out
+
+
+async def _open_all(store_path: Any, names: Sequence[str]) -> list[Any]:
+    """The nodes ``names`` of the group at ``store_path`` (an exception where one fails)."""
+    from zarr.api.asynchronous import open_group
+
+    group = await open_group(store=store_path, mode="r")
+    return await _gather([group.getitem(name) for name in names])
+
+
+async def _gather(tasks: list[Any]) -> list[Any]:
+    """Await ``tasks`` concurrently; an exception is returned in place of its result."""
+    import asyncio
+
+    return await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _list_keys(store: Any, prefix: str) -> set[str]:
