@@ -806,7 +806,10 @@ class _Reader:
             spec = VARIABLES.get(found.variable)
             if found.lost and spec and all(d in sizes for d in spec["dims"]):
                 shape = [sizes[d] for d in spec["dims"]]
-                variables[found.variable] = _variable(found.variable, np.full(shape, np.nan))
+                attrs = {k: spec[k] for k in ("long_name", "units", "description")}
+                variables[found.variable] = xr.Variable(
+                    spec["dims"], np.full(shape, np.nan), attrs=attrs
+                )
         for name in sorted(optional):
             if name in VARIABLES:
                 variables[name] = _variable(name, np.zeros(0))

@@ -26,6 +26,7 @@ import xarray as xr
 
 import geomkit.analysis  # noqa: F401  (registers the ds.geom accessor)
 from geomkit.metrics import FIELDS
+from geomkit.store import SchemaError
 from geomkit.strategies import build
 from geomkit.theory.cases import Cases, build_cases
 from geomkit.theory.checks import ADDITIVE_CHECKS
@@ -90,7 +91,7 @@ def _weights(ds: xr.Dataset, name: str) -> tuple[float, float]:
     for key in ("alpha", "gamma"):
         value = _value(ds, key)
         if value is None:
-            raise ValueError(f"run {name!r} has no {key!r} attribute; is it a geomkit run?")
+            raise SchemaError(f"run {name!r} has no {key!r} attribute; is it a geomkit run?")
         out.append(float(value))
     return out[0], out[1]
 
@@ -297,7 +298,7 @@ def audit(
     ds = open_source(source)
     for required in ("ff", "rr", "fr", "dd", "df", "dr", "n_opposed"):
         if required not in ds:
-            raise ValueError(
+            raise SchemaError(
                 f"source has no {required!r} variable; expected a geomkit run Dataset "
                 "(geomkit.open_run / open_runs)"
             )
