@@ -26,6 +26,7 @@ records set to NaN.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
 import warnings
@@ -640,8 +641,11 @@ def _holds_arrays(path: Path) -> bool:
         return False
     for child in path.iterdir():
         meta = child / "zarr.json"
-        if meta.is_file() and '"array"' in meta.read_text(errors="replace"):
-            return True
+        try:
+            if json.loads(meta.read_text()).get("node_type") == "array":
+                return True
+        except (OSError, ValueError, AttributeError):
+            continue
     return False
 
 
