@@ -379,10 +379,18 @@ class RunWriter:
         Run attributes (model, objective, alpha, gamma, seed, ...); the schema attributes are
         added.
     mode : {"w", "a"}
-        Create a new store, or append to an existing one.
+        Create a new store (schema version :data:`SCHEMA_VERSION`), or append to an existing
+        one of that version.
     resume_step : int, optional
         With ``mode="a"``: drop everything recorded at steps >= ``resume_step`` before
         appending (the steps after a checkpoint are recomputed on resume).
+
+    Raises
+    ------
+    SchemaError
+        With ``mode="a"``, if the store is no geomkit run or has another schema version (a
+        version 1 store is read by :func:`open_run` but not appended to: its chunks of fill
+        values are not stored, which version 2 requires).
     """
 
     def __init__(
