@@ -5,6 +5,12 @@ exits 1 only when a proven claim is violated; ``geomkit plot RUN... --out DIR`` 
 set (:mod:`geomkit.plot`); ``geomkit figures`` regenerates the repository's ``figures/`` from the
 embedded benchmark.
 
+Exit status: 0 success; 1 a proven claim violated (``check`` only); 2 bad input, reported as one
+line on stderr: an invalid configuration or flag (:class:`geomkit.config.ConfigError`), a store
+that is no readable geomkit run (:class:`geomkit.store.SchemaError`), a damaged store
+(:class:`geomkit.store.DamagedStoreError`) or a missing file. Any other exception is a bug and
+shows its traceback.
+
 ``geomkit run`` unlearns with every strategy and seed of one configuration
 (:mod:`geomkit.config`) and writes, under ``--out DIR``, one directory per run named
 ``{objective}-{strategy}-seed{seed}`` holding the geometry store (``geometry.zarr``), the
@@ -152,9 +158,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = {"run": _run, "check": _check, "plot": _plot, "figures": _figures}[args.command]
     try:
         return command(args)
-    except (ConfigError, FileNotFoundError, ValueError) as error:
-        print(f"geomkit {args.command}: error: {error}", file=sys.stderr)
+    except _known_errors() as error:  # evaluated only when an exception is raised
+        message = " ".join(str(error).split())  # one line
+        print(f"geomkit {args.command}: error: {message}", file=sys.stderr)
         return 2
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    """The errors reported as bad input (exit 2); anything else is a bug and propagates."""
+    from geomkit.store import DamagedStoreError, SchemaError
+
+    return (ConfigError, SchemaError, DamagedStoreError, FileNotFoundError)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -183,7 +197,10 @@ def _check(args: argparse.Namespace) -> int:
 
 def _plot(args: argparse.Namespace) -> int:
     if args.out is None and len(args.runs) != 1:
-        raise ValueError("--out is required with several RUN arguments")
+        raise ConfigError(
+            "invalid --out=None: expected a figure directory when several RUN are given"
+        )
+    _check_figure_flags(args)
     out = Path(args.out) if args.out else _beside(args.runs, "figures")
     written = write_report(args.runs, out, formats=args.format, dpi=args.dpi)
     _print_written(written, out)
@@ -191,6 +208,7 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def _figures(args: argparse.Namespace) -> int:
+    _check_figure_flags(args)
     if args.runs:
         runs = args.runs
     else:
@@ -204,6 +222,18 @@ def _figures(args: argparse.Namespace) -> int:
     written = write_report(runs, out, args.format, dpi=args.dpi, first_seed_only=True)
     _print_written(written, out)
     return 0
+
+
+def _check_figure_flags(args: argparse.Namespace) -> None:
+    """ConfigError for a file format matplotlib cannot write or a resolution <= 0."""
+    from matplotlib.figure import Figure
+
+    supported = Figure().canvas.get_supported_filetypes()
+    for ext in args.format:
+        if ext not in supported:
+            raise ConfigError(f"invalid --format={ext!r}: expected one of {', '.join(supported)}")
+    if args.dpi <= 0:
+        raise ConfigError(f"invalid --dpi={args.dpi}: expected an integer > 0")
 
 
 def _beside(paths: Sequence[str], name: str) -> Path:

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from geomkit.config import RunConfig
+from geomkit.config import ConfigError, RunConfig
 
 __all__ = ["audit_runs", "audit_summary", "run", "write_report"]
 
@@ -271,7 +271,7 @@ def _grid(
         forget = _shuffled_batches(forget_items, config.batch_size, seed, make)[rank::world]
         retain = _shuffled_batches(retain_items, config.batch_size, seed, make)[rank::world]
         if not forget or not retain:
-            raise ValueError(
+            raise ConfigError(
                 f"{world} processes but the data make fewer batches of batch_size="
                 f"{config.batch_size}; expected at least one forget and one retain batch each"
             )
@@ -394,9 +394,12 @@ def _documents(path: Path) -> list[str]:
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
-        record = json.loads(line)
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise ValueError(f"{path}:{number}: expected a JSON object with a 'text' string")
+            raise ConfigError(f"{path}:{number}: expected a JSON object with a 'text' string")
         documents.append(record["text"])
     return documents
 
@@ -410,7 +413,7 @@ def _chunks(tokenizer: Any, path: Path, length: int) -> list[list[int]]:
             ids.extend(separator)
         ids.extend(tokenizer(document, add_special_tokens=False)["input_ids"])
     if len(ids) < 2:
-        raise ValueError(f"{path} holds fewer than 2 tokens")
+        raise ConfigError(f"{path} holds fewer than 2 tokens")
     chunks = [ids[i : i + length] for i in range(0, len(ids), length)]
     if len(chunks) > 1 and len(chunks[-1]) < length:
         chunks.pop()  # equal lengths: no padding needed

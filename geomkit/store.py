@@ -16,15 +16,24 @@ Geometry variables are the additive sufficient statistics of :mod:`geomkit.stati
 ``committed_steps`` / ``committed_records`` attributes. A run killed at any point therefore
 leaves a store whose committed part :func:`open_run` reads back intact; a store written to the
 end opens with plain ``xarray.open_zarr`` too.
+
+:func:`open_run` verifies the store: every chunk inside the committed range of every array must
+exist and decode (schema version 2 stores every chunk and checksums it), else it raises
+:class:`DamagedStoreError`, or with ``on_damage="mask"`` returns the rest with the damaged
+records set to NaN.
 """
 
 from __future__ import annotations
 
+import itertools
+import json
+import math
 import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -36,18 +45,29 @@ from geomkit.layers import TensorLocation
 
 __all__ = [
     "EVALUATION_VARIABLES",
+    "READABLE_VERSIONS",
     "SCHEMA",
     "SCHEMA_VERSION",
     "VARIABLES",
+    "DamagedStoreError",
+    "DamagedStoreWarning",
     "RunWriter",
     "SchemaError",
+    "StoreDamage",
     "open_run",
     "open_runs",
     "stack_runs",
 ]
 
 SCHEMA = "geomkit.run"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""The layout written. Version 2 added the ``evaluation`` dimension, stores every chunk (also one
+holding only fill values) and checksums each (zstd), so that a missing or altered chunk is
+detectable."""
+READABLE_VERSIONS = (1, 2)
+"""Versions :func:`open_run` reads. A version 1 store may lack the evaluation arrays (they open
+empty) and legitimately omits chunks holding only fill values, so a missing chunk of it cannot be
+told from damage and reads as the fill value; chunks that exist must still decode."""
 
 VARIABLES: dict[str, dict[str, Any]] = {
     # per optimizer step
@@ -123,7 +143,7 @@ VARIABLES: dict[str, dict[str, Any]] = {
     # recorded step, strategy and tensor (role "update": statistics of the update d)
     **{name: FIELD_TABLE[name].spec() for name in STORED_FIELDS},
 }
-"""Every data variable of schema version 1, with its dims, dtype and CF-style attributes."""
+"""Every data variable of schema version 2, with its dims, dtype and CF-style attributes."""
 
 COORDINATES: dict[str, dict[str, Any]] = {
     "step": dict(long_name="optimizer step", units="1", description="0-based optimizer step"),
@@ -182,6 +202,69 @@ class SchemaError(ValueError):
     """A store that is not a geomkit run, or of another schema version."""
 
 
+@dataclass(frozen=True)
+class StoreDamage:
+    """One damaged part of a store, as found by :func:`open_run`.
+
+    Attributes
+    ----------
+    variable : str
+        The array (data variable or coordinate), or ``"(group)"`` for the group's metadata.
+    key : str
+        The store key of the damaged object: a chunk (``"ff/c/0/0"``) or a metadata document
+        (``"ff/zarr.json"``, ``"zarr.json"``).
+    problem : str
+        What is wrong (``"is missing"``, ``"does not decode (...)"``, ...).
+    affected : str
+        The steps, records or evaluations affected, as coordinate values when the coordinate is
+        readable there (``"records at steps 0, 2, 4"``), else as index ranges.
+    dim : str or None
+        The dimension along which ``start:stop`` runs (None for the group's metadata).
+    start, stop : int
+        The affected index range along ``dim``.
+    """
+
+    variable: str
+    key: str
+    problem: str
+    affected: str
+    dim: str | None = None
+    start: int = 0
+    stop: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.variable}: {self.key} {self.problem} ({self.affected})"
+
+
+class DamagedStoreError(SchemaError):
+    """A geomkit run store with missing or undecodable chunks or metadata.
+
+    A subclass of :class:`SchemaError` (a damaged store does not satisfy the schema), hence of
+    ``ValueError``. The message is one line naming every damaged variable, its chunk or
+    metadata key and the steps or records affected; :attr:`damage` lists them.
+    ``open_run(path, on_damage="mask")`` reads the rest.
+    """
+
+    def __init__(self, store: str | os.PathLike, damage: Sequence[StoreDamage]) -> None:
+        self.store = Path(store)
+        self.damage = tuple(damage)
+        shown = "; ".join(str(d) for d in self.damage[:_SHOWN])
+        more = len(self.damage) - _SHOWN
+        if more > 0:
+            shown += f"; and {more} more"
+        super().__init__(
+            f"damaged geomkit run store {self.store}: {shown}; "
+            "open_run(path, on_damage='mask') reads the rest"
+        )
+
+
+class DamagedStoreWarning(UserWarning):
+    """Issued by ``open_run(path, on_damage="mask")`` when it masks damaged records."""
+
+
+_SHOWN = 6  # damaged parts named in a DamagedStoreError message
+
+
 def _variable(name: str, data: np.ndarray) -> xr.Variable:
     spec = VARIABLES[name]
     attrs = {k: spec[k] for k in ("long_name", "units", "description")}
@@ -225,10 +308,18 @@ class RunWriter:
         Run attributes (model, objective, alpha, gamma, seed, ...); the schema attributes are
         added.
     mode : {"w", "a"}
-        Create a new store, or append to an existing one.
+        Create a new store (schema version :data:`SCHEMA_VERSION`), or append to an existing
+        one of that version.
     resume_step : int, optional
         With ``mode="a"``: drop everything recorded at steps >= ``resume_step`` before
         appending (the steps after a checkpoint are recomputed on resume).
+
+    Raises
+    ------
+    SchemaError
+        With ``mode="a"``, if the store is no geomkit run or has another schema version (a
+        version 1 store is read by :func:`open_run` but not appended to: its chunks of fill
+        values are not stored, which version 2 requires).
     """
 
     def __init__(
@@ -261,7 +352,14 @@ class RunWriter:
             }
         )
         if mode == "a" and (self.path / "zarr.json").exists():
-            _check_schema(self.path, dict(zarr.open_group(self.path, mode="r").attrs))
+            version = _check_schema(self.path, dict(zarr.open_group(self.path, mode="r").attrs))
+            if version != SCHEMA_VERSION:
+                raise SchemaError(
+                    f"cannot append to {self.path}: it has geomkit schema version {version} and "
+                    f"this geomkit writes version {SCHEMA_VERSION} only (see docs/schema.md); "
+                    "finish the run with the geomkit that started it, or start a new run "
+                    "(open_run still reads it)"
+                )
             self._truncate(resume_step)
             return
         template = xr.Dataset(
@@ -290,9 +388,17 @@ class RunWriter:
         encoding["step"] = {"chunks": (1024,)}
         encoding["record"] = {"chunks": (max(record_chunk, 64),)}
         encoding["evaluation"] = {"chunks": (256,)}
+        for name in template.variables:  # version 2: every chunk checksummed
+            encoding.setdefault(str(name), {})["compressors"] = (_compressor(),)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", category=UserWarning)
-            template.to_zarr(self.path, mode="w", consolidated=False, encoding=encoding)
+            template.to_zarr(
+                self.path,
+                mode="w",
+                consolidated=False,
+                encoding=encoding,
+                write_empty_chunks=True,  # version 2: a missing chunk is damage
+            )
 
     # -- appending ---------------------------------------------------------------------------
 
@@ -344,16 +450,16 @@ class RunWriter:
                 raise ValueError(f"{name} block has shape {data.shape}, expected {expected}")
             arrays[name] = data
         group = zarr.open_group(self.path, mode="r+")
-        if dim not in group:  # a store written before evaluations were part of the schema
-            return 0
         for name, data in arrays.items():  # zarr appends directly: no Dataset round trip
-            group[name].append(data, axis=0)
+            group[name].with_config(_WRITE_CONFIG).append(data, axis=0)
         return n
 
     def _truncate(self, resume_step: int | None) -> None:
         """Cut the store back to its committed part, and to steps < ``resume_step``.
 
-        Evaluations taken after more than ``resume_step`` steps are dropped too.
+        Evaluations taken after more than ``resume_step`` steps are dropped too. The commit
+        counters are lowered before the arrays are cut, so a kill in between leaves arrays
+        longer than committed (the state of an interrupted append), never shorter.
         """
         group = zarr.open_group(self.path, mode="r+")
         counts = _committed(group.attrs)
@@ -362,14 +468,20 @@ class RunWriter:
                 counts[dim] = int(
                     np.searchsorted(group[dim][: counts[dim]], resume_step, side="left")
                 )
-            if "evaluation" in group:
-                done = group["evaluation"][: counts["evaluation"]]
-                counts["evaluation"] = int(np.searchsorted(done, resume_step, side="right"))
+            done = group["evaluation"][: counts["evaluation"]]
+            counts["evaluation"] = int(np.searchsorted(done, resume_step, side="right"))
+        group.attrs.update({_GROWING[dim]: n for dim, n in counts.items()})
         for _, array in group.arrays():
             dims = _dims(array)
             if dims and dims[0] in counts:
                 array.resize((counts[dims[0]], *array.shape[1:]))
-        group.attrs.update({_GROWING[dim]: n for dim, n in counts.items()})
+
+
+_WRITE_CONFIG = {"write_empty_chunks": True}
+
+
+def _compressor() -> zarr.codecs.ZstdCodec:
+    return zarr.codecs.ZstdCodec(level=0, checksum=True)
 
 
 def _committed(attrs: Mapping[str, Any]) -> dict[str, int]:
@@ -406,18 +518,26 @@ def _dims(array: zarr.Array) -> tuple[str, ...]:
     return tuple(array.attrs.get("_ARRAY_DIMENSIONS", ()))
 
 
-def _check_schema(path: Path, attrs: Mapping[str, Any]) -> None:
+def _check_schema(path: Path, attrs: Mapping[str, Any]) -> int:
+    """The store's schema version; SchemaError if it is no geomkit run or not readable."""
     if attrs.get("geomkit_schema") != SCHEMA:
         raise SchemaError(
             f"{path} is not a geomkit run store (attribute geomkit_schema is "
             f"{attrs.get('geomkit_schema')!r}, expected {SCHEMA!r})"
         )
-    version = attrs.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if "schema_version" not in attrs:
+        raise DamagedStoreError(
+            path,
+            [StoreDamage("(group)", "zarr.json", "lacks attribute 'schema_version'", "everything")],
+        )
+    version = attrs["schema_version"]
+    if version not in READABLE_VERSIONS:
+        readable = " and ".join(str(v) for v in READABLE_VERSIONS)
         raise SchemaError(
             f"{path} has geomkit schema version {version!r}; this geomkit "
-            f"reads version {SCHEMA_VERSION} (see docs/schema.md)"
+            f"reads versions {readable} (see docs/schema.md)"
         )
+    return int(version)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -434,25 +554,86 @@ def _store_path(path: str | os.PathLike) -> Path:
         return path / STORE_NAME
     if (path / "zarr.json").exists() or (path / ".zgroup").exists():
         return path
+    for candidate in (path / STORE_NAME, path):
+        if _holds_arrays(candidate):  # a store that lost its group metadata
+            raise DamagedStoreError(
+                candidate,
+                [
+                    StoreDamage(
+                        "(group)",
+                        "zarr.json",
+                        "is missing",
+                        "everything: the run's attributes and commit counters are lost",
+                    )
+                ],
+            )
     raise FileNotFoundError(
         f"{path} is neither a zarr store nor a run directory holding {STORE_NAME}"
     )
 
 
-def open_run(path: str | os.PathLike) -> xr.Dataset:
-    """Open one run as an :class:`xarray.Dataset` (its committed part).
+def _holds_arrays(path: Path) -> bool:
+    """Whether ``path`` is a directory with zarr arrays directly inside it."""
+    if not path.is_dir():
+        return False
+    for child in path.iterdir():
+        meta = child / "zarr.json"
+        try:
+            if json.loads(meta.read_text()).get("node_type") == "array":
+                return True
+        except (OSError, ValueError, AttributeError):
+            continue
+    return False
+
+
+# dimension of each coordinate, for coordinates the store lacks
+_COORDINATE_DIMS = {
+    "step": "step",
+    "record": "record",
+    "evaluation": "evaluation",
+    "strategy": "strategy",
+    "measured": "strategy",
+    "tensor": "tensor",
+    "layer": "tensor",
+    "component": "tensor",
+    "module": "tensor",
+    "numel": "tensor",
+}
+_PLURAL = {"step": "steps", "record": "records", "evaluation": "evaluations"}
+
+
+def open_run(
+    path: str | os.PathLike, *, on_damage: Literal["raise", "mask"] = "raise"
+) -> xr.Dataset:
+    """Open one run as an :class:`xarray.Dataset` (its committed part), verified.
+
+    Every chunk inside the committed range of every array is read once: it must exist (schema
+    version 2; version 1 omits chunks holding only fill values, see :data:`READABLE_VERSIONS`)
+    and decode, and every array and commit counter of the schema must be there. Chunks beyond
+    the committed range (an append interrupted by a kill) are not looked at. The Dataset holds
+    numpy arrays (the store is read completely).
 
     Parameters
     ----------
     path : str or Path
         A run's zarr store, or a run directory that holds one (``geometry.zarr``).
+    on_damage : {"raise", "mask"}
+        ``"raise"``: raise :class:`DamagedStoreError` on damage. ``"mask"``: return the
+        readable part, with the values of every damaged chunk set to NaN (integer and boolean
+        variables holding such values become float64; string coordinates ``None``), a variable
+        whose metadata is lost all NaN, a coordinate whose metadata is lost left out; the
+        damage is listed in ``ds.attrs["damaged"]`` (one string per damaged part) and
+        reported by a :class:`DamagedStoreWarning`.
 
     Raises
     ------
     FileNotFoundError
         If there is no store at ``path``.
     SchemaError
-        If the store is not a geomkit run or has another schema version.
+        If the store is not a geomkit run or has a schema version this geomkit cannot read.
+    DamagedStoreError
+        If a chunk, an array's metadata or a commit counter is missing or unreadable (with
+        ``on_damage="raise"``; with either option when the group's own metadata is lost).
 
     Examples
     --------
@@ -467,34 +648,332 @@ def open_run(path: str | os.PathLike) -> xr.Dataset:
     ('sago', 1, 2.0)
     >>> tmp.cleanup()
     """
+    if on_damage not in ("raise", "mask"):
+        raise ValueError(f"invalid on_damage={on_damage!r}: expected 'raise' or 'mask'")
     store = _store_path(path)
     group = zarr.open_group(store, mode="r")
     attrs = dict(group.attrs)
-    _check_schema(store, attrs)
-    keep = _committed(attrs)
-    try:
-        ds = xr.open_zarr(store, consolidated=False)
-    except ValueError:
-        # A kill in the middle of an append: some arrays are longer than others.
-        ds = _open_repaired(group, keep)
-    ds = ds.isel({dim: slice(0, n) for dim, n in keep.items() if dim in ds.dims})
-    ds.attrs = {k: v for k, v in attrs.items() if not k.startswith("committed_")}
+    version = _check_schema(store, attrs)
+    ds, damage = _Reader(store, group, attrs, version, mask=on_damage == "mask").read()
+    if damage:
+        if on_damage == "raise":
+            raise DamagedStoreError(store, damage)
+        ds.attrs["damaged"] = [str(d) for d in damage]
+        warnings.warn(
+            f"{store} is damaged; masked with NaN: " + "; ".join(ds.attrs["damaged"]),
+            DamagedStoreWarning,
+            stacklevel=2,
+        )
     ds.attrs["source"] = str(store)
     return ds
 
 
-def _open_repaired(group: zarr.Group, keep: Mapping[str, int]) -> xr.Dataset:
-    variables = {}
-    for name, array in group.arrays():
+@dataclass
+class _Found:
+    """A damaged part before its affected records are described."""
+
+    variable: str
+    key: str
+    problem: str
+    dim: str | None
+    start: int
+    stop: int
+    lost: bool = False  # the whole variable is unreadable
+
+
+@dataclass
+class _Plan:
+    """One array being read: its dims and attributes, the buffer, the damaged regions."""
+
+    array: Any  # zarr.AsyncArray
+    dims: tuple[str, ...]
+    attrs: dict[str, Any]
+    data: np.ndarray
+    extent: tuple[int, ...]
+    bad: list[tuple[slice, ...]]
+
+
+class _Reader:
+    """Reads and verifies one store (see :func:`open_run`).
+
+    Three round trips to the store in all: list its keys, open every array's metadata, read
+    every array's committed part (all concurrently); chunks are read one by one only to locate
+    a chunk that does not decode.
+    """
+
+    def __init__(
+        self,
+        store: Path,
+        group: zarr.Group,
+        attrs: Mapping[str, Any],
+        version: int,
+        *,
+        mask: bool,
+    ) -> None:
+        self.store, self.group, self.attrs, self.version = store, group, attrs, version
+        self.mask = mask
+        self.found: list[_Found] = []
+        self.meta = "zarr.json" if group.metadata.zarr_format == 3 else ".zarray"
+        self.keys: set[str] = set()
+
+    def read(self) -> tuple[xr.Dataset, list[StoreDamage]]:
+        from zarr.core.sync import sync
+
+        self.keys = _list_keys(self.group.store, self.group.store_path.path)
+        required = [*COORDINATES, *VARIABLES]
+        names = sorted(
+            {k.split("/", 1)[0] for k in self.keys if "/" in k} | set(required),
+            key=_schema_order,
+        )
+        opened = sync(_open_all(self.group.store_path, names))
+        arrays: dict[str, Any] = {}
+        for name, node in zip(names, opened, strict=True):
+            if isinstance(node, zarr.AsyncArray):
+                arrays[name] = node
+            elif isinstance(node, BaseException) and name in required:  # metadata lost
+                key = f"{name}/{self.meta}"
+                problem = (
+                    "is missing" if key not in self.keys else f"cannot be read ({_short(node)})"
+                )
+                self.found.append(_Found(name, key, problem, None, 0, 0, lost=True))
+        optional: set[str] = set()
+        if self.version == 1 and "evaluation" not in arrays:  # written before evaluations
+            optional = {"evaluation", *EVALUATION_VARIABLES}
+            self.found = [f for f in self.found if f.variable not in optional]
+
+        sizes = self._sizes(arrays)
+        plans = {name: self._plan(name, array, sizes) for name, array in arrays.items()}
+        plans = {name: plan for name, plan in plans.items() if plan is not None}
+        for found in self.found:  # lost metadata: everything along the first dimension
+            dims = _schema_dims(found.variable)
+            if found.lost and dims:
+                found.dim, found.stop = dims[0], sizes.get(dims[0], 0)
+        readable = [name for name, plan in plans.items() if all(plan.extent)]
+        reads = [
+            plans[n].array.getitem(tuple(slice(0, e) for e in plans[n].extent)) for n in readable
+        ]
+        results = sync(_gather(reads))
+        for name, result in zip(readable, results, strict=True):
+            self._check_chunks(name, plans[name], result)
+        variables = {name: self._variable(plan) for name, plan in plans.items()}
+        for found in self.found:  # only reached with mask=True
+            spec = VARIABLES.get(found.variable)
+            if found.lost and spec and all(d in sizes for d in spec["dims"]):
+                shape = [sizes[d] for d in spec["dims"]]
+                attrs = {k: spec[k] for k in ("long_name", "units", "description")}
+                variables[found.variable] = xr.Variable(
+                    spec["dims"], np.full(shape, np.nan), attrs=attrs
+                )
+        for name in sorted(optional):
+            if name in VARIABLES:
+                variables[name] = _variable(name, np.zeros(0))
+            else:
+                variables[name] = _coordinate(name, name, np.zeros(0, dtype=np.int64))
+        coords = {n: v for n, v in variables.items() if n in COORDINATES}
+        data_vars = {n: v for n, v in variables.items() if n not in COORDINATES}
+        ds = xr.Dataset(data_vars, coords=coords)
+        ds.attrs = {k: v for k, v in self.attrs.items() if not k.startswith("committed_")}
+        return ds, self._describe(variables)
+
+    def _sizes(self, arrays: Mapping[str, Any]) -> dict[str, int]:
+        """Length of each dimension: committed counts, fixed sizes from the arrays."""
+        sizes: dict[str, int] = {}
+        required = ("step", "record") if self.version == 1 else tuple(_GROWING)
+        for dim, key in _GROWING.items():
+            value = self.attrs.get(key, None if dim in required else 0)
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                sizes[dim] = value
+                continue
+            problem = "lacks attribute" if value is None else f"has an invalid {value!r} as"
+            self.found.append(_Found("(group)", "zarr.json", f"{problem} {key!r}", None, 0, 0))
+            lengths = [a.shape[0] for a in arrays.values() if _dims(a)[:1] == (dim,)]
+            sizes[dim] = min(lengths, default=0)  # read what every array holds
+        for array in arrays.values():
+            for dim, n in zip(_dims(array), array.shape, strict=False):
+                sizes.setdefault(dim, n)
+        return sizes
+
+    def _plan(self, name: str, array: Any, sizes: Mapping[str, int]) -> _Plan | None:
         dims = _dims(array)
-        data = array[:]
-        if dims and dims[0] in keep:
-            data = data[: keep[dims[0]]]
-        attrs = {k: v for k, v in array.attrs.items() if not k.startswith("_")}
-        variables[name] = xr.Variable(dims, data, attrs=attrs)
-    coords = {n: v for n, v in variables.items() if n in COORDINATES}
-    data_vars = {n: v for n, v in variables.items() if n not in COORDINATES}
-    return xr.Dataset(data_vars, coords=coords)
+        if len(dims) != len(array.shape):
+            key = f"{name}/{self.meta}"
+            self.found.append(_Found(name, key, "lacks dimension names", None, 0, 0, lost=True))
+            return None
+        attrs = {
+            k: v for k, v in array.attrs.items() if not k.startswith("_") and k != "coordinates"
+        }
+        want = tuple(sizes[d] for d in dims)
+        extent = tuple(min(w, n) for w, n in zip(want, array.shape, strict=True))
+        dtype = np.dtype(object) if array.dtype.kind in "OTSU" else np.dtype(array.dtype)
+        plan = _Plan(array, dims, attrs, np.full(want, _blank(dtype), dtype=dtype), extent, [])
+        for i, (w, n) in enumerate(zip(want, array.shape, strict=True)):
+            if n < w:  # an array shorter than the committed count, or than its dimension
+                rows = (n, w) if i == 0 else (0, want[0])
+                problem = f"holds {n} of {w} {dims[i]} entries"
+                region = [slice(None)] * len(want)
+                region[i] = slice(n, w)
+            elif n > w and dims[i] not in _GROWING:  # sizes disagree: trust none of it
+                rows = (0, want[0])
+                problem = f"holds {n} {dims[i]} entries where the store has {w}"
+                region = [slice(None)] * len(want)
+            else:
+                continue
+            self.found.append(_Found(name, f"{name}/{self.meta}", problem, dims[0], *rows))
+            plan.bad.append(tuple(region))
+        return plan
+
+    def _check_chunks(self, name: str, plan: _Plan, result: Any) -> None:
+        """Store ``result`` (the committed part, or the error reading it) in ``plan.data``;
+        record every chunk of it that is missing (version 2) or does not decode."""
+        array, extent = plan.array, plan.extent
+        chunks = array.chunks
+        grid = itertools.product(
+            *(range(math.ceil(e / c)) for e, c in zip(extent, chunks, strict=True))
+        )
+        regions = {
+            index: tuple(
+                slice(i * c, min((i + 1) * c, e))
+                for i, c, e in zip(index, chunks, extent, strict=True)
+            )
+            for index in grid
+        }
+        prefix = f"{array.path}/"
+        problems = {}
+        if self.version >= 2:  # version 1 omits chunks of fill values: absence is no damage
+            for index in regions:
+                if prefix + array.metadata.encode_chunk_key(index) not in self.keys:
+                    problems[index] = "is missing"
+        if not isinstance(result, BaseException):
+            plan.data[tuple(slice(0, e) for e in extent)] = result
+        else:  # locate the chunks that do not decode, one by one
+            sync_array = zarr.Array(array)
+            for index, region in regions.items():
+                if index in problems:
+                    continue
+                try:
+                    plan.data[region] = sync_array[region]
+                except Exception as error:
+                    problems[index] = f"does not decode ({_short(error)})"
+        for index, problem in problems.items():
+            rows = regions[index][0]
+            key = prefix + array.metadata.encode_chunk_key(index)
+            self.found.append(_Found(name, key, problem, plan.dims[0], rows.start, rows.stop))
+            plan.bad.append(regions[index])
+
+    def _variable(self, plan: _Plan) -> xr.Variable:
+        data = plan.data
+        if plan.bad and self.mask:
+            if data.dtype.kind in "iub":
+                data = data.astype(np.float64)
+            for region in plan.bad:
+                data[region] = _blank(data.dtype)
+        return xr.Variable(plan.dims, data, attrs=plan.attrs)
+
+    def _describe(self, variables: Mapping[str, xr.Variable]) -> list[StoreDamage]:
+        """The damage found, with the affected records as coordinate values where known."""
+        rows: dict[str, list[tuple[int, int]]] = {}
+        for f in self.found:
+            rows.setdefault(f.variable, []).append((f.start, f.stop))
+        out = []
+        for f in self.found:
+            if f.dim is None:
+                affected = (
+                    "the commit counter; read up to the shortest array"
+                    if f.variable == "(group)"
+                    else "the whole variable"
+                )
+                out.append(StoreDamage(f.variable, f.key, f.problem, affected))
+                continue
+            coordinate = variables.get(f.dim)
+            clean = not any(a < f.stop and f.start < b for a, b in rows.get(f.dim, []))
+            values = coordinate.values if coordinate is not None and clean else None
+            affected = _affected(f.dim, f.start, f.stop, values)
+            out.append(StoreDamage(f.variable, f.key, f.problem, affected, f.dim, f.start, f.stop))
+        return out
+
+
+async def _open_all(store_path: Any, names: Sequence[str]) -> list[Any]:
+    """The nodes ``names`` of the group at ``store_path`` (an exception where one fails)."""
+    from zarr.api.asynchronous import open_group
+
+    group = await open_group(store=store_path, mode="r")
+    return await _gather([group.getitem(name) for name in names])
+
+
+async def _gather(tasks: list[Any]) -> list[Any]:
+    """Await ``tasks`` concurrently; an exception is returned in place of its result."""
+    import asyncio
+
+    return await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _list_keys(store: Any, prefix: str) -> set[str]:
+    """Every key of ``store`` under ``prefix``, relative to it (one listing per store)."""
+    from zarr.core.sync import sync
+
+    root = f"{prefix.rstrip('/')}/" if prefix else ""
+
+    async def collect() -> set[str]:
+        return {k[len(root) :] async for k in store.list_prefix(root)}
+
+    return sync(collect())
+
+
+def _schema_order(name: str) -> tuple[int, str]:
+    """Coordinates first, then the data variables in schema order, then anything else."""
+    order = [*COORDINATES, *VARIABLES]
+    return (order.index(name), name) if name in order else (len(order), name)
+
+
+def _schema_dims(name: str) -> tuple[str, ...]:
+    if name in VARIABLES:
+        return tuple(VARIABLES[name]["dims"])
+    if name in _COORDINATE_DIMS:
+        return (_COORDINATE_DIMS[name],)
+    return ()
+
+
+def _blank(dtype: np.dtype) -> Any:
+    """The value standing for 'damaged' in an array of ``dtype`` (NaN, None, or 0/False for
+    integer and boolean arrays until they are converted to float)."""
+    if dtype.kind == "f":
+        return np.nan
+    if dtype.kind == "O":
+        return None
+    return np.zeros((), dtype=dtype)[()]
+
+
+def _short(error: BaseException) -> str:
+    text = f"{type(error).__name__}: {error}".replace("\n", " ")
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _span(values: np.ndarray) -> str:
+    v = [int(x) if float(x).is_integer() else float(x) for x in np.asarray(values).ravel()]
+    if len(v) == 1:
+        return str(v[0])
+    if len(v) > 2 and all(b - a == 1 for a, b in itertools.pairwise(v)):
+        return f"{v[0]}..{v[-1]}"
+    if len(v) <= 8:
+        return ", ".join(str(x) for x in v)
+    return f"{v[0]}, {v[1]}, ..., {v[-1]}"
+
+
+def _affected(dim: str, start: int, stop: int, coordinate: np.ndarray | None) -> str:
+    """``"records at steps 0, 2, 4"``, or index ranges when the coordinate is unknown."""
+    n = stop - start
+    plural = _PLURAL.get(dim, dim)
+    if n <= 0:
+        return f"no committed {plural}"
+    if coordinate is not None and dim in _PLURAL:
+        span = _span(coordinate[start:stop])
+        if dim == "step":
+            return f"step{'s' if n > 1 else ''} {span}"
+        noun = plural if n > 1 else dim
+        if dim == "record":
+            return f"{n} {noun} at step{'s' if n > 1 else ''} {span}"
+        return f"{n} {noun} after {span} steps"
+    return f"{dim} index {start}" if n == 1 else f"{dim} indices {start}..{stop - 1}"
 
 
 def open_runs(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> xr.Dataset:

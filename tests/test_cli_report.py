@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 import zarr
 
 from geomkit.cli import main
@@ -129,3 +130,119 @@ def test_torchrun_runs_the_same_job_data_parallel(smoke_runs, tmp_path):
     ds = geomkit.open_run(runs / "graddiff-sago-seed0")
     assert ds.attrs["world_size"] == 2
     assert ds.sizes["step"] == 4 and ds["evaluation"].values.tolist() == [0, 2, 4]
+
+
+# -- damaged input and the error policy -------------------------------------------------------
+
+
+def _recorded_run(directory: Path) -> Path:
+    """A small run directory recorded from random gradients (4 steps, records at 0 and 2)."""
+    import torch
+
+    from geomkit.recorder import Recorder
+
+    shapes = [(8, 4), (4, 4)]
+    names = ["model.layers.0.mlp.up_proj.weight", "lm_head.weight"]
+    recorder = Recorder(
+        directory / STORE_NAME,
+        names,
+        [32, 16],
+        "sago",
+        shadows=["pcgrad"],
+        schedule=2,
+        attrs={"objective": "graddiff", "seed": 0},
+    )
+    generator = torch.Generator().manual_seed(0)
+    recorder.log_evaluation(0, {"forget_acc": 1.0, "retain_acc": 1.0, "general_acc": 1.0})
+    for step in range(4):
+        f = [torch.randn(s, generator=generator) for s in shapes]
+        r = [torch.randn(s, generator=generator) for s in shapes]
+        recorder.record(step, f, r, forget_loss=1.0 + step, retain_loss=2.0)
+    recorder.log_evaluation(4, {"forget_acc": 0.5, "retain_acc": 0.9, "general_acc": 0.9})
+    recorder.close()
+    return directory
+
+
+def _damage(run: Path, how: str) -> tuple[str, str]:
+    """Damage ``run``'s store; return the variable and the key the message must name."""
+    store = run / STORE_NAME
+    if how == "deleted chunk":
+        (store / "ff" / "c" / "0" / "0").unlink()
+        return "ff", "ff/c/0/0 is missing (2 records at steps 0, 2)"
+    if how == "truncated chunk":
+        chunk = store / "dd" / "c" / "0" / "0" / "0"
+        chunk.write_bytes(chunk.read_bytes()[:7])
+        return "dd", "dd/c/0/0/0 does not decode"
+    (store / "fr" / "zarr.json").unlink()
+    return "fr", "fr/zarr.json is missing (2 records at steps 0, 2)"
+
+
+COMMANDS = {
+    "check": lambda run, tmp: ["check", str(run), "--json", str(tmp / "audit.json")],
+    "plot": lambda run, tmp: ["plot", str(run), "--out", str(tmp / "figs"), "--format", "png"],
+    "figures": lambda run, tmp: ["figures", "--runs", str(run), "--out", str(tmp / "figs")],
+}
+
+
+@pytest.mark.parametrize("how", ["deleted chunk", "truncated chunk", "missing metadata"])
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_damaged_store_exits_two_with_one_line_naming_the_damage(
+    tmp_path: Path, capsys: pytest.CaptureFixture, command: str, how: str
+) -> None:
+    run = _recorded_run(tmp_path / "graddiff-sago-seed0")
+    assert main(["check", str(run), "--json", str(tmp_path / "ok.json")]) == 0  # intact: fine
+    capsys.readouterr()
+    variable, needle = _damage(run, how)
+    assert main(COMMANDS[command](run, tmp_path)) == 2  # never 1: no claim was checked
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"geomkit {command}: error: damaged geomkit run store {run}")
+    assert f"{variable}: {needle}" in lines[0]
+    assert not (tmp_path / "audit.json").exists()
+
+
+def test_damaged_store_in_a_subprocess_prints_no_traceback(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    run = _recorded_run(tmp_path / "run")
+    _damage(run, "deleted chunk")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    result = subprocess.run(
+        [sys.executable, "-m", "geomkit", "check", str(run)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1 and "ff/c/0/0 is missing" in result.stderr
+
+
+def test_a_bug_is_not_reported_as_bad_input(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import geomkit.cli
+
+    run = _recorded_run(tmp_path / "run")
+
+    def broken(runs):
+        raise ValueError("an internal inconsistency")
+
+    monkeypatch.setattr(geomkit.cli, "audit_runs", broken)
+    with pytest.raises(ValueError, match="an internal inconsistency"):
+        main(["check", str(run)])
+
+
+def test_figure_flags_are_checked(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run = _recorded_run(tmp_path / "run")
+    out = str(tmp_path / "f")
+    assert main(["plot", str(run), "--out", out, "--format", "nope"]) == 2
+    assert "invalid --format='nope': expected one of " in capsys.readouterr().err
+    assert main(["plot", str(run), "--out", out, "--dpi", "0"]) == 2
+    assert "invalid --dpi=0: expected an integer > 0" in capsys.readouterr().err
+    assert main(["plot", str(run), str(run)]) == 2
+    assert "invalid --out=None" in capsys.readouterr().err

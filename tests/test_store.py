@@ -11,12 +11,16 @@ Layout:
 3. resume: ``mode="a"`` with ``resume_step`` drops everything at and after that step and
    appending continues with neither duplicates nor gaps;
 4. errors: foreign stores, other schema versions, missing paths;
-5. :func:`open_runs` stacks runs along ``run``, labelled by directory name.
+5. :func:`open_runs` stacks runs along ``run``, labelled by directory name;
+6. integrity: deleted, truncated or corrupted chunks and lost metadata raise
+   :class:`DamagedStoreError` naming the variable, the chunk and the records affected, or are
+   masked on request; version 1 stores still open, and are not appended to.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -37,6 +41,8 @@ from geomkit.store import (
     EVALUATION_VARIABLES,
     SCHEMA_VERSION,
     VARIABLES,
+    DamagedStoreError,
+    DamagedStoreWarning,
     RunWriter,
     SchemaError,
     open_run,
@@ -172,7 +178,7 @@ def test_round_trip_values_coordinates_and_attributes(tmp_path: Path) -> None:
         assert ds[name].dims == ("tensor",)
 
     # attributes: the user's, plus the schema's; the commit counters stay private
-    assert ds.attrs["schema_version"] == SCHEMA_VERSION == 1
+    assert ds.attrs["schema_version"] == SCHEMA_VERSION == 2
     assert ds.attrs["geomkit_schema"] == "geomkit.run"
     assert ds.attrs["applied_strategy"] == "sago"
     assert ds.attrs["model"] == "TinyLlama"
@@ -587,3 +593,237 @@ def test_recorder_logs_evaluations_and_rejects_unknown_metrics(tmp_path: Path) -
     np.testing.assert_array_equal(ds["evaluation"].values, [0, 1])
     np.testing.assert_array_equal(ds["forget_acc"].values, [1.0, 0.0])
     assert np.isnan(ds["general_acc"].values[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Integrity: damaged stores, schema versions
+# ----------------------------------------------------------------------------------------------
+
+# 40 steps and 20 records (record_chunk=8: record chunks 0, 1, 2 hold records 0-7, 8-15, 16-19)
+DAMAGE_PATTERN = [(range(0, 20), range(0, 20, 2)), (range(20, 40), range(20, 40, 2))]
+
+
+def _damaged_store(tmp_path: Path) -> tuple[Path, dict, dict]:
+    path = tmp_path / "run.zarr"
+    _, steps, records = write_blocks(path, DAMAGE_PATTERN, record_chunk=8)
+    return path, steps, records
+
+
+def test_every_committed_chunk_is_stored_even_when_it_holds_fill_values(tmp_path: Path) -> None:
+    path = tmp_path / "run.zarr"
+    rng = np.random.default_rng(0)
+    writer = new_writer(path)
+    s, r = make_steps(range(3), rng), make_records([0], rng)
+    s["skipped"][:] = False  # the fill value of a bool array
+    s["retain_loss"][:] = np.nan  # that of a float array
+    r["n_projected"][:] = 0  # that of an integer array
+    writer.append(s, r)
+    for name in ("skipped", "retain_loss", "n_projected", "ff"):
+        assert list((path / name / "c").rglob("*")), name
+    assert open_run(path)["skipped"].values.tolist() == [False] * 3
+
+
+def test_deleted_chunk_raises_naming_variable_chunk_and_records(tmp_path: Path) -> None:
+    path, _, records = _damaged_store(tmp_path)
+    (path / "ff" / "c" / "1" / "0").unlink()  # records 8-15: steps 16, 18, ..., 30
+    with pytest.raises(DamagedStoreError) as info:
+        open_run(path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert "ff: ff/c/1/0 is missing (8 records at steps 16, 18, 20, 22, 24, 26, 28, 30)" in message
+    assert str(path) in message and "on_damage='mask'" in message
+    (damage,) = info.value.damage
+    assert (damage.variable, damage.key, damage.dim) == ("ff", "ff/c/1/0", "record")
+    assert (damage.start, damage.stop) == (8, 16)
+    assert isinstance(info.value, SchemaError) and isinstance(info.value, ValueError)
+
+    with pytest.warns(DamagedStoreWarning, match="ff/c/1/0 is missing"):
+        ds = open_run(path, on_damage="mask")
+    assert ds.attrs["damaged"] == [str(damage)]
+    assert np.isnan(ds["ff"].values[8:16]).all()
+    np.testing.assert_array_equal(ds["ff"].values[:8], records["ff"][:8])
+    np.testing.assert_array_equal(ds["ff"].values[16:], records["ff"][16:])
+    np.testing.assert_array_equal(ds["fr"].values, records["fr"])  # other variables intact
+    np.testing.assert_array_equal(ds["record"].values, records["record"])
+
+
+def test_deleted_integer_chunk_is_masked_as_float_nan(tmp_path: Path) -> None:
+    path, _, records = _damaged_store(tmp_path)
+    (path / "n_opposed" / "c" / "2" / "0" / "0").unlink()  # records 16-19, the last chunk
+    with pytest.raises(DamagedStoreError, match=r"n_opposed/c/2/0/0 is missing \(4 records"):
+        open_run(path)
+    with pytest.warns(DamagedStoreWarning):
+        ds = open_run(path, on_damage="mask")
+    assert ds["n_opposed"].dtype == np.float64
+    assert np.isnan(ds["n_opposed"].values[16:]).all()
+    np.testing.assert_array_equal(ds["n_opposed"].values[:16], records["n_opposed"][:16])
+    assert ds["n_conflict"].dtype == np.int64
+
+
+@pytest.mark.parametrize("how", ["truncated", "corrupted"])
+def test_truncated_or_corrupted_chunk_raises_instead_of_a_zstd_traceback(
+    tmp_path: Path, how: str
+) -> None:
+    path, steps, _ = _damaged_store(tmp_path)
+    chunk = path / "forget_loss" / "c" / "0"  # steps 0-39, one chunk
+    data = bytearray(chunk.read_bytes())
+    if how == "truncated":
+        data = data[: len(data) // 2]
+    else:  # one flipped bit in the payload: only the version 2 checksum sees it
+        data[len(data) // 2] ^= 0x01
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(DamagedStoreError) as info:
+        open_run(path)
+    message = str(info.value)
+    assert "forget_loss: forget_loss/c/0 does not decode (" in message
+    assert "(steps 0..39)" in message
+    assert "\n" not in message
+    with pytest.warns(DamagedStoreWarning):
+        ds = open_run(path, on_damage="mask")
+    assert np.isnan(ds["forget_loss"].values).all()
+    np.testing.assert_array_equal(ds["grad_norm"].values, steps["grad_norm"])
+
+
+def test_damaged_coordinate_chunk_reports_index_ranges(tmp_path: Path) -> None:
+    path, _, _ = _damaged_store(tmp_path)
+    (path / "step" / "c" / "0").unlink()
+    (path / "wall_time" / "c" / "0").unlink()
+    with pytest.raises(DamagedStoreError) as info:
+        open_run(path)
+    message = str(info.value)
+    assert "step: step/c/0 is missing (step indices 0..39)" in message
+    assert "wall_time: wall_time/c/0 is missing (step indices 0..39)" in message
+    assert len(info.value.damage) == 2
+
+
+def test_lost_array_metadata_raises_and_masks_the_whole_variable(tmp_path: Path) -> None:
+    path, steps, records = _damaged_store(tmp_path)
+    (path / "dr" / "zarr.json").unlink()
+    with pytest.raises(DamagedStoreError) as info:
+        open_run(path)
+    assert "dr: dr/zarr.json is missing (20 records at steps 0, 2, ..., 38)" in str(info.value)
+    with pytest.warns(DamagedStoreWarning):
+        ds = open_run(path, on_damage="mask")
+    assert ds["dr"].dims == ("record", "strategy", "tensor")
+    assert ds["dr"].attrs["long_name"] == VARIABLES["dr"]["long_name"]
+    assert np.isnan(ds["dr"].values).all()
+    np.testing.assert_array_equal(ds["df"].values, records["df"])
+    np.testing.assert_array_equal(ds["step"].values, steps["step"])
+
+
+def test_unreadable_array_metadata_raises(tmp_path: Path) -> None:
+    path, _, _ = _damaged_store(tmp_path)
+    (path / "grad_norm" / "zarr.json").write_text("{ not json")
+    with pytest.raises(DamagedStoreError, match=r"grad_norm/zarr.json cannot be read \("):
+        open_run(path)
+
+
+def test_missing_commit_counter_raises_and_mask_reads_the_arrays(tmp_path: Path) -> None:
+    path, steps, _ = _damaged_store(tmp_path)
+    group = zarr.open_group(path, mode="r+")
+    del group.attrs["committed_steps"]
+    with pytest.raises(DamagedStoreError, match="lacks attribute 'committed_steps'"):
+        open_run(path)
+    with pytest.warns(DamagedStoreWarning):
+        ds = open_run(path, on_damage="mask")
+    np.testing.assert_array_equal(ds["forget_loss"].values, steps["forget_loss"])
+
+
+def test_missing_schema_version_or_group_metadata_raise_even_with_mask(tmp_path: Path) -> None:
+    path, _, _ = _damaged_store(tmp_path)
+    del zarr.open_group(path, mode="r+").attrs["schema_version"]
+    for on_damage in ("raise", "mask"):
+        with pytest.raises(DamagedStoreError, match="lacks attribute 'schema_version'"):
+            open_run(path, on_damage=on_damage)
+    run = tmp_path / "a-run"
+    write_blocks(run / "geometry.zarr", PATTERN[:1])
+    (run / "geometry.zarr" / "zarr.json").unlink()
+    for target in (run, run / "geometry.zarr"):
+        with pytest.raises(DamagedStoreError, match=r"zarr.json is missing"):
+            open_run(target, on_damage="mask")
+
+
+def test_chunks_beyond_the_committed_range_are_not_verified(tmp_path: Path) -> None:
+    """A kill in the middle of an append may leave chunks past the committed part unwritten
+    or half written; they are not read, and a chunk straddling the boundary only counts for
+    its committed rows."""
+    path, steps, records = _damaged_store(tmp_path)
+    _simulate_kill_mid_append(path, extra=12, which="all")  # records 20-31: chunks 2 and 3
+    (path / "ff" / "c" / "3" / "0").unlink()  # beyond the committed records
+    (path / "dd" / "c" / "3" / "0" / "0").write_bytes(b"garbage")
+    ds = open_run(path)
+    assert_matches(ds, steps, records)
+
+
+def test_on_damage_is_checked(tmp_path: Path) -> None:
+    path, _, _ = _damaged_store(tmp_path)
+    with pytest.raises(ValueError, match="invalid on_damage='ignore': expected 'raise' or 'mask'"):
+        open_run(path, on_damage="ignore")  # type: ignore[arg-type]
+
+
+def _as_version_1(path: Path, *, without_evaluations: bool) -> None:
+    """Rewrite a store as an older geomkit left it: version 1, chunks of fill values not
+    stored, and (the first version 1 stores) no evaluation arrays."""
+    group = zarr.open_group(path, mode="r+")
+    group.attrs["schema_version"] = 1
+    if without_evaluations:
+        del group.attrs["committed_evaluations"]
+        for name in ("evaluation", *EVALUATION_VARIABLES):
+            del group[name]
+
+
+@pytest.mark.parametrize("without_evaluations", [True, False])
+def test_version_1_store_opens_with_evaluation_dimension_empty(
+    tmp_path: Path, without_evaluations: bool
+) -> None:
+    path = tmp_path / "run.zarr"
+    _, steps, records = write_blocks(path, PATTERN)
+    _as_version_1(path, without_evaluations=without_evaluations)
+    shutil.rmtree(path / "n_projected" / "c")  # all zeros: version 1 need not store it
+    ds = open_run(path)
+    assert ds.attrs["schema_version"] == 1
+    assert ds.sizes["evaluation"] == 0
+    for name in EVALUATION_VARIABLES:
+        assert ds[name].dims == ("evaluation",)
+        assert ds[name].attrs["long_name"] == VARIABLES[name]["long_name"]
+    assert (ds["n_projected"].values == 0).all()
+    np.testing.assert_array_equal(ds["ff"].values, records["ff"])
+    np.testing.assert_array_equal(ds["forget_loss"].values, steps["forget_loss"])
+    # a chunk that is there must still decode
+    (path / "ff" / "c" / "0" / "0").write_bytes(b"garbage")
+    with pytest.raises(DamagedStoreError, match="ff/c/0/0 does not decode"):
+        open_run(path)
+
+
+def test_appending_to_a_version_1_store_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "run.zarr"
+    write_blocks(path, PATTERN)
+    _as_version_1(path, without_evaluations=True)
+    with pytest.raises(SchemaError, match="schema version 1 and this geomkit writes version 2"):
+        new_writer(path, mode="a", resume_step=3)
+    assert open_run(path).sizes["step"] == 9  # untouched
+
+
+def test_open_run_matches_plain_xarray_and_reads_each_chunk_once(tmp_path: Path) -> None:
+    path, _, _ = _damaged_store(tmp_path)
+    ours = open_run(path)
+    plain = xr.open_zarr(path, consolidated=False).load()
+    for name in plain.variables:
+        plain[name].attrs.pop("coordinates", None)
+    plain.attrs = {k: v for k, v in plain.attrs.items() if not k.startswith("committed_")}
+    assert ours.attrs.pop("source") == str(path)
+    xr.testing.assert_identical(ours, plain)
+
+    reads: list[str] = []
+    original = zarr.storage.LocalStore.get
+
+    async def counting_get(self, key, *args, **kwargs):
+        if "/c/" in key:
+            reads.append(key)
+        return await original(self, key, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(zarr.storage.LocalStore, "get", counting_get)
+        open_run(path)
+    assert len(reads) == len(set(reads))  # no chunk read twice
+    assert "ff/c/2/0" in reads and "forget_loss/c/0" in reads

@@ -24,6 +24,7 @@ import xarray as xr
 import geomkit.analysis  # noqa: F401  (registers the ds.geom accessor)
 from geomkit.fields import STORED_FIELDS
 from geomkit.runs import Run, Source, load
+from geomkit.store import SchemaError
 from geomkit.strategies import build
 from geomkit.theory.cases import Cases, build_cases
 from geomkit.theory.checks import ADDITIVE_CHECKS
@@ -44,7 +45,7 @@ _DTYPES = {
 def _weights(run: Run) -> tuple[float, float]:
     if run.alpha is None or run.gamma is None:
         key = "alpha" if run.alpha is None else "gamma"
-        raise ValueError(f"run {run.label!r} has no {key!r} attribute; is it a geomkit run?")
+        raise SchemaError(f"run {run.label!r} has no {key!r} attribute; is it a geomkit run?")
     return run.alpha, run.gamma
 
 
@@ -206,7 +207,7 @@ def audit(
     for run in runs:
         missing = [name for name in _STATISTICS if name not in run.ds]
         if missing:
-            raise ValueError(
+            raise SchemaError(
                 f"run {run.label!r} has no {missing} variables; expected a geomkit run "
                 "(geomkit.open_run / open_runs / geomkit.runs.load)"
             )
