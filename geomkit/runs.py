@@ -158,7 +158,7 @@ def find(source: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
 # ----------------------------------------------------------------------------------------------
 
 
-def load(source: Source) -> list[Run]:
+def load(source: Source, *, on_damage: str = "raise") -> list[Run]:
     """Every run in ``source``, in order, as :class:`Run` objects with unique labels.
 
     Parameters
@@ -166,11 +166,17 @@ def load(source: Source) -> list[Run]:
     source : path, Dataset, Run, or a list of any of these
         A run's store, a run directory, a directory of runs (:func:`find`), a Dataset of one
         run or of runs stacked along ``run``, or runs already loaded (returned as they are).
+    on_damage : {"raise", "mask"}
+        Passed to :func:`geomkit.store.open_run` for every store read from disk: ``"raise"``
+        refuses a damaged store (:class:`geomkit.store.DamagedStoreError`), ``"mask"`` reads the
+        rest with the damaged entries NaN and listed in ``Run.ds.attrs["damaged"]``.
 
     Raises
     ------
     FileNotFoundError
         If a path does not exist or holds no run.
+    geomkit.store.DamagedStoreError
+        If a store is damaged and ``on_damage="raise"``.
     TypeError
         If an item is none of the above.
     ValueError
@@ -186,7 +192,8 @@ def load(source: Source) -> list[Run]:
         elif isinstance(item, xr.Dataset):
             runs.extend(_split(item, len(runs)))
         elif isinstance(item, str | os.PathLike):
-            runs.extend(_from_dataset(open_run(p), len(runs) + i) for i, p in enumerate(find(item)))
+            for path in find(item):
+                runs.append(_from_dataset(open_run(path, on_damage=on_damage), len(runs)))
         else:
             raise TypeError(
                 f"invalid run {item!r} of type {type(item).__name__}: expected {_KINDS}"

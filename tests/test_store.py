@@ -827,3 +827,16 @@ def test_open_run_matches_plain_xarray_and_reads_each_chunk_once(tmp_path: Path)
         open_run(path)
     assert len(reads) == len(set(reads))  # no chunk read twice
     assert "ff/c/2/0" in reads and "forget_loss/c/0" in reads
+
+
+def test_run_layer_passes_on_damage_through(tmp_path: Path) -> None:
+    from geomkit.runs import load
+
+    path, _, records = _damaged_store(tmp_path)
+    (path / "ff" / "c" / "1" / "0").unlink()
+    with pytest.raises(DamagedStoreError, match="ff/c/1/0 is missing"):
+        load(path)
+    with pytest.warns(DamagedStoreWarning):
+        (run,) = load(path, on_damage="mask")
+    assert run.ds.attrs["damaged"] and np.isnan(run.ds["ff"].values[8:16]).all()
+    assert run.ds.sizes["record"] == len(records["record"])  # masked records are not padding
