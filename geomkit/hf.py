@@ -8,7 +8,7 @@ over data-parallel processes, and at the window's last micro-batch combined by t
 
 >>> trainer = TwoTaskTrainer(model=model, args=args, train_dataset=pairs,           # doctest: +SKIP
 ...                          objective=build_objective("graddiff"), strategy="sago",
-...                          record_to="run/geometry.zarr")
+...                          out="run/geometry.zarr")
 >>> trainer.train()                                                               # doctest: +SKIP
 
 Use ``TrainingArguments(remove_unused_columns=False)`` so that the nested sub-batches reach the
@@ -27,6 +27,7 @@ import torch
 import transformers
 from torch import Tensor
 
+from geomkit._deprecation import renamed
 from geomkit.distributed import rank_and_world
 from geomkit.engine import _all_reduce_mean
 from geomkit.objectives import Objective
@@ -55,8 +56,9 @@ class TwoTaskTrainer(transformers.Trainer):
         The combination strategy (default ``"sago"``); ``alpha`` and ``gamma`` weigh it.
     shadows : sequence of str, optional
         Strategies recorded on the same gradients without being applied (default all).
-    record_to : str or PathLike, optional
-        Zarr store for the geometry record (None: no recording).
+    out : str or PathLike, optional
+        Zarr store for the geometry record (None: no recording; ``record_to`` is a deprecated
+        spelling).
     record_every : int
         Record every this many optimizer steps.
     reference : torch.nn.Module, optional
@@ -65,6 +67,7 @@ class TwoTaskTrainer(transformers.Trainer):
         Passed to ``transformers.Trainer``.
     """
 
+    @renamed(record_to="out")
     def __init__(
         self,
         *args: Any,
@@ -73,7 +76,7 @@ class TwoTaskTrainer(transformers.Trainer):
         alpha: float = 1.0,
         gamma: float = 1.0,
         shadows: Sequence[str] | None = None,
-        record_to: str | os.PathLike | None = None,
+        out: str | os.PathLike | None = None,
         record_every: int = 1,
         reference: torch.nn.Module | None = None,
         **kwargs: Any,
@@ -102,7 +105,7 @@ class TwoTaskTrainer(transformers.Trainer):
         self.rank, self.world = rank_and_world()
         self.recorder = (
             Recorder(
-                record_to,
+                out,
                 self._names,
                 [p.numel() for p in self._params],
                 self.strategy,
@@ -118,7 +121,7 @@ class TwoTaskTrainer(transformers.Trainer):
                 },
                 write=self.rank == 0,
             )
-            if record_to is not None
+            if out is not None
             else None
         )
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 import xarray as xr
 
+from geomkit._deprecation import renamed
 from geomkit.plot._data import Run, Source, runs_of
 from geomkit.plot.alignment import alignment_by_layer, alignment_distributions, alignment_over_steps
 from geomkit.plot.dynamics import loss_dynamics
@@ -65,9 +66,10 @@ def _safe(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9._=+-]+", "_", label).strip("._") or "run"
 
 
+@renamed(out_dir="out")
 def write_figures(
     source: Source | str | os.PathLike | Sequence[str | os.PathLike],
-    out_dir: str | os.PathLike,
+    out: str | os.PathLike,
     formats: Sequence[str] = ("pdf", "png"),
     *,
     audit: pd.DataFrame | None = None,
@@ -86,8 +88,8 @@ def write_figures(
     source : Dataset, list of Datasets, or path(s)
         Runs, a ``run``-stacked Dataset, a run directory, a directory of runs, or a list of run
         directories (opened with :func:`geomkit.open_runs`).
-    out_dir : path
-        Created if needed. With several runs, per-run figures go to ``out_dir/<run>/``.
+    out : path
+        Created if needed. With several runs, per-run figures go to ``out/<run>/``.
     formats : sequence of str
         File formats of each figure (vector PDF and PNG by default).
     audit : pandas.DataFrame, optional
@@ -106,7 +108,7 @@ def write_figures(
         :data:`SET_FIGURES`, ``geometry_table`` (``.md`` and ``.csv``) and ``violation_rates``.
     """
     runs = _open(source)
-    out = Path(out_dir)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[Path] | str] = {}
 
