@@ -50,7 +50,10 @@ def _raise(
     error: type[Exception] | None,
     kind: type[Exception],
 ) -> None:
-    """Raise :func:`invalid` as ``error``, or as ``kind`` (TypeError / ValueError) if None."""
+    """Raise :func:`invalid` as ``error``, or as ``kind`` (TypeError / ValueError) if None; a
+    wrong type is named (``..., got str``)."""
+    if kind is TypeError:
+        expected += f", got {type(value).__name__}"
     raise invalid(name, value, expected, owner=owner, error=error or kind)
 
 
