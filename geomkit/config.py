@@ -112,15 +112,11 @@ class RunConfig:
         _choice("retain_loss", self.retain_loss, RETAIN_KINDS)
         _names("strategies", self.strategies, strategies, allow_none=False)
         _names("shadows", self.shadows, strategies, allow_none=True)
-        for name in ("alpha", "gamma"):
-            _real(name, getattr(self, name), 0.0)
-        for name in ("lr", "pretrain_lr"):
-            _real(name, getattr(self, name), 0.0, strict=True)
-        for name in ("steps", "batch_size", "accumulation", "eval_every", "chunk_length"):
+        _real("pretrain_lr", self.pretrain_lr, 0.0, strict=True)
+        for name in ("batch_size", "eval_every", "chunk_length", "hidden_size", "layers"):
             _integer(name, getattr(self, name), 1)
-        for name in ("hidden_size", "layers", "heads", "pretrain_epochs", "threads"):
+        for name in ("heads", "pretrain_epochs", "threads"):
             _integer(name, getattr(self, name), 1)
-        _integer("record_every", self.record_every, 0)
         _integer("data_seed", self.data_seed, 0)
         _integer("epochs", self.epochs, 1, optional=True)
         _integer("layer", self.layer, 0, optional=True)
@@ -132,6 +128,10 @@ class RunConfig:
                 raise _bad("seeds", self.seeds, seeds)
         if len(set(self.seeds)) != len(self.seeds):
             raise _bad("seeds", self.seeds, "distinct seeds")
+        try:  # the engine's settings (alpha ... record_every), checked by the engine itself
+            self.engine_config(self.strategies[0], self.seeds[0]).validate()
+        except (TypeError, ValueError) as error:
+            raise ConfigError(str(error)) from None
         _real("threshold", self.threshold, 0.0, 1.0)
         for name in ("beta", "delta", "coefficient"):
             _real(name, getattr(self, name), optional=True)
