@@ -10,25 +10,79 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["check_integer", "check_out", "check_pair", "check_real", "check_weight"]
+__all__ = [
+    "ConfigError",
+    "check_choice",
+    "check_integer",
+    "check_out",
+    "check_pair",
+    "check_real",
+    "check_weight",
+    "invalid",
+]
 
 
-def _prefix(owner: str | None) -> str:
-    return f"{owner}: " if owner else ""
+class ConfigError(ValueError):
+    """An invalid configuration value (``invalid <field>=<value>: expected <allowed>``)."""
+
+
+def invalid(
+    name: str,
+    value: object,
+    expected: str,
+    *,
+    owner: str | None = None,
+    error: type[Exception] = ValueError,
+) -> Exception:
+    """The one error message of user input: ``[owner: ]invalid name=value: expected ...``.
+
+    Returns the exception (of class ``error``) for the caller to raise.
+    """
+    prefix = f"{owner}: " if owner else ""
+    return error(f"{prefix}invalid {name}={value!r}: expected {expected}")
+
+
+def _raise(
+    name: str,
+    value: object,
+    expected: str,
+    owner: str | None,
+    error: type[Exception] | None,
+    kind: type[Exception],
+) -> None:
+    """Raise :func:`invalid` as ``error``, or as ``kind`` (TypeError / ValueError) if None; a
+    wrong type is named (``..., got str``)."""
+    if kind is TypeError:
+        expected += f", got {type(value).__name__}"
+    raise invalid(name, value, expected, owner=owner, error=error or kind)
 
 
 def check_integer(
-    name: str, value: object, low: int | None = None, *, owner: str | None = None
-) -> int:
-    """Return ``value`` as an int if it is an integer (not a bool) >= ``low``, else raise.
+    name: str,
+    value: object,
+    low: int | None = None,
+    high: int | None = None,
+    *,
+    optional: bool = False,
+    owner: str | None = None,
+    error: type[Exception] | None = None,
+) -> int | None:
+    """Return ``value`` as an int if it is an integer (not a bool) in ``[low, high]``, else raise.
 
-    Messages name ``owner`` (the class or function checking), the field and the value.
+    ``optional`` also accepts None (returned as is). A wrong type raises ``TypeError``, a value
+    out of range ``ValueError``; ``error`` (e.g. :class:`ConfigError`) replaces both. Messages
+    name ``owner`` (the class or function checking), the field and the value.
     """
-    p = _prefix(owner)
+    if optional and value is None:
+        return None
+    bounds = [f">= {low}"] if low is not None else []
+    bounds += [f"<= {high}"] if high is not None else []
+    expected = " and ".join(["an integer " + bounds[0], *bounds[1:]]) if bounds else "an integer"
+    expected += " or None" if optional else ""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{p}{name} must be an integer, got {type(value).__name__}: {value!r}")
-    if low is not None and value < low:
-        raise ValueError(f"{p}{name} must be an integer >= {low}, got {value!r}")
+        _raise(name, value, expected, owner, error, TypeError)
+    if (low is not None and value < low) or (high is not None and value > high):
+        _raise(name, value, expected, owner, error, ValueError)
     return int(value)
 
 
@@ -39,29 +93,51 @@ def check_real(
     high: float | None = None,
     *,
     strict: bool = False,
+    strict_high: bool = False,
+    optional: bool = False,
     owner: str | None = None,
-) -> float:
+    error: type[Exception] | None = None,
+) -> float | None:
     """Return ``value`` as a float if it is a finite real number in range, else raise.
 
-    The range is ``[low, high]`` (``(low, high]`` with ``strict``); either end may be None.
+    The range is ``[low, high]``, open at ``low`` with ``strict`` and at ``high`` with
+    ``strict_high``; either end may be None. ``optional``, ``owner`` and ``error`` as for
+    :func:`check_integer`.
     """
-    p = _prefix(owner)
+    if optional and value is None:
+        return None
+    if low is not None and high is not None:
+        interval = f" in {'(' if strict else '['}{low:g}, {high:g}{')' if strict_high else ']'}"
+    elif low is not None:
+        interval = f" {'>' if strict else '>='} {low:g}"
+    elif high is not None:
+        interval = f" {'<' if strict_high else '<='} {high:g}"
+    else:
+        interval = ""
+    expected = f"a finite number{interval}" + (" or None" if optional else "")
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{p}{name} must be a real number, got {type(value).__name__}: {value!r}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{p}{name} must be a finite number, got {value!r}")
-    below = low is not None and (value <= low if strict else value < low)
-    above = high is not None and value > high
-    if below or above:
-        if low is not None and high is not None:
-            interval = f"in {'(' if strict else '['}{low:g}, {high:g}]"
-        elif low is not None:
-            interval = f"{'>' if strict else '>='} {low:g}"
-        else:
-            interval = f"<= {high:g}"
-        raise ValueError(f"{p}{name} must be a finite number {interval}, got {value!r}")
-    return value
+        _raise(name, value, expected, owner, error, TypeError)
+    number = float(value)
+    below = low is not None and (number <= low if strict else number < low)
+    above = high is not None and (number >= high if strict_high else number > high)
+    if not math.isfinite(number) or below or above:
+        _raise(name, value, expected, owner, error, ValueError)
+    return number
+
+
+def check_choice(
+    name: str,
+    value: object,
+    allowed: Sequence[object],
+    *,
+    owner: str | None = None,
+    error: type[Exception] = ValueError,
+) -> None:
+    """Raise :func:`invalid` unless ``value`` is one of ``allowed``."""
+    if value not in allowed:
+        raise invalid(
+            name, value, "one of " + ", ".join(map(str, allowed)), owner=owner, error=error
+        )
 
 
 def check_weight(name: str, value: object) -> float:
@@ -71,12 +147,7 @@ def check_weight(name: str, value: object) -> float:
     """
     if isinstance(value, Tensor) and value.numel() == 1 and not value.dtype.is_complex:
         value = value.item()
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number >= 0, got {type(value).__name__}: {value!r}")
-    value = float(value)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return value
+    return check_real(name, value, 0.0)  # type: ignore[return-value]
 
 
 def _describe(t: Tensor) -> str:

@@ -16,8 +16,9 @@ shows its traceback.
 ``{objective}-{strategy}-seed{seed}`` holding the geometry store (``geometry.zarr``), the
 resolved configuration (``config.json``) and ``metrics.json``, plus ``summary.csv`` and
 ``summary.md`` comparing the strategies. Without ``--model`` it runs the embedded benchmark
-(a tiny Llama pretrained on invented facts and cached); with ``--model/--forget/--retain`` it
-unlearns a local Hugging Face model on JSONL or text corpora cut into ``chunk_length`` chunks.
+(a tiny Llama pretrained on invented facts and cached); with ``--model``, ``--forget-data``
+and ``--retain-data`` it unlearns a local Hugging Face model on JSONL or text corpora cut into
+``chunk_length`` chunks (``--forget`` and ``--retain`` are deprecated spellings).
 """
 
 from __future__ import annotations
@@ -26,39 +27,15 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from geomkit.config import PRESETS, ConfigError, load_config
+from geomkit._deprecation import DeprecatedFlag
+from geomkit.config import PRESETS, ConfigError, RunConfig, load_config
 from geomkit.runner import audit_runs, run, write_report
 
 __all__ = ["main"]
-
-# flag destination -> RunConfig field (only flags actually given become overrides)
-_FLAGS = {
-    "objective": "objective",
-    "strategy": "strategies",
-    "lr": "lr",
-    "steps": "steps",
-    "epochs": "epochs",
-    "seed": "seeds",
-    "record_every": "record_every",
-    "eval_every": "eval_every",
-    "batch_size": "batch_size",
-    "accumulation": "accumulation",
-    "beta": "beta",
-    "delta": "delta",
-    "alpha": "alpha",
-    "gamma": "gamma",
-    "out": "out",
-    "model": "model",
-    "forget": "forget",
-    "retain": "retain_data",
-    "device": "device",
-    "dtype": "dtype",
-    "threads": "threads",
-    "cache_dir": "cache_dir",
-}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -74,14 +51,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--config", default=None, help="JSON or TOML file of settings")
     run.add_argument("--preset", default=None, help="one of: " + ", ".join(PRESETS))
+    # every other flag's dest is the RunConfig field it sets (given flags become overrides)
     run.add_argument("--objective", help="ga, graddiff, npo, simnpo or rmu")
-    run.add_argument("--strategy", nargs="+", metavar="NAME", help="applied strategies")
+    run.add_argument("--retain-loss", metavar="KIND", help="nll, kl or none (retain loss kind)")
+    run.add_argument(
+        "--strategy", dest="strategies", nargs="+", metavar="NAME", help="applied strategies"
+    )
     run.add_argument("--lr", type=float, help="peak learning rate")
     run.add_argument("--steps", type=int, help="optimizer steps per run")
     run.add_argument(
         "--epochs", type=int, help="passes over the forget data (sets the steps; RWKU presets)"
     )
-    run.add_argument("--seed", nargs="+", type=int, metavar="N", help="seeds")
+    run.add_argument("--seed", dest="seeds", nargs="+", type=int, metavar="N", help="seeds")
     run.add_argument("--record-every", type=int, help="record geometry every N steps (0: never)")
     run.add_argument("--eval-every", type=int, help="evaluate every N steps (embedded only)")
     run.add_argument("--batch-size", type=int, help="sequences per micro-batch")
@@ -92,8 +73,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--gamma", type=float, help="forget weight")
     run.add_argument("--out", metavar="DIR", help="directory receiving one folder per run")
     run.add_argument("--model", metavar="PATH", help="local Hugging Face model directory")
-    run.add_argument("--forget", metavar="FILE", help="forget corpus (JSONL 'text' or text)")
-    run.add_argument("--retain", metavar="FILE", help="retain corpus (JSONL 'text' or text)")
+    run.add_argument("--forget-data", metavar="FILE", help="forget corpus (JSONL 'text' or text)")
+    run.add_argument("--retain-data", metavar="FILE", help="retain corpus (JSONL 'text' or text)")
+    for old, dest in (("--forget", "forget_data"), ("--retain", "retain_data")):
+        new = "--" + dest.replace("_", "-")  # deprecated spellings: warn, then set the field
+        run.add_argument(old, dest=dest, action=DeprecatedFlag, new=new, help=argparse.SUPPRESS)
     run.add_argument("--device", metavar="D", help="cpu, cuda, cuda:N or mps")
     run.add_argument("--dtype", metavar="T", help="float32, bfloat16 or float16")
     run.add_argument("--threads", type=int, help="torch CPU threads")
@@ -173,7 +157,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 
 def _run(args: argparse.Namespace) -> int:
     given = vars(args)
-    overrides = {field: given[flag] for flag, field in _FLAGS.items() if flag in given}
+    overrides = {f.name: given[f.name] for f in fields(RunConfig) if f.name in given}
     config = load_config(args.config, args.preset, overrides)
     run(config, report=not given.get("no_report", False))
     return 0

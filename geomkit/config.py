@@ -9,18 +9,24 @@ is allowed. The resolved configuration is saved into every run directory (``conf
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["PRESETS", "ConfigError", "RunConfig", "load_config"]
+from geomkit._deprecation import rename_keys, renamed
+from geomkit._validation import ConfigError, check_choice, check_integer, check_real, invalid
 
+if TYPE_CHECKING:
+    from geomkit.bench.model import ModelConfig, TrainConfig
+    from geomkit.engine import EngineConfig
+    from geomkit.objectives import Objective
 
-class ConfigError(ValueError):
-    """An invalid configuration value (``invalid <field>=<value>: expected <allowed>``)."""
+__all__ = ["KEY_ALIASES", "PRESETS", "ConfigError", "RunConfig", "load_config"]
+
+KEY_ALIASES: dict[str, str] = {"retain": "retain_loss", "forget": "forget_data"}
+"""Deprecated configuration keys and the fields they now name (they warn, then map)."""
 
 
 def _default_cache_dir() -> str:
@@ -34,13 +40,15 @@ class RunConfig:
     Groups: the unlearning run (``objective`` ... ``out``), the objective's parameters
     (``beta`` ... ``coefficient``, None: the objective's default), the embedded benchmark and its
     tiny model (``n_entities`` ... ``cache_dir``), a real run on local files (``model``,
-    ``forget``, ``retain_data``, ``chunk_length``; all three paths or none) and the hardware
-    (``device``, ``dtype``, ``threads``).
+    ``forget_data``, ``retain_data``, ``chunk_length``; all three paths or none) and the
+    hardware (``device``, ``dtype``, ``threads``). :meth:`engine_config`,
+    :meth:`model_config`, :meth:`train_config` and :meth:`build_objective` give the settings
+    of the parts it drives.
     """
 
     # unlearning
     objective: str = "graddiff"
-    retain: str = "nll"  # the retain loss kind (geomkit.objectives.RETAIN_KINDS)
+    retain_loss: str = "nll"  # the kind of retain loss (geomkit.objectives.RETAIN_KINDS)
     strategies: list[str] = field(default_factory=lambda: ["sum", "pcgrad", "sago"])
     shadows: list[str] | None = None  # None: record every strategy as a shadow
     alpha: float = 1.0
@@ -72,7 +80,7 @@ class RunConfig:
     cache_dir: str = field(default_factory=_default_cache_dir)
     # real run on local files
     model: str | None = None
-    forget: str | None = None
+    forget_data: str | None = None
     retain_data: str | None = None
     chunk_length: int = 512
     # hardware
@@ -101,42 +109,38 @@ class RunConfig:
 
         strategies = names()
         _choice("objective", self.objective, OBJECTIVES)
-        _choice("retain", self.retain, RETAIN_KINDS)
+        _choice("retain_loss", self.retain_loss, RETAIN_KINDS)
         _names("strategies", self.strategies, strategies, allow_none=False)
         _names("shadows", self.shadows, strategies, allow_none=True)
-        for name in ("alpha", "gamma"):
-            _number(name, getattr(self, name), low=0.0)
-        _number("lr", self.lr, low=0.0, strict=True)
-        for name in ("steps", "batch_size", "accumulation", "eval_every", "chunk_length"):
+        _real("pretrain_lr", self.pretrain_lr, 0.0, strict=True)
+        for name in ("batch_size", "eval_every", "chunk_length", "hidden_size", "layers"):
             _integer(name, getattr(self, name), 1)
-        _integer("record_every", self.record_every, 0)
-        if self.epochs is not None:
-            _integer("epochs", self.epochs, 1)
+        for name in ("heads", "pretrain_epochs", "threads"):
+            _integer(name, getattr(self, name), 1)
+        _integer("data_seed", self.data_seed, 0)
+        _integer("epochs", self.epochs, 1, optional=True)
+        _integer("layer", self.layer, 0, optional=True)
+        seeds = "a non-empty list of integers >= 0"
         if not isinstance(self.seeds, list) or not self.seeds:
-            raise _bad("seeds", self.seeds, "a non-empty list of integers >= 0")
+            raise _bad("seeds", self.seeds, seeds)
         for seed in self.seeds:
             if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-                raise _bad("seeds", self.seeds, "a non-empty list of integers >= 0")
+                raise _bad("seeds", self.seeds, seeds)
         if len(set(self.seeds)) != len(self.seeds):
             raise _bad("seeds", self.seeds, "distinct seeds")
-        _number("threshold", self.threshold, low=0.0, high=1.0)
-        _string("out", self.out)
+        try:  # the engine's settings (alpha ... record_every), checked by the engine itself
+            self.engine_config(self.strategies[0], self.seeds[0]).validate()
+        except (TypeError, ValueError) as error:
+            raise ConfigError(str(error)) from None
+        _real("threshold", self.threshold, 0.0, 1.0)
         for name in ("beta", "delta", "coefficient"):
-            if getattr(self, name) is not None:
-                _number(name, getattr(self, name))
-        if self.layer is not None:
-            _integer("layer", self.layer, 0)
+            _real(name, getattr(self, name), optional=True)
         _integer("n_entities", self.n_entities, 10, MAX_ENTITIES)
-        _number("forget_fraction", self.forget_fraction, low=0.0, high=1.0, strict=True)
-        if self.forget_fraction >= 1:
-            raise _bad("forget_fraction", self.forget_fraction, "a number in (0, 1)")
-        _integer("data_seed", self.data_seed, 0)
-        for name in ("hidden_size", "layers", "heads", "pretrain_epochs", "threads"):
-            _integer(name, getattr(self, name), 1)
+        _real("forget_fraction", self.forget_fraction, 0.0, 1.0, strict=True, strict_high=True)
         if self.hidden_size % self.heads:
             raise _bad("hidden_size", self.hidden_size, f"a multiple of heads={self.heads}")
-        _number("pretrain_lr", self.pretrain_lr, low=0.0, strict=True)
-        _string("cache_dir", self.cache_dir)
+        for name in ("out", "cache_dir"):
+            _string(name, getattr(self, name))
         self._validate_paths()
         if not isinstance(self.device, str) or not re.fullmatch(
             r"cpu|mps|cuda(:\d+)?", self.device
@@ -148,14 +152,14 @@ class RunConfig:
         except (TypeError, ValueError) as error:
             raise _bad("objective", self.objective, f"parameters it accepts ({error})") from None
 
-    def build_objective(self, seed: int = 0):
+    def build_objective(self, seed: int = 0) -> Objective:
         """The :class:`~geomkit.objectives.Objective` this configuration names (RMU's steering
         vector drawn from ``seed``)."""
         from geomkit.objectives import build_objective
 
         return build_objective(
             self.objective,
-            retain=self.retain,
+            retain_loss=self.retain_loss,
             beta=self.beta,
             delta=self.delta,
             layer=self.layer,
@@ -163,8 +167,34 @@ class RunConfig:
             seed=seed,
         )
 
+    def engine_config(self, strategy: str, seed: int) -> EngineConfig:
+        """The :class:`~geomkit.engine.EngineConfig` of one run: ``strategy`` applied, ``seed``.
+
+        Every engine setting this configuration also has (``shadows``, ``alpha``, ``gamma``,
+        ``lr``, ``steps``, ``accumulation``, ``record_every``) is taken from it by name; the
+        others keep the engine's defaults.
+        """
+        from geomkit.engine import EngineConfig
+
+        return EngineConfig(strategy=strategy, seed=seed, **_shared(self, EngineConfig))
+
+    def model_config(self) -> ModelConfig:
+        """The :class:`~geomkit.bench.model.ModelConfig` of the embedded benchmark's model."""
+        from geomkit.bench.model import ModelConfig
+
+        return ModelConfig(**_shared(self, ModelConfig))
+
+    def train_config(self) -> TrainConfig:
+        """The :class:`~geomkit.bench.model.TrainConfig` pretraining that model (its ``lr``,
+        ``max_epochs`` and ``seed`` are ``pretrain_lr``, ``pretrain_epochs`` and ``data_seed``)."""
+        from geomkit.bench.model import TrainConfig
+
+        return TrainConfig(
+            lr=self.pretrain_lr, max_epochs=self.pretrain_epochs, seed=self.data_seed
+        )
+
     def _validate_paths(self) -> None:
-        given = {n: getattr(self, n) for n in ("model", "forget", "retain_data")}
+        given = {n: getattr(self, n) for n in ("model", "forget_data", "retain_data")}
         for name, value in given.items():
             if value is not None:
                 _string(name, value)
@@ -175,27 +205,47 @@ class RunConfig:
                     raise _bad(
                         name,
                         value,
-                        f"a path: model, forget and retain_data come together (given: {others})",
+                        "a path: model, forget_data and retain_data come together "
+                        f"(given: {others})",
                     )
             if not (Path(self.model) / "config.json").is_file():
                 raise _bad("model", self.model, "a local Hugging Face model directory")
-            for name in ("forget", "retain_data"):
+            for name in ("forget_data", "retain_data"):
                 if not Path(given[name]).is_file():
                     raise _bad(name, given[name], "an existing JSONL or text file")
 
 
+# RunConfig(retain=..., forget=...): the deprecated spellings still work, with a warning
+RunConfig.__init__ = renamed(**KEY_ALIASES)(RunConfig.__init__)  # type: ignore[method-assign]
+
+
+def _shared(config: RunConfig, target: type) -> dict[str, Any]:
+    """The fields of ``config`` that dataclass ``target`` has too (same name, same meaning)."""
+    own = {f.name for f in fields(RunConfig)}
+    return {f.name: getattr(config, f.name) for f in fields(target) if f.name in own}
+
+
 # --------------------------------------------------------------------------------------------
-# Checks
+# Checks: geomkit._validation's, raising ConfigError
 # --------------------------------------------------------------------------------------------
 
 
 def _bad(name: str, value: object, allowed: str) -> ConfigError:
-    return ConfigError(f"invalid {name}={value!r}: expected {allowed}")
+    return invalid(name, value, allowed, error=ConfigError)  # type: ignore[return-value]
 
 
 def _choice(name: str, value: object, allowed: tuple[str, ...] | list[str]) -> None:
-    if value not in allowed:
-        raise _bad(name, value, "one of " + ", ".join(allowed))
+    check_choice(name, value, allowed, error=ConfigError)
+
+
+def _integer(name: str, value: object, low: int, high: int | None = None, **kw: Any) -> None:
+    check_integer(name, value, low, high, error=ConfigError, **kw)
+
+
+def _real(
+    name: str, value: object, low: float | None = None, high: float | None = None, **kw: Any
+) -> None:
+    check_real(name, value, low, high, error=ConfigError, **kw)
 
 
 def _names(name: str, value: object, allowed: list[str], allow_none: bool) -> None:
@@ -211,36 +261,6 @@ def _names(name: str, value: object, allowed: list[str], allow_none: bool) -> No
         raise _bad(name, value, "distinct names")
 
 
-def _integer(name: str, value: object, low: int, high: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise _bad(name, value, f"an integer >= {low}" + (f" and <= {high}" if high else ""))
-    if high is not None and value > high:
-        raise _bad(name, value, f"an integer >= {low} and <= {high}")
-
-
-def _number(
-    name: str,
-    value: object,
-    low: float | None = None,
-    high: float | None = None,
-    strict: bool = False,
-) -> None:
-    parts = ["a finite number"]
-    if low is not None:
-        parts.append(f"{'>' if strict else '>='} {low:g}")
-    if high is not None:
-        parts.append(f"<= {high:g}")
-    ok = (
-        not isinstance(value, bool)
-        and isinstance(value, (int, float))
-        and math.isfinite(value)
-        and (low is None or (value > low if strict else value >= low))
-        and (high is None or value <= high)
-    )
-    if not ok:
-        raise _bad(name, value, " ".join(parts))
-
-
 def _string(name: str, value: object) -> None:
     if not isinstance(value, str) or not value:
         raise _bad(name, value, "a non-empty string")
@@ -253,7 +273,8 @@ def _string(name: str, value: object) -> None:
 # Shared by the paper's WMDP presets (docs/method.md#paper-hyper-parameters): global batch 32
 # (here one GPU, 4 x 8 accumulation), 512-token chunks, bf16, seed 0. Warm-up 0.1 and linear decay
 # are the engine's defaults. The model and corpora paths are given per run
-# (--model/--forget/--retain).
+# (--model/--forget-data/
+# --retain-data).
 _WMDP: dict[str, Any] = {
     "batch_size": 4,
     "accumulation": 8,
@@ -367,13 +388,17 @@ def _read_file(path: str | os.PathLike) -> dict[str, Any]:
     return values
 
 
-def _check_keys(values: dict[str, Any], source: str) -> None:
+def _check_keys(values: dict[str, Any], source: str) -> dict[str, Any]:
+    """``values`` with deprecated keys renamed (:data:`KEY_ALIASES`, warning); unknown keys
+    raise :class:`ConfigError`."""
+    values = rename_keys(values, KEY_ALIASES, source, error=ConfigError)
     valid = [f.name for f in fields(RunConfig)]
     for key in values:
         if key not in valid:
             raise ConfigError(
                 f"unknown key {key!r} in {source}; valid keys are: {', '.join(valid)}"
             )
+    return values
 
 
 def load_config(
@@ -386,7 +411,8 @@ def load_config(
     Parameters
     ----------
     path : path or None
-        A JSON file, or TOML if its suffix is ``.toml``, of :class:`RunConfig` fields.
+        A JSON file, or TOML if its suffix is ``.toml``, of :class:`RunConfig` fields (the
+        deprecated keys of :data:`KEY_ALIASES` warn and still work).
     preset : str or None
         A name of :data:`PRESETS` (None: ``"default"``).
     overrides : dict or None
@@ -402,12 +428,9 @@ def load_config(
         raise _bad("preset", preset, "one of " + ", ".join(PRESETS))
     values: dict[str, Any] = dict(PRESETS[preset])
     if path is not None:
-        from_file = _read_file(path)
-        _check_keys(from_file, str(path))
-        values.update(from_file)
+        values.update(_check_keys(_read_file(path), str(path)))
     if overrides:
-        _check_keys(overrides, "the overrides")
-        values.update(overrides)
+        values.update(_check_keys(overrides, "the overrides"))
     for key in _LISTS:  # a single value where a list is expected
         if isinstance(values.get(key), (str, int)) and not isinstance(values[key], bool):
             values[key] = [values[key]]

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
+from geomkit._validation import ConfigError, check_choice, check_integer, check_real, invalid
 from geomkit.distributed import init_from_environment, rank_and_world, shard_sum
 from geomkit.objectives import Objective
 from geomkit.recorder import Every, Never, Recorder, Schedule
@@ -100,37 +101,29 @@ class EngineConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the first invalid field."""
-
-        def bad(name: str, value: object, allowed: str) -> ValueError:
-            return ValueError(f"invalid {name}={value!r}: expected {allowed}")
-
+        """Raise :class:`~geomkit.config.ConfigError` (a ``ValueError``) naming the first
+        invalid field."""
         build(self.strategy, alpha=self.alpha, gamma=self.gamma)  # validates name and weights
         for name in self.shadows or []:
             build(name)
-        for name, minimum in (("steps", 1), ("accumulation", 1), ("flush_every", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise bad(name, value, f"an integer >= {minimum}")
-        if isinstance(self.record_every, bool) or not isinstance(self.record_every, int):
-            raise bad("record_every", self.record_every, "an integer >= 0")
-        if self.record_every < 0:
-            raise bad("record_every", self.record_every, "an integer >= 0")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise bad("lr", self.lr, "a finite number > 0")
-        if not (0 <= self.warmup_ratio < 1):
-            raise bad("warmup_ratio", self.warmup_ratio, "a number in [0, 1)")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise bad("max_grad_norm", self.max_grad_norm, "a number > 0 or None")
-        if not self.weight_decay >= 0:
-            raise bad("weight_decay", self.weight_decay, "a number >= 0")
-        if self.nonfinite not in ("error", "skip"):
-            raise bad("nonfinite", self.nonfinite, "'error' or 'skip'")
+        for name in ("steps", "accumulation", "flush_every"):
+            check_integer(name, getattr(self, name), 1, error=ConfigError)
+        check_integer("record_every", self.record_every, 0, error=ConfigError)
+        check_integer("seed", self.seed, 0, error=ConfigError)
+        check_real("lr", self.lr, 0.0, strict=True, error=ConfigError)
+        check_real("warmup_ratio", self.warmup_ratio, 0.0, 1.0, strict_high=True, error=ConfigError)
+        check_real(
+            "max_grad_norm", self.max_grad_norm, 0.0, strict=True, optional=True, error=ConfigError
+        )
+        check_real("weight_decay", self.weight_decay, 0.0, error=ConfigError)
+        check_choice("nonfinite", self.nonfinite, ("error", "skip"), error=ConfigError)
         if self.trainable is not None:
             try:
                 re.compile(self.trainable)
             except re.error as error:
-                raise bad("trainable", self.trainable, f"a valid regex ({error})") from None
+                raise invalid(
+                    "trainable", self.trainable, f"a valid regex ({error})", error=ConfigError
+                ) from None
 
 
 @dataclass

@@ -20,7 +20,7 @@ over data-parallel processes, and at the window's last micro-batch combined by t
 ...                                       report_to=[], disable_tqdm=True)
 >>> trainer = TwoTaskTrainer(model=model, args=args, train_dataset=pairs,
 ...                          data_collator=pair_collator, objective=build_objective("graddiff"),
-...                          strategy="sago", record_to=f"{out.name}/geometry.zarr")
+...                          strategy="sago", out=f"{out.name}/geometry.zarr")
 >>> trainer.remove_callback(transformers.PrinterCallback)   # no log lines on stdout
 >>> trainer.train().global_step
 2
@@ -42,6 +42,7 @@ import torch
 import transformers
 from torch import Tensor
 
+from geomkit._deprecation import renamed
 from geomkit.distributed import rank_and_world
 from geomkit.engine import _all_reduce_mean
 from geomkit.objectives import Objective
@@ -70,8 +71,9 @@ class TwoTaskTrainer(transformers.Trainer):
         The combination strategy (default ``"sago"``); ``alpha`` and ``gamma`` weigh it.
     shadows : sequence of str, optional
         Strategies recorded on the same gradients without being applied (default all).
-    record_to : str or PathLike, optional
-        Zarr store for the geometry record (None: no recording).
+    out : str or PathLike, optional
+        Zarr store for the geometry record (None: no recording; ``record_to`` is a deprecated
+        spelling).
     record_every : int
         Record every this many optimizer steps.
     reference : torch.nn.Module, optional
@@ -80,6 +82,7 @@ class TwoTaskTrainer(transformers.Trainer):
         Passed to ``transformers.Trainer``.
     """
 
+    @renamed(record_to="out")
     def __init__(
         self,
         *args: Any,
@@ -88,7 +91,7 @@ class TwoTaskTrainer(transformers.Trainer):
         alpha: float = 1.0,
         gamma: float = 1.0,
         shadows: Sequence[str] | None = None,
-        record_to: str | os.PathLike | None = None,
+        out: str | os.PathLike | None = None,
         record_every: int = 1,
         reference: torch.nn.Module | None = None,
         **kwargs: Any,
@@ -117,7 +120,7 @@ class TwoTaskTrainer(transformers.Trainer):
         self.rank, self.world = rank_and_world()
         self.recorder = (
             Recorder(
-                record_to,
+                out,
                 self._names,
                 [p.numel() for p in self._params],
                 self.strategy,
@@ -133,7 +136,7 @@ class TwoTaskTrainer(transformers.Trainer):
                 },
                 write=self.rank == 0,
             )
-            if record_to is not None
+            if out is not None
             else None
         )
 

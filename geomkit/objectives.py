@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from geomkit._deprecation import renamed
 from geomkit._validation import check_integer, check_real
 
 __all__ = [
@@ -70,7 +71,7 @@ OBJECTIVES: tuple[str, ...] = ("ga", "graddiff", "npo", "simnpo", "rmu")
 """Names accepted by :func:`build_objective`."""
 
 RETAIN_KINDS: tuple[str, ...] = ("nll", "kl", "none")
-"""Values of ``retain=`` accepted by :func:`build_objective`."""
+"""Values of ``retain_loss=`` accepted by :func:`build_objective`."""
 
 RMU_DEFAULT_LAYER: int = 7
 """The RMU layer of the paper (Zephyr-7B); smaller models fall back to their last block."""
@@ -579,10 +580,11 @@ class Objective:
         return self.trainable
 
 
+@renamed(retain="retain_loss")
 def build_objective(
     name: str,
     *,
-    retain: str = "nll",
+    retain_loss: str = "nll",
     beta: float | None = None,
     delta: float | None = None,
     layer: int | None = None,
@@ -596,7 +598,7 @@ def build_objective(
     name : str
         ``"ga"`` (GA alone), ``"graddiff"`` (GA + retain), ``"npo"`` (NPO + retain, "NPO+GD"),
         ``"simnpo"`` (SimNPO + retain) or ``"rmu"`` (RMU + RMURetain).
-    retain : str
+    retain_loss : str
         ``"nll"`` (:class:`NLL`, default), ``"kl"`` (:class:`KL`) or ``"none"`` (forget only)
         for graddiff, npo and simnpo; graddiff needs a retain loss. ``"ga"`` is forget-only and
         ``"rmu"`` always uses :class:`RMURetain`: for them only the default or ``"none"`` is
@@ -618,9 +620,9 @@ def build_objective(
     """
     if name not in OBJECTIVES:
         raise ValueError(f"unknown objective {name!r}; valid names are: {', '.join(OBJECTIVES)}")
-    if retain not in RETAIN_KINDS:
+    if retain_loss not in RETAIN_KINDS:
         raise ValueError(
-            f"unknown retain loss {retain!r}; valid kinds are: {', '.join(RETAIN_KINDS)}"
+            f"unknown retain loss {retain_loss!r}; valid kinds are: {', '.join(RETAIN_KINDS)}"
         )
     uses = {
         "beta": ("npo", "simnpo"),
@@ -635,13 +637,15 @@ def build_objective(
                 f"{param}={value!r} does not apply to objective {name!r}; "
                 f"it is a parameter of {', '.join(uses[param])}"
             )
-    if retain == "kl" and name in ("ga", "rmu"):
+    if retain_loss == "kl" and name in ("ga", "rmu"):
         hints = {
             "ga": "use 'graddiff' for GA with a retain loss",
             "rmu": "its retain loss is RMURetain",
         }
-        raise ValueError(f"retain={retain!r} is not available for {name!r}; {hints[name]}")
-    if retain == "none" and name == "graddiff":
+        raise ValueError(
+            f"retain_loss={retain_loss!r} is not available for {name!r}; {hints[name]}"
+        )
+    if retain_loss == "none" and name == "graddiff":
         raise ValueError("graddiff needs a retain loss ('nll' or 'kl'); use 'ga' for GA alone")
 
     forget: ForgetLoss
@@ -656,11 +660,11 @@ def build_objective(
         forget = RMU(layer, 2.0 if coefficient is None else coefficient, seed)
         trainable = None if layer is None else rmu_trainable(layer)
 
-    retain_loss: RetainLoss | None
-    if retain == "none" or name == "ga":
-        retain_loss = None
+    retain: RetainLoss | None
+    if retain_loss == "none" or name == "ga":
+        retain = None
     elif name == "rmu":
-        retain_loss = RMURetain(layer)
+        retain = RMURetain(layer)
     else:
-        retain_loss = KL() if retain == "kl" else NLL()
-    return Objective(name, forget, retain_loss, trainable)
+        retain = KL() if retain_loss == "kl" else NLL()
+    return Objective(name, forget, retain, trainable)

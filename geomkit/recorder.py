@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from geomkit import statistics as gstats
+from geomkit._deprecation import renamed
 from geomkit.fields import INDEX, PAIR_FIELDS, UPDATE_FIELDS
 from geomkit.layers import TensorLocation, locate_all
 from geomkit.store import EVALUATION_VARIABLES, RunWriter
@@ -119,8 +120,8 @@ class Recorder:
 
     Parameters
     ----------
-    path : str or PathLike
-        The zarr store to write.
+    out : str or PathLike
+        The zarr store to write (``path`` is a deprecated spelling).
     tensors : sequence of str or TensorLocation
         The recorded parameter tensors, in the order the gradients will be passed.
     numel : sequence of int
@@ -151,9 +152,10 @@ class Recorder:
         run from a checkpoint without duplicating steps).
     """
 
+    @renamed(path="out")
     def __init__(
         self,
-        path: str | os.PathLike,
+        out: str | os.PathLike,
         tensors: Sequence[str | TensorLocation],
         numel: Sequence[int],
         strategy: Strategy | str,
@@ -195,7 +197,7 @@ class Recorder:
         self.strategy_labels = [_label(self.applied)] + [_label(s) for s in self.shadows]
         self.writer = (
             RunWriter(
-                path,
+                out,
                 locations,
                 self.numel,
                 self.strategy_labels,
@@ -220,9 +222,10 @@ class Recorder:
         self._evaluations: list[dict[str, float]] = []
 
     @classmethod
+    @renamed(path="out")
     def for_model(
         cls,
-        path: str | os.PathLike,
+        out: str | os.PathLike,
         model: torch.nn.Module,
         strategy: Strategy | str,
         shadows: Sequence[Strategy | str] | None = None,
@@ -235,7 +238,7 @@ class Recorder:
             (n, p) for n, p in model.named_parameters() if p.requires_grad or not trainable_only
         ]
         return cls(
-            path,
+            out,
             [n for n, _ in params],
             [p.numel() for _, p in params],
             strategy,

@@ -6,7 +6,7 @@ Writes, under the configuration's ``out`` directory, one directory per run named
 ``{objective}-{strategy}-seed{seed}`` holding the geometry store (``geometry.zarr``), the
 resolved configuration (``config.json``) and ``metrics.json``, plus ``summary.csv`` and
 ``summary.md`` comparing the strategies. Without ``model`` it runs the embedded benchmark (a
-tiny Llama pretrained on invented facts and cached); with ``model/forget/retain_data`` it
+tiny Llama pretrained on invented facts and cached); with ``model/forget_data/retain_data`` it
 unlearns a local Hugging Face model on JSONL or text corpora cut into ``chunk_length`` chunks.
 """
 
@@ -164,20 +164,10 @@ def _unlearn(
     """One run: the Unlearner loop with a progress bar and periodic evaluation."""
     from tqdm.auto import tqdm
 
-    from geomkit.engine import EngineConfig, Unlearner
+    from geomkit.engine import Unlearner
 
     objective = config.build_objective(seed)
-    engine = EngineConfig(
-        strategy=strategy,
-        shadows=config.shadows,
-        alpha=config.alpha,
-        gamma=config.gamma,
-        lr=config.lr,
-        steps=config.steps,
-        accumulation=config.accumulation,
-        record_every=config.record_every,
-        seed=seed,
-    )
+    engine = config.engine_config(strategy, seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     if _is_main():
         config.save(run_dir / "config.json")
@@ -302,7 +292,7 @@ def _run_embedded(config: RunConfig, out: Path) -> list[dict[str, Any]]:
 
     from geomkit.bench.data import qa_text
     from geomkit.bench.evaluate import evaluate, matched_forgetting, recovery
-    from geomkit.bench.model import ModelConfig, TrainConfig, load_or_pretrain
+    from geomkit.bench.model import load_or_pretrain
 
     main = _is_main()
     if not main:
@@ -312,10 +302,8 @@ def _run_embedded(config: RunConfig, out: Path) -> list[dict[str, Any]]:
         config.n_entities,
         config.forget_fraction,
         config.data_seed,
-        ModelConfig(hidden_size=config.hidden_size, layers=config.layers, heads=config.heads),
-        TrainConfig(
-            lr=config.pretrain_lr, max_epochs=config.pretrain_epochs, seed=config.data_seed
-        ),
+        config.model_config(),
+        config.train_config(),
         progress=_pretrain_progress if main else None,
     )
     if main:
@@ -440,7 +428,7 @@ def _run_real(config: RunConfig, out: Path) -> list[dict[str, Any]]:
 
     target = load_model(config.model, device=config.device, dtype=config.dtype)
     tokenizer = transformers.AutoTokenizer.from_pretrained(config.model, local_files_only=True)
-    forget_chunks = _chunks(tokenizer, Path(config.forget), config.chunk_length)
+    forget_chunks = _chunks(tokenizer, Path(config.forget_data), config.chunk_length)
     retain_chunks = _chunks(tokenizer, Path(config.retain_data), config.chunk_length)
     results = []
     grid = _grid(config, forget_chunks, retain_chunks, _lm_batch)

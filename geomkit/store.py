@@ -40,6 +40,7 @@ import pandas as pd
 import xarray as xr
 import zarr
 
+from geomkit._deprecation import renamed
 from geomkit.fields import FIELD_TABLE, STORED_FIELDS
 from geomkit.layers import TensorLocation
 
@@ -295,9 +296,9 @@ class RunWriter:
 
     Parameters
     ----------
-    path : str or Path
+    out : str or Path
         The zarr store (a directory), created or overwritten (``mode="w"``) or continued
-        (``mode="a"``, see ``resume_step``).
+        (``mode="a"``, see ``resume_step``); ``path`` is a deprecated spelling.
     tensors : sequence of TensorLocation
         The recorded parameter tensors, in order (from :func:`geomkit.layers.locate_all`).
     numel : sequence of int
@@ -322,9 +323,10 @@ class RunWriter:
         values are not stored, which version 2 requires).
     """
 
+    @renamed(path="out")
     def __init__(
         self,
-        path: str | os.PathLike,
+        out: str | os.PathLike,
         tensors: Sequence[TensorLocation],
         numel: Sequence[int],
         strategies: Sequence[str],
@@ -340,7 +342,7 @@ class RunWriter:
             raise ValueError(f"{len(tensors)} tensors but {len(numel)} numel values")
         if not strategies:
             raise ValueError("strategies is empty; expected the applied strategy first")
-        self.path = Path(path)
+        self.path = Path(out)
         self.n_tensors = len(tensors)
         self.strategies = list(strategies)
         self.attrs = _clean_attrs(

@@ -58,7 +58,7 @@ def test_flags_override_preset_and_file(tmp_path):
         ({"strategies": ["nope"]}, "strategies"),
         ({"lr": -1.0}, "lr"),
         ({"steps": 0}, "steps"),
-        ({"model": "somewhere"}, "forget"),
+        ({"model": "somewhere"}, "forget_data"),
         ({"dtype": "int8"}, "dtype"),
         ({"objective": "ga", "beta": 0.1}, "objective"),
         ({"hidden_size": 30, "heads": 4}, "hidden_size"),
@@ -91,9 +91,13 @@ def test_unknown_key_and_preset(tmp_path):
         (["--strategy", "nope"], "invalid strategies="),
         (["--lr", "-1"], "invalid lr=-1.0"),
         (["--steps", "0"], "invalid steps=0"),
-        (["--model", "m"], "invalid forget=None"),
+        (["--model", "m"], "invalid forget_data=None"),
         (["--accumulation", "0"], "invalid accumulation=0"),
-        (["--objective", "simnpo", "--beta", "-1"], "beta must be a finite number > 0, got -1.0"),
+        (
+            ["--objective", "simnpo", "--beta", "-1"],
+            "invalid beta=-1.0: expected a finite number > 0",
+        ),
+        (["--retain-loss", "mse"], "invalid retain_loss='mse': expected one of nll, kl, none"),
         (["--delta", "nan"], "invalid delta=nan"),
     ],
 )
@@ -139,7 +143,8 @@ def test_real_model_path(tmp_path):
     out = tmp_path / "runs"
     status = main(
         [
-            *("run", "--model", str(directory), "--forget", str(forget), "--retain", str(retain)),
+            *("run", "--model", str(directory)),
+            *("--forget-data", str(forget), "--retain-data", str(retain)),
             *("--out", str(out), "--strategy", "sago", "--epochs", "2", "--batch-size", "2"),
         ]
     )
@@ -151,4 +156,5 @@ def test_real_model_path(tmp_path):
     assert torch.isfinite(torch.tensor(store["forget_loss"].values)).all()
     config = json.loads((out / "graddiff-sago-seed0" / "config.json").read_text())
     assert config["model"] == str(directory) and config["retain_data"] == str(retain)
+    assert config["forget_data"] == str(forget) and config["retain_loss"] == "nll"
     assert (out / "summary.csv").exists()

@@ -90,7 +90,7 @@ def test_trainer_writes_strategy_of_separately_accumulated_gradients(tmp_path, s
         data_collator=pair_collator,
         objective=objective,
         strategy=strategy,
-        record_to=tmp_path / "geometry.zarr",
+        out=tmp_path / "geometry.zarr",
     )
     trainer.train()
     first = trainer.windows[0]

@@ -388,21 +388,21 @@ def test_bfloat16_is_finite_and_close_to_float32(model, batch, name) -> None:
 @pytest.mark.parametrize(
     ("make", "match"),
     [
-        (lambda: NPO(0.0), r"NPO: beta must be a finite number > 0, got 0\.0"),
-        (lambda: NPO(-1), r"NPO: beta must be a finite number > 0, got -1\.0"),
-        (lambda: SimNPO(beta=0), r"SimNPO: beta must be a finite number > 0, got 0\.0"),
-        (lambda: NPO(float("nan")), r"NPO: beta must be a finite number, got nan"),
-        (lambda: SimNPO(delta=float("nan")), r"SimNPO: delta must be a finite number, got nan"),
-        (lambda: RMU(coefficient=float("nan")), r"coefficient must be a finite number, got nan"),
-        (lambda: RMU(coefficient=float("inf")), r"coefficient must be a finite number, got inf"),
-        (lambda: RMU(coefficient=0), r"coefficient must be a finite number > 0, got 0\.0"),
-        (lambda: RMU(layer=-1), r"RMU: layer must be an integer >= 0, got -1"),
-        (lambda: RMURetain(layer=-2), r"RMURetain: layer must be an integer >= 0, got -2"),
-        (lambda: RMU(seed=-1), r"RMU: seed must be an integer >= 0, got -1"),
-        (lambda: build_objective("npo", beta=0), r"beta must be a finite number > 0, got 0\.0"),
-        (lambda: build_objective("simnpo", beta=float("nan")), r"got nan"),
-        (lambda: build_objective("simnpo", delta=float("nan")), r"delta .* got nan"),
-        (lambda: build_objective("rmu", coefficient=float("nan")), r"coefficient .* got nan"),
+        (lambda: NPO(0.0), r"NPO: invalid beta=0\.0: expected a finite number > 0"),
+        (lambda: NPO(-1), r"NPO: invalid beta=-1: expected a finite number > 0"),
+        (lambda: SimNPO(beta=0), r"SimNPO: invalid beta=0: expected a finite number > 0"),
+        (lambda: NPO(float("nan")), r"NPO: invalid beta=nan: expected a finite number > 0"),
+        (lambda: SimNPO(delta=float("nan")), r"SimNPO: invalid delta=nan: expected a finite num"),
+        (lambda: RMU(coefficient=float("nan")), r"invalid coefficient=nan: expected a finite"),
+        (lambda: RMU(coefficient=float("inf")), r"invalid coefficient=inf: expected a finite"),
+        (lambda: RMU(coefficient=0), r"invalid coefficient=0: expected a finite number > 0"),
+        (lambda: RMU(layer=-1), r"RMU: invalid layer=-1: expected an integer >= 0"),
+        (lambda: RMURetain(layer=-2), r"RMURetain: invalid layer=-2: expected an integer >= 0"),
+        (lambda: RMU(seed=-1), r"RMU: invalid seed=-1: expected an integer >= 0"),
+        (lambda: build_objective("npo", beta=0), r"invalid beta=0: expected a finite number > 0"),
+        (lambda: build_objective("simnpo", beta=float("nan")), r"invalid beta=nan"),
+        (lambda: build_objective("simnpo", delta=float("nan")), r"invalid delta=nan"),
+        (lambda: build_objective("rmu", coefficient=float("nan")), r"invalid coefficient=nan"),
     ],
 )
 def test_bad_parameters_raise_value_error(make, match) -> None:
@@ -415,7 +415,7 @@ def test_bad_parameters_raise_value_error(make, match) -> None:
     [lambda: NPO("0.1"), lambda: NPO(True), lambda: RMU(layer=1.5), lambda: RMU(seed=None)],
 )
 def test_parameters_of_the_wrong_type_raise_type_error(make) -> None:
-    with pytest.raises(TypeError, match="must be"):
+    with pytest.raises(TypeError, match=r"^\w+: invalid \w+=.*: expected "):
         make()
 
 
@@ -478,14 +478,17 @@ def test_no_non_padded_token(model, batch, name) -> None:
     ("kwargs", "match"),
     [
         ({"name": "sago"}, r"unknown objective 'sago'; valid names are: ga, graddiff, npo, simnpo"),
-        ({"name": "npo", "retain": "mse"}, r"unknown retain loss 'mse'; valid kinds are: nll, kl"),
+        (
+            {"name": "npo", "retain_loss": "mse"},
+            r"unknown retain loss 'mse'; valid kinds are: nll, kl",
+        ),
         ({"name": "ga", "beta": 0.1}, r"beta=0\.1 does not apply to objective 'ga'"),
         ({"name": "npo", "delta": 0.1}, r"delta=0\.1 does not apply to objective 'npo'"),
         ({"name": "simnpo", "layer": 3}, r"layer=3 does not apply to objective 'simnpo'"),
         ({"name": "graddiff", "coefficient": 2}, r"coefficient=2 does not apply"),
-        ({"name": "ga", "retain": "kl"}, r"retain='kl' is not available for 'ga'; use 'graddiff'"),
-        ({"name": "rmu", "retain": "kl"}, r"retain='kl' is not available for 'rmu'"),
-        ({"name": "graddiff", "retain": "none"}, r"graddiff needs a retain loss"),
+        ({"name": "ga", "retain_loss": "kl"}, r"retain_loss='kl' is not available for 'ga'; use"),
+        ({"name": "rmu", "retain_loss": "kl"}, r"retain_loss='kl' is not available for 'rmu'"),
+        ({"name": "graddiff", "retain_loss": "none"}, r"graddiff needs a retain loss"),
     ],
 )
 def test_build_objective_errors(kwargs, match) -> None:
@@ -525,7 +528,7 @@ def test_objective_validates_its_fields() -> None:
     ],
 )
 def test_build_objective_classes(name, retain, forget_type, retain_type, needs_reference) -> None:
-    objective = build_objective(name, retain=retain)
+    objective = build_objective(name, retain_loss=retain)
     assert objective.name == name
     assert type(objective.forget) is forget_type
     assert (type(objective.retain) if objective.retain else None) is retain_type

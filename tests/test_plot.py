@@ -304,7 +304,7 @@ def test_distributions_per_layer_and_strategy(run, ax, kind) -> None:
 
 
 def test_distributions_per_tensor(run, ax) -> None:
-    result = gp.alignment_distributions(run, "cos_fr", granularity="tensor", ax=ax)
+    result = gp.alignment_distributions(run, "cos_fr", by="tensor", ax=ax)
     frame = result.extras["data"]
     assert len(frame) == RECORDS * len(_tensors())
     assert "strategy" not in frame

@@ -187,12 +187,12 @@ def test_proven_claims_pass_in_every_dtype(dtype):
     ]
     audit = theory.audit_synthetic(samplers, n=12, seed=3, alpha=0.7, gamma=1.3)
     assert_proven_pass(audit)
-    r1 = audit.select(claim="R1", granularity="coordinate")
+    r1 = audit.select(claim="R1", by="coordinate")
     assert len(r1) == 4 and all(r.cases > 0 for r in r1)
     for granularity in ("coordinate", "tensor", "model"):
-        assert audit.select(claim="R9", granularity=granularity).results
+        assert audit.select(claim="R9", by=granularity).results
     # the projection's 1e-10 residual and the dtype appear in the stated tolerance
-    r2 = audit.select(claim="R2", granularity="tensor").results[0]
+    r2 = audit.select(claim="R2", by="tensor").results[0]
     assert "1e-10" in r2.tolerance and str(dtype).replace("torch.", "") in r2.tolerance
 
 
@@ -215,13 +215,13 @@ def test_default_synthetic_audit_measures_false_claims_without_a_bug():
     audit = theory.audit_synthetic()
     assert_proven_pass(audit)
     assert audit.select(claim="R4").results and any(r.violations for r in audit.select("R4"))
-    r2b_tensor = audit.select(claim="R2b", granularity="tensor")
+    r2b_tensor = audit.select(claim="R2b", by="tensor")
     assert any(r.violations for r in r2b_tensor)  # global PCGrad fails per tensor ...
     assert all(r.status == "false" for r in r2b_tensor)
-    assert all(r.violations == 0 for r in audit.select(claim="R2b", granularity="model"))
+    assert all(r.violations == 0 for r in audit.select(claim="R2b", by="model"))
     assert any(r.violations for r in audit.select(claim="R5"))
     assert any(r.violations for r in audit.select(claim="R6", strategy="pcgrad"))
-    r4 = audit.select(claim="R4", granularity="tensor", strategy="sago>=pcgrad").results[0]
+    r4 = audit.select(claim="R4", by="tensor", strategy="sago>=pcgrad").results[0]
     assert {"mean_gap", "median_gap", "rate_ratio_below_1"} <= set(r4.details)
 
 
@@ -625,14 +625,14 @@ def test_r4_breakdown_synthetic_depends_on_norm_ratio():
 
 
 def test_r4_breakdown_of_counterexamples_and_runs(recorded):
-    b = theory.r4_breakdown(Counterexamples(), granularity="model")
+    b = theory.r4_breakdown(Counterexamples(), by="model")
     np.testing.assert_array_equal(b["violations"].values, [3, 3])
-    b = theory.r4_breakdown(geomkit.open_runs(recorded), granularity="layer")
+    b = theory.r4_breakdown(geomkit.open_runs(recorded), by="layer")
     assert set(b.attrs["sources"]) == {"synthetic-sago", "synthetic-pcgrad"}
     assert int(b["cases"].sel(against="pcgrad")) == (5 + 3) * 3
     np.testing.assert_array_equal(b["cases_by_layer"].sum("layer"), b["cases"])
     with pytest.raises(ValueError, match="'block'"):
-        theory.r4_breakdown(Counterexamples(), granularity="block")
+        theory.r4_breakdown(Counterexamples(), by="block")
     with pytest.raises(ValueError, match="increasing"):
         theory.r4_breakdown(Counterexamples(), bins=[1.0, 0.5])
     with pytest.raises(ValueError, match=r"cover \[0, inf\].*0\.1, 10\.0"):
@@ -643,13 +643,13 @@ def test_r4_breakdown_of_counterexamples_and_runs(recorded):
     np.testing.assert_array_equal(b["cases_by_ratio"].sum("ratio_bin"), b["cases"])
     assert list(b["ratio_bin"].values) == ["[0, 1)", "[1, inf)"]
     with pytest.raises(ValueError, match=r"'layer'.*synthetic.*'tensor' or 'model'"):
-        theory.r4_breakdown(Counterexamples(), granularity="layer")
+        theory.r4_breakdown(Counterexamples(), by="layer")
 
 
 def test_r4_breakdown_counts_non_finite_cases(recorded):
     ds = geomkit.open_run(recorded / "synthetic-sago")
-    b = theory.r4_breakdown(tamper(ds, "dr", "sago", 1, NAMES[2], math.nan), granularity="model")
-    clean = theory.r4_breakdown(ds, granularity="model")
+    b = theory.r4_breakdown(tamper(ds, "dr", "sago", 1, NAMES[2], math.nan), by="model")
+    clean = theory.r4_breakdown(ds, by="model")
     assert (b["cases"] == 5).all() and (b["non_finite"] == 1).all() and (b["undefined"] == 0).all()
     assert (b["violations"] == clean["violations"] + 1).all()
     assert (b["worst_gap"] == -np.inf).all() and np.isfinite(b["mean_gap"]).all()

@@ -27,10 +27,10 @@ True
 
 from __future__ import annotations
 
-import math
-import numbers
 import random
 from dataclasses import dataclass
+
+from geomkit._validation import check_integer, check_real
 
 __all__ = [
     "ANSWER_SEPARATOR",
@@ -191,30 +191,12 @@ def qa_text(qa: QA) -> str:
 
 
 def _check_arguments(n_entities: object, forget_fraction: object, seed: object) -> None:
-    if isinstance(n_entities, bool) or not isinstance(n_entities, numbers.Integral):
-        raise TypeError(
-            f"make_benchmark: n_entities must be an integer, "
-            f"got {type(n_entities).__name__}: {n_entities!r}"
-        )
-    if not 10 <= n_entities <= MAX_ENTITIES:
-        raise ValueError(
-            f"make_benchmark: n_entities must be between 10 and {MAX_ENTITIES} (both splits "
-            f"need entities), got {n_entities!r}"
-        )
-    if isinstance(forget_fraction, bool) or not isinstance(forget_fraction, numbers.Real):
-        raise TypeError(
-            f"make_benchmark: forget_fraction must be a real number in (0, 1), "
-            f"got {type(forget_fraction).__name__}: {forget_fraction!r}"
-        )
-    if not (math.isfinite(forget_fraction) and 0 < forget_fraction < 1):
-        raise ValueError(
-            f"make_benchmark: forget_fraction must be in the open interval (0, 1), "
-            f"got {forget_fraction!r}"
-        )
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise TypeError(
-            f"make_benchmark: seed must be an integer, got {type(seed).__name__}: {seed!r}"
-        )
+    owner = "make_benchmark"  # both splits need entities: at least 10
+    check_integer("n_entities", n_entities, 10, MAX_ENTITIES, owner=owner)
+    check_real(
+        "forget_fraction", forget_fraction, 0.0, 1.0, strict=True, strict_high=True, owner=owner
+    )
+    check_integer("seed", seed, owner=owner)
 
 
 # --------------------------------------------------------------------------------------------

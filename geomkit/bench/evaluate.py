@@ -21,13 +21,12 @@ step where forgetting reaches a threshold.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
-from geomkit._validation import check_integer
+from geomkit._validation import check_integer, check_real
 from geomkit.bench.data import QA, BenchmarkData, qa_prompt
 from geomkit.bench.tokenizer import WordTokenizer
 
@@ -267,13 +266,7 @@ def matched_forgetting(
         If ``threshold`` is outside [0, 1], the steps are not increasing, or an evaluation
         lacks a metric.
     """
-    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
-        raise TypeError(
-            f"matched_forgetting: threshold must be a real number, "
-            f"got {type(threshold).__name__}: {threshold!r}"
-        )
-    if not 0 <= threshold <= 1:
-        raise ValueError(f"matched_forgetting: threshold must be in [0, 1], got {threshold!r}")
+    check_real("threshold", threshold, 0.0, 1.0, owner="matched_forgetting")
     previous = None
     for step, _ in history:
         if previous is not None and step <= previous:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import transformers
 
-from geomkit._validation import check_integer, check_real
+from geomkit._validation import check_integer, check_real, invalid
 from geomkit.bench.data import BenchmarkData, make_benchmark, qa_text
 from geomkit.bench.evaluate import evaluate
 from geomkit.bench.tokenizer import WordTokenizer
@@ -80,9 +80,11 @@ class ModelConfig:
         if self.intermediate_size is not None:
             check_integer("intermediate_size", self.intermediate_size, 1, owner="ModelConfig")
         if self.hidden_size % self.heads:
-            raise ValueError(
-                f"ModelConfig: hidden_size {self.hidden_size} is not a multiple of "
-                f"heads {self.heads}"
+            raise invalid(
+                "hidden_size",
+                self.hidden_size,
+                f"a multiple of heads={self.heads}",
+                owner="ModelConfig",
             )
 
 

@@ -17,6 +17,7 @@ from matplotlib import MatplotlibDeprecationWarning
 from matplotlib.axes import Axes
 from matplotlib.legend import Legend
 
+from geomkit._deprecation import warn_renamed
 from geomkit.plot._data import Run, Source, require_geometry, require_strategies, single_run
 from geomkit.plot.style import (
     PlotResult,
@@ -195,18 +196,16 @@ def alignment_by_layer(
     return PlotResult(fig, axes, artists, {"legend": legend})
 
 
-def _long_frame(run: Run, metric: str, by: str, granularity: str, chosen: list[str]):
-    if granularity not in ("group", "tensor"):
-        raise ValueError(f"unknown granularity {granularity!r}; expected 'group' or 'tensor'")
-    data = run.ds.geom.metrics(by="tensor" if granularity == "tensor" else by)
+def _long_frame(run: Run, metric: str, x: str, by: str, chosen: list[str]):
+    data = run.ds.geom.metrics(by=by)
     if metric not in data:
         raise ValueError(f"unknown metric {metric!r}; metrics are {list(data.data_vars)}")
     da = data[metric]
     if "strategy" in da.dims:
         da = da.sel(strategy=chosen)
     frame = da.reset_coords(drop=True).to_dataframe(name="value").reset_index()
-    if granularity == "tensor":
-        groups = dict(zip(run.ds["tensor"].values, run.ds[by].values, strict=True))
+    if by == "tensor":
+        groups = dict(zip(run.ds["tensor"].values, run.ds[x].values, strict=True))
         frame["group"] = frame.pop("tensor").map(groups)
     else:
         frame = frame.rename(columns={by: "group"})
@@ -221,11 +220,12 @@ def alignment_distributions(
     metric: str = "cos_dr",
     *,
     by: str = "layer",
-    granularity: str = "group",
+    x: str | None = None,
     kind: str = "violin",
     strategies: Sequence[str] | None = None,
     run: str | int | None = None,
     ax: Axes | None = None,
+    granularity: str | None = None,
 ) -> PlotResult:
     """Distribution of a metric per layer (x) and strategy (hue) over recorded steps.
 
@@ -233,11 +233,13 @@ def alignment_distributions(
     ----------
     metric : str
         Any metric of ``ds.geom.metrics``; pair metrics (``cos_fr``) have no hue.
-    by : {"layer", "component", "module"}
-        The x groups.
-    granularity : {"group", "tensor"}
-        ``"group"``: one value per (recorded step, group), the group's exact cosine;
-        ``"tensor"``: one value per (recorded step, tensor), placed in its group.
+    by : {"layer", "component", "module", "tensor"}
+        What one value is: one per (recorded step, group), the group's exact cosine, or with
+        ``"tensor"`` one per (recorded step, tensor), placed in its ``x`` group.
+    x : {"layer", "component", "module"}, optional
+        The x groups (default ``by``, or ``"layer"`` when ``by="tensor"``).
+    granularity : {"group", "tensor"}, optional
+        Deprecated: ``granularity="tensor"`` is ``x=by, by="tensor"``.
     kind : {"violin", "box", "strip"}
         The seaborn plot.
 
@@ -247,13 +249,21 @@ def alignment_distributions(
         ``artists["distribution"]`` lists the artists seaborn added; ``extras["data"]`` the
         long-format DataFrame (columns group, [strategy], value) that was drawn.
     """
+    if granularity is not None:  # deprecated: (by, granularity="tensor") is (x=by, by="tensor")
+        warn_renamed("granularity=", "by=", stacklevel=2)
+        if granularity not in ("group", "tensor"):
+            raise ValueError(f"invalid granularity={granularity!r}: expected 'group' or 'tensor'")
+        by, x = ("tensor", by) if granularity == "tensor" else (by, x)
+    x = ("layer" if by == "tensor" else by) if x is None else x
+    if by not in ("tensor", x):
+        raise ValueError(f"invalid by={by!r}: expected 'tensor' or the x group {x!r}")
     plotters = {"violin": sns.violinplot, "box": sns.boxplot, "strip": sns.stripplot}
     if kind not in plotters:
         raise ValueError(f"unknown kind {kind!r}; expected one of {list(plotters)}")
     picked = single_run(source, run)
     require_geometry(picked, "alignment_distributions")
     chosen = _strategies(picked, strategies, "alignment_distributions")
-    frame, da = _long_frame(picked, metric, by, granularity, chosen)
+    frame, da = _long_frame(picked, metric, x, by, chosen)
     order = sorted(frame["group"].unique(), key=lambda g: (isinstance(g, str), g))
     fig, (ax,) = resolve_axes(ax, 1, panel_size=(max(3.2, 0.9 * len(order) + 1.5), 2.6))
     before = set(ax.get_children())
@@ -278,9 +288,9 @@ def alignment_distributions(
         warnings.filterwarnings("ignore", category=MatplotlibDeprecationWarning)
         plotters[kind](**kwargs)
     drawn = [a for a in ax.get_children() if a not in before and not isinstance(a, Legend)]
-    ax.set_xlabel(axis_label(picked.ds[by] if by in picked.ds.coords else {}, by))
+    ax.set_xlabel(axis_label(picked.ds[x] if x in picked.ds.coords else {}, x))
     ax.set_ylabel(axis_label(da, metric, width=36))
-    ax.set_title(f"{picked.label}: {metric} per {by}", fontsize="medium")
+    ax.set_title(f"{picked.label}: {metric} per {x}", fontsize="medium")
     if ax.get_legend() is not None:
         sns.move_legend(ax, "upper left", bbox_to_anchor=(1.02, 1.0), title=None, fontsize="small")
     legend = ax.get_legend()

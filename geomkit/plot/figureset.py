@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from geomkit._deprecation import renamed
 from geomkit.plot._data import Run, Source
 from geomkit.plot.alignment import alignment_by_layer, alignment_distributions, alignment_over_steps
 from geomkit.plot.dynamics import loss_dynamics
@@ -50,9 +51,10 @@ def _safe(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9._=+-]+", "_", label).strip("._") or "run"
 
 
+@renamed(out_dir="out")
 def write_figures(
     source: Source,
-    out_dir: str | os.PathLike,
+    out: str | os.PathLike,
     formats: Sequence[str] = ("pdf", "png"),
     *,
     audit: pd.DataFrame | None = None,
@@ -71,8 +73,8 @@ def write_figures(
     source : Dataset, path, Run or list of these
         Anything :func:`geomkit.runs.load` takes: a run, a ``run``-stacked Dataset, a run
         directory, a directory of runs, runs, or a list of these.
-    out_dir : path
-        Created if needed. With several runs, per-run figures go to ``out_dir/<run>/``.
+    out : path
+        Created if needed. With several runs, per-run figures go to ``out/<run>/``.
     formats : sequence of str
         File formats of each figure (vector PDF and PNG by default).
     audit : pandas.DataFrame, optional
@@ -91,7 +93,7 @@ def write_figures(
         :data:`SET_FIGURES`, ``geometry_table`` (``.md`` and ``.csv``) and ``violation_rates``.
     """
     runs = load(source)
-    out = Path(out_dir)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[Path] | str] = {}
 

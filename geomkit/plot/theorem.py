@@ -19,6 +19,7 @@ from matplotlib.axes import Axes
 from matplotlib.colors import LogNorm
 from matplotlib.ticker import FuncFormatter
 
+from geomkit._deprecation import renamed
 from geomkit.plot._data import Source, require_geometry, require_strategies, single_run
 from geomkit.plot.style import (
     PlotResult,
@@ -42,12 +43,13 @@ GRANULARITY_ORDER: tuple[str, ...] = (
 """Granularities from finest to coarsest; bars follow this order (others after, as given)."""
 
 
+@renamed(granularity="by")
 def sago_vs_pcgrad(
     source: Source,
     *,
     x: str = "pcgrad",
     y: str = "sago",
-    granularity: str = "tensor",
+    by: str = "tensor",
     tolerance: float = 1e-12,
     run: str | int | None = None,
     ax: Axes | None = None,
@@ -67,7 +69,7 @@ def sago_vs_pcgrad(
         unless ``run`` picks one.
     x, y : str
         The strategies on the axes.
-    granularity : {"tensor", "layer", "component", "module", "model"}
+    by : {"tensor", "layer", "component", "module", "model"}
         What one point is.
     tolerance : float
         A point counts as below the diagonal when ``cos_y < cos_x - tolerance``.
@@ -89,7 +91,7 @@ def sago_vs_pcgrad(
     for one in runs:
         require_geometry(one, "sago_vs_pcgrad")
         require_strategies(one, (x, y), "sago_vs_pcgrad")
-        metrics = one.ds.geom.metrics(by=granularity)
+        metrics = one.ds.geom.metrics(by=by)
         cos_x = np.ravel(metrics["cos_dr"].sel(strategy=x).values)
         cos_y = np.ravel(metrics["cos_dr"].sel(strategy=y).values)
         ratio = np.ravel(metrics["norm_ratio"].transpose(*metrics["cos_dr"].sel(strategy=x).dims))
@@ -136,7 +138,7 @@ def sago_vs_pcgrad(
         setter(textwrap.fill(text, 44))
     runs_text = f"{len(runs)} run{'s' if len(runs) != 1 else ''}"
     ax.set_title(
-        f"per {granularity} and step, {runs_text}\n{strategy_style(y).label} below "
+        f"per {by} and step, {runs_text}\n{strategy_style(y).label} below "
         f"{strategy_style(x).label}:\n{below} of {cx.size} ({below / cx.size:.1%})",
         fontsize="medium",
     )

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import xarray as xr
 
+from geomkit._deprecation import renamed
 from geomkit.theory.cases import Cases, rtol
 from geomkit.theory.checks import cosine_gap
 from geomkit.theory.claims import get_claim
@@ -65,10 +66,11 @@ def _cases(
     return [run_cases(run)[granularity] for run in load(source)]
 
 
+@renamed(granularity="by")
 def r4_breakdown(
     source: xr.Dataset | str | os.PathLike | Sampler | Sequence[Sampler],
     *,
-    granularity: str = "tensor",
+    by: str = "tensor",
     bins: Sequence[float] = DEFAULT_BINS,
     against: Sequence[str] = ("pcgrad", "pcgrad_global"),
     n: int = 64,
@@ -84,7 +86,7 @@ def r4_breakdown(
     source : Dataset, path, Sampler or sequence of Sampler
         Recorded runs (one or stacked; cases of all runs are pooled, each at its own alpha,
         gamma) or synthetic samplers (``n`` pairs each, from ``seed``, at ``alpha``, ``gamma``).
-    granularity : {"tensor", "layer", "model"}
+    by : {"tensor", "layer", "model"}
         What one case is: a (step, tensor), a (step, layer) or a step. Per-layer rates group
         the cases by their layer (for synthetic data: by tensor index). Synthetic samplers
         have no layers: ``"tensor"`` or ``"model"`` only (ValueError otherwise).
@@ -108,8 +110,9 @@ def r4_breakdown(
         fall in no bin, and ``worst_gap`` is then ``-inf``); gaps are averaged over the finite
         cases; rates are NaN for empty bins.
     """
-    if granularity not in ("tensor", "layer", "model"):
-        raise ValueError(f"granularity must be 'tensor', 'layer' or 'model', got {granularity!r}")
+    if by not in ("tensor", "layer", "model"):
+        raise ValueError(f"invalid by={by!r}: expected one of tensor, layer, model")
+    granularity = by
     edges = np.asarray(bins, dtype=np.float64)
     if edges.ndim != 1 or edges.size < 2 or np.any(np.diff(edges) <= 0):
         raise ValueError(f"bins must be at least two increasing edges, got {list(bins)!r}")

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
+from geomkit._deprecation import renamed
 from geomkit.theory.claims import GRANULARITIES, STATUSES
 
 if TYPE_CHECKING:
@@ -271,26 +272,28 @@ class Audit:
         """The results that set :attr:`bug_detected`."""
         return tuple(r for r in self.results if r.failed)
 
+    @renamed(granularity="by")
     def select(
         self,
         claim: str | None = None,
-        granularity: str | None = None,
+        by: str | None = None,
         strategy: str | None = None,
         source: str | None = None,
     ) -> Audit:
-        """The results matching every given field."""
-        want = {"claim": claim, "granularity": granularity, "strategy": strategy, "source": source}
+        """The results matching every given field (``by``: the results' granularity)."""
+        want = {"claim": claim, "granularity": by, "strategy": strategy, "source": source}
         keep = tuple(
             r for r in self.results if all(v is None or getattr(r, k) == v for k, v in want.items())
         )
         return Audit(keep, self.attrs)
 
-    def get(self, claim: str, granularity: str, strategy: str | None = None) -> CheckResult:
-        """The single result for ``claim`` at ``granularity`` (and ``strategy``)."""
-        found = self.select(claim, granularity, strategy).results
+    @renamed(granularity="by")
+    def get(self, claim: str, by: str, strategy: str | None = None) -> CheckResult:
+        """The single result for ``claim`` at granularity ``by`` (and ``strategy``)."""
+        found = self.select(claim, by, strategy).results
         if len(found) != 1:
             raise KeyError(
-                f"{len(found)} results for claim={claim!r}, granularity={granularity!r}, "
+                f"{len(found)} results for claim={claim!r}, by={by!r}, "
                 f"strategy={strategy!r}; pass strategy= (and select(source=...)) to pick one"
             )
         return found[0]
