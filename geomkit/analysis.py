@@ -1,7 +1,12 @@
 """The ``ds.geom`` accessor: exact derived metrics of a recorded run at any grouping.
 
+``import geomkit`` registers it on xarray (as soon as xarray is imported), so it works on any
+Dataset opened from a geomkit store, also with ``xr.open_zarr``.
+
 >>> ds = geomkit.open_run("runs/graddiff-sago-seed0")             # doctest: +SKIP
 >>> ds.geom.metrics(by="layer").cos_dr.sel(strategy="pcgrad")      # doctest: +SKIP
+>>> ds.geom.audit().bug_detected                                   # doctest: +SKIP
+>>> ds.geom.plot.alignment()                                       # doctest: +SKIP
 
 Grouping sums the additive statistics of the tensors in a group (exact: they are sums), and the
 metrics are then derived from the group sums by :func:`geomkit.metrics.derive`, the single
@@ -10,12 +15,19 @@ definition used everywhere in geomkit.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
 import xarray as xr
 
 from geomkit.metrics import FIELDS, METRICS, derive
 
-__all__ = ["GROUPINGS", "GeometryAccessor"]
+if TYPE_CHECKING:
+    from geomkit.plot import PlotResult
+    from geomkit.theory import Audit
+
+__all__ = ["GROUPINGS", "GeometryAccessor", "GeometryPlots"]
 
 GROUPINGS: tuple[str, ...] = ("tensor", "layer", "component", "module", "model")
 """Groupings accepted by ``by=``: per tensor, per layer index, per component, per module, or the
@@ -130,3 +142,75 @@ class GeometryAccessor:
         result = xr.Dataset(out)
         result.attrs = dict(self._ds.attrs, grouping=by)
         return result
+
+    def runs(self) -> list:
+        """The runs in this Dataset: one, or one per entry of its ``run`` dimension
+        (:func:`geomkit.open_runs`), each with its label, its Dataset without the padding
+        that stacking adds, and its objective, applied strategy and seed."""
+        return _runs_of(self._ds)
+
+    def audit(self, claims: Sequence[str] | None = None, **kwargs: Any) -> Audit:
+        """Check the alignment claims on this Dataset's runs: :func:`geomkit.theory.audit`."""
+        from geomkit.theory import audit
+
+        return audit(self._ds, claims=claims, **kwargs)
+
+    @property
+    def plot(self) -> GeometryPlots:
+        """Plotting shortcuts: ``ds.geom.plot.alignment()``, ``.by_layer()``, ``.heatmap()``,
+        ``.losses()``, ``.tradeoff()`` (:mod:`geomkit.plot`, imported on first use)."""
+        return GeometryPlots(self._ds)
+
+
+def _runs_of(ds: xr.Dataset) -> list:
+    # Thin stand-in for the one run layer (issue 9, point 1: geomkit.runs); the lead wires
+    # ds.geom.runs() to it when the branches merge.
+    from geomkit.plot._data import runs_of
+
+    return runs_of(ds)
+
+
+class GeometryPlots:
+    """``ds.geom.plot``: the common :mod:`geomkit.plot` figures of this Dataset.
+
+    Each method passes the Dataset as the figure's ``source`` and forwards the keyword
+    arguments; it returns the :class:`~geomkit.plot.PlotResult`.
+    """
+
+    def __init__(self, ds: xr.Dataset) -> None:
+        self._ds = ds
+
+    def alignment(
+        self, metric: str | Sequence[str] = ("cos_dr", "cos_df"), **kwargs: Any
+    ) -> PlotResult:
+        """cos(d, r) and cos(d, f) over steps: :func:`geomkit.plot.alignment_over_steps`."""
+        from geomkit.plot import alignment_over_steps
+
+        return alignment_over_steps(self._ds, metric, **kwargs)
+
+    def by_layer(self, metric: str = "cos_dr", **kwargs: Any) -> PlotResult:
+        """One panel per layer: :func:`geomkit.plot.alignment_by_layer`."""
+        from geomkit.plot import alignment_by_layer
+
+        return alignment_by_layer(self._ds, metric, **kwargs)
+
+    def heatmap(self, metric: str = "cos_fr", **kwargs: Any) -> PlotResult:
+        """A metric over steps and layers: :func:`geomkit.plot.layer_heatmap`."""
+        from geomkit.plot import layer_heatmap
+
+        return layer_heatmap(self._ds, metric, **kwargs)
+
+    def losses(self, **kwargs: Any) -> PlotResult:
+        """Retain and forget loss over steps: :func:`geomkit.plot.loss_dynamics`."""
+        from geomkit.plot import loss_dynamics
+
+        return loss_dynamics(self._ds, **kwargs)
+
+    def tradeoff(self, **kwargs: Any) -> PlotResult:
+        """Final forget against retained accuracy: :func:`geomkit.plot.tradeoff`."""
+        from geomkit.plot import tradeoff
+
+        return tradeoff(self._ds, **kwargs)
+
+    def __repr__(self) -> str:
+        return "<ds.geom.plot: alignment, by_layer, heatmap, losses, tradeoff>"

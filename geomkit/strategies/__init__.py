@@ -8,7 +8,7 @@
 """
 
 from geomkit.strategies.base import EPSILON, Global, PerTensor, Rule, Scope, Strategy
-from geomkit.strategies.registry import build, names, register
+from geomkit.strategies.registry import as_strategy, build, names, register, registered_name
 from geomkit.strategies.rules import BLUR, SAGO, PCGrad, SAGOPreferRetain, Sum
 
 __all__ = [
@@ -23,7 +23,9 @@ __all__ = [
     "Scope",
     "Strategy",
     "Sum",
+    "as_strategy",
     "build",
     "names",
     "register",
+    "registered_name",
 ]
