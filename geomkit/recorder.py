@@ -186,7 +186,8 @@ class Recorder:
         shadow_list = [as_strategy(s, *weights) if isinstance(s, str) else s for s in shadows]
         for s in shadow_list:
             as_strategy(s)  # a shadow object keeps its own weights; anything else: TypeError
-        self.shadows = [s for s in shadow_list if s != self.applied]
+        # equal strategies give equal statistics: each is recorded once, the applied one first
+        self.shadows = [s for s in dict.fromkeys(shadow_list) if s != self.applied]
         self.schedule = Every(schedule) if isinstance(schedule, int) else schedule
         if not isinstance(self.schedule, Schedule):
             raise TypeError(f"schedule must be a Schedule or an int, got {schedule!r}")
@@ -209,7 +210,7 @@ class Recorder:
         if len(set(self.strategy_labels)) < len(self.strategy_labels):
             raise ValueError(
                 f"invalid shadows: the strategy labels {self.strategy_labels} repeat; give "
-                "distinct strategies distinct names, e.g. dataclasses.replace(s, name='mine')"
+                "different strategies different names, e.g. dataclasses.replace(s, name='mine')"
             )
         self.writer = (
             RunWriter(

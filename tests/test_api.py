@@ -250,3 +250,27 @@ def test_composed_strategy_label_is_the_store_coordinate(tmp_path: Path) -> None
     assert ds.attrs["applied_strategy"] == "blur/per_tensor"
     metrics = ds.geom.metrics()
     assert np.isfinite(metrics["cos_dr"].sel(strategy="blur/per_tensor").values).all()
+
+
+def test_recorder_labels_are_unique(tmp_path: Path) -> None:
+    from geomkit.strategies import SAGO, SAGOPreferRetain, Sum
+
+    # equal strategies are recorded once; a shadow with other weights carries them in its label
+    rec = Recorder(
+        tmp_path / "a.zarr",
+        TENSORS,
+        [12, 5, 4],
+        Strategy(SAGO(), alpha=2.0),
+        shadows=["sago", "sum", Strategy(Sum(), alpha=2.0), Strategy(SAGO(), gamma=0.5)],
+        write=False,
+    )
+    assert rec.strategy_labels == ["sago", "sum", "sago[alpha=1.0,gamma=0.5]"]
+    with pytest.raises(ValueError, match=r"invalid shadows: the strategy labels .* repeat"):
+        Recorder(
+            tmp_path / "b.zarr",
+            TENSORS,
+            [12, 5, 4],
+            "sago",
+            shadows=[Strategy(Sum(), name="mine"), Strategy(SAGOPreferRetain(), name="mine")],
+            write=False,
+        )
