@@ -5,6 +5,8 @@
 >>> update = sago(forget_grads, retain_grads)          # doctest: +SKIP
 >>> strategies.names()
 ['sum', 'pcgrad', 'pcgrad_global', 'sago', 'sago_prefer_retain', 'blur']
+>>> str(sago), str(strategies.Strategy(strategies.BLUR(), strategies.PerTensor()))
+('sago', 'blur/per_tensor')
 """
 
 from geomkit.strategies.base import EPSILON, Global, PerTensor, Rule, Scope, Strategy
