@@ -1,5 +1,8 @@
 """The ``ds.geom`` accessor: exact derived metrics of a recorded run at any grouping.
 
+``import geomkit`` registers it on xarray (as soon as xarray is imported), so it works on any
+Dataset opened from a geomkit store, also with ``xr.open_zarr``.
+
 >>> import tempfile, torch, geomkit
 >>> tmp = tempfile.TemporaryDirectory()  # a tiny run: two tensors, three steps, SAGO applied
 >>> names = ["model.layers.0.mlp.up_proj.weight", "model.layers.1.mlp.up_proj.weight"]
@@ -13,6 +16,10 @@
 (('record', 'layer'), 2)
 >>> bool((ds.geom.metrics(by="tensor").cos_dr.sel(strategy="sago") >= 0).all())
 True
+>>> ds.geom.runs()
+[Run('...': ..., seed ...; 0 steps, 3 records, 0 evaluations)]
+>>> ds.geom.audit().bug_detected  # the theorem audit of this run
+False
 >>> tmp.cleanup()
 
 Grouping sums the additive statistics of the tensors in a group (exact: they are sums), and the
@@ -21,6 +28,9 @@ definition used everywhere in geomkit.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import xarray as xr
@@ -35,7 +45,11 @@ from geomkit.fields import (
 )
 from geomkit.metrics import derive
 
-__all__ = ["GROUPINGS", "GeometryAccessor"]
+if TYPE_CHECKING:
+    from geomkit.plot import PlotResult
+    from geomkit.theory import Audit
+
+__all__ = ["GROUPINGS", "GeometryAccessor", "GeometryPlots"]
 
 GROUPINGS: tuple[str, ...] = ("tensor", "layer", "component", "module", "model")
 """Groupings accepted by ``by=``: per tensor, per layer index, per component, per module, or the
@@ -128,3 +142,69 @@ class GeometryAccessor:
         result = xr.Dataset(out)
         result.attrs = dict(self._ds.attrs, grouping=by)
         return result
+
+    def runs(self) -> list:
+        """The runs in this Dataset: one, or one per entry of its ``run`` dimension
+        (:func:`geomkit.open_runs`), each with its label, its Dataset without the padding
+        that stacking adds, and its objective, applied strategy and seed."""
+        from geomkit.runs import load
+
+        return load(self._ds)
+
+    def audit(self, claims: Sequence[str] | None = None, **kwargs: Any) -> Audit:
+        """Check the alignment claims on this Dataset's runs: :func:`geomkit.theory.audit`."""
+        from geomkit.theory import audit
+
+        return audit(self._ds, claims=claims, **kwargs)
+
+    @property
+    def plot(self) -> GeometryPlots:
+        """Plotting shortcuts: ``ds.geom.plot.alignment()``, ``.by_layer()``, ``.heatmap()``,
+        ``.losses()``, ``.tradeoff()`` (:mod:`geomkit.plot`, imported on first use)."""
+        return GeometryPlots(self._ds)
+
+
+class GeometryPlots:
+    """``ds.geom.plot``: the common :mod:`geomkit.plot` figures of this Dataset.
+
+    Each method passes the Dataset as the figure's ``source`` and forwards the keyword
+    arguments; it returns the :class:`~geomkit.plot.PlotResult`.
+    """
+
+    def __init__(self, ds: xr.Dataset) -> None:
+        self._ds = ds
+
+    def alignment(
+        self, metric: str | Sequence[str] = ("cos_dr", "cos_df"), **kwargs: Any
+    ) -> PlotResult:
+        """cos(d, r) and cos(d, f) over steps: :func:`geomkit.plot.alignment_over_steps`."""
+        from geomkit.plot import alignment_over_steps
+
+        return alignment_over_steps(self._ds, metric, **kwargs)
+
+    def by_layer(self, metric: str = "cos_dr", **kwargs: Any) -> PlotResult:
+        """One panel per layer: :func:`geomkit.plot.alignment_by_layer`."""
+        from geomkit.plot import alignment_by_layer
+
+        return alignment_by_layer(self._ds, metric, **kwargs)
+
+    def heatmap(self, metric: str = "cos_fr", **kwargs: Any) -> PlotResult:
+        """A metric over steps and layers: :func:`geomkit.plot.layer_heatmap`."""
+        from geomkit.plot import layer_heatmap
+
+        return layer_heatmap(self._ds, metric, **kwargs)
+
+    def losses(self, **kwargs: Any) -> PlotResult:
+        """Retain and forget loss over steps: :func:`geomkit.plot.loss_dynamics`."""
+        from geomkit.plot import loss_dynamics
+
+        return loss_dynamics(self._ds, **kwargs)
+
+    def tradeoff(self, **kwargs: Any) -> PlotResult:
+        """Final forget against retained accuracy: :func:`geomkit.plot.tradeoff`."""
+        from geomkit.plot import tradeoff
+
+        return tradeoff(self._ds, **kwargs)
+
+    def __repr__(self) -> str:
+        return "<ds.geom.plot: alignment, by_layer, heatmap, losses, tradeoff>"

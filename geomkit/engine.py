@@ -30,7 +30,7 @@ from geomkit._validation import ConfigError, check_choice, check_integer, check_
 from geomkit.distributed import init_from_environment, rank_and_world, shard_sum
 from geomkit.objectives import Objective
 from geomkit.recorder import Every, Never, Recorder, Schedule
-from geomkit.strategies import Strategy, build
+from geomkit.strategies import Strategy, as_strategy
 
 __all__ = [
     "EngineConfig",
@@ -52,12 +52,15 @@ class EngineConfig:
 
     Attributes
     ----------
-    strategy : str
-        The applied combination strategy (a name of :func:`geomkit.strategies.names`).
-    shadows : list of str or None
-        Strategies recorded on the same gradients without being applied (None: all).
+    strategy : str or Strategy
+        The applied combination strategy: a name of :func:`geomkit.strategies.names` or a
+        :class:`~geomkit.strategies.Strategy` (e.g. ``Strategy(BLUR(), PerTensor())``).
+    shadows : list of str or Strategy, or None
+        Strategies recorded on the same gradients without being applied (None: all
+        registered).
     alpha, gamma : float
-        Weights of the retain and forget gradients.
+        Weights of the retain and forget gradients for a strategy given by name. A Strategy
+        object carries its own weights; these must then be left at 1.0 or equal them.
     lr : float
         Peak learning rate of AdamW.
     steps : int
@@ -84,8 +87,8 @@ class EngineConfig:
         Seeds Python, NumPy and torch.
     """
 
-    strategy: str = "sago"
-    shadows: list[str] | None = None
+    strategy: str | Strategy = "sago"
+    shadows: list[str | Strategy] | None = None
     alpha: float = 1.0
     gamma: float = 1.0
     lr: float = 1e-5
@@ -100,12 +103,28 @@ class EngineConfig:
     nonfinite: str = "error"
     seed: int = 0
 
+    def build_strategy(self) -> Strategy:
+        """The applied :class:`~geomkit.strategies.Strategy` (a name is built with ``alpha``
+        and ``gamma``); checks the shadows too. Raises ``ValueError`` / ``TypeError``."""
+        strategy = as_strategy(self.strategy, alpha=self.alpha, gamma=self.gamma)
+        if self.shadows is not None and (
+            isinstance(self.shadows, (str, Strategy)) or not hasattr(self.shadows, "__iter__")
+        ):
+            raise TypeError(
+                f"invalid shadows={self.shadows!r}: expected a list of strategy names or "
+                "Strategy objects, or None"
+            )
+        for shadow in self.shadows or []:
+            as_strategy(shadow)
+        return strategy
+
     def validate(self) -> None:
         """Raise :class:`~geomkit.config.ConfigError` (a ``ValueError``) naming the first
         invalid field."""
-        build(self.strategy, alpha=self.alpha, gamma=self.gamma)  # validates name and weights
-        for name in self.shadows or []:
-            build(name)
+        try:  # the strategy, its weights and the shadows
+            self.build_strategy()
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         for name in ("steps", "accumulation", "flush_every"):
             check_integer(name, getattr(self, name), 1, error=ConfigError)
         check_integer("record_every", self.record_every, 0, error=ConfigError)
@@ -318,9 +337,7 @@ class Unlearner:
             self.reference.requires_grad_(False)
         self.rank, self.world = rank_and_world()
         seed_everything(self.config.seed)
-        self.strategy: Strategy = build(
-            self.config.strategy, alpha=self.config.alpha, gamma=self.config.gamma
-        )
+        self.strategy: Strategy = self.config.build_strategy()
         self.optimizer = torch.optim.AdamW(
             self.params, lr=self.config.lr, weight_decay=self.config.weight_decay
         )

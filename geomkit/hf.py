@@ -47,7 +47,7 @@ from geomkit.distributed import rank_and_world
 from geomkit.engine import _all_reduce_mean
 from geomkit.objectives import Objective
 from geomkit.recorder import Recorder
-from geomkit.strategies import Strategy, build
+from geomkit.strategies import Strategy, as_strategy
 
 __all__ = ["TwoTaskTrainer", "pair_collator"]
 
@@ -68,8 +68,10 @@ class TwoTaskTrainer(transformers.Trainer):
     objective : Objective
         Forget and retain losses (:func:`geomkit.objectives.build_objective`).
     strategy : Strategy or str
-        The combination strategy (default ``"sago"``); ``alpha`` and ``gamma`` weigh it.
-    shadows : sequence of str, optional
+        The combination strategy (default ``"sago"``): a registered name, which ``alpha`` and
+        ``gamma`` weigh, or a :class:`~geomkit.strategies.Strategy` (e.g.
+        ``Strategy(BLUR(), PerTensor())``), which carries its own weights.
+    shadows : sequence of Strategy or str, optional
         Strategies recorded on the same gradients without being applied (default all).
     out : str or PathLike, optional
         Zarr store for the geometry record (None: no recording; ``record_to`` is a deprecated
@@ -90,7 +92,7 @@ class TwoTaskTrainer(transformers.Trainer):
         strategy: Strategy | str = "sago",
         alpha: float = 1.0,
         gamma: float = 1.0,
-        shadows: Sequence[str] | None = None,
+        shadows: Sequence[Strategy | str] | None = None,
         out: str | os.PathLike | None = None,
         record_every: int = 1,
         reference: torch.nn.Module | None = None,
@@ -100,9 +102,7 @@ class TwoTaskTrainer(transformers.Trainer):
         if not isinstance(objective, Objective):
             raise TypeError(f"objective must be a geomkit Objective, got {type(objective)}")
         self.objective = objective
-        self.strategy = (
-            build(strategy, alpha=alpha, gamma=gamma) if isinstance(strategy, str) else strategy
-        )
+        self.strategy = as_strategy(strategy, alpha=alpha, gamma=gamma)
         if objective.needs_reference and reference is None:
             reference = copy.deepcopy(self.model)
         self.reference = reference

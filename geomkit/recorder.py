@@ -40,7 +40,7 @@ from geomkit._deprecation import renamed
 from geomkit.fields import INDEX, PAIR_FIELDS, UPDATE_FIELDS
 from geomkit.layers import TensorLocation, locate_all
 from geomkit.store import EVALUATION_VARIABLES, RunWriter
-from geomkit.strategies import Strategy, build, names
+from geomkit.strategies import Strategy, as_strategy, names
 
 __all__ = ["Schedule", "Every", "Never", "LogSpaced", "Recorder"]
 
@@ -103,16 +103,18 @@ class LogSpaced(Schedule):
 # ----------------------------------------------------------------------------------------------
 
 
-def _as_strategy(value: Strategy | str, alpha: float, gamma: float) -> Strategy:
-    if isinstance(value, Strategy):
-        return value
-    if isinstance(value, str):
-        return build(value, alpha=alpha, gamma=gamma)
-    raise TypeError(f"expected a strategy name or Strategy, got {type(value).__name__}")
-
-
-def _label(strategy: Strategy) -> str:
-    return strategy.name or repr(strategy)
+def _label(strategy: Strategy, applied: Strategy) -> str:
+    """``str(strategy)``; a shadow whose weights differ from the applied strategy's (the run's
+    ``alpha`` and ``gamma`` attributes) gets them appended, e.g. ``"sago[alpha=0.5]"``."""
+    weights = [
+        f"{name}={value!r}"
+        for name, value, run in (
+            ("alpha", strategy.alpha, applied.alpha),
+            ("gamma", strategy.gamma, applied.gamma),
+        )
+        if value != run
+    ]
+    return f"{strategy}[{','.join(weights)}]" if weights else str(strategy)
 
 
 class Recorder:
@@ -127,12 +129,16 @@ class Recorder:
     numel : sequence of int
         Element counts of those tensors.
     strategy : Strategy or str
-        The applied strategy (its statistics are measured on the update actually formed).
+        The applied strategy (its statistics are measured on the update actually formed): a
+        :class:`~geomkit.strategies.Strategy` (e.g. ``Strategy(BLUR(), PerTensor())``) or a
+        registered name. ``str(strategy)`` is its ``strategy`` coordinate in the store.
     shadows : sequence of Strategy or str, optional
         Strategies evaluated on the same (f, r) without being applied; default all registered
-        strategies. The applied one is never duplicated.
+        strategies. The applied one is never duplicated. Names take the applied strategy's
+        weights; a shadow object with other weights is labelled with them
+        (``"sago[alpha=0.5]"``).
     alpha, gamma : float
-        Task weights used for strategies given by name.
+        Task weights of an applied strategy given by name (a Strategy carries its own).
     schedule : Schedule or int
         When to record geometry; an int ``k`` means :class:`Every` ``(k)``.
     flush_every : int
@@ -171,11 +177,14 @@ class Recorder:
         mode: str = "w",
         resume_step: int | None = None,
     ) -> None:
-        self.applied = _as_strategy(strategy, alpha, gamma)
+        self.applied = as_strategy(strategy, alpha, gamma)
         shadows = names() if shadows is None else shadows
         weights = (self.applied.alpha, self.applied.gamma)
-        shadow_list = [_as_strategy(s, *weights) for s in shadows]
-        self.shadows = [s for s in shadow_list if s != self.applied]
+        shadow_list = [as_strategy(s, *weights) if isinstance(s, str) else s for s in shadows]
+        for s in shadow_list:
+            as_strategy(s)  # a shadow object keeps its own weights; anything else: TypeError
+        # equal strategies give equal statistics: each is recorded once, the applied one first
+        self.shadows = [s for s in dict.fromkeys(shadow_list) if s != self.applied]
         self.schedule = Every(schedule) if isinstance(schedule, int) else schedule
         if not isinstance(self.schedule, Schedule):
             raise TypeError(f"schedule must be a Schedule or an int, got {schedule!r}")
@@ -194,7 +203,12 @@ class Recorder:
         self.numel = [int(n) for n in numel]
         self.flush_every = flush_every
         self.shard_sum = shard_sum
-        self.strategy_labels = [_label(self.applied)] + [_label(s) for s in self.shadows]
+        self.strategy_labels = [_label(s, self.applied) for s in (self.applied, *self.shadows)]
+        if len(set(self.strategy_labels)) < len(self.strategy_labels):
+            raise ValueError(
+                f"invalid shadows: the strategy labels {self.strategy_labels} repeat; give "
+                "different strategies different names, e.g. dataclasses.replace(s, name='mine')"
+            )
         self.writer = (
             RunWriter(
                 out,

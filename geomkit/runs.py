@@ -34,7 +34,6 @@ from typing import Any, TypeAlias
 import numpy as np
 import xarray as xr
 
-import geomkit.analysis  # noqa: F401  (registers the ds.geom accessor)
 from geomkit.store import COORDINATES, STORE_NAME, VARIABLES, _store_path, open_run
 
 __all__ = ["Run", "Source", "find", "load"]

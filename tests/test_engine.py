@@ -30,7 +30,7 @@ from tiny import tiny_llama
 import geomkit
 from geomkit.engine import EngineConfig, NonFiniteGradientError, Unlearner
 from geomkit.objectives import GA, NLL, ForgetLoss, Objective, build_objective
-from geomkit.strategies import names
+from geomkit.strategies import BLUR, SAGO, PerTensor, Strategy, names
 
 SEQ = 12
 VOCAB = 64
@@ -474,6 +474,66 @@ def test_nonfinite_gradient_skip_records_a_skipped_step(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------------------------
 # 5. Settings
 # ----------------------------------------------------------------------------------------------
+
+
+def test_composed_strategy_object_runs_in_the_engine(tmp_path: Path) -> None:
+    """A Strategy composed in Python (BLUR at per-tensor scope, registered under no name)
+    drives a real Unlearner: the update is per-tensor BLUR with the Strategy's own weights,
+    the store labels it ``blur/per_tensor``, and Strategy shadows are recorded as given."""
+    alpha, gamma = 0.7, 1.2
+    strategy = Strategy(BLUR(), PerTensor(), alpha=alpha, gamma=gamma)
+    assert str(strategy) == "blur/per_tensor"
+    model = tiny_model(0)
+    initial = copy.deepcopy(model)
+    objective = build_objective("graddiff")
+    forget, retain = make_batch(4, 1), make_batch(4, 2)
+    half = Strategy(SAGO(), alpha=0.5, gamma=gamma)
+    config = EngineConfig(
+        strategy=strategy, shadows=["sago", half], steps=1, lr=1e-3, max_grad_norm=None
+    )
+    config.validate()
+    unlearner = Unlearner(model, objective, [forget], [retain], config, out=tmp_path / "run")
+    assert unlearner.strategy is strategy
+    captured: list[list[torch.Tensor]] = []
+    unlearner.optimizer.register_step_pre_hook(
+        lambda opt, args, kwargs: captured.append(
+            [p.grad.detach().clone() for p in unlearner.params]
+        )
+    )
+    unlearner.run()
+
+    f, r = autograd_gradients(initial, objective, forget, retain)
+    want_d, want_dr = [], []
+    for ft, rt in zip(f, r, strict=True):
+        fd, rd = ft.double(), rt.double()
+        projected = rd - (rd * fd).sum() / ((fd * fd).sum() + 1e-10) * fd  # per tensor
+        want_d.append(gamma * fd + alpha * projected)
+        want_dr.append(float((want_d[-1] * rd).sum()))
+    for name, got, want in zip(unlearner.names, captured[0], want_d, strict=True):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6, msg=name)
+    ds = geomkit.open_run(tmp_path / "run").load()
+    labels = [str(x) for x in ds["strategy"].values]
+    # "sago" takes the run's weights; the half-weighted object keeps its own, in its label
+    assert labels == ["blur/per_tensor", "sago", "sago[alpha=0.5]"]
+    assert (ds.attrs["alpha"], ds.attrs["gamma"]) == (alpha, gamma)
+    applied = ds.isel(record=0, strategy=0)
+    assert (applied["n_projected"].values == 1).all()  # BLUR projects every tensor
+    scale = max(abs(x) for x in want_dr)
+    np.testing.assert_allclose(applied["dr"].values, want_dr, rtol=1e-4, atol=1e-6 * scale)
+
+
+def test_engine_config_strategy_objects_and_weights() -> None:
+    sago = Strategy(SAGO(), alpha=0.5)
+    assert EngineConfig(strategy=sago).build_strategy() is sago
+    assert EngineConfig(strategy=sago, alpha=0.5).build_strategy() is sago
+    built = EngineConfig(strategy="sago", alpha=0.5).build_strategy()
+    assert built == sago and str(built) == "sago"
+    with pytest.raises(ValueError, match=r"invalid alpha=0.3: the strategy sago carries"):
+        EngineConfig(strategy=sago, alpha=0.3).validate()
+    with pytest.raises(TypeError, match=r"invalid strategy=3"):
+        EngineConfig(strategy=3).validate()
+    with pytest.raises(TypeError, match=r"invalid shadows='sago'"):
+        EngineConfig(shadows="sago").validate()
 
 
 def test_engine_config_defaults_validate() -> None:

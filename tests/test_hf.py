@@ -13,7 +13,7 @@ from tiny import tiny_llama
 import geomkit
 from geomkit.hf import TwoTaskTrainer, pair_collator
 from geomkit.objectives import build_objective
-from geomkit.strategies import build
+from geomkit.strategies import BLUR, PerTensor, Strategy, as_strategy
 
 
 def _model() -> transformers.LlamaForCausalLM:
@@ -78,7 +78,11 @@ class _Capturing(TwoTaskTrainer):
         self._batches = []
 
 
-@pytest.mark.parametrize("strategy", ["sago", "pcgrad"])
+@pytest.mark.parametrize(
+    "strategy",
+    ["sago", "pcgrad", Strategy(BLUR(), PerTensor(), alpha=0.5)],
+    ids=["sago", "pcgrad", "blur-per-tensor-object"],
+)
 def test_trainer_writes_strategy_of_separately_accumulated_gradients(tmp_path, strategy):
     model = _model()
     initial = copy.deepcopy(model)
@@ -95,7 +99,7 @@ def test_trainer_writes_strategy_of_separately_accumulated_gradients(tmp_path, s
     trainer.train()
     first = trainer.windows[0]
     # .grad at the window's end is exactly strategy(f, r)
-    expected = build(strategy)(first["f"], first["r"])
+    expected = as_strategy(strategy)(first["f"], first["r"])
     for got, want in zip(first["grad"], expected, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     # f and r are the window's gradients of each loss, each accumulated separately
@@ -111,8 +115,10 @@ def test_trainer_writes_strategy_of_separately_accumulated_gradients(tmp_path, s
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
     ds = geomkit.open_run(tmp_path / "geometry.zarr")
     assert list(ds.record.values) == [0, 1]
-    assert ds.attrs["applied_strategy"] == strategy
-    assert str(ds.strategy.values[0]) == strategy
+    label = str(as_strategy(strategy))  # "blur/per_tensor" for the composed object
+    assert ds.attrs["applied_strategy"] == label
+    assert str(ds.strategy.values[0]) == label
+    assert ds.attrs["alpha"] == as_strategy(strategy).alpha
 
 
 def test_trainer_rejects_batches_without_forget_part(tmp_path):

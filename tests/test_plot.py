@@ -16,7 +16,6 @@ import pytest
 import xarray as xr
 from matplotlib.colors import LogNorm
 
-import geomkit.analysis  # noqa: F401  (registers ds.geom)
 import geomkit.plot as gp
 from geomkit.store import stack_runs
 

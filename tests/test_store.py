@@ -33,7 +33,6 @@ import pytest
 import xarray as xr
 import zarr
 
-import geomkit.analysis  # noqa: F401 - registers ds.geom
 from geomkit.layers import locate_all
 from geomkit.recorder import Never
 from geomkit.store import (

@@ -37,8 +37,10 @@ from geomkit.strategies import (
     SAGOPreferRetain,
     Strategy,
     Sum,
+    as_strategy,
     build,
     names,
+    register,
 )
 
 NAMES = ref.NAMES
@@ -769,6 +771,93 @@ def test_repr_is_a_constructor_call():
     for name in NAMES:
         strategy = build(name, alpha=0.25, gamma=3.0)
         assert eval(repr(strategy), namespace) == strategy
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """The strategy registry, restored after the test."""
+    from geomkit.strategies import registry as module
+
+    monkeypatch.setattr(module, "_REGISTRY", dict(module._REGISTRY))
+    return module
+
+
+def test_registering_the_same_strategy_again_is_a_no_op(registry):
+    for name in NAMES:
+        rule, scope = registry._REGISTRY[name]
+        register(name, rule, scope)
+    assert names() == list(NAMES)
+    register("blur_per_tensor", BLUR, PerTensor)
+    register("blur_per_tensor", BLUR, PerTensor)  # a re-run notebook cell
+    assert names() == [*NAMES, "blur_per_tensor"]
+    assert build("blur_per_tensor") == Strategy(BLUR(), PerTensor())
+
+
+def test_registering_a_name_with_another_meaning_raises(registry):
+    with pytest.raises(ValueError, match=r"'sago' is already registered as SAGO; .*SAGOPrefer"):
+        register("sago", SAGOPreferRetain, None)
+    with pytest.raises(ValueError, match=r"'pcgrad' is already registered .*PCGrad x Global"):
+        register("pcgrad", PCGrad, Global)
+    with pytest.raises(ValueError, match=r"'blur' .*BLUR x PerTensor"):
+        register("blur", BLUR, PerTensor)
+    with pytest.raises(ValueError, match=r"'sum' .*Sum x Global"):
+        register("sum", Sum, Global)
+    assert build("sago") == Strategy(SAGO()) and build("pcgrad").scope == PerTensor()
+    with pytest.raises(ValueError, match=r"invalid strategy name='a b'"):
+        register("a b", Sum, None)
+
+
+def test_a_redefined_rule_class_re_registers_and_replaces(registry):
+    """A notebook cell defining a rule and registering it runs twice: the second class has the
+    same qualified name, so the name keeps its meaning and now builds the new class."""
+
+    def define():
+        class Halved(Sum):
+            def linear_form(self, dots, alpha, gamma):
+                return super().linear_form(dots, alpha / 2, gamma / 2)
+
+        return Halved
+
+    first, second = define(), define()
+    assert first is not second
+    register("halved", first, None)
+    register("halved", second, None)
+    assert type(build("halved").rule) is second
+    assert str(Strategy(second())) == "halved"
+    assert first.label == "halved"  # the default label: the snake-case class name
+
+
+def test_str_is_a_short_label():
+    for name in NAMES:
+        assert str(build(name, alpha=0.5, gamma=2.0)) == name
+    # composed without a name: the registered name of the same composition, else rule/scope
+    assert str(Strategy(SAGO(), alpha=0.3)) == "sago"
+    assert str(Strategy(PCGrad(), Global())) == "pcgrad_global"
+    assert str(Strategy(BLUR(), PerTensor())) == "blur/per_tensor"
+    assert str(Strategy(BLUR(), PerTensor(), name="blur_pt")) == "blur_pt"
+    assert str(Strategy(SAGO(), name="mine")) == "mine"
+    assert [c.label for c in (Sum, PCGrad, BLUR, SAGO, SAGOPreferRetain)] == [
+        "sum",
+        "pcgrad",
+        "blur",
+        "sago",
+        "sago_prefer_retain",
+    ]
+    assert (PerTensor.label, Global.label) == ("per_tensor", "global")
+    with pytest.raises(ValueError, match=r"invalid name=''"):
+        Strategy(SAGO(), name="")
+
+
+def test_as_strategy_takes_names_and_objects():
+    blur = Strategy(BLUR(), PerTensor(), alpha=0.5)
+    assert as_strategy(blur) is blur and as_strategy(blur, alpha=0.5) is blur
+    assert as_strategy("sago", 0.5, 2.0) == Strategy(SAGO(), alpha=0.5, gamma=2.0)
+    with pytest.raises(ValueError, match=r"invalid gamma=3.0: the strategy blur/per_tensor"):
+        as_strategy(blur, gamma=3.0)
+    with pytest.raises(TypeError, match=r"invalid strategy=None: expected a Strategy or"):
+        as_strategy(None)
+    with pytest.raises(ValueError, match=r"unknown strategy 'nope'"):
+        as_strategy("nope")
 
 
 def test_equality_and_hash():

@@ -529,9 +529,11 @@ def test_global_pcgrad_comparisons_are_model_level_only(recorded):
         "model",
     }
     claim = theory.get_claim("R7")
-    assert claim.status_at("sago_prefer_retain>=pcgrad_global", "model") == "proven"
-    assert not claim.gates("sago_prefer_retain>=pcgrad_global", "model")
-    assert not claim.evaluated_at("sago_prefer_retain>=pcgrad_global", "tensor")
+    assert claim.status_at(("sago_prefer_retain", "pcgrad_global"), "model") == "proven"
+    assert not claim.gates(("sago_prefer_retain", "pcgrad_global"), "model")
+    assert not claim.evaluated_at(("sago_prefer_retain", "pcgrad_global"), "tensor")
+    pair = theory.Comparison("sago_prefer_retain", "pcgrad_global")
+    assert audit.select(claim="R7", strategy=pair).results == r7_global.results
     assert theory.get_claim("R1").gates("sago", "tensor")
     assert theory.get_claim("R2b").gates("pcgrad_global", "model")
     assert not theory.get_claim("R2b").gates("pcgrad_global", "tensor")
@@ -737,3 +739,27 @@ def test_bad_input_raises_with_the_offending_value():
             where="",
             tolerance="",
         )
+
+
+def test_claims_compare_strategies_as_pairs_not_strings():
+    r7 = theory.get_claim("R7")
+    pair = theory.Comparison("sago_prefer_retain", "pcgrad_global")
+    # the table holds Comparison pairs; a plain tuple is the same key
+    assert pair in r7.strategies and ("sago_prefer_retain", "pcgrad") in r7.strategies
+    assert all(isinstance(s, theory.Comparison) for s in r7.strategies)
+    assert str(pair) == "sago_prefer_retain>=pcgrad_global"
+    assert r7.status_at(pair, "model") == "proven" and r7.status_at(pair, "tensor") == "open"
+    assert r7.status_at(("sago_prefer_retain", "pcgrad"), "model") == "open"
+    # Strategy objects stand for their label, alone or in a pair
+    assert r7.status_at((build("sago_prefer_retain"), build("pcgrad_global")), "model") == (
+        "proven"
+    )
+    r6 = theory.get_claim("R6")
+    assert r6.gates(build("sago"), "coordinate") and not r6.gates(build("pcgrad"), "coordinate")
+    # the old "a>=b" spelling still works, with a DeprecationWarning
+    with pytest.warns(DeprecationWarning, match="deprecated"):
+        assert r7.status_at("sago_prefer_retain>=pcgrad_global", "model") == "proven"
+    with pytest.raises(TypeError, match="pair"):
+        r7.status_at(("sago", "pcgrad", "blur"), "model")
+    with pytest.raises(TypeError, match="strategy name"):
+        r7.status_at(3, "model")

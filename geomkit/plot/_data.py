@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-import geomkit.analysis  # noqa: F401  (registers the ds.geom accessor)
 from geomkit.fields import STORED_FIELDS
 from geomkit.plot.style import MissingVariable, PlotSkipped
 from geomkit.runs import Run, Source, load

@@ -8,10 +8,12 @@
 [tensor([1., 1., 0.])]
 >>> strategies.names()
 ['sum', 'pcgrad', 'pcgrad_global', 'sago', 'sago_prefer_retain', 'blur']
+>>> str(sago), str(strategies.Strategy(strategies.BLUR(), strategies.PerTensor()))
+('sago', 'blur/per_tensor')
 """
 
 from geomkit.strategies.base import EPSILON, Global, PerTensor, Rule, Scope, Strategy
-from geomkit.strategies.registry import build, names, register
+from geomkit.strategies.registry import as_strategy, build, names, register, registered_name
 from geomkit.strategies.rules import BLUR, SAGO, PCGrad, SAGOPreferRetain, Sum
 
 __all__ = [
@@ -26,7 +28,9 @@ __all__ = [
     "Scope",
     "Strategy",
     "Sum",
+    "as_strategy",
     "build",
     "names",
     "register",
+    "registered_name",
 ]

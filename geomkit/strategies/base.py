@@ -11,9 +11,11 @@ weights ``alpha`` (retain) and ``gamma`` (forget).
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -27,13 +29,33 @@ EPSILON: float = 1e-10
 """The constant added to squared norms in projection denominators (as in the released code)."""
 
 
+def _snake(name: str) -> str:
+    """``PerTensor`` -> ``per_tensor``, ``MyRule2`` -> ``my_rule2`` (the default labels)."""
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name).lower()
+
+
+class _Labelled:
+    """A class-level ``label``: the snake-case class name unless the class sets one."""
+
+    label: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if "label" not in cls.__dict__:
+            cls.label = _snake(cls.__name__)
+
+
 # --------------------------------------------------------------------------------------------
 # Scope
 # --------------------------------------------------------------------------------------------
 
 
-class Scope(ABC):
-    """How the dot products a projection rule needs are pooled across parameter tensors."""
+class Scope(_Labelled, ABC):
+    """How the dot products a projection rule needs are pooled across parameter tensors.
+
+    ``label`` (class attribute) names the scope in composed strategy labels; by default the
+    snake-case class name (``per_tensor``, ``global``).
+    """
 
     @abstractmethod
     def pool(self, dots: Sequence[Tensor]) -> list[Tensor]:
@@ -73,8 +95,12 @@ class Global(Scope):
 # --------------------------------------------------------------------------------------------
 
 
-class Rule(ABC):
-    """A coordinate-wise combination rule ``d = a f + b r`` (constants on C and on A)."""
+class Rule(_Labelled, ABC):
+    """A coordinate-wise combination rule ``d = a f + b r`` (constants on C and on A).
+
+    ``label`` (class attribute) names the rule in composed strategy labels; by default the
+    snake-case class name.
+    """
 
     reduces: bool = False
     """Whether the rule needs dot products (and therefore a scope)."""
@@ -137,10 +163,18 @@ class Strategy:
     gamma : float
         Weight of the forget gradient, >= 0.
     name : str or None
-        Registry name, if the strategy was built by :func:`geomkit.strategies.build`.
+        Its label: the registry name when built by :func:`geomkit.strategies.build`, or one you
+        choose. Not part of equality.
 
     Calling the strategy on two equal-length sequences of tensors ``(forget, retain)``, one per
     parameter, returns the list of combined tensors, or writes them into ``out``.
+
+    ``str(strategy)`` is its short label, used as the store's ``strategy`` coordinate and in
+    legends: ``name`` if set, else the registered name of the same rule and scope (so
+    ``str(Strategy(SAGO())) == "sago"``), else ``"<rule>/<scope>"`` from the classes' ``label``
+    (``str(Strategy(BLUR(), PerTensor())) == "blur/per_tensor"``). The weights are not part
+    of the label: they are run attributes (:class:`~geomkit.recorder.Recorder` adds them to
+    the label of a shadow whose weights differ from the applied strategy's).
     """
 
     rule: Rule
@@ -163,10 +197,23 @@ class Strategy:
             )
         object.__setattr__(self, "alpha", check_weight("alpha", self.alpha))
         object.__setattr__(self, "gamma", check_weight("gamma", self.gamma))
+        if self.name is not None and (not isinstance(self.name, str) or not self.name.strip()):
+            raise ValueError(f"invalid name={self.name!r}: expected a non-empty string or None")
 
     def __repr__(self) -> str:
         scope = f", scope={self.scope!r}" if self.scope is not None else ""
         return f"Strategy({self.rule!r}{scope}, alpha={self.alpha!r}, gamma={self.gamma!r})"
+
+    def __str__(self) -> str:
+        if self.name is not None:
+            return self.name
+        from geomkit.strategies.registry import registered_name
+
+        registered = registered_name(self.rule, self.scope)
+        if registered is not None:
+            return registered
+        rule = type(self.rule).label
+        return rule if self.scope is None else f"{rule}/{type(self.scope).label}"
 
     # -- the combination ---------------------------------------------------------------------
 

@@ -31,6 +31,8 @@ def _form(a_c: Tensor, b_c: Tensor, a_a: Tensor, b_a: Tensor) -> Tensor:
 class Sum(Rule):
     """Plain weighted sum, ``d = gamma f + alpha r`` (GradDiff's combined gradient)."""
 
+    label = "sum"
+
     def linear_form(self, dots: Tensor, alpha: float, gamma: float) -> Tensor:
         a = torch.full(dots.shape[:-1], gamma, dtype=torch.float64, device=dots.device)
         b = torch.full_like(a, alpha)
@@ -51,6 +53,8 @@ class PCGrad(Rule):
     symmetric multi-task PCGrad of Yu et al. (NeurIPS 2020), which projects every task.
     The dot products are pooled by the strategy's scope (per tensor or global).
     """
+
+    label = "pcgrad"
 
     reduces = True
 
@@ -86,6 +90,8 @@ class BLUR(Rule):
     Used at global scope in the SAGO paper's comparison (Table 2).
     """
 
+    label = "blur"
+
     reduces = True
 
     @staticmethod
@@ -118,6 +124,8 @@ class SAGO(Rule):
     ``d_i = gamma f_i`` (the retain gradient is dropped there). Zeros never conflict.
     """
 
+    label = "sago"
+
     prefer_retain = False
     uniform = False
     # R6: d_i r_i = alpha r_i^2 on C, gamma f_i r_i (+ alpha r_i^2) >= 0 on A.
@@ -140,5 +148,7 @@ class SAGOPreferRetain(SAGO):
     Conflict -> ``alpha r_i``; otherwise ``gamma f_i + alpha r_i`` (released code's
     ``sago_prefer_retain``).
     """
+
+    label = "sago_prefer_retain"
 
     prefer_retain = True

@@ -34,7 +34,7 @@ Modules: :mod:`~geomkit.theory.claims` (the claim table), :mod:`~geomkit.theory.
 
 from geomkit.theory.breakdown import DEFAULT_BINS, r4_breakdown
 from geomkit.theory.cases import Cases, build_cases, rtol
-from geomkit.theory.claims import CLAIMS, GRANULARITIES, STATUSES, Claim, get_claim
+from geomkit.theory.claims import CLAIMS, GRANULARITIES, STATUSES, Claim, Comparison, get_claim
 from geomkit.theory.recorded import audit
 from geomkit.theory.report import Audit, CheckResult
 from geomkit.theory.samplers import (
@@ -61,6 +61,7 @@ __all__ = [
     "Cases",
     "CheckResult",
     "Claim",
+    "Comparison",
     "Counterexample",
     "Counterexamples",
     "Fixed",

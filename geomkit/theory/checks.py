@@ -25,7 +25,7 @@ from collections.abc import Callable
 import numpy as np
 
 from geomkit.theory.cases import Cases, field_of, rtol
-from geomkit.theory.claims import get_claim
+from geomkit.theory.claims import Comparison, get_claim
 from geomkit.theory.report import CheckResult
 
 __all__ = ["ADDITIVE_CHECKS", "check_r1", "check_r2", "check_r2b", "check_r3", "check_r4"]
@@ -59,7 +59,7 @@ def _finite(cases: Cases, names: tuple[str, ...], fields: tuple[str, ...]) -> np
 
 def summarise(
     claim_id: str,
-    strategy: str,
+    strategy: str | Comparison,
     strategies: tuple[str, ...],
     cases: Cases | None,
     q: np.ndarray,
@@ -113,7 +113,7 @@ def summarise(
         statement=claim.statement,
         status=claim.status_at(strategy, granularity),
         gates=claim.gates(strategy, granularity),
-        strategy=strategy,
+        strategy=str(strategy),
         strategies=strategies,
         granularity=granularity,
         source=source,
@@ -131,7 +131,7 @@ def summarise(
 
 
 def _missing(
-    claim_id: str, strategy: str, strategies: tuple[str, ...], cases: Cases
+    claim_id: str, strategy: str | Comparison, strategies: tuple[str, ...], cases: Cases
 ) -> CheckResult:
     claim = get_claim(claim_id)
     return CheckResult(
@@ -139,7 +139,7 @@ def _missing(
         statement=claim.statement,
         status=claim.status_at(strategy, cases.granularity),
         gates=claim.gates(strategy, cases.granularity),
-        strategy=strategy,
+        strategy=str(strategy),
         strategies=strategies,
         granularity=cases.granularity,
         source=cases.source,
@@ -329,12 +329,12 @@ def cosine_gap(cases: Cases, first: str, second: str) -> tuple[np.ndarray, ...]:
 
 
 def _comparison(claim_id: str, first: str, second: str, cases: Cases) -> list[CheckResult]:
-    label, pair = f"{first}>={second}", (first, second)
+    pair = Comparison(first, second)
     claim = get_claim(claim_id)
-    if not claim.evaluated_at(label, cases.granularity):
+    if not claim.evaluated_at(pair, cases.granularity):
         return []  # e.g. global PCGrad below the model: a slice of it is outside the claim
     if first not in cases.stats or second not in cases.stats:
-        return [_missing(claim_id, label, pair, cases)]
+        return [_missing(claim_id, pair, pair, cases)]
     gap, tol, defined, ratio, finite = cosine_gap(cases, first, second)
     details: dict[str, float] = {}
     ok = defined & finite & np.isfinite(gap) & np.isfinite(tol)
@@ -349,7 +349,7 @@ def _comparison(claim_id: str, first: str, second: str, cases: Cases) -> list[Ch
     weights = _weights_note(cases)
     if claim_id in ("R4", "R7") and (cases.alpha, cases.gamma) != (1.0, 1.0):
         weights += " (the claim is stated for alpha = gamma = 1; measured at these weights)"
-    if claim.status_at(label, cases.granularity) == "proven":
+    if claim.status_at(pair, cases.granularity) == "proven":
         gate = "proven (docs/theory.md#r7), reported but outside the bug gate"
     else:
         gate = "measured, not gated" if claim_id in ("R4", "R7", "R8") else ""
@@ -361,7 +361,7 @@ def _comparison(claim_id: str, first: str, second: str, cases: Cases) -> list[Ch
     )
     result = summarise(
         claim_id,
-        label,
+        pair,
         pair,
         cases,
         gap,
@@ -410,9 +410,9 @@ def check_r5(cases: Cases) -> list[CheckResult]:
     """R5 (false): ``<d_SAGO, r> >= <d_PCGrad, r>``, reported as a difference over ``|r|^2``."""
     out = []
     for other in ("pcgrad", "pcgrad_global"):
-        label, pair = f"sago>={other}", ("sago", other)
+        pair = Comparison("sago", other)
         if "sago" not in cases.stats or other not in cases.stats:
-            out.append(_missing("R5", label, pair, cases))
+            out.append(_missing("R5", pair, pair, cases))
             continue
         s, p = cases.stats["sago"], cases.stats[other]
         rr = field_of(s, "rr")
@@ -422,7 +422,7 @@ def check_r5(cases: Cases) -> list[CheckResult]:
         out.append(
             summarise(
                 "R5",
-                label,
+                pair,
                 pair,
                 cases,
                 q,

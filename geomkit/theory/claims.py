@@ -27,11 +27,67 @@ evaluated for the model only (:meth:`Claim.evaluated_at`).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import NamedTuple
 
-__all__ = ["CLAIMS", "GRANULARITIES", "STATUSES", "Claim", "get_claim"]
+from geomkit.strategies.base import Strategy
+
+__all__ = ["CLAIMS", "GRANULARITIES", "STATUSES", "Claim", "Comparison", "get_claim", "subject"]
+
+
+class Comparison(NamedTuple):
+    """The subject of a comparison claim (R4, R5, R7, R8): ``first`` aligns at least as well
+    with the retain gradient as ``second``.
+
+    A tuple of two strategy names, so ``("sago", "pcgrad")`` is equal to (and hashes like)
+    ``Comparison("sago", "pcgrad")``. ``str()`` gives the display label ``"sago>=pcgrad"``
+    (the ``strategy`` column of an audit).
+    """
+
+    first: str
+    second: str
+
+    def __str__(self) -> str:
+        return f"{self.first}>={self.second}"
+
+
+Subject = str | Comparison
+"""What a claim is about at one evaluation: a strategy name or a :class:`Comparison`."""
+
+
+def _name(value: object) -> str:
+    if isinstance(value, Strategy):
+        return str(value)
+    if isinstance(value, str) and value and ">=" not in value:
+        return value
+    raise TypeError(f"invalid strategy={value!r}: expected a strategy name or a Strategy")
+
+
+def subject(value: object) -> Subject:
+    """Normalise a claim subject: a strategy name or :class:`~geomkit.strategies.Strategy`
+    (its label), or a pair of them, a :class:`Comparison`.
+
+    The old comparison spelling ``"a>=b"`` still works and warns (``DeprecationWarning``).
+    """
+    if isinstance(value, Comparison):
+        return value
+    if isinstance(value, tuple):
+        if len(value) != 2:
+            raise TypeError(f"invalid comparison={value!r}: expected a pair (first, second)")
+        return Comparison(_name(value[0]), _name(value[1]))
+    if isinstance(value, str) and ">=" in value:
+        warnings.warn(
+            f"the comparison string {value!r} is deprecated; pass a pair, e.g. "
+            f"Comparison{tuple(value.split('>=', 1))!r}",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        return subject(tuple(value.split(">=", 1)))
+    return _name(value)
+
 
 STATUSES: tuple[str, ...] = ("proven", "false", "open")
 """The statuses a claim can have at a (strategy, granularity)."""
@@ -52,32 +108,35 @@ class Claim:
         The claim, as a formula.
     status : str
         Status of the claim as stated, for all inputs (one of :data:`STATUSES`).
-    strategies : tuple of str
-        The strategies (or ``"a>=b"`` comparisons) the claim is about.
+    strategies : tuple of str or Comparison
+        The strategies (names) or :class:`Comparison` pairs the claim is about.
     granularities : tuple of str
         Granularities at which geomkit evaluates it.
     holds : str
         What actually holds (docs/theory.md, abridged).
     overrides : mapping
-        ``(strategy, granularity) -> status`` where it differs from ``status``; ``"*"`` matches
-        every granularity.
-    ungated : frozenset of (str, str)
-        ``(strategy, granularity)`` pairs where the claim is proven but does not gate
+        ``(subject, granularity) -> status`` where it differs from ``status``; ``"*"``
+        matches every granularity. A subject is a strategy name or a :class:`Comparison`.
+    ungated : frozenset of (subject, str)
+        ``(subject, granularity)`` pairs where the claim is proven but does not gate
         ``bug_detected`` (``"*"`` matches every granularity).
     scopes : mapping
-        ``strategy -> granularities`` where a strategy (or comparison) is evaluated at fewer
+        ``subject -> granularities`` where a strategy (or comparison) is evaluated at fewer
         granularities than ``granularities``.
+
+    The methods take a subject as a name, a :class:`~geomkit.strategies.Strategy`, or a pair
+    ``(first, second)`` for a comparison.
     """
 
     id: str
     statement: str
     status: str
-    strategies: tuple[str, ...]
+    strategies: tuple[Subject, ...]
     granularities: tuple[str, ...]
     holds: str
-    overrides: Mapping[tuple[str, str], str] = field(default_factory=dict, hash=False)
-    ungated: frozenset[tuple[str, str]] = frozenset()
-    scopes: Mapping[str, tuple[str, ...]] = field(default_factory=dict, hash=False)
+    overrides: Mapping[tuple[Subject, str], str] = field(default_factory=dict, hash=False)
+    ungated: frozenset[tuple[Subject, str]] = frozenset()
+    scopes: Mapping[Subject, tuple[str, ...]] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         statuses = [self.status, *self.overrides.values()]
@@ -94,32 +153,42 @@ class Claim:
                     f"scope of {strategy!r} names granularities {sorted(extra)} outside "
                     f"{self.granularities}"
                 )
-        object.__setattr__(self, "overrides", MappingProxyType(dict(self.overrides)))
-        object.__setattr__(self, "ungated", frozenset(self.ungated))
+        object.__setattr__(self, "strategies", tuple(subject(s) for s in self.strategies))
         object.__setattr__(
-            self, "scopes", MappingProxyType({k: tuple(v) for k, v in self.scopes.items()})
+            self,
+            "overrides",
+            MappingProxyType({(subject(k), g): v for (k, g), v in self.overrides.items()}),
+        )
+        object.__setattr__(self, "ungated", frozenset((subject(k), g) for k, g in self.ungated))
+        object.__setattr__(
+            self,
+            "scopes",
+            MappingProxyType({subject(k): tuple(v) for k, v in self.scopes.items()}),
         )
 
-    def status_at(self, strategy: str, granularity: str) -> str:
-        """The status of this claim for ``strategy`` evaluated at ``granularity``."""
+    def status_at(self, strategy: object, granularity: str) -> str:
+        """The status of this claim for ``strategy`` (a name, Strategy or comparison pair)
+        evaluated at ``granularity``."""
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        strategy = subject(strategy)
         for key in ((strategy, granularity), (strategy, "*")):
             if key in self.overrides:
                 return self.overrides[key]
         return self.status
 
-    def gates(self, strategy: str, granularity: str) -> bool:
+    def gates(self, strategy: object, granularity: str) -> bool:
         """Whether a violation for ``strategy`` at ``granularity`` sets ``bug_detected``: the
         claim is proven there and not listed in ``ungated``."""
+        strategy = subject(strategy)
         if self.status_at(strategy, granularity) != "proven":
             return False
         return (strategy, granularity) not in self.ungated and (strategy, "*") not in self.ungated
 
-    def evaluated_at(self, strategy: str, granularity: str) -> bool:
-        """Whether ``strategy`` (or comparison) is evaluated at ``granularity`` (R7 and R8
-        against global PCGrad: the model only)."""
-        return granularity in self.scopes.get(strategy, self.granularities)
+    def evaluated_at(self, strategy: object, granularity: str) -> bool:
+        """Whether ``strategy`` (or a comparison pair) is evaluated at ``granularity`` (R7 and
+        R8 against global PCGrad: the model only)."""
+        return granularity in self.scopes.get(subject(strategy), self.granularities)
 
 
 _TABLE = (
@@ -166,7 +235,7 @@ _TABLE = (
         "R4",
         "cos(d_SAGO, r) >= cos(d_PCGrad, r) for all inputs (alpha = gamma = 1)",
         "false",
-        ("sago>=pcgrad", "sago>=pcgrad_global"),
+        (Comparison("sago", "pcgrad"), Comparison("sago", "pcgrad_global")),
         ("tensor", "layer", "model"),
         "false: r=(1,0.01), f=(0.01,1) gives 0.020 vs 0.714; holds in ~38% of random draws; "
         "tends to hold when |f| >~ |r| (a property of the data, not a theorem)",
@@ -175,7 +244,7 @@ _TABLE = (
         "R5",
         "<d_SAGO, r> >= <d_PCGrad, r> (numerator comparison)",
         "false",
-        ("sago>=pcgrad", "sago>=pcgrad_global"),
+        (Comparison("sago", "pcgrad"), Comparison("sago", "pcgrad_global")),
         ("tensor", "layer", "model"),
         "false in general",
     ),
@@ -193,20 +262,23 @@ _TABLE = (
         "R7",
         "sago_prefer_retain: cos(d, r) >= cos(d_PCGrad, r) (alpha = gamma = 1)",
         "open",
-        ("sago_prefer_retain>=pcgrad", "sago_prefer_retain>=pcgrad_global"),
+        (
+            Comparison("sago_prefer_retain", "pcgrad"),
+            Comparison("sago_prefer_retain", "pcgrad_global"),
+        ),
         ("tensor", "layer", "model"),
         "proven against global PCGrad for the model (docs/theory.md#r7; evaluated for the "
         "model only, reported but outside the bug gate); open against per-tensor PCGrad (no "
         "counterexample, also at alpha, gamma in {0.1, 1}), measured at every granularity",
-        {("sago_prefer_retain>=pcgrad_global", "model"): "proven"},
-        frozenset({("sago_prefer_retain>=pcgrad_global", "*")}),
-        {"sago_prefer_retain>=pcgrad_global": ("model",)},
+        {(Comparison("sago_prefer_retain", "pcgrad_global"), "model"): "proven"},
+        frozenset({(Comparison("sago_prefer_retain", "pcgrad_global"), "*")}),
+        {Comparison("sago_prefer_retain", "pcgrad_global"): ("model",)},
     ),
     Claim(
         "R8",
         "cos(d_PCGrad per tensor, r) >= cos(d_PCGrad global, r)",
         "open",
-        ("pcgrad>=pcgrad_global",),
+        (Comparison("pcgrad", "pcgrad_global"),),
         ("model",),
         "no counterexample beyond float noise; unproven. About the model-level vectors: a tensor "
         "or layer slice of the globally projected update is outside the claim",

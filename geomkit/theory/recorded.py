@@ -21,7 +21,6 @@ import numpy as np
 import torch
 import xarray as xr
 
-import geomkit.analysis  # noqa: F401  (registers the ds.geom accessor)
 from geomkit.fields import STORED_FIELDS
 from geomkit.runs import Run, Source, load
 from geomkit.store import SchemaError

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 from geomkit._deprecation import renamed
-from geomkit.theory.claims import GRANULARITIES, STATUSES
+from geomkit.theory.claims import GRANULARITIES, STATUSES, subject
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -65,7 +65,8 @@ class CheckResult:
         global PCGrad for the model), and for false and open claims. Default (``None``):
         ``status == "proven"``.
     strategy : str
-        The strategy, or a comparison ``"a>=b"`` (R4, R5, R7, R8).
+        The strategy, or the label ``"a>=b"`` of a comparison (R4, R5, R7, R8): ``str`` of
+        its :class:`~geomkit.theory.claims.Comparison`.
     strategies : tuple of str
         Every strategy involved.
     granularity : str
@@ -277,10 +278,14 @@ class Audit:
         self,
         claim: str | None = None,
         by: str | None = None,
-        strategy: str | None = None,
+        strategy: str | tuple[str, str] | None = None,
         source: str | None = None,
     ) -> Audit:
-        """The results matching every given field (``by``: the results' granularity)."""
+        """The results matching every given field (``by``: the results' granularity);
+        ``strategy`` is a name, a Strategy, or a comparison pair ``(first, second)`` (its label
+        ``"first>=second"`` also matches)."""
+        if strategy is not None and not isinstance(strategy, str):
+            strategy = str(subject(strategy))
         want = {"claim": claim, "granularity": by, "strategy": strategy, "source": source}
         keep = tuple(
             r for r in self.results if all(v is None or getattr(r, k) == v for k, v in want.items())
@@ -288,7 +293,9 @@ class Audit:
         return Audit(keep, self.attrs)
 
     @renamed(granularity="by")
-    def get(self, claim: str, by: str, strategy: str | None = None) -> CheckResult:
+    def get(
+        self, claim: str, by: str, strategy: str | tuple[str, str] | None = None
+    ) -> CheckResult:
         """The single result for ``claim`` at granularity ``by`` (and ``strategy``)."""
         found = self.select(claim, by, strategy).results
         if len(found) != 1:
