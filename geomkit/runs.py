@@ -56,8 +56,10 @@ class Run:
     Attributes
     ----------
     label : str
-        Unique among the runs of one :func:`load`: the run directory's name (a store's own name
-        without ``.zarr``), else the ``run`` coordinate or attribute, else ``run<index>``.
+        Unique among the runs of one :func:`load`: the ``run`` coordinate of a stacked Dataset,
+        else the ``run`` attribute given when recording (``geomkit run`` writes the run
+        directory's name), else the run directory's name (a store's own name without
+        ``.zarr``), else ``run<index>``.
     ds : xarray.Dataset
         The run as :func:`geomkit.open_run` gives it: applied strategy first, ``measured``
         coordinate, per-run attributes in ``ds.attrs``.
@@ -245,11 +247,11 @@ def _plain(value: Any) -> Any:
 def _label(ds: xr.Dataset, index: int) -> str:
     if "run" in ds.coords and ds["run"].ndim == 0:
         return str(_plain(ds["run"].values))
+    if ds.attrs.get("run") not in (None, "none"):  # a name given when recording
+        return str(ds.attrs["run"])
     if "source" in ds.attrs:
         path = Path(str(ds.attrs["source"]))
         return path.parent.name if path.name == STORE_NAME else path.name.removesuffix(".zarr")
-    if ds.attrs.get("run") is not None:
-        return str(ds.attrs["run"])
     return f"run{index}"
 
 
