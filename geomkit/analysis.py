@@ -17,7 +17,7 @@ Dataset opened from a geomkit store, also with ``xr.open_zarr``.
 >>> bool((ds.geom.metrics(by="tensor").cos_dr.sel(strategy="sago") >= 0).all())
 True
 >>> ds.geom.runs()
-[Run('...': ..., seed ...; 0 steps, 3 records, 0 evaluations)]
+[Run('...': sago; 3 steps, 3 records, 0 evaluations)]
 >>> ds.geom.audit().bug_detected  # the theorem audit of this run
 False
 >>> tmp.cleanup()

@@ -5,10 +5,19 @@ runs, an opened Dataset (one run, or several stacked along ``run`` by
 :func:`geomkit.store.open_runs`), a :class:`Run`, or a list of any of these. :func:`load` is
 the one entry point the runner, :mod:`geomkit.theory`, :mod:`geomkit.plot` and ``ds.geom`` use.
 
->>> runs = geomkit.runs.load("runs")                                # doctest: +SKIP
->>> runs[0]                                                         # doctest: +SKIP
-Run('graddiff-sago-seed0': graddiff + sago, seed 0; 100 steps, 20 records, 6 evaluations)
->>> runs[0].ds.geom.metrics(by="layer")                             # doctest: +SKIP
+>>> import tempfile, torch, geomkit
+>>> tmp = tempfile.TemporaryDirectory()  # two tiny runs in a directory of runs
+>>> for strategy in ("sago", "pcgrad"):
+...     rec = geomkit.Recorder(f"{tmp.name}/{strategy}/geometry.zarr", ["w"], [4], strategy,
+...                            attrs={"objective": "graddiff", "seed": 0})
+...     rec.record(0, [torch.ones(4)], [-torch.ones(4)], forget_loss=1.0, retain_loss=1.0)
+...     rec.close()
+>>> runs = geomkit.runs.load(tmp.name)
+>>> runs
+[Run('pcgrad': graddiff + pcgrad, seed 0; 1 step, 1 record, 0 evaluations), Run('sago': ...)]
+>>> runs[1].strategy, runs[1].alpha, float(runs[1].ds.geom.metrics().cos_dr.sel(strategy="sago")[0])
+('sago', 1.0, 1.0)
+>>> tmp.cleanup()
 
 Padding
 -------

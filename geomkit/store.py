@@ -243,7 +243,8 @@ class DamagedStoreError(SchemaError):
     A subclass of :class:`SchemaError` (a damaged store does not satisfy the schema), hence of
     ``ValueError``. The message is one line naming every damaged variable, its chunk or
     metadata key and the steps or records affected; :attr:`damage` lists them.
-    ``open_run(path, on_damage="mask")`` reads the rest.
+    ``open_run(path, on_damage="mask")`` reads the rest, unless the group's own metadata is
+    lost (then nothing can be read, and the message does not suggest it).
     """
 
     def __init__(self, store: str | os.PathLike, damage: Sequence[StoreDamage]) -> None:
@@ -253,10 +254,9 @@ class DamagedStoreError(SchemaError):
         more = len(self.damage) - _SHOWN
         if more > 0:
             shown += f"; and {more} more"
-        super().__init__(
-            f"damaged geomkit run store {self.store}: {shown}; "
-            "open_run(path, on_damage='mask') reads the rest"
-        )
+        group_lost = any(d.affected.startswith("everything") for d in self.damage)
+        hint = "" if group_lost else "; open_run(path, on_damage='mask') reads the rest"
+        super().__init__(f"damaged geomkit run store {self.store}: {shown}{hint}")
 
 
 class DamagedStoreWarning(UserWarning):
@@ -624,8 +624,10 @@ def open_run(
         readable part, with the values of every damaged chunk set to NaN (integer and boolean
         variables holding such values become float64; string coordinates ``None``), a variable
         whose metadata is lost all NaN, a coordinate whose metadata is lost left out; the
-        damage is listed in ``ds.attrs["damaged"]`` (one string per damaged part) and
-        reported by a :class:`DamagedStoreWarning`.
+        damage is listed in ``ds.attrs["damaged"]`` (one string per damaged part), marked by
+        boolean coordinates ``step_damaged`` / ``record_damaged`` / ``evaluation_damaged``
+        (present only where something was masked; :func:`geomkit.theory.audit` leaves those
+        records out), and reported by a :class:`DamagedStoreWarning`.
 
     Raises
     ------
@@ -653,8 +655,14 @@ def open_run(
     if on_damage not in ("raise", "mask"):
         raise ValueError(f"invalid on_damage={on_damage!r}: expected 'raise' or 'mask'")
     store = _store_path(path)
-    group = zarr.open_group(store, mode="r")
-    attrs = dict(group.attrs)
+    try:
+        group = zarr.open_group(store, mode="r")
+        attrs = dict(group.attrs)
+    except Exception as error:  # zarr raises JSON, key and value errors for broken metadata
+        problem = f"cannot be read ({_short(error)})"
+        raise DamagedStoreError(
+            store, [StoreDamage("(group)", "zarr.json", problem, "everything")]
+        ) from error
     version = _check_schema(store, attrs)
     ds, damage = _Reader(store, group, attrs, version, mask=on_damage == "mask").read()
     if damage:
@@ -775,7 +783,32 @@ class _Reader:
         data_vars = {n: v for n, v in variables.items() if n not in COORDINATES}
         ds = xr.Dataset(data_vars, coords=coords)
         ds.attrs = {k: v for k, v in self.attrs.items() if not k.startswith("committed_")}
+        if self.mask:
+            ds = ds.assign_coords(self._damaged_coordinates(sizes))
         return ds, self._describe(variables)
+
+    def _damaged_coordinates(self, sizes: Mapping[str, int]) -> dict[str, xr.Variable]:
+        """``<dim>_damaged``: True at the steps, records or evaluations whose values were
+        masked (only for the dimensions that have any), so that analyses can leave them out."""
+        out = {}
+        for dim in _GROWING:
+            mark = np.zeros(sizes.get(dim, 0), dtype=bool)
+            for found in self.found:
+                if found.dim == dim:
+                    mark[found.start : found.stop] = True
+            if mark.any():
+                out[f"{dim}_damaged"] = xr.Variable(
+                    (dim,),
+                    mark,
+                    attrs={
+                        "long_name": f"{dim} damaged",
+                        "units": "1",
+                        "description": f"true where a damaged chunk was masked with NaN "
+                        f"(open_run(path, on_damage='mask')); the {dim}'s values there are "
+                        "not the recorded ones",
+                    },
+                )
+        return out
 
     def _sizes(self, arrays: Mapping[str, Any]) -> dict[str, int]:
         """Length of each dimension: committed counts, fixed sizes from the arrays."""

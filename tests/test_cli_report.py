@@ -173,6 +173,9 @@ def _damage(run: Path, how: str) -> tuple[str, str]:
         chunk = store / "dd" / "c" / "0" / "0" / "0"
         chunk.write_bytes(chunk.read_bytes()[:7])
         return "dd", "dd/c/0/0/0 does not decode"
+    if how == "corrupt group metadata":
+        (store / "zarr.json").write_text("{not json")
+        return "(group)", "zarr.json cannot be read"
     (store / "fr" / "zarr.json").unlink()
     return "fr", "fr/zarr.json is missing (2 records at steps 0, 2)"
 
@@ -184,7 +187,9 @@ COMMANDS = {
 }
 
 
-@pytest.mark.parametrize("how", ["deleted chunk", "truncated chunk", "missing metadata"])
+@pytest.mark.parametrize(
+    "how", ["deleted chunk", "truncated chunk", "missing metadata", "corrupt group metadata"]
+)
 @pytest.mark.parametrize("command", list(COMMANDS))
 def test_damaged_store_exits_two_with_one_line_naming_the_damage(
     tmp_path: Path, capsys: pytest.CaptureFixture, command: str, how: str
@@ -246,3 +251,47 @@ def test_figure_flags_are_checked(tmp_path: Path, capsys: pytest.CaptureFixture)
     assert "invalid --dpi=0: expected an integer > 0" in capsys.readouterr().err
     assert main(["plot", str(run), str(run)]) == 2
     assert "invalid --out=None" in capsys.readouterr().err
+
+
+def test_group_metadata_lost_does_not_suggest_masking(tmp_path: Path) -> None:
+    from geomkit.store import DamagedStoreError, open_run
+
+    run = _recorded_run(tmp_path / "run")
+    _damage(run, "corrupt group metadata")
+    for on_damage in ("raise", "mask"):
+        with pytest.raises(DamagedStoreError, match=r"zarr\.json cannot be read") as info:
+            open_run(run, on_damage=on_damage)
+        assert "on_damage" not in str(info.value)
+
+
+def test_audit_of_a_masked_store_leaves_the_damaged_records_out(tmp_path: Path) -> None:
+    import torch
+
+    from geomkit import theory
+    from geomkit.recorder import Recorder
+    from geomkit.store import DamagedStoreWarning, open_run
+
+    store = tmp_path / "run" / STORE_NAME
+    recorder = Recorder(
+        store,
+        ["model.layers.0.mlp.up_proj.weight"],
+        [32],
+        "sago",
+        shadows=["pcgrad"],
+        attrs={"objective": "graddiff", "seed": 0},
+    )
+    generator = torch.Generator().manual_seed(0)
+    for step in range(20):  # records 0-15 in the first chunk (16 records a chunk), 16-19 after
+        f, r = (torch.randn(32, generator=generator) for _ in range(2))
+        recorder.record(step, [f], [r], forget_loss=1.0, retain_loss=2.0)
+    recorder.close()
+    intact = theory.audit(open_run(store))
+    (store / "ff" / "c" / "0" / "0").unlink()
+    with pytest.warns(DamagedStoreWarning):
+        ds = open_run(store, on_damage="mask")
+    assert ds["record_damaged"].values.tolist() == [True] * 16 + [False] * 4
+    audit = theory.audit(ds)
+    assert not audit.bug_detected and not intact.bug_detected  # lost data is no violation
+    r1 = audit.get("R1", "model", "sago")
+    assert (r1.cases, intact.get("R1", "model", "sago").cases) == (4, 20)
+    assert "16 damaged record(s) left out (steps 0, 1," in r1.note

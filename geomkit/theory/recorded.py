@@ -16,6 +16,7 @@ coordinate granularity where the statistics allow it:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -118,6 +119,19 @@ def run_cases(run: Run, dtype: torch.dtype | str | None = None) -> dict[str, Cas
 _STATISTICS: tuple[str, ...] = STORED_FIELDS
 
 
+def _without_damaged(run: Run) -> Run:
+    """The run without the records that ``open_run(path, on_damage="mask")`` masked (their NaN
+    are lost data, not a violation); the left-out steps are named in the results' notes."""
+    if "record_damaged" not in run.ds.coords:
+        return run
+    damaged = run.ds["record_damaged"].values.astype(bool)
+    steps = ", ".join(str(int(s)) for s in run.ds["record"].values[damaged])
+    note = f"{int(damaged.sum())} damaged record(s) left out (steps {steps})"
+    return replace(
+        run, ds=run.ds.isel(record=np.flatnonzero(~damaged)), dropped=(*run.dropped, note)
+    )
+
+
 def _coordinate(claims: tuple[str, ...], ds: xr.Dataset, name: str) -> list[CheckResult]:
     """R1 / R6 from ``n_opposed``; R9 reported as not evaluable."""
     measured = _measured(ds)
@@ -210,6 +224,7 @@ def audit(
                 f"run {run.label!r} has no {missing} variables; expected a geomkit run "
                 "(geomkit.open_run / open_runs / geomkit.runs.load)"
             )
+        run = _without_damaged(run)
         cases = run_cases(run, dtype)
         results.extend(_coordinate(claims, run.ds, run.label))
         for granularity in ("tensor", "layer", "model"):
