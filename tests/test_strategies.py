@@ -807,6 +807,19 @@ def test_registering_a_name_with_another_meaning_raises(registry):
         register("a b", Sum, None)
 
 
+def test_lambda_and_partial_factories_cannot_change_a_meaning(registry):
+    import functools
+
+    register("mine", lambda: SAGO(), None)
+    register("mine", lambda: SAGO(), None)  # the same meaning again: a no-op
+    with pytest.raises(ValueError, match="would change its meaning"):
+        register("mine", lambda: Sum(), None)
+    register("other", functools.partial(SAGO), None)
+    with pytest.raises(ValueError, match="would change its meaning"):
+        register("other", functools.partial(Sum), None)
+    assert build("mine").rule == SAGO() and build("other").rule == SAGO()
+
+
 def test_a_redefined_rule_class_re_registers_and_replaces(registry):
     """A notebook cell defining a rule and registering it runs twice: the second class has the
     same qualified name, so the name keeps its meaning and now builds the new class."""

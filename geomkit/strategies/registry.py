@@ -16,8 +16,9 @@ def _same_factory(old: Callable | None, new: Callable | None) -> bool:
     """Whether two rule (or scope) factories mean the same thing.
 
     The same object, or a re-definition of it (same module and qualified name, as when a
-    notebook cell defining the class runs again) that builds an equal-looking object (same
-    attributes).
+    notebook cell defining the class runs again) that builds an object of the same class
+    (module and qualified name) with the same attributes. Lambdas and ``functools.partial``
+    objects share no distinguishing name, so for them the built objects decide.
     """
     if old is new:
         return True
@@ -26,7 +27,9 @@ def _same_factory(old: Callable | None, new: Callable | None) -> bool:
     key = ("__module__", "__qualname__")
     if any(getattr(old, k, None) != getattr(new, k, None) for k in key):
         return False
-    return vars(old()) == vars(new())
+    built_old, built_new = old(), new()
+    kind = lambda obj: (type(obj).__module__, type(obj).__qualname__)  # noqa: E731
+    return kind(built_old) == kind(built_new) and vars(built_old) == vars(built_new)
 
 
 def register(name: str, rule: Callable[[], Rule], scope: Callable[[], Scope] | None) -> None:
