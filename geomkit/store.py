@@ -69,17 +69,3 @@ __all__ = [
     "open_runs",
     "stack_runs",
 ]
-
-# Reprs, tracebacks, pickles and the doctests name the public home, as before the split.
-for _public in (
-    open_run,
-    open_runs,
-    stack_runs,
-    RunWriter,
-    SchemaError,
-    DamagedStoreError,
-    DamagedStoreWarning,
-    StoreDamage,
-):
-    _public.__module__ = __name__
-del _public
