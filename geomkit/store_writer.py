@@ -1,0 +1,273 @@
+"""Streaming a run to zarr: :class:`RunWriter` (public home: :mod:`geomkit.store`).
+
+The writer appends blocks while training runs and, after each block, advances the
+``committed_steps`` / ``committed_records`` / ``committed_evaluations`` attributes, so that a run
+killed at any point leaves a store whose committed part :func:`geomkit.store.open_run` reads back
+intact (docs/schema.md).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+import zarr
+
+from geomkit._deprecation import renamed
+from geomkit.layers import TensorLocation
+from geomkit.store_schema import (
+    _EVALUATION_VARS,
+    _GROWING,
+    _RECORD_VARS,
+    _STEP_VARS,
+    SCHEMA,
+    SCHEMA_VERSION,
+    VARIABLES,
+    SchemaError,
+    _check_schema,
+    _coordinate,
+    _dims,
+    _variable,
+)
+
+
+def _clean_attrs(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key, value in attrs.items():
+        if isinstance(value, (np.integer, np.floating, np.bool_)):
+            value = value.item()
+        if value is None:
+            value = "none"
+        elif isinstance(value, (list, tuple)):
+            value = [str(v) for v in value]
+        elif not isinstance(value, (str, int, float, bool)):
+            value = str(value)
+        out[key] = value
+    return out
+
+
+class RunWriter:
+    """Stream one run's records to a zarr store.
+
+    Parameters
+    ----------
+    out : str or Path
+        The zarr store (a directory), created or overwritten (``mode="w"``) or continued
+        (``mode="a"``, see ``resume_step``); ``path`` is a deprecated spelling.
+    tensors : sequence of TensorLocation
+        The recorded parameter tensors, in order (from :func:`geomkit.layers.locate_all`).
+    numel : sequence of int
+        Their element counts.
+    strategies : sequence of str
+        Strategy names: the applied one first, then the shadows.
+    attrs : mapping
+        Run attributes (model, objective, alpha, gamma, seed, ...); the schema attributes are
+        added.
+    mode : {"w", "a"}
+        Create a new store (schema version :data:`SCHEMA_VERSION`), or append to an existing
+        one of that version.
+    resume_step : int, optional
+        With ``mode="a"``: drop everything recorded at steps >= ``resume_step`` before
+        appending (the steps after a checkpoint are recomputed on resume).
+
+    Raises
+    ------
+    SchemaError
+        With ``mode="a"``, if the store is no geomkit run or has another schema version (a
+        version 1 store is read by :func:`open_run` but not appended to: its chunks of fill
+        values are not stored, which version 2 requires).
+    """
+
+    @renamed(path="out")
+    def __init__(
+        self,
+        out: str | os.PathLike,
+        tensors: Sequence[TensorLocation],
+        numel: Sequence[int],
+        strategies: Sequence[str],
+        attrs: Mapping[str, Any] | None = None,
+        *,
+        mode: str = "w",
+        resume_step: int | None = None,
+        record_chunk: int = 16,
+    ) -> None:
+        if mode not in ("w", "a"):
+            raise ValueError(f"mode must be 'w' or 'a', got {mode!r}")
+        if len(tensors) != len(numel):
+            raise ValueError(f"{len(tensors)} tensors but {len(numel)} numel values")
+        if not strategies:
+            raise ValueError("strategies is empty; expected the applied strategy first")
+        self.path = Path(out)
+        self.n_tensors = len(tensors)
+        self.strategies = list(strategies)
+        self.attrs = _clean_attrs(
+            {
+                **(attrs or {}),
+                "geomkit_schema": SCHEMA,
+                "schema_version": SCHEMA_VERSION,
+                "applied_strategy": self.strategies[0],
+            }
+        )
+        if mode == "a" and (self.path / "zarr.json").exists():
+            version = _check_schema(self.path, dict(zarr.open_group(self.path, mode="r").attrs))
+            if version != SCHEMA_VERSION:
+                raise SchemaError(
+                    f"cannot append to {self.path}: it has geomkit schema version {version} and "
+                    f"this geomkit writes version {SCHEMA_VERSION} only (see docs/schema.md); "
+                    "finish the run with the geomkit that started it, or start a new run "
+                    "(open_run still reads it)"
+                )
+            self._truncate(resume_step)
+            return
+        template = xr.Dataset(
+            {name: _variable(name, np.zeros(_empty_shape(name, self))) for name in VARIABLES},
+            coords={
+                "step": _coordinate("step", "step", np.zeros(0, dtype=np.int64)),
+                "record": _coordinate("record", "record", np.zeros(0, dtype=np.int64)),
+                "evaluation": _coordinate("evaluation", "evaluation", np.zeros(0, dtype=np.int64)),
+                "strategy": _coordinate("strategy", "strategy", np.array(strategies, object)),
+                "measured": _coordinate("measured", "strategy", np.arange(len(strategies)) == 0),
+                "tensor": _coordinate(
+                    "tensor", "tensor", np.array([t.name for t in tensors], object)
+                ),
+                "layer": _coordinate("layer", "tensor", np.array([t.layer for t in tensors])),
+                "component": _coordinate(
+                    "component", "tensor", np.array([t.component for t in tensors], object)
+                ),
+                "module": _coordinate(
+                    "module", "tensor", np.array([t.module for t in tensors], object)
+                ),
+                "numel": _coordinate("numel", "tensor", np.asarray(numel, dtype=np.int64)),
+            },
+            attrs={**self.attrs, **dict.fromkeys(_GROWING.values(), 0)},
+        )
+        encoding = {name: {"chunks": _chunks(name, self, record_chunk)} for name in VARIABLES}
+        encoding["step"] = {"chunks": (1024,)}
+        encoding["record"] = {"chunks": (max(record_chunk, 64),)}
+        encoding["evaluation"] = {"chunks": (256,)}
+        for name in template.variables:  # version 2: every chunk checksummed
+            encoding.setdefault(str(name), {})["compressors"] = (_compressor(),)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", category=UserWarning)
+            template.to_zarr(
+                self.path,
+                mode="w",
+                consolidated=False,
+                encoding=encoding,
+                write_empty_chunks=True,  # version 2: a missing chunk is damage
+            )
+
+    # -- appending ---------------------------------------------------------------------------
+
+    @property
+    def committed(self) -> tuple[int, int]:
+        """``(steps, records)`` safely on disk."""
+        counts = _committed(zarr.open_group(self.path, mode="r").attrs)
+        return counts["step"], counts["record"]
+
+    def append(
+        self,
+        steps: Mapping[str, np.ndarray] | None = None,
+        records: Mapping[str, np.ndarray] | None = None,
+        evaluations: Mapping[str, np.ndarray] | None = None,
+    ) -> None:
+        """Append a block of steps, records and/or evaluations, then mark them committed.
+
+        Parameters
+        ----------
+        steps : mapping
+            ``"step"`` (int array) and every per-step variable (``forget_loss``, ...).
+        records : mapping
+            ``"record"`` (the step numbers) and every per-record variable, shaped
+            ``[n, n_tensors]`` or ``[n, n_strategies, n_tensors]``.
+        evaluations : mapping
+            ``"evaluation"`` (steps completed) and the evaluation variables (``forget_acc``,
+            ``retain_acc``, ``general_acc``).
+        """
+        counts = _committed(zarr.open_group(self.path, mode="r").attrs)
+        blocks = {"step": (steps, _STEP_VARS), "record": (records, _RECORD_VARS)}
+        blocks["evaluation"] = (evaluations, _EVALUATION_VARS)
+        for dim, (block, names) in blocks.items():
+            if block is not None and len(block[dim]):
+                counts[dim] += self._append_block(dim, block, names)
+        group = zarr.open_group(self.path, mode="r+")
+        group.attrs.update({_GROWING[dim]: n for dim, n in counts.items()})
+
+    def _append_block(self, dim: str, block: Mapping[str, np.ndarray], names: list[str]) -> int:
+        missing = [n for n in [dim, *names] if n not in block]
+        if missing:
+            raise ValueError(f"append of {dim} block is missing {missing}")
+        n = len(block[dim])
+        arrays = {dim: np.asarray(block[dim], dtype="int64")}
+        for name in names:
+            spec = VARIABLES[name]
+            data = np.asarray(block[name], dtype=spec["dtype"])
+            expected = (n, *_empty_shape(name, self)[1:])
+            if data.shape != expected:
+                raise ValueError(f"{name} block has shape {data.shape}, expected {expected}")
+            arrays[name] = data
+        group = zarr.open_group(self.path, mode="r+")
+        for name, data in arrays.items():  # zarr appends directly: no Dataset round trip
+            group[name].with_config(_WRITE_CONFIG).append(data, axis=0)
+        return n
+
+    def _truncate(self, resume_step: int | None) -> None:
+        """Cut the store back to its committed part, and to steps < ``resume_step``.
+
+        Evaluations taken after more than ``resume_step`` steps are dropped too. The commit
+        counters are lowered before the arrays are cut, so a kill in between leaves arrays
+        longer than committed (the state of an interrupted append), never shorter.
+        """
+        group = zarr.open_group(self.path, mode="r+")
+        counts = _committed(group.attrs)
+        if resume_step is not None:
+            for dim in ("step", "record"):
+                counts[dim] = int(
+                    np.searchsorted(group[dim][: counts[dim]], resume_step, side="left")
+                )
+            done = group["evaluation"][: counts["evaluation"]]
+            counts["evaluation"] = int(np.searchsorted(done, resume_step, side="right"))
+        group.attrs.update({_GROWING[dim]: n for dim, n in counts.items()})
+        for _, array in group.arrays():
+            dims = _dims(array)
+            if dims and dims[0] in counts:
+                array.resize((counts[dims[0]], *array.shape[1:]))
+
+
+_WRITE_CONFIG = {"write_empty_chunks": True}
+
+
+def _compressor() -> zarr.codecs.ZstdCodec:
+    return zarr.codecs.ZstdCodec(level=0, checksum=True)
+
+
+def _committed(attrs: Mapping[str, Any]) -> dict[str, int]:
+    """How many entries of each growing dimension are committed (0 if never written)."""
+    return {dim: int(attrs.get(key, 0)) for dim, key in _GROWING.items()}
+
+
+def _empty_shape(name: str, writer: RunWriter) -> tuple[int, ...]:
+    sizes = {
+        "step": 0,
+        "record": 0,
+        "evaluation": 0,
+        "tensor": writer.n_tensors,
+        "strategy": len(writer.strategies),
+    }
+    return tuple(sizes[d] for d in VARIABLES[name]["dims"])
+
+
+def _chunks(name: str, writer: RunWriter, record_chunk: int) -> tuple[int, ...]:
+    sizes = {
+        "step": 1024,
+        "record": record_chunk,
+        "evaluation": 256,
+        "tensor": max(writer.n_tensors, 1),
+        "strategy": len(writer.strategies),
+    }
+    return tuple(sizes[d] for d in VARIABLES[name]["dims"])
