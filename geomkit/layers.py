@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
+from geomkit._validation import invalid
+
 if TYPE_CHECKING:
     import torch
 
@@ -154,9 +156,11 @@ def locate(name: str) -> TensorLocation:
         If ``name`` is empty or only whitespace.
     """
     if not isinstance(name, str):
-        raise TypeError(f"expected a parameter name string, got {type(name).__name__}: {name!r}")
+        raise invalid(
+            "name", name, f"a parameter name string, got {type(name).__name__}", error=TypeError
+        )
     if not name.strip():
-        raise ValueError("expected a non-empty parameter name string, got an empty string")
+        raise invalid("name", name, "a non-empty parameter name string")
     layer, component = _classify(name)
     return TensorLocation(name=name, layer=layer, component=component, module=_MODULE_OF[component])
 
@@ -191,7 +195,12 @@ def locate_all(names: Iterable[str]) -> list[TensorLocation]:
     3 attn_q attention
     """
     if isinstance(names, str):
-        raise TypeError("expected an iterable of parameter name strings, got a single str")
+        raise invalid(
+            "names",
+            names,
+            "an iterable of parameter name strings, got a single str",
+            error=TypeError,
+        )
     return [locate(n) for n in names]
 
 

@@ -276,7 +276,7 @@ def test_alignment_layer_selection(run, ax) -> None:
     assert list(result.artists) == [("cos_dr", "pcgrad")]
     expected = run.geom.metrics(by="layer")["cos_dr"].sel(layer=1, strategy="pcgrad")
     np.testing.assert_allclose(result.artists[("cos_dr", "pcgrad")].get_ydata(), expected)
-    with pytest.raises(ValueError, match="unknown layer 7"):
+    with pytest.raises(ValueError, match="invalid layer=7"):
         gp.alignment_over_steps(run, "cos_dr", layer=7, ax=ax)
     with pytest.raises(gp.MissingVariable, match="'blur'"):
         gp.alignment_over_steps(run, "cos_dr", strategies=["blur"], ax=ax)
