@@ -18,8 +18,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
-from geomkit._validation import invalid
-
 if TYPE_CHECKING:
     import torch
 
@@ -156,11 +154,12 @@ def locate(name: str) -> TensorLocation:
         If ``name`` is empty or only whitespace.
     """
     if not isinstance(name, str):
-        raise invalid(
-            "name", name, f"a parameter name string, got {type(name).__name__}", error=TypeError
+        # the one message style of geomkit._validation.invalid (this module imports no geomkit)
+        raise TypeError(
+            f"invalid name={name!r}: expected a parameter name string, got {type(name).__name__}"
         )
     if not name.strip():
-        raise invalid("name", name, "a non-empty parameter name string")
+        raise ValueError(f"invalid name={name!r}: expected a non-empty parameter name string")
     layer, component = _classify(name)
     return TensorLocation(name=name, layer=layer, component=component, module=_MODULE_OF[component])
 
@@ -195,11 +194,9 @@ def locate_all(names: Iterable[str]) -> list[TensorLocation]:
     3 attn_q attention
     """
     if isinstance(names, str):
-        raise invalid(
-            "names",
-            names,
-            "an iterable of parameter name strings, got a single str",
-            error=TypeError,
+        raise TypeError(
+            f"invalid names={names!r}: expected an iterable of parameter name strings, "
+            "got a single str"
         )
     return [locate(n) for n in names]
 

@@ -662,11 +662,17 @@ def test_input_errors(name):
         s([a, a], [b])
     with pytest.raises(ValueError, match=r"empty"):
         s([], [])
-    with pytest.raises(ValueError, match=r"forget\[1\] and retain\[1\].*shape \(3,\).*\(4,\)"):
+    with pytest.raises(
+        ValueError, match=r"invalid retain\[1\] \(shape \(4,\).*of forget\[1\] \(shape \(3,\)"
+    ):
         s([a, a], [b, _pair(4)])
-    with pytest.raises(ValueError, match=r"forget\[0\] and retain\[0\].*float32.*float64"):
+    with pytest.raises(
+        ValueError, match=r"invalid retain\[0\] \(.*float64.*of forget\[0\] \(.*float32"
+    ):
         s([a], [_pair(3, dtype=torch.float64)])
-    with pytest.raises(ValueError, match=r"forget\[0\] and retain\[0\].*device cpu.*device meta"):
+    with pytest.raises(
+        ValueError, match=r"invalid retain\[0\] \(.*device meta\).*of forget\[0\] \(.*device cpu"
+    ):
         s([a], [_pair(3, device="meta")])
     with pytest.raises(
         TypeError, match=r"invalid forget\[0\] of dtype torch.int64: expected a floating-point"
