@@ -121,7 +121,7 @@ def r4_breakdown(
         raise invalid(
             "bins",
             list(bins),
-            "edges covering [0, inf] (first edge <= 0, last edge inf) so that no |f|/|r| "
+            "edges that cover [0, inf] (first edge <= 0, last edge inf) so that no |f|/|r| "
             "falls outside them",
         )
     if isinstance(against, str):
