@@ -484,7 +484,9 @@ def test_geometry_table_means_over_steps(runs) -> None:
 
 def test_several_runs_need_a_choice(runs) -> None:
     stacked = stack(runs)
-    with pytest.raises(ValueError, match="pass run="):
+    with pytest.raises(
+        ValueError, match=r"invalid run=None: expected one of graddiff-sum-seed0, .*shows one run"
+    ):
         gp.cos_fr_heatmap(stacked)
     result = gp.cos_fr_heatmap(stacked, run="graddiff-pcgrad-seed1")
     expected = runs[3].geom.metrics(by="layer")["cos_fr"].transpose("layer", "record")
