@@ -172,14 +172,15 @@ def check_pair(
     """
     a, b = names
     if isinstance(forget, Tensor) or isinstance(retain, Tensor):
+        role = a if isinstance(forget, Tensor) else b
         raise TypeError(
-            f"{a} and {b} must be sequences of tensors (one per parameter), "
+            f"invalid {role}: expected a sequence of tensors (one per parameter), "
             "got a single tensor; wrap it in a list"
         )
     forget, retain = list(forget), list(retain)
     if len(forget) != len(retain):
         raise ValueError(
-            f"{a} and {b} must have the same number of tensors, "
+            f"invalid {b}: expected the same number of tensors as {a}, "
             f"got {len(forget)} {a} and {len(retain)} {b} tensors"
         )
     if not forget:
@@ -187,16 +188,18 @@ def check_pair(
     for j, (f, r) in enumerate(zip(forget, retain, strict=True)):
         for role, t in ((a, f), (b, r)):
             if not isinstance(t, Tensor):
-                raise TypeError(f"{role}[{j}] must be a torch.Tensor, got {type(t).__name__}")
+                raise TypeError(
+                    f"invalid {role}[{j}] of type {type(t).__name__}: expected a torch.Tensor"
+                )
             if not t.is_floating_point():
                 raise TypeError(
-                    f"{role}[{j}] has dtype {t.dtype}; expected a floating-point tensor "
+                    f"invalid {role}[{j}] of dtype {t.dtype}: expected a floating-point tensor "
                     "(float16, bfloat16, float32 or float64)"
                 )
         if f.shape != r.shape or f.dtype != r.dtype or f.device != r.device:
             raise ValueError(
-                f"{a}[{j}] and {b}[{j}] must match in shape, dtype and device, "
-                f"got {a}[{j}] {_describe(f)} and {b}[{j}] {_describe(r)}"
+                f"invalid {b}[{j}] ({_describe(r)}): expected the shape, dtype and device of "
+                f"{a}[{j}] ({_describe(f)})"
             )
     return forget, retain
 
@@ -204,17 +207,21 @@ def check_pair(
 def check_out(out: Sequence[Tensor], forget: list[Tensor]) -> list[Tensor]:
     """Validate ``out=`` tensors against the forget tensors they will receive results for."""
     if isinstance(out, Tensor):
-        raise TypeError("out must be a sequence of tensors (one per parameter), got one tensor")
+        raise TypeError(
+            "invalid out: expected a sequence of tensors (one per parameter), got a single tensor"
+        )
     out = list(out)
     if len(out) != len(forget):
-        raise ValueError(f"out must hold {len(forget)} tensors, one per parameter, got {len(out)}")
+        raise ValueError(
+            f"invalid out of {len(out)} tensors: expected {len(forget)}, one per parameter"
+        )
     for j, (o, f) in enumerate(zip(out, forget, strict=True)):
         if not isinstance(o, Tensor):
-            raise TypeError(f"out[{j}] must be a torch.Tensor, got {type(o).__name__}")
+            raise TypeError(f"invalid out[{j}] of type {type(o).__name__}: expected a torch.Tensor")
         if o.shape != f.shape or o.dtype != f.dtype or o.device != f.device:
             raise ValueError(
-                f"out[{j}] must match forget[{j}] in shape, dtype and device, "
-                f"got out[{j}] {_describe(o)} and forget[{j}] {_describe(f)}"
+                f"invalid out[{j}] ({_describe(o)}): expected the shape, dtype and device of "
+                f"forget[{j}] ({_describe(f)})"
             )
     return out
 

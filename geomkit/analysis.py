@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import xarray as xr
 
+from geomkit._validation import check_choice
 from geomkit.fields import (
     FIELD_TABLE,
     FIELDS,
@@ -93,8 +94,7 @@ class GeometryAccessor:
         group (xarray's default ``skipna`` would drop it and report a clean sum).
         """
         self._require()
-        if by not in GROUPINGS:
-            raise ValueError(f"unknown grouping {by!r}; expected one of {GROUPINGS}")
+        check_choice("by", by, GROUPINGS)
         ds = self._ds
         pieces = {}
         for name, spec in FIELD_TABLE.items():

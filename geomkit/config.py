@@ -395,8 +395,8 @@ def _check_keys(values: dict[str, Any], source: str) -> dict[str, Any]:
     valid = [f.name for f in fields(RunConfig)]
     for key in values:
         if key not in valid:
-            raise ConfigError(
-                f"unknown key {key!r} in {source}; valid keys are: {', '.join(valid)}"
+            raise invalid(
+                "key", key, "one of " + ", ".join(valid), owner=str(source), error=ConfigError
             )
     return values
 

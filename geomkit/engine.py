@@ -245,8 +245,7 @@ def load_model(
             "never downloads models"
         )
     if isinstance(dtype, str):
-        if dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype {dtype!r} is not one of float32, bfloat16, float16")
+        check_choice("dtype", dtype, ("float32", "bfloat16", "float16"))
         dtype = getattr(torch, dtype)
     model = transformers.AutoModelForCausalLM.from_pretrained(
         path, local_files_only=True, dtype=dtype
@@ -303,8 +302,10 @@ class Unlearner:
             self.model = load_model(self.model)
         init_from_environment()  # under torchrun / accelerate: join the process group
         if self.objective.retain is not None and self.retain is None:
-            raise ValueError(
-                f"objective {self.objective.name!r} has a retain loss; pass retain data"
+            raise invalid(
+                "retain",
+                None,
+                f"retain data (objective {self.objective.name!r} has a retain loss)",
             )
         n_layers = getattr(getattr(self.model, "config", None), "num_hidden_layers", None)
         pattern = self.config.trainable or (
@@ -317,9 +318,11 @@ class Unlearner:
         else:
             selected = {n for n, p in named if p.requires_grad}
         if not selected:  # checked before anything about the model changes
-            raise ValueError(
-                f"trainable pattern {pattern!r} selects no parameter of the model "
-                f"(first names: {[n for n, _ in named[:3]]})"
+            raise invalid(
+                "trainable",
+                pattern,
+                "a pattern selecting at least one parameter of the model "
+                f"(first names: {[n for n, _ in named[:3]]})",
             )
         for source, name in ((self.forget, "forget"), (self.retain, "retain")):
             if source is not None and hasattr(source, "__len__") and len(source) == 0:
@@ -575,9 +578,10 @@ class Unlearner:
         """Restore a checkpoint written by :meth:`save` (construct with ``resume_step``)."""
         state = torch.load(path, weights_only=False)
         if self.resume_step is not None and int(state["step"]) != self.resume_step:
-            raise ValueError(
-                f"checkpoint {path} is at step {state['step']} but this Unlearner was built "
-                f"with resume_step={self.resume_step}"
+            raise invalid(
+                "resume_step",
+                self.resume_step,
+                f"{state['step']}, the step of checkpoint {path}",
             )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])

@@ -43,6 +43,7 @@ import transformers
 from torch import Tensor
 
 from geomkit._deprecation import renamed
+from geomkit._validation import invalid
 from geomkit.distributed import rank_and_world
 from geomkit.engine import _all_reduce_mean
 from geomkit.objectives import Objective
@@ -100,7 +101,13 @@ class TwoTaskTrainer(transformers.Trainer):
     ) -> None:
         super().__init__(*args, **kwargs)
         if not isinstance(objective, Objective):
-            raise TypeError(f"objective must be a geomkit Objective, got {type(objective)}")
+            raise invalid(
+                "objective",
+                objective,
+                f"a geomkit Objective, got {type(objective).__name__}",
+                owner="TwoTaskTrainer",
+                error=TypeError,
+            )
         self.objective = objective
         self.strategy = as_strategy(strategy, alpha=alpha, gamma=gamma)
         if objective.needs_reference and reference is None:
@@ -159,8 +166,9 @@ class TwoTaskTrainer(transformers.Trainer):
         inputs = self._prepare_inputs(inputs)
         if "forget" not in inputs:
             raise ValueError(
-                "TwoTaskTrainer batches must hold a 'forget' (and 'retain') sub-batch; use "
-                "geomkit.hf.pair_collator and TrainingArguments(remove_unused_columns=False)"
+                f"TwoTaskTrainer: invalid batch with keys {sorted(inputs)}: expected a 'forget' "
+                "(and 'retain') sub-batch; use geomkit.hf.pair_collator and "
+                "TrainingArguments(remove_unused_columns=False)"
             )
         window = max(
             1,

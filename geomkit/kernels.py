@@ -31,6 +31,8 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
+from geomkit._validation import check_choice, invalid
+
 __all__ = [
     "BACKENDS",
     "COLUMNS",
@@ -59,9 +61,7 @@ and run fastest in 16K-element blocks; element-wise kernels in 64K-element block
 
 _backend: str = os.environ.get("GEOMKIT_BACKEND", "eager")
 if _backend not in BACKENDS:
-    raise ValueError(
-        f"GEOMKIT_BACKEND={_backend!r} is not a geomkit backend; expected one of {BACKENDS}"
-    )
+    raise invalid("GEOMKIT_BACKEND", _backend, "one of " + ", ".join(BACKENDS))
 _compiled: dict[Callable, Callable] = {}
 _compile_failed = False
 
@@ -86,8 +86,7 @@ def set_backend(name: str) -> None:
         The default is ``"eager"`` (or the ``GEOMKIT_BACKEND`` environment variable).
     """
     global _backend
-    if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
+    check_choice("backend", name, BACKENDS)
     _backend = name
 
 

@@ -154,9 +154,12 @@ def locate(name: str) -> TensorLocation:
         If ``name`` is empty or only whitespace.
     """
     if not isinstance(name, str):
-        raise TypeError(f"expected a parameter name string, got {type(name).__name__}: {name!r}")
+        # the one message style of geomkit._validation.invalid (this module imports no geomkit)
+        raise TypeError(
+            f"invalid name={name!r}: expected a parameter name string, got {type(name).__name__}"
+        )
     if not name.strip():
-        raise ValueError("expected a non-empty parameter name string, got an empty string")
+        raise ValueError(f"invalid name={name!r}: expected a non-empty parameter name string")
     layer, component = _classify(name)
     return TensorLocation(name=name, layer=layer, component=component, module=_MODULE_OF[component])
 
@@ -191,7 +194,10 @@ def locate_all(names: Iterable[str]) -> list[TensorLocation]:
     3 attn_q attention
     """
     if isinstance(names, str):
-        raise TypeError("expected an iterable of parameter name strings, got a single str")
+        raise TypeError(
+            f"invalid names={names!r}: expected an iterable of parameter name strings, "
+            "got a single str"
+        )
     return [locate(n) for n in names]
 
 

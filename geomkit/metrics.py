@@ -15,6 +15,7 @@ from collections.abc import Hashable, Sequence
 
 import numpy as np
 
+from geomkit._validation import check_choice, invalid
 from geomkit.fields import FIELDS, INDEX, METRIC_TABLE
 
 __all__ = ["FIELDS", "METRICS", "aggregate", "derive", "field"]
@@ -26,8 +27,7 @@ METRICS: dict[str, str] = {name: m.description for name, m in METRIC_TABLE.items
 
 def field(statistics: np.ndarray, name: str) -> np.ndarray:
     """Return one field of a statistics array (last axis)."""
-    if name not in INDEX:
-        raise KeyError(f"unknown statistics field {name!r}; fields are {', '.join(FIELDS)}")
+    check_choice("field", name, FIELDS, error=KeyError)
     return np.asarray(statistics)[..., INDEX[name]]
 
 
@@ -60,8 +60,8 @@ def derive(statistics: np.ndarray) -> dict[str, np.ndarray]:
     s = np.asarray(statistics, dtype=np.float64)
     if s.shape[-1] != len(FIELDS):
         raise ValueError(
-            f"statistics must have {len(FIELDS)} fields in the last axis ({', '.join(FIELDS)}), "
-            f"got shape {s.shape}"
+            f"invalid statistics of shape {s.shape}: expected {len(FIELDS)} fields in the last "
+            f"axis ({', '.join(FIELDS)})"
         )
     named = {name: s[..., i] for name, i in INDEX.items()}
     return {name: metric(named) for name, metric in METRIC_TABLE.items()}
@@ -102,7 +102,7 @@ def aggregate(
     s = np.asarray(statistics, dtype=np.float64)
     axis = axis % s.ndim
     if axis == s.ndim - 1:
-        raise ValueError("axis must name the tensor axis, not the fields axis")
+        raise invalid("axis", axis, "the tensor axis, not the fields axis (the last)")
     groups = list(groups)
     if len(groups) != s.shape[axis]:
         raise ValueError(

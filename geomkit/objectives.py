@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from geomkit._deprecation import renamed
-from geomkit._validation import check_integer, check_real
+from geomkit._validation import check_choice, check_integer, check_real, invalid
 
 __all__ = [
     "IGNORE_INDEX",
@@ -89,35 +89,39 @@ def _batch(owner: str, batch: object, keys: tuple[str, ...]) -> list[Tensor]:
     """Return ``[batch[k] for k in keys]`` after checking types and shapes."""
     if not isinstance(batch, Mapping):
         raise TypeError(
-            f"{owner}: batch must be a mapping of tensors ({', '.join(keys)}), "
-            f"got {type(batch).__name__}"
+            f"{owner}: invalid batch of type {type(batch).__name__}: "
+            f"expected a mapping of tensors ({', '.join(keys)})"
         )
     missing = [k for k in keys if k not in batch]
     if missing:
         raise ValueError(
-            f"{owner}: batch is missing {', '.join(map(repr, missing))}; "
-            f"expected the keys {', '.join(map(repr, keys))}, got {', '.join(map(repr, batch))}"
+            f"{owner}: invalid batch with keys {', '.join(map(repr, batch))}: expected the "
+            f"keys {', '.join(map(repr, keys))} (missing {', '.join(map(repr, missing))})"
         )
     tensors = [batch[k] for k in keys]
     for key, t in zip(keys, tensors, strict=True):
         if not isinstance(t, Tensor):
             raise TypeError(
-                f"{owner}: batch[{key!r}] must be a torch.Tensor, got {type(t).__name__}"
+                f"{owner}: invalid batch[{key!r}] of type {type(t).__name__}: "
+                "expected a torch.Tensor"
             )
     ids = tensors[0]
     if ids.dim() != 2 or ids.is_floating_point() or ids.is_complex():
         raise ValueError(
-            f"{owner}: batch['input_ids'] must be an integer tensor [batch, tokens], "
-            f"got dtype {ids.dtype} and shape {tuple(ids.shape)}"
+            f"{owner}: invalid batch['input_ids'] of dtype {ids.dtype} and shape "
+            f"{tuple(ids.shape)}: expected an integer tensor [batch, tokens]"
         )
     for key, t in zip(keys[1:], tensors[1:], strict=True):
         if t.shape != ids.shape:
             raise ValueError(
-                f"{owner}: batch[{key!r}] must have the shape of batch['input_ids'] "
-                f"{tuple(ids.shape)}, got {tuple(t.shape)}"
+                f"{owner}: invalid batch[{key!r}] of shape {tuple(t.shape)}: expected the "
+                f"shape of batch['input_ids'] {tuple(ids.shape)}"
             )
     if "labels" in keys and (tensors[2].is_floating_point() or tensors[2].is_complex()):
-        raise ValueError(f"{owner}: batch['labels'] must be integer, got {tensors[2].dtype}")
+        raise ValueError(
+            f"{owner}: invalid batch['labels'] of dtype {tensors[2].dtype}: "
+            "expected an integer tensor"
+        )
     return tensors
 
 
@@ -172,9 +176,11 @@ def _activation_mask(owner: str, attention_mask: Tensor) -> tuple[Tensor, Tensor
 def _resolve_layer(owner: str, layer: int | None, n_layers: int) -> int:
     resolved = min(RMU_DEFAULT_LAYER, n_layers - 1) if layer is None else layer
     if not 0 <= resolved < n_layers:
-        raise ValueError(
-            f"{owner}: layer {resolved} is out of range for a model with {n_layers} decoder "
-            f"layers; allowed are 0..{n_layers - 1}"
+        raise invalid(
+            "layer",
+            resolved,
+            f"an integer in [0, {n_layers - 1}] (the model has {n_layers} decoder layers)",
+            owner=owner,
         )
     return resolved
 
@@ -212,7 +218,7 @@ class _Loss(ABC):
         """
         if self.needs_reference and reference is None:
             name = type(self).__name__
-            raise ValueError(f"{name} needs a frozen reference model; pass reference=...")
+            raise invalid("reference", reference, "a frozen reference model", owner=name)
         return self.compute(model, batch, reference)
 
     @abstractmethod
@@ -541,23 +547,37 @@ class Objective:
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str):
-            raise TypeError(f"name must be a str, got {type(self.name).__name__}")
+            raise invalid("name", self.name, "a str", owner="Objective", error=TypeError)
         if not isinstance(self.forget, ForgetLoss):
-            raise TypeError(f"forget must be a ForgetLoss, got {type(self.forget).__name__}")
+            raise invalid(
+                "forget",
+                self.forget,
+                f"a ForgetLoss, got {type(self.forget).__name__}",
+                owner="Objective",
+                error=TypeError,
+            )
         if self.retain is not None and not isinstance(self.retain, RetainLoss):
-            raise TypeError(
-                f"retain must be a RetainLoss or None, got {type(self.retain).__name__}"
+            raise invalid(
+                "retain",
+                self.retain,
+                f"a RetainLoss or None, got {type(self.retain).__name__}",
+                owner="Objective",
+                error=TypeError,
             )
         if self.trainable is not None:
             if not isinstance(self.trainable, str):
-                raise TypeError(
-                    f"trainable must be a regex str or None, got {type(self.trainable).__name__}"
+                raise invalid(
+                    "trainable",
+                    self.trainable,
+                    f"a regex str or None, got {type(self.trainable).__name__}",
+                    owner="Objective",
+                    error=TypeError,
                 )
             try:
                 re.compile(self.trainable)
             except re.error as err:
-                raise ValueError(
-                    f"trainable {self.trainable!r} is not a valid regex: {err}"
+                raise invalid(
+                    "trainable", self.trainable, f"a valid regex ({err})", owner="Objective"
                 ) from None
 
     @property
@@ -618,12 +638,8 @@ def build_objective(
     docs/method.md#paper-hyper-parameters. Parameters that the objective does not use must be left
     as ``None``.
     """
-    if name not in OBJECTIVES:
-        raise ValueError(f"unknown objective {name!r}; valid names are: {', '.join(OBJECTIVES)}")
-    if retain_loss not in RETAIN_KINDS:
-        raise ValueError(
-            f"unknown retain loss {retain_loss!r}; valid kinds are: {', '.join(RETAIN_KINDS)}"
-        )
+    check_choice("objective", name, list(OBJECTIVES))
+    check_choice("retain_loss", retain_loss, list(RETAIN_KINDS))
     uses = {
         "beta": ("npo", "simnpo"),
         "delta": ("simnpo",),
@@ -633,20 +649,21 @@ def build_objective(
     given = {"beta": beta, "delta": delta, "layer": layer, "coefficient": coefficient}
     for param, value in given.items():
         if value is not None and name not in uses[param]:
-            raise ValueError(
-                f"{param}={value!r} does not apply to objective {name!r}; "
-                f"it is a parameter of {', '.join(uses[param])}"
+            raise invalid(
+                param,
+                value,
+                f"None for objective {name!r} (it is a parameter of {', '.join(uses[param])})",
             )
     if retain_loss == "kl" and name in ("ga", "rmu"):
         hints = {
             "ga": "use 'graddiff' for GA with a retain loss",
             "rmu": "its retain loss is RMURetain",
         }
-        raise ValueError(
-            f"retain_loss={retain_loss!r} is not available for {name!r}; {hints[name]}"
-        )
+        raise invalid("retain_loss", retain_loss, f"'nll' or 'none' for {name!r} ({hints[name]})")
     if retain_loss == "none" and name == "graddiff":
-        raise ValueError("graddiff needs a retain loss ('nll' or 'kl'); use 'ga' for GA alone")
+        raise invalid(
+            "retain_loss", retain_loss, "'nll' or 'kl' for 'graddiff' (use 'ga' for GA alone)"
+        )
 
     forget: ForgetLoss
     trainable = None

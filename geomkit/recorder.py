@@ -37,6 +37,7 @@ from torch import Tensor
 
 from geomkit import statistics as gstats
 from geomkit._deprecation import renamed
+from geomkit._validation import check_integer, invalid
 from geomkit.fields import INDEX, PAIR_FIELDS, UPDATE_FIELDS
 from geomkit.layers import TensorLocation, locate_all
 from geomkit.store import EVALUATION_VARIABLES, RunWriter
@@ -63,8 +64,7 @@ class Every(Schedule):
     k: int = 1
 
     def __post_init__(self) -> None:
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
-            raise ValueError(f"Every(k) needs an integer k >= 1, got {self.k!r}")
+        check_integer("k", self.k, 1, owner="Every", error=ValueError)
 
     def __call__(self, step: int) -> bool:
         return step % self.k == 0
@@ -85,10 +85,7 @@ class LogSpaced(Schedule):
     per_decade: int = 10
 
     def __post_init__(self) -> None:
-        if isinstance(self.per_decade, bool) or not isinstance(self.per_decade, int):
-            raise ValueError(f"LogSpaced needs an integer per_decade, got {self.per_decade!r}")
-        if self.per_decade < 1:
-            raise ValueError(f"LogSpaced needs per_decade >= 1, got {self.per_decade}")
+        check_integer("per_decade", self.per_decade, 1, owner="LogSpaced", error=ValueError)
 
     def __call__(self, step: int) -> bool:
         if step < self.per_decade:
@@ -187,18 +184,19 @@ class Recorder:
         self.shadows = [s for s in dict.fromkeys(shadow_list) if s != self.applied]
         self.schedule = Every(schedule) if isinstance(schedule, int) else schedule
         if not isinstance(self.schedule, Schedule):
-            raise TypeError(f"schedule must be a Schedule or an int, got {schedule!r}")
-        if isinstance(flush_every, bool) or not isinstance(flush_every, int) or flush_every < 1:
-            raise ValueError(f"flush_every must be an integer >= 1, got {flush_every!r}")
+            raise invalid("schedule", schedule, "a Schedule or an int", error=TypeError)
+        check_integer("flush_every", flush_every, 1, error=ValueError)
         locations = [t if isinstance(t, TensorLocation) else None for t in tensors]
         if any(loc is None for loc in locations):
             locations = locate_all(
                 [t.name if isinstance(t, TensorLocation) else t for t in tensors]
             )
         if len(locations) != len(numel):
-            raise ValueError(f"{len(locations)} tensors but {len(numel)} numel values")
+            raise ValueError(
+                f"invalid numel of {len(numel)} values: expected {len(locations)}, one per tensor"
+            )
         if not locations:
-            raise ValueError("no tensors to record; expected at least one parameter tensor")
+            raise invalid("tensors", list(tensors), "at least one parameter tensor to record")
         self.tensors = locations
         self.numel = [int(n) for n in numel]
         self.flush_every = flush_every
@@ -298,7 +296,9 @@ class Recorder:
             The step was skipped (e.g. a non-finite gradient); no geometry is recorded.
         """
         if self._last_step is not None and step <= self._last_step:
-            raise ValueError(f"steps must increase: got step {step} after step {self._last_step}")
+            raise invalid(
+                "step", step, f"a step after step {self._last_step} (steps must increase)"
+            )
         measured = None
         if not skipped and self.schedule(step):
             if forget is None or retain is None:
@@ -334,13 +334,10 @@ class Recorder:
             Some of ``forget_acc``, ``retain_acc``, ``general_acc``; the others are stored as
             NaN.
         """
-        if isinstance(steps_done, bool) or not isinstance(steps_done, int) or steps_done < 0:
-            raise ValueError(f"steps_done must be an integer >= 0, got {steps_done!r}")
+        check_integer("steps_done", steps_done, 0, error=ValueError)
         unknown = sorted(set(metrics) - set(EVALUATION_VARIABLES))
         if unknown:
-            raise ValueError(
-                f"unknown evaluation metrics {unknown}; expected some of {EVALUATION_VARIABLES}"
-            )
+            raise invalid("metrics", unknown, f"some of {', '.join(EVALUATION_VARIABLES)}")
         row = {"evaluation": steps_done}
         row.update({k: float(metrics.get(k, math.nan)) for k in EVALUATION_VARIABLES})
         self._evaluations.append(row)
@@ -358,8 +355,8 @@ class Recorder:
         forget, retain = list(forget), list(retain)
         if len(forget) != len(self.tensors):
             raise ValueError(
-                f"got {len(forget)} gradient tensors but the recorder tracks "
-                f"{len(self.tensors)} parameters"
+                f"invalid forget of {len(forget)} gradient tensors: expected "
+                f"{len(self.tensors)}, one per tracked parameter"
             )
         if combined is None:
             combined = self.applied(forget, retain, shard_sum=self.shard_sum)

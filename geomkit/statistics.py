@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from geomkit import kernels
-from geomkit._validation import check_pair
+from geomkit._validation import check_pair, invalid
 from geomkit.fields import FIELD_TABLE, FIELDS, PAIR_FIELDS, SIZE_FIELDS
 from geomkit.strategies import Strategy
 
@@ -191,13 +191,23 @@ def shadow(
     """
     forget, retain = check_pair(forget, retain)
     if isinstance(strategies, Strategy):
-        raise TypeError("strategies must be a sequence of Strategy objects; wrap one in a list")
+        raise invalid(
+            "strategies",
+            strategies,
+            "a sequence of Strategy objects (wrap one in a list)",
+            error=TypeError,
+        )
     strategies = list(strategies)
     if not strategies:
         raise ValueError("strategies is empty; expected at least one Strategy")
     for s in strategies:
         if not isinstance(s, Strategy):
-            raise TypeError(f"expected geomkit Strategy objects, got {type(s).__name__}: {s!r}")
+            raise invalid(
+                "strategies",
+                s,
+                f"geomkit Strategy objects, got {type(s).__name__}",
+                error=TypeError,
+            )
         if not (s.rule.uniform or s.rule.never_opposes):
             raise ValueError(
                 f"shadow statistics need a uniform rule or one that never opposes r; {s!r} "

@@ -279,11 +279,11 @@ def test_batch_without_prompts_and_truncated(tok: WordTokenizer, data: Benchmark
     [
         ({"texts": []}, ValueError, "texts is empty"),
         ({"texts": "a b"}, TypeError, "got a str"),
-        ({"max_length": 0}, ValueError, "max_length must be >= 1, got 0"),
+        ({"max_length": 0}, ValueError, "invalid max_length=0: expected an integer >= 1"),
         ({"max_length": 2.5}, TypeError, "max_length.*2.5"),
-        ({"prompt_lengths": [1]}, ValueError, "1 entries for 2 texts"),
-        ({"prompt_lengths": [1, 99]}, ValueError, r"prompt_lengths\[1\] = 99"),
-        ({"prompt_lengths": [1, -1]}, ValueError, r"prompt_lengths\[1\] = -1"),
+        ({"prompt_lengths": [1]}, ValueError, "invalid prompt_lengths of 1 entries: expected 2"),
+        ({"prompt_lengths": [1, 99]}, ValueError, r"invalid prompt_lengths\[1\]=99"),
+        ({"prompt_lengths": [1, -1]}, ValueError, r"invalid prompt_lengths\[1\]=-1"),
         ({"prompt_lengths": [1, 1.0]}, TypeError, r"prompt_lengths\[1\].*1.0"),
     ],
 )
@@ -300,7 +300,7 @@ def test_batch_errors(tok: WordTokenizer, kwargs: dict, error: type, message: st
         (["a", "b c"], ValueError, "'b c'"),
         (["a", ""], ValueError, "''"),
         (["a", "<eos>"], ValueError, "'<eos>'"),
-        (["a", 3], TypeError, "int: 3"),
+        (["a", 3], TypeError, "invalid word=3: expected a str, got int"),
         ("abc", TypeError, "got a str"),
     ],
 )
@@ -310,11 +310,11 @@ def test_tokenizer_errors(vocabulary: object, error: type, message: str) -> None
 
 
 def test_decode_errors(tok: WordTokenizer) -> None:
-    with pytest.raises(ValueError, match=f"id {len(tok)} is out of range"):
+    with pytest.raises(ValueError, match=f"invalid id={len(tok)}: expected an integer in"):
         tok.decode([1, len(tok)])
-    with pytest.raises(ValueError, match="id -100 is out of range"):
+    with pytest.raises(ValueError, match="invalid id=-100"):
         tok.decode([-100])
-    with pytest.raises(TypeError, match=r"float: 1\.5"):
+    with pytest.raises(TypeError, match=r"invalid id=1\.5: expected an integer, got float"):
         tok.decode([1.5])
-    with pytest.raises(TypeError, match="text must be a str"):
+    with pytest.raises(TypeError, match="invalid text=\\['a'\\]: expected a str"):
         tok.encode(["a"])

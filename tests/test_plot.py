@@ -276,7 +276,7 @@ def test_alignment_layer_selection(run, ax) -> None:
     assert list(result.artists) == [("cos_dr", "pcgrad")]
     expected = run.geom.metrics(by="layer")["cos_dr"].sel(layer=1, strategy="pcgrad")
     np.testing.assert_allclose(result.artists[("cos_dr", "pcgrad")].get_ydata(), expected)
-    with pytest.raises(ValueError, match="unknown layer 7"):
+    with pytest.raises(ValueError, match="invalid layer=7"):
         gp.alignment_over_steps(run, "cos_dr", layer=7, ax=ax)
     with pytest.raises(gp.MissingVariable, match="'blur'"):
         gp.alignment_over_steps(run, "cos_dr", strategies=["blur"], ax=ax)
@@ -484,7 +484,9 @@ def test_geometry_table_means_over_steps(runs) -> None:
 
 def test_several_runs_need_a_choice(runs) -> None:
     stacked = stack(runs)
-    with pytest.raises(ValueError, match="pass run="):
+    with pytest.raises(
+        ValueError, match=r"invalid run=None: expected one of graddiff-sum-seed0, .*shows one run"
+    ):
         gp.cos_fr_heatmap(stacked)
     result = gp.cos_fr_heatmap(stacked, run="graddiff-pcgrad-seed1")
     expected = runs[3].geom.metrics(by="layer")["cos_fr"].transpose("layer", "record")

@@ -345,7 +345,7 @@ def test_steps_must_increase(tmp_path: Path, flush_every: int) -> None:
     rec.record(0, f, r)
     rec.record(1, f, r)
     for bad in (1, 0):
-        with pytest.raises(ValueError, match=f"got step {bad} after step 1"):
+        with pytest.raises(ValueError, match=f"invalid step={bad}: expected a step after step 1"):
             rec.record(bad, f, r)
     rec.record(3, f, r)
     rec.close()
@@ -441,9 +441,9 @@ def test_for_model_uses_trainable_parameters_in_order(tmp_path: Path) -> None:
 def test_recorder_argument_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="numel"):
         Recorder(tmp_path / "a", ["a", "b"], [1], "sum")
-    with pytest.raises(ValueError, match="no tensors"):
+    with pytest.raises(ValueError, match=r"invalid tensors=\[\]: expected at least one"):
         Recorder(tmp_path / "b", [], [], "sum")
-    with pytest.raises(ValueError, match="unknown strategy 'nope'"):
+    with pytest.raises(ValueError, match="invalid strategy='nope'"):
         Recorder(tmp_path / "c", ["a"], [1], "nope")
     with pytest.raises(TypeError, match="strategy"):
         Recorder(tmp_path / "d", ["a"], [1], 3)

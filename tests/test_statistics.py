@@ -508,19 +508,24 @@ def test_aggregate_and_derive_errors():
         metrics.aggregate(stats, ["a", "b"])
     with pytest.raises(ValueError, match=r"groups has 4 labels"):
         metrics.aggregate(stats, ["a", "b", "c", "d"])
-    with pytest.raises(ValueError, match=r"axis must name the tensor axis"):
+    with pytest.raises(ValueError, match=r"invalid axis=1: expected the tensor axis"):
         metrics.aggregate(stats, ["a"] * len(FIELDS), axis=-1)
-    with pytest.raises(ValueError, match=r"must have 12 fields.*got shape \(3, 11\)"):
+    with pytest.raises(
+        ValueError, match=r"invalid statistics of shape \(3, 11\): expected 12 fields"
+    ):
         metrics.derive(np.zeros((3, 11)))
     with pytest.raises(ValueError, match=r"ff, rr, fr, dd, df, dr"):
         metrics.derive(np.zeros(13))
-    with pytest.raises(KeyError, match="unknown statistics field 'cos'"):
+    with pytest.raises(KeyError, match="invalid field='cos': expected one of ff"):
         metrics.field(stats, "cos")
 
 
 def test_input_errors_name_the_offending_argument():
     one = [torch.ones(3)]
-    with pytest.raises(ValueError, match=r"forget\[0\] and retain\[0\] must match"):
+    with pytest.raises(
+        ValueError,
+        match=r"invalid retain\[0\].*expected the shape, dtype and device of forget\[0\]",
+    ):
         statistics.sufficient(one, [torch.ones(4)], one)
     # a mismatched update must be reported as `combined`, not as `retain`
     for bad in ([torch.ones(4)], [torch.ones(3, dtype=torch.float64)]):
@@ -530,7 +535,9 @@ def test_input_errors_name_the_offending_argument():
         statistics.sufficient(one, one, one + one)
     with pytest.raises(ValueError, match="strategies is empty"):
         statistics.shadow(one, one, [])
-    with pytest.raises(TypeError, match="expected geomkit Strategy objects, got str"):
+    with pytest.raises(
+        TypeError, match="invalid strategies='sago': expected geomkit Strategy objects, got str"
+    ):
         statistics.shadow(one, one, ["sago"])
 
 

@@ -580,9 +580,9 @@ def test_recorder_logs_evaluations_and_rejects_unknown_metrics(tmp_path: Path) -
 
     path = tmp_path / "run.zarr"
     recorder = Recorder(path, NAMES, NUMEL, "sago", schedule=Never())
-    with pytest.raises(ValueError, match="unknown evaluation metrics \\['mmlu'\\]"):
+    with pytest.raises(ValueError, match="invalid metrics=\\['mmlu'\\]"):
         recorder.log_evaluation(0, {"mmlu": 0.5})
-    with pytest.raises(ValueError, match="steps_done must be an integer >= 0, got -1"):
+    with pytest.raises(ValueError, match="invalid steps_done=-1: expected an integer >= 0"):
         recorder.log_evaluation(-1, {"forget_acc": 0.5})
     recorder.log_evaluation(0, {"forget_acc": 1.0, "retain_acc": 0.9})
     recorder.record(0, forget_loss=1.0)

@@ -625,7 +625,9 @@ def test_compiled_backend_bit_identical(name):
 
 
 def test_backend_selection_errors_and_restores():
-    with pytest.raises(ValueError, match=r"unknown backend 'fast'.*eager.*compiled"):
+    with pytest.raises(
+        ValueError, match=r"invalid backend='fast': expected one of .*eager.*compiled"
+    ):
         kernels.set_backend("fast")
     assert kernels.get_backend() == "eager"
     with pytest.raises(RuntimeError, match="boom"), kernels.use_backend("compiled"):
@@ -643,7 +645,7 @@ def _pair(*shape, dtype=torch.float32, device="cpu"):
 
 
 def test_unknown_name_lists_valid_names():
-    with pytest.raises(ValueError, match="unknown strategy 'sago2'") as info:
+    with pytest.raises(ValueError, match="invalid strategy='sago2': expected one of") as info:
         build("sago2")
     for name in NAMES:
         assert name in str(info.value)
@@ -653,25 +655,40 @@ def test_unknown_name_lists_valid_names():
 def test_input_errors(name):
     s = build(name)
     a, b = _pair(3), _pair(3)
-    with pytest.raises(ValueError, match=r"same number of tensors.*2 forget and 1 retain"):
+    with pytest.raises(
+        ValueError,
+        match=r"invalid retain: expected the same number of tensors.*2 forget and 1 retain",
+    ):
         s([a, a], [b])
     with pytest.raises(ValueError, match=r"empty"):
         s([], [])
-    with pytest.raises(ValueError, match=r"forget\[1\] and retain\[1\].*shape \(3,\).*\(4,\)"):
+    with pytest.raises(
+        ValueError, match=r"invalid retain\[1\] \(shape \(4,\).*of forget\[1\] \(shape \(3,\)"
+    ):
         s([a, a], [b, _pair(4)])
-    with pytest.raises(ValueError, match=r"forget\[0\] and retain\[0\].*float32.*float64"):
+    with pytest.raises(
+        ValueError, match=r"invalid retain\[0\] \(.*float64.*of forget\[0\] \(.*float32"
+    ):
         s([a], [_pair(3, dtype=torch.float64)])
-    with pytest.raises(ValueError, match=r"forget\[0\] and retain\[0\].*device cpu.*device meta"):
+    with pytest.raises(
+        ValueError, match=r"invalid retain\[0\] \(.*device meta\).*of forget\[0\] \(.*device cpu"
+    ):
         s([a], [_pair(3, device="meta")])
-    with pytest.raises(TypeError, match=r"forget\[0\] has dtype torch.int64.*floating-point"):
+    with pytest.raises(
+        TypeError, match=r"invalid forget\[0\] of dtype torch.int64: expected a floating-point"
+    ):
         s([torch.ones(3, dtype=torch.int64)], [b])
-    with pytest.raises(TypeError, match=r"retain\[0\] has dtype torch.int32.*floating-point"):
+    with pytest.raises(
+        TypeError, match=r"invalid retain\[0\] of dtype torch.int32: expected a floating-point"
+    ):
         s([a], [torch.ones(3, dtype=torch.int32)])
     with pytest.raises(TypeError, match=r"single tensor.*wrap it in a list"):
         s(a, b)
     with pytest.raises(TypeError, match=r"single tensor"):
         s([a], b)
-    with pytest.raises(TypeError, match=r"forget\[0\] must be a torch.Tensor, got ndarray"):
+    with pytest.raises(
+        TypeError, match=r"invalid forget\[0\] of type ndarray: expected a torch.Tensor"
+    ):
         s([np.ones(3)], [b])
 
 
@@ -679,17 +696,23 @@ def test_input_errors(name):
 def test_out_errors(name):
     s = build(name)
     f, r = [_pair(3), _pair(2, 2)], [_pair(3), _pair(2, 2)]
-    with pytest.raises(ValueError, match=r"out must hold 2 tensors.*got 1"):
+    with pytest.raises(ValueError, match=r"invalid out of 1 tensors: expected 2"):
         s(f, r, out=[_pair(3)])
-    with pytest.raises(ValueError, match=r"out\[1\] must match forget\[1\].*\(4,\)"):
+    with pytest.raises(
+        ValueError, match=r"invalid out\[1\] \(shape \(4,\).*expected .* of forget\[1\]"
+    ):
         s(f, r, out=[_pair(3), _pair(4)])
-    with pytest.raises(ValueError, match=r"out\[0\] must match forget\[0\].*float16"):
+    with pytest.raises(
+        ValueError, match=r"invalid out\[0\] \(.*float16.*expected .* of forget\[0\]"
+    ):
         s(f, r, out=[_pair(3, dtype=torch.float16), _pair(2, 2)])
-    with pytest.raises(ValueError, match=r"out\[0\] must match forget\[0\].*device meta"):
+    with pytest.raises(
+        ValueError, match=r"invalid out\[0\] \(.*device meta.*expected .* of forget\[0\]"
+    ):
         s(f, r, out=[_pair(3, device="meta"), _pair(2, 2)])
-    with pytest.raises(TypeError, match=r"out must be a sequence of tensors"):
+    with pytest.raises(TypeError, match=r"invalid out: expected a sequence of tensors"):
         s(f, r, out=_pair(3))
-    with pytest.raises(TypeError, match=r"out\[1\] must be a torch.Tensor"):
+    with pytest.raises(TypeError, match=r"invalid out\[1\] of type .*: expected a torch.Tensor"):
         s(f, r, out=[_pair(3), [1.0, 2.0]])
 
 
@@ -730,15 +753,17 @@ def test_weight_errors(weight):
 
 def test_composition_errors():
     for rule in (PCGrad(), BLUR()):
-        with pytest.raises(ValueError, match=r"projects and needs a scope.*got None"):
+        with pytest.raises(ValueError, match=r"invalid scope=None: .*projects and needs a scope"):
             Strategy(rule)
         with pytest.raises(ValueError, match=r"needs a scope"):
             Strategy(rule, scope="global")
     for rule in (Sum(), SAGO(), SAGOPreferRetain()):
         for scope in (PerTensor(), Global()):
-            with pytest.raises(ValueError, match=r"coordinate-wise and takes no scope"):
+            with pytest.raises(
+                ValueError, match=r"invalid scope=.*: expected None .*coordinate-wise"
+            ):
                 Strategy(rule, scope)
-    with pytest.raises(TypeError, match=r"rule must be a geomkit Rule, got str"):
+    with pytest.raises(TypeError, match=r"invalid rule='sago': expected a geomkit Rule"):
         Strategy("sago")
 
 
@@ -869,7 +894,7 @@ def test_as_strategy_takes_names_and_objects():
         as_strategy(blur, gamma=3.0)
     with pytest.raises(TypeError, match=r"invalid strategy=None: expected a Strategy or"):
         as_strategy(None)
-    with pytest.raises(ValueError, match=r"unknown strategy 'nope'"):
+    with pytest.raises(ValueError, match=r"invalid strategy='nope'"):
         as_strategy("nope")
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import math
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +19,8 @@ from geomkit._validation import (
     check_weight,
     invalid,
 )
+
+PACKAGE = Path(__file__).resolve().parents[1] / "geomkit"
 
 
 def test_invalid_is_the_one_message_format() -> None:
@@ -123,3 +128,65 @@ def test_config_and_engine_raise_config_error() -> None:
         with pytest.raises(ConfigError, match=message):
             EngineConfig(**kwargs).validate()
     EngineConfig(max_grad_norm=None).validate()
+
+
+# Phrasings retired in favour of ``invalid name=value: expected ...`` (issue 9, point 7).
+RETIRED = (
+    re.compile(r"must be .*, got"),  # "flush_every must be an integer >= 1, got 0"
+    re.compile(r"; valid \w+ are"),  # "unknown strategy 'x'; valid names are: ..."
+    re.compile(r"^unknown .*; (known|valid) "),
+    re.compile(r"needs an integer"),  # "Every(k) needs an integer k >= 1, got ..."
+)
+# Messages that may keep a retired phrasing: {substring of the message: reason}.
+ALLOWED = {
+    "mode must be 'w' or 'a'": "geomkit/store.py is being split on another branch; convert at "
+    "the merge (the message moves with the code)",
+}
+
+
+def _message(node: ast.expr) -> str | None:
+    """The text of a string or f-string expression, ``{}`` for each formatted value."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value
+    if isinstance(node, ast.JoinedStr):
+        return "".join(_message(v) or "{}" for v in node.values)
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+        return (_message(node.left) or "{}") + (_message(node.right) or "{}")
+    return None
+
+
+def _raised_messages(source: str) -> list[tuple[int, str]]:
+    """``(line, message)`` of every exception raised with a literal message in ``source``."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call) and node.exc.args:
+            text = _message(node.exc.args[0])
+            if text is not None:
+                found.append((node.lineno, text))
+    return found
+
+
+def _retired(text: str) -> bool:
+    return any(p.search(text) for p in RETIRED) and not any(a in text for a in ALLOWED)
+
+
+def test_retired_phrasings_are_detected() -> None:
+    source = (
+        "def f(n, name):\n"
+        "    raise ValueError(f'n must be an integer >= 1, got {n!r}')\n"
+        "    raise ValueError(f\"unknown strategy {name!r}; valid names are: \" + 'a, b')\n"
+        "    raise ValueError(f'invalid n={n!r}: expected an integer >= 1')\n"
+    )
+    assert [line for line, text in _raised_messages(source) if _retired(text)] == [2, 3]
+
+
+def test_no_retired_message_phrasings_in_the_package() -> None:
+    """Error messages about user input use ``[owner: ]invalid name=value: expected ...``."""
+    offenders, scanned = [], 0
+    for path in sorted(PACKAGE.rglob("*.py")):
+        messages = _raised_messages(path.read_text(encoding="utf-8"))
+        scanned += len(messages)
+        rel = path.relative_to(PACKAGE.parent)
+        offenders += [f"{rel}:{line}: {text}" for line, text in messages if _retired(text)]
+    assert scanned > 100  # the scan sees the package's messages
+    assert not offenders, "retired message style:\n" + "\n".join(offenders)

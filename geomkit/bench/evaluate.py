@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from geomkit._validation import check_integer, check_real
+from geomkit._validation import check_integer, check_real, invalid
 from geomkit.bench.data import QA, BenchmarkData, qa_prompt
 from geomkit.bench.tokenizer import WordTokenizer
 
@@ -270,8 +270,11 @@ def matched_forgetting(
     previous = None
     for step, _ in history:
         if previous is not None and step <= previous:
-            raise ValueError(
-                f"matched_forgetting: steps must increase, got {step} after {previous}"
+            raise invalid(
+                "step",
+                step,
+                f"a step after step {previous} (steps must increase)",
+                owner="matched_forgetting",
             )
         previous = step
     for step, metrics in history:

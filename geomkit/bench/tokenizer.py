@@ -17,13 +17,14 @@ Hugging Face causal-LM convention of :mod:`geomkit.objectives` (``labels`` align
 from __future__ import annotations
 
 import json
-import numbers
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from geomkit._validation import check_integer, invalid
 
 __all__ = ["TOKENIZER_FILE", "WordTokenizer"]
 
@@ -59,19 +60,29 @@ class WordTokenizer:
 
     def __init__(self, vocabulary: Sequence[str]) -> None:
         if isinstance(vocabulary, str):
-            raise TypeError("WordTokenizer: vocabulary must be a sequence of words, got a str")
+            raise invalid(
+                "vocabulary",
+                vocabulary,
+                "a sequence of words, got a str",
+                owner="WordTokenizer",
+                error=TypeError,
+            )
         words = list(vocabulary)
         if tuple(words[: len(self.SPECIALS)]) == self.SPECIALS:
             words = words[len(self.SPECIALS) :]
         index: dict[str, int] = {s: i for i, s in enumerate(self.SPECIALS)}
         for word in words:
             if not isinstance(word, str):
-                raise TypeError(
-                    f"WordTokenizer: every word must be a str, got {type(word).__name__}: {word!r}"
+                raise invalid(
+                    "word",
+                    word,
+                    f"a str, got {type(word).__name__}",
+                    owner="WordTokenizer",
+                    error=TypeError,
                 )
             if not word or word.split() != [word]:
-                raise ValueError(
-                    f"WordTokenizer: words must be non-empty and free of whitespace, got {word!r}"
+                raise invalid(
+                    "word", word, "a non-empty str free of whitespace", owner="WordTokenizer"
                 )
             if word in self.SPECIALS:
                 raise ValueError(
@@ -93,13 +104,22 @@ class WordTokenizer:
         """A tokenizer whose words are the sorted unique words of ``texts`` (special tokens
         among them are not counted twice)."""
         if isinstance(texts, str):
-            raise TypeError("WordTokenizer.from_texts: texts must be an iterable of str, got a str")
+            raise invalid(
+                "texts",
+                texts,
+                "an iterable of str, got a str",
+                owner="WordTokenizer.from_texts",
+                error=TypeError,
+            )
         words: set[str] = set()
         for text in texts:
             if not isinstance(text, str):
-                raise TypeError(
-                    f"WordTokenizer.from_texts: every text must be a str, "
-                    f"got {type(text).__name__}: {text!r}"
+                raise invalid(
+                    "text",
+                    text,
+                    f"a str, got {type(text).__name__}",
+                    owner="WordTokenizer.from_texts",
+                    error=TypeError,
                 )
             words.update(text.split())
         return cls(sorted(words - set(cls.SPECIALS)))
@@ -188,8 +208,12 @@ class WordTokenizer:
         """The ids of the whitespace-separated words of ``text``, ``<unk>`` for unknown words,
         with ``<bos>`` in front and ``<eos>`` at the end if asked for."""
         if not isinstance(text, str):
-            raise TypeError(
-                f"WordTokenizer.encode: text must be a str, got {type(text).__name__}: {text!r}"
+            raise invalid(
+                "text",
+                text,
+                f"a str, got {type(text).__name__}",
+                owner="WordTokenizer.encode",
+                error=TypeError,
             )
         unk = self.unk_id
         ids = [self._index.get(word, unk) for word in text.split()]
@@ -215,15 +239,15 @@ class WordTokenizer:
         for raw in ids:
             if isinstance(raw, Tensor):
                 raw = raw.item()
-            if isinstance(raw, bool) or not isinstance(raw, numbers.Integral):
-                raise TypeError(
-                    f"WordTokenizer.decode: ids must be integers, got {type(raw).__name__}: {raw!r}"
-                )
+            check_integer("id", raw, owner="WordTokenizer.decode")
             i = int(raw)
             if not 0 <= i < len(self._words):
-                raise ValueError(
-                    f"WordTokenizer.decode: id {i} is out of range for a vocabulary of "
-                    f"{len(self._words)} tokens"
+                raise invalid(
+                    "id",
+                    i,
+                    f"an integer in [0, {len(self._words) - 1}] (a vocabulary of "
+                    f"{len(self._words)} tokens)",
+                    owner="WordTokenizer.decode",
                 )
             if i not in skipped:
                 words.append(self._words[i])
@@ -272,18 +296,17 @@ class WordTokenizer:
             length than ``texts`` or an entry out of range.
         """
         if isinstance(texts, str):
-            raise TypeError("WordTokenizer.batch: texts must be a sequence of str, got a str")
+            raise invalid(
+                "texts",
+                texts,
+                "a sequence of str, got a str",
+                owner="WordTokenizer.batch",
+                error=TypeError,
+            )
         texts = list(texts)
         if not texts:
             raise ValueError("WordTokenizer.batch: texts is empty")
-        if max_length is not None:
-            if isinstance(max_length, bool) or not isinstance(max_length, numbers.Integral):
-                raise TypeError(
-                    f"WordTokenizer.batch: max_length must be an integer or None, "
-                    f"got {type(max_length).__name__}: {max_length!r}"
-                )
-            if max_length < 1:
-                raise ValueError(f"WordTokenizer.batch: max_length must be >= 1, got {max_length}")
+        check_integer("max_length", max_length, 1, optional=True, owner="WordTokenizer.batch")
         rows = [self.encode(text, bos=True, eos=eos) for text in texts]
         if prompt_lengths is None:
             prompts = [0] * len(rows)
@@ -291,20 +314,11 @@ class WordTokenizer:
             prompts = list(prompt_lengths)
             if len(prompts) != len(rows):
                 raise ValueError(
-                    f"WordTokenizer.batch: prompt_lengths has {len(prompts)} entries for "
-                    f"{len(rows)} texts"
+                    f"WordTokenizer.batch: invalid prompt_lengths of {len(prompts)} entries: "
+                    f"expected {len(rows)}, one per text"
                 )
             for i, (n, row) in enumerate(zip(prompts, rows, strict=True)):
-                if isinstance(n, bool) or not isinstance(n, numbers.Integral):
-                    raise TypeError(
-                        f"WordTokenizer.batch: prompt_lengths[{i}] must be an integer, "
-                        f"got {type(n).__name__}: {n!r}"
-                    )
-                if not 0 <= n <= len(row):
-                    raise ValueError(
-                        f"WordTokenizer.batch: prompt_lengths[{i}] = {n} is out of range for "
-                        f"text {i} of {len(row)} tokens"
-                    )
+                check_integer(f"prompt_lengths[{i}]", n, 0, len(row), owner="WordTokenizer.batch")
         if max_length is not None:
             rows = [row[:max_length] for row in rows]
         width = max(len(row) for row in rows)

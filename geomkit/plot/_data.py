@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from geomkit._validation import invalid
 from geomkit.fields import STORED_FIELDS
 from geomkit.plot.style import MissingVariable, PlotSkipped
 from geomkit.runs import Run, Source, load
@@ -23,19 +24,21 @@ def single_run(source: Source, run: str | int | None = None) -> Run:
     runs = load(source)
     if run is None:
         if len(runs) > 1:
-            raise ValueError(
-                f"this figure shows one run but {len(runs)} were given; pass run= one of "
-                f"{[r.label for r in runs]}"
+            raise invalid(
+                "run",
+                run,
+                "one of " + ", ".join(r.label for r in runs) + f" (this figure shows one run; "
+                f"{len(runs)} were given)",
             )
         return runs[0]
     if isinstance(run, int) and not isinstance(run, bool):
         if not -len(runs) <= run < len(runs):
-            raise ValueError(f"run={run} is out of range for {len(runs)} runs")
+            raise invalid("run", run, f"an index in [{-len(runs)}, {len(runs) - 1}] or a label")
         return runs[run]
     for candidate in runs:
         if candidate.label == run:
             return candidate
-    raise ValueError(f"unknown run {run!r}; runs are {[r.label for r in runs]}")
+    raise invalid("run", run, "one of " + ", ".join(r.label for r in runs))
 
 
 def require(run: Run, names: Iterable[str], figure: str) -> None:

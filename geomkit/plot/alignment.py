@@ -18,6 +18,7 @@ from matplotlib.axes import Axes
 from matplotlib.legend import Legend
 
 from geomkit._deprecation import warn_renamed
+from geomkit._validation import check_choice, invalid
 from geomkit.plot._data import Run, Source, require_geometry, require_strategies, single_run
 from geomkit.plot.style import (
     PlotResult,
@@ -46,8 +47,7 @@ def _strategies(run: Run, strategies: Sequence[str] | None, figure: str) -> list
 
 def _select_layer(metrics: xr.Dataset, layer: int, run: Run) -> xr.Dataset:
     layers = [int(v) for v in metrics["layer"].values]
-    if layer not in layers:
-        raise ValueError(f"unknown layer {layer!r} in run {run.label!r}; layers are {layers}")
+    check_choice("layer", layer, layers, owner=f"run {run.label!r}")
     return metrics.sel(layer=layer)
 
 
@@ -126,9 +126,11 @@ def alignment_over_steps(
     artists = {}
     for panel, name in zip(axes, names, strict=True):
         if name not in data or "strategy" not in data[name].dims:
-            raise ValueError(
-                f"metric {name!r} has no strategy dimension; use one of "
-                f"{[n for n, v in data.data_vars.items() if 'strategy' in v.dims]}"
+            raise invalid(
+                "metric",
+                name,
+                "a metric with a strategy dimension, one of "
+                + ", ".join(str(n) for n, v in data.data_vars.items() if "strategy" in v.dims),
             )
         lines = _draw_lines(panel, data[name], chosen, picked.strategy)
         artists.update({(name, strategy): line for strategy, line in lines.items()})
@@ -174,7 +176,7 @@ def alignment_by_layer(
     chosen = _strategies(picked, strategies, "alignment_by_layer")
     data = picked.ds.geom.metrics(by="layer")
     if metric not in data or "strategy" not in data[metric].dims:
-        raise ValueError(f"metric {metric!r} has no strategy dimension")
+        raise invalid("metric", metric, "a metric with a strategy dimension")
     present = [int(v) for v in data["layer"].values]
     layers = present if layers is None else list(layers)
     fig, axes = resolve_axes(
@@ -198,8 +200,7 @@ def alignment_by_layer(
 
 def _long_frame(run: Run, metric: str, x: str, by: str, chosen: list[str]):
     data = run.ds.geom.metrics(by=by)
-    if metric not in data:
-        raise ValueError(f"unknown metric {metric!r}; metrics are {list(data.data_vars)}")
+    check_choice("metric", metric, [str(v) for v in data.data_vars])
     da = data[metric]
     if "strategy" in da.dims:
         da = da.sel(strategy=chosen)
@@ -258,8 +259,7 @@ def alignment_distributions(
     if by not in ("tensor", x):
         raise ValueError(f"invalid by={by!r}: expected 'tensor' or the x group {x!r}")
     plotters = {"violin": sns.violinplot, "box": sns.boxplot, "strip": sns.stripplot}
-    if kind not in plotters:
-        raise ValueError(f"unknown kind {kind!r}; expected one of {list(plotters)}")
+    check_choice("kind", kind, list(plotters))
     picked = single_run(source, run)
     require_geometry(picked, "alignment_distributions")
     chosen = _strategies(picked, strategies, "alignment_distributions")

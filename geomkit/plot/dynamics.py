@@ -11,6 +11,7 @@ import numpy as np
 import xarray as xr
 from matplotlib.axes import Axes
 
+from geomkit._validation import check_choice
 from geomkit.plot._data import Source, require
 from geomkit.plot._methods import group_methods, method_label, objective_linestyle
 from geomkit.plot.style import (
@@ -32,8 +33,7 @@ def seed_statistics(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Mean over replicates aligned on ``dim`` (outer join), with the band's lower and upper
     edges (mean -/+ standard deviation, or min/max); returns ``(x, mean, lower, upper)``."""
-    if band not in _BANDS:
-        raise ValueError(f"unknown band {band!r}; expected one of {_BANDS}")
+    check_choice("band", band, _BANDS)
     stacked = xr.concat(
         [a.reset_coords(drop=True) for a in arrays], dim="replicate", join="outer"
     ).astype(np.float64)

@@ -10,6 +10,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.colors import Normalize, TwoSlopeNorm
 
+from geomkit._validation import check_choice, invalid
 from geomkit.plot._data import Source, require_geometry, single_run
 from geomkit.plot.style import PlotResult, axis_label, resolve_axes
 
@@ -68,18 +69,18 @@ def layer_heatmap(
     picked = single_run(source, run)
     require_geometry(picked, f"layer_heatmap({metric!r})")
     metrics = picked.ds.geom.metrics(by=by)
-    if metric not in metrics:
-        raise ValueError(f"unknown metric {metric!r}; metrics are {list(metrics.data_vars)}")
+    check_choice("metric", metric, [str(v) for v in metrics.data_vars])
     da = metrics[metric]
     per_strategy = "strategy" in da.dims
     if per_strategy:
         strategy = picked.strategy if strategy is None else strategy
         names = [str(s) for s in da["strategy"].values]
-        if strategy not in names:
-            raise ValueError(f"unknown strategy {strategy!r}; recorded: {names}")
+        check_choice("strategy", strategy, names)
         da = da.sel(strategy=strategy)
     elif strategy is not None:
-        raise ValueError(f"metric {metric!r} does not depend on the strategy (got {strategy!r})")
+        raise invalid(
+            "strategy", strategy, f"None (metric {metric!r} does not depend on the strategy)"
+        )
     da = da.transpose(by, "record")
     groups = [str(g) for g in da[by].values]
     records = np.asarray(da["record"].values)

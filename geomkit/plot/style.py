@@ -24,6 +24,8 @@ import seaborn as sns
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from geomkit._validation import invalid
+
 __all__ = [
     "OBJECTIVE_COLORS",
     "STRATEGY_STYLES",
@@ -207,9 +209,8 @@ def save(
     for fmt in formats:
         fmt = fmt.lower().lstrip(".")
         if fmt not in supported:
-            raise ValueError(
-                f"unsupported figure format {fmt!r}; matplotlib writes "
-                f"{', '.join(sorted(supported))}"
+            raise invalid(
+                "format", fmt, "a format matplotlib writes: " + ", ".join(sorted(supported))
             )
         path = stem.with_name(stem.name + "." + fmt)
         # No creation date: the same figure gives the same PDF bytes.
@@ -322,7 +323,7 @@ def resolve_axes(
         return fig, flat[:n]
     axes = [ax] if isinstance(ax, Axes) else list(np.ravel(np.asarray(ax, dtype=object)))
     if len(axes) != n:
-        raise ValueError(f"this plot draws {n} panel(s) but ax= gave {len(axes)} axes")
+        raise ValueError(f"invalid ax of {len(axes)} axes: expected {n}, one per panel")
     return root_figure(axes[0]), axes
 
 

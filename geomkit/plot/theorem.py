@@ -20,6 +20,7 @@ from matplotlib.colors import LogNorm
 from matplotlib.ticker import FuncFormatter
 
 from geomkit._deprecation import renamed
+from geomkit._validation import invalid
 from geomkit.plot._data import Source, require_geometry, require_strategies, single_run
 from geomkit.plot.style import (
     PlotResult,
@@ -222,8 +223,8 @@ def violation_rates(
     missing = [c for c in _REQUIRED if c not in frame.columns]
     if missing:
         raise ValueError(
-            f"violation_rates needs columns {list(_REQUIRED)}; missing {missing} "
-            f"(columns: {list(frame.columns)})"
+            f"violation_rates: invalid frame with columns {list(frame.columns)}: expected the "
+            f"columns {list(_REQUIRED)} (missing {missing})"
         )
     frame = frame.copy()
     for column in ("claim", "granularity", "strategy"):
@@ -233,7 +234,7 @@ def violation_rates(
     claims = known if claims is None else [str(c) for c in claims]
     unknown = [c for c in claims if c not in known]
     if unknown:
-        raise ValueError(f"unknown claims {unknown}; the frame has {known}")
+        raise invalid("claims", unknown, "some of the frame's claims " + ", ".join(known))
     if frame.empty:
         raise PlotSkipped("violation_rates: the audit frame has no rows")
     frame = frame[frame["claim"].isin(claims)]

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from geomkit import kernels
-from geomkit._validation import check_out, check_pair, check_weight, zero_d
+from geomkit._validation import check_out, check_pair, check_weight, invalid, zero_d
 
 __all__ = ["Rule", "Scope", "PerTensor", "Global", "Strategy", "EPSILON"]
 
@@ -185,15 +185,20 @@ class Strategy:
 
     def __post_init__(self) -> None:
         if not isinstance(self.rule, Rule):
-            raise TypeError(f"rule must be a geomkit Rule, got {type(self.rule).__name__}")
+            raise invalid("rule", self.rule, "a geomkit Rule", owner="Strategy", error=TypeError)
         if self.rule.reduces and not isinstance(self.scope, Scope):
-            raise ValueError(
-                f"{self.rule!r} projects and needs a scope (PerTensor() or Global()), "
-                f"got {self.scope!r}"
+            raise invalid(
+                "scope",
+                self.scope,
+                f"PerTensor() or Global() ({self.rule!r} projects and needs a scope)",
+                owner="Strategy",
             )
         if not self.rule.reduces and self.scope is not None:
-            raise ValueError(
-                f"{self.rule!r} is coordinate-wise and takes no scope, got scope={self.scope!r}"
+            raise invalid(
+                "scope",
+                self.scope,
+                f"None ({self.rule!r} is coordinate-wise and takes no scope)",
+                owner="Strategy",
             )
         object.__setattr__(self, "alpha", check_weight("alpha", self.alpha))
         object.__setattr__(self, "gamma", check_weight("gamma", self.gamma))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from geomkit._validation import check_choice
 from geomkit.strategies.base import Global, PerTensor, Rule, Scope, Strategy
 from geomkit.strategies.rules import BLUR, SAGO, PCGrad, SAGOPreferRetain, Sum
 
@@ -102,8 +103,7 @@ def build(name: str, alpha: float = 1.0, gamma: float = 1.0) -> Strategy:
     >>> pcgrad([f], [r])  # f - <f,r>/|r|^2 r = (0, 1), plus 0.5 r
     [tensor([0.5000, 1.0000])]
     """
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown strategy {name!r}; valid names are: {', '.join(names())}")
+    check_choice("strategy", name, names())
     rule, scope = _REGISTRY[name]
     return Strategy(rule(), scope() if scope else None, alpha=alpha, gamma=gamma, name=name)
 

@@ -16,6 +16,7 @@ import torch
 import xarray as xr
 
 from geomkit._deprecation import renamed
+from geomkit._validation import check_choice, invalid
 from geomkit.theory.cases import Cases, rtol
 from geomkit.theory.checks import cosine_gap
 from geomkit.theory.claims import get_claim
@@ -115,17 +116,18 @@ def r4_breakdown(
     granularity = by
     edges = np.asarray(bins, dtype=np.float64)
     if edges.ndim != 1 or edges.size < 2 or np.any(np.diff(edges) <= 0):
-        raise ValueError(f"bins must be at least two increasing edges, got {list(bins)!r}")
+        raise invalid("bins", list(bins), "at least two increasing edges")
     if not (edges[0] <= 0.0 and edges[-1] == np.inf):
-        raise ValueError(
-            f"bins must cover [0, inf] (first edge <= 0, last edge inf) so that no |f|/|r| "
-            f"falls outside them, got {list(bins)!r}"
+        raise invalid(
+            "bins",
+            list(bins),
+            "edges that cover [0, inf] (first edge <= 0, last edge inf) so that no |f|/|r| "
+            "falls outside them",
         )
     if isinstance(against, str):
         against = (against,)
     for name in against:
-        if name not in ("pcgrad", "pcgrad_global"):
-            raise ValueError(f"against must name 'pcgrad' or 'pcgrad_global', got {name!r}")
+        check_choice("against", name, ("pcgrad", "pcgrad_global"))
     all_cases = _cases(source, granularity, n, seed, alpha, gamma)
     present = [a for a in against if all("sago" in c.stats and a in c.stats for c in all_cases)]
     if not present:

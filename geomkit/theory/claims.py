@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import NamedTuple
 
+from geomkit._validation import check_choice, invalid
 from geomkit.strategies.base import Strategy
 
 __all__ = ["CLAIMS", "GRANULARITIES", "STATUSES", "Claim", "Comparison", "get_claim", "subject"]
@@ -141,11 +142,9 @@ class Claim:
     def __post_init__(self) -> None:
         statuses = [self.status, *self.overrides.values()]
         for status in statuses:
-            if status not in STATUSES:
-                raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
+            check_choice("status", status, STATUSES, owner="Claim")
         for granularity in self.granularities:
-            if granularity not in GRANULARITIES:
-                raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+            check_choice("granularity", granularity, GRANULARITIES, owner="Claim")
         for strategy, granularities in self.scopes.items():
             extra = set(granularities) - set(self.granularities)
             if extra:
@@ -169,8 +168,7 @@ class Claim:
     def status_at(self, strategy: object, granularity: str) -> str:
         """The status of this claim for ``strategy`` (a name, Strategy or comparison pair)
         evaluated at ``granularity``."""
-        if granularity not in GRANULARITIES:
-            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        check_choice("granularity", granularity, GRANULARITIES)
         strategy = subject(strategy)
         for key in ((strategy, granularity), (strategy, "*")):
             if key in self.overrides:
@@ -302,7 +300,6 @@ CLAIMS: Mapping[str, Claim] = MappingProxyType({c.id: c for c in _TABLE})
 def get_claim(claim_id: str) -> Claim:
     """Return the claim with id ``claim_id`` (e.g. ``"R4"``); ValueError if unknown."""
     if not isinstance(claim_id, str):
-        raise TypeError(f"claim id must be a str, got {type(claim_id).__name__}: {claim_id!r}")
-    if claim_id not in CLAIMS:
-        raise ValueError(f"unknown claim {claim_id!r}; known claims are {', '.join(CLAIMS)}")
+        raise invalid("claim_id", claim_id, "a str", error=TypeError)
+    check_choice("claim_id", claim_id, list(CLAIMS))
     return CLAIMS[claim_id]

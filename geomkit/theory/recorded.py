@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import xarray as xr
 
+from geomkit._validation import invalid
 from geomkit.fields import STORED_FIELDS
 from geomkit.runs import Run, Source, load
 from geomkit.store import SchemaError
@@ -53,14 +54,14 @@ def _dtype(run: Run, override: torch.dtype | str | None) -> tuple[torch.dtype, s
     value = override if override is not None else run.dtype
     if isinstance(value, torch.dtype):
         if value not in _DTYPES.values():
-            raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {value}")
+            raise invalid("dtype", value, "one of " + ", ".join(_DTYPES))
         return value, ""
     if value is None:
         return torch.float32, "gradient dtype not recorded; tolerances assume float32"
     text = str(value).replace("torch.", "")
     if text not in _DTYPES:
         if override is not None:
-            raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {override!r}")
+            raise invalid("dtype", override, "one of " + ", ".join(_DTYPES))
         return torch.float32, f"unknown gradient dtype {value!r}; tolerances assume float32"
     return _DTYPES[text], ""
 

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 from geomkit._deprecation import renamed
+from geomkit._validation import check_choice, invalid
 from geomkit.theory.claims import GRANULARITIES, STATUSES, subject
 
 if TYPE_CHECKING:
@@ -122,24 +123,26 @@ class CheckResult:
     gates: bool | None = None
 
     def __post_init__(self) -> None:
-        if self.status not in STATUSES:
-            raise ValueError(f"status must be one of {STATUSES}, got {self.status!r}")
+        check_choice("status", self.status, STATUSES, owner="CheckResult")
         gates = self.status == "proven" if self.gates is None else self.gates
         if not isinstance(gates, bool):
-            raise TypeError(f"gates must be a bool or None, got {self.gates!r}")
-        if gates and self.status != "proven":
-            raise ValueError(f"only a proven claim can gate, got status {self.status!r}")
-        object.__setattr__(self, "gates", gates)
-        if self.granularity not in GRANULARITIES:
-            raise ValueError(
-                f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}"
+            raise invalid(
+                "gates", self.gates, "a bool or None", owner="CheckResult", error=TypeError
             )
-        if self.evidence not in EVIDENCE:
-            raise ValueError(f"evidence must be one of {EVIDENCE}, got {self.evidence!r}")
+        if gates and self.status != "proven":
+            raise invalid(
+                "gates",
+                gates,
+                f"False for status={self.status!r} (only a proven claim can gate)",
+                owner="CheckResult",
+            )
+        object.__setattr__(self, "gates", gates)
+        check_choice("granularity", self.granularity, GRANULARITIES, owner="CheckResult")
+        check_choice("evidence", self.evidence, EVIDENCE, owner="CheckResult")
         for name in ("cases", "undefined", "violations", "non_finite"):
             value = getattr(self, name)
             if isinstance(value, bool) or int(value) != value or value < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+                raise invalid(name, value, "an integer >= 0", owner="CheckResult")
             object.__setattr__(self, name, int(value))
         if self.violations > self.cases:
             raise ValueError(f"violations ({self.violations}) exceed cases ({self.cases})")
@@ -189,7 +192,7 @@ class CheckResult:
     def from_dict(cls, data: Mapping[str, Any]) -> CheckResult:
         """Inverse of :meth:`to_dict` (derived keys are ignored; null floats become NaN)."""
         if not isinstance(data, Mapping):
-            raise TypeError(f"expected a mapping, got {type(data).__name__}")
+            raise invalid("data", data, "a mapping", owner="CheckResult.from_dict", error=TypeError)
         names = {f.name for f in fields(cls)}
         missing = names - set(data) - {"evidence", "note", "details", "non_finite", "gates"}
         if missing:
@@ -242,7 +245,13 @@ class Audit:
         results = tuple(self.results)
         for r in results:
             if not isinstance(r, CheckResult):
-                raise TypeError(f"results must be CheckResult objects, got {type(r).__name__}")
+                raise invalid(
+                    "results",
+                    r,
+                    f"CheckResult objects, got {type(r).__name__}",
+                    owner="Audit",
+                    error=TypeError,
+                )
         object.__setattr__(self, "results", results)
         object.__setattr__(self, "attrs", dict(self.attrs))
 

@@ -26,7 +26,6 @@ counterexamples to R4 of docs/theory.md#r4, fixed) and :class:`Fixed` (any given
 from __future__ import annotations
 
 import math
-import numbers
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar, NamedTuple
@@ -34,7 +33,7 @@ from typing import ClassVar, NamedTuple
 import torch
 from torch import Tensor
 
-from geomkit._validation import check_integer, check_pair, check_real
+from geomkit._validation import check_choice, check_integer, check_pair, check_real, invalid
 
 __all__ = [
     "DTYPES",
@@ -80,24 +79,26 @@ class Sampler(ABC):
         ratio = self.norm_ratio
         if isinstance(ratio, tuple):
             if len(ratio) != 2:
-                raise ValueError(f"norm_ratio range must be (low, high), got {ratio!r}")
+                raise invalid("norm_ratio", ratio, "a number > 0 or a range (low, high)")
             low, high = (check_real("norm_ratio", x, 1e-12, 1e12) for x in ratio)
             if not (0 < low <= high):
-                raise ValueError(f"norm_ratio range must have 0 < low <= high, got {ratio!r}")
+                raise invalid("norm_ratio", ratio, "a range (low, high) with 0 < low <= high")
             object.__setattr__(self, "norm_ratio", (low, high))
         else:
-            value = check_real("norm_ratio", ratio, 0.0, 1e12)
-            if value <= 0:
-                raise ValueError(f"norm_ratio must be > 0, got {ratio!r}")
+            value = check_real("norm_ratio", ratio, 0.0, 1e12, strict=True)
             object.__setattr__(self, "norm_ratio", value)
         if not isinstance(self.dtype, torch.dtype):
-            raise TypeError(f"dtype must be a torch.dtype, got {type(self.dtype).__name__}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype}")
+            raise invalid(
+                "dtype",
+                self.dtype,
+                f"a torch.dtype, got {type(self.dtype).__name__}",
+                error=TypeError,
+            )
+        check_choice("dtype", self.dtype, DTYPES)
         if isinstance(self.shapes, tuple | list) and self.shapes:
             shapes = tuple(tuple(s) if isinstance(s, tuple | list) else (s,) for s in self.shapes)
         else:
-            raise ValueError(f"shapes must be a non-empty sequence of shapes, got {self.shapes!r}")
+            raise invalid("shapes", self.shapes, "a non-empty sequence of shapes")
         for shape in shapes:
             for size in shape:
                 check_integer("every tensor dimension", size, 1)
@@ -174,8 +175,7 @@ class Sampler(ABC):
         list of Pair
         """
         n = check_integer("n", n, 1)
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-            raise TypeError(f"seed must be an int, got {type(seed).__name__}: {seed!r}")
+        check_integer("seed", seed)
         g = torch.Generator().manual_seed(int(seed))
         pairs = []
         for _ in range(n):
@@ -360,7 +360,7 @@ class Fixed(Sampler):
     def __post_init__(self) -> None:
         pairs = tuple(Pair(list(p[0]), list(p[1])) for p in self.pairs)
         if not pairs:
-            raise ValueError("Fixed needs at least one (forget, retain) pair")
+            raise invalid("pairs", self.pairs, "at least one (forget, retain) pair", owner="Fixed")
         for i, (forget, retain) in enumerate(pairs):
             check_pair(forget, retain)
             if [t.shape for t in forget] != [t.shape for t in pairs[0].forget]:

@@ -8,14 +8,13 @@ coordinate granularity (R1, R6, R9: on the update itself), at tensor and at mode
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from geomkit._validation import check_weight
+from geomkit._validation import check_choice, check_integer, check_weight, invalid
 from geomkit.fields import FIELD_TABLE, FIELDS, SIZE_FIELDS
 from geomkit.strategies import build
 from geomkit.theory.cases import Cases, build_cases
@@ -41,7 +40,7 @@ def check_claims(claims: Sequence[str] | None) -> tuple[str, ...]:
         claims = (claims,)
     unknown = [c for c in claims if c not in CLAIMS]
     if unknown:
-        raise ValueError(f"unknown claims {unknown}; known claims are {', '.join(CLAIMS)}")
+        raise invalid("claims", unknown, "some of " + ", ".join(CLAIMS))
     return tuple(claims)
 
 
@@ -50,10 +49,9 @@ def _implementations(
 ) -> dict[str, Combine]:
     impl: dict[str, Combine] = {n: build(n, alpha=alpha, gamma=gamma) for n in STRATEGIES}
     for name, fn in (implementations or {}).items():
-        if name not in STRATEGIES:
-            raise ValueError(f"implementations may replace {STRATEGIES}, got {name!r}")
+        check_choice("implementations key", name, STRATEGIES)
         if not callable(fn):
-            raise TypeError(f"implementation of {name!r} must be callable, got {fn!r}")
+            raise invalid(f"implementations[{name!r}]", fn, "a callable", error=TypeError)
         impl[name] = fn
     return impl
 
@@ -216,9 +214,10 @@ def audit_synthetic(
         raise ValueError("samplers is empty; pass at least one Sampler (or None for defaults)")
     for s in samplers:
         if not isinstance(s, Sampler):
-            raise TypeError(f"samplers must be geomkit Sampler objects, got {type(s).__name__}")
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
-        raise ValueError(f"n must be an integer >= 1, got {n!r}")
+            raise invalid(
+                "samplers", s, f"geomkit Sampler objects, got {type(s).__name__}", error=TypeError
+            )
+    check_integer("n", n, 1, error=ValueError)
     alpha, gamma = check_weight("alpha", alpha), check_weight("gamma", gamma)
     claims = check_claims(claims)
     impl = _implementations(alpha, gamma, implementations)
