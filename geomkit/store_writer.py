@@ -97,7 +97,7 @@ class RunWriter:
         record_chunk: int = 16,
     ) -> None:
         if mode not in ("w", "a"):
-            raise ValueError(f"mode must be 'w' or 'a', got {mode!r}")
+            raise ValueError(f"invalid mode={mode!r}: expected 'w' or 'a'")
         if len(tensors) != len(numel):
             raise ValueError(f"{len(tensors)} tensors but {len(numel)} numel values")
         if not strategies:

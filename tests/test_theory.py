@@ -756,8 +756,11 @@ def test_claims_compare_strategies_as_pairs_not_strings():
     )
     r6 = theory.get_claim("R6")
     assert r6.gates(build("sago"), "coordinate") and not r6.gates(build("pcgrad"), "coordinate")
-    # the old "a>=b" spelling still works, with a DeprecationWarning
-    with pytest.warns(DeprecationWarning, match="deprecated"):
+    # the old "a>=b" spelling still works, with geomkit's deprecation warning (a FutureWarning,
+    # shown in notebooks, unlike DeprecationWarning)
+    from geomkit._deprecation import GeomkitDeprecationWarning
+
+    with pytest.warns(GeomkitDeprecationWarning, match="deprecated"):
         assert r7.status_at("sago_prefer_retain>=pcgrad_global", "model") == "proven"
     with pytest.raises(TypeError, match="pair"):
         r7.status_at(("sago", "pcgrad", "blur"), "model")

@@ -138,10 +138,7 @@ RETIRED = (
     re.compile(r"needs an integer"),  # "Every(k) needs an integer k >= 1, got ..."
 )
 # Messages that may keep a retired phrasing: {substring of the message: reason}.
-ALLOWED = {
-    "mode must be 'w' or 'a'": "geomkit/store.py is being split on another branch; convert at "
-    "the merge (the message moves with the code)",
-}
+ALLOWED: dict[str, str] = {}
 
 
 def _message(node: ast.expr) -> str | None:

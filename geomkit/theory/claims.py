@@ -27,12 +27,12 @@ evaluated for the model only (:meth:`Claim.evaluated_at`).
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import NamedTuple
 
+from geomkit._deprecation import warn_renamed
 from geomkit._validation import check_choice, invalid
 from geomkit.strategies.base import Strategy
 
@@ -71,7 +71,8 @@ def subject(value: object) -> Subject:
     """Normalise a claim subject: a strategy name or :class:`~geomkit.strategies.Strategy`
     (its label), or a pair of them, a :class:`Comparison`.
 
-    The old comparison spelling ``"a>=b"`` still works and warns (``DeprecationWarning``).
+    The old comparison spelling ``"a>=b"`` still works and warns
+    (:class:`~geomkit._deprecation.GeomkitDeprecationWarning`, a ``FutureWarning``).
     """
     if isinstance(value, Comparison):
         return value
@@ -80,12 +81,8 @@ def subject(value: object) -> Subject:
             raise TypeError(f"invalid comparison={value!r}: expected a pair (first, second)")
         return Comparison(_name(value[0]), _name(value[1]))
     if isinstance(value, str) and ">=" in value:
-        warnings.warn(
-            f"the comparison string {value!r} is deprecated; pass a pair, e.g. "
-            f"Comparison{tuple(value.split('>=', 1))!r}",
-            DeprecationWarning,
-            stacklevel=3,
-        )
+        first, second = value.split(">=", 1)
+        warn_renamed(value, f"({first!r}, {second!r})", "comparison string", stacklevel=3)
         return subject(tuple(value.split(">=", 1)))
     return _name(value)
 
