@@ -90,25 +90,25 @@ def test_slug_follows_github() -> None:
     assert slug("Ties, undefined and non-finite cases") == "ties-undefined-and-non-finite-cases"
 
 
-def test_nothing_cites_files_outside_the_repository() -> None:
-    offenders = [
+def _lines_matching(pattern: re.Pattern) -> list[str]:
+    """``path:line: text`` of every source line that ``pattern`` finds."""
+    return [
         f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
         for path in _sources()
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
-        if OUTSIDE.search(line)
+        if pattern.search(line)
     ]
+
+
+def test_nothing_cites_files_outside_the_repository() -> None:
+    offenders = _lines_matching(OUTSIDE)
     assert not offenders, "cite docs/method.md, docs/theory.md or docs/schema.md instead:\n" + (
         "\n".join(offenders)
     )
 
 
 def test_citations_use_anchors_not_section_numbers() -> None:
-    offenders = [
-        f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
-        for path in _sources()
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
-        if SECTION_SIGN.search(line)
-    ]
+    offenders = _lines_matching(SECTION_SIGN)
     assert not offenders, "cite docs/<file>.md#<anchor>, not section numbers:\n" + (
         "\n".join(offenders)
     )
