@@ -575,3 +575,10 @@ def test_real_audit_frame(plot_smoke_runs, ax) -> None:
     assert set(table["claim"]) == set(frame["claim"])
     rates = table["violation_rate"].dropna()
     assert ((rates >= 0) & (rates <= 1)).all()
+
+
+def test_layer_heatmap_names_a_bad_grouping() -> None:
+    from geomkit.plot import layer_heatmap
+
+    with pytest.raises(ValueError, match=r"layer_heatmap: invalid by='model': expected one of"):
+        layer_heatmap(xr.Dataset(), by="model")

@@ -66,6 +66,7 @@ def layer_heatmap(
         ``artists["heatmap"]`` is the QuadMesh; its array is ``(group, record)``.
         ``extras["colorbar"]``, ``extras["groups"]``, ``extras["records"]``.
     """
+    check_choice("by", by, ("layer", "component", "module", "tensor"), owner="layer_heatmap")
     picked = single_run(source, run)
     require_geometry(picked, f"layer_heatmap({metric!r})")
     metrics = picked.ds.geom.metrics(by=by)
