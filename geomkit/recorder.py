@@ -177,9 +177,10 @@ class Recorder:
         self.applied = as_strategy(strategy, alpha, gamma)
         shadows = names() if shadows is None else shadows
         weights = (self.applied.alpha, self.applied.gamma)
-        shadow_list = [as_strategy(s, *weights) if isinstance(s, str) else s for s in shadows]
-        for s in shadow_list:
-            as_strategy(s)  # a shadow object keeps its own weights; anything else: TypeError
+        # a name takes the applied weights; a shadow object keeps its own; anything else: TypeError
+        shadow_list = [
+            as_strategy(s, *weights) if isinstance(s, str) else as_strategy(s) for s in shadows
+        ]
         # equal strategies give equal statistics: each is recorded once, the applied one first
         self.shadows = [s for s in dict.fromkeys(shadow_list) if s != self.applied]
         self.schedule = Every(schedule) if isinstance(schedule, int) else schedule
