@@ -129,7 +129,8 @@ def update_rounding(dtype: torch.dtype) -> tuple[float, float]:
     """
     compute = torch.float64 if dtype == torch.float64 else torch.float32
     u_dtype, u_compute = torch.finfo(dtype).eps / 2, torch.finfo(compute).eps / 2
-    u = (1 + u_dtype) * (1 + u_compute) ** 3 - 1
+    w = 3 * u_compute + 3 * u_compute**2 + u_compute**3  # (1 + u_c)^3 - 1 without cancelling
+    u = u_dtype + w + u_dtype * w
     return u, torch.finfo(dtype).tiny + 3 * torch.finfo(compute).tiny
 
 
@@ -214,8 +215,9 @@ def _k_triple_checked(f: Tensor, r: Tensor, d: Tensor, check: Tensor) -> Tensor:
 
 def _k_linear_moments(f: Tensor, r: Tensor, coefficients: Tensor) -> Tensor:
     # coefficients [S, 2] float64 rows (a, b): rule s forms d = a f + b r on every coordinate.
-    # Returns [S * 5]: per rule (n_opposed, <d,d>, <d,f>, <d,r>, sum |d_i r_i|), accumulated directly (no
-    # closed form, so no cancellation when d is small next to f and r). The compiled form.
+    # Returns [S * 5]: per rule (n_opposed, <d,d>, <d,f>, <d,r>, sum |d_i r_i|), accumulated
+    # directly (no closed form, so no cancellation when d is small next to f and r). The
+    # compiled form.
     f64, r64 = f.double(), r.double()
     exact = f.dtype != torch.float64
     p, q = (f64 * r64, r64 * r64) if exact else (None, None)

@@ -244,9 +244,7 @@ def build_cases(
     numel = field_of(first, "numel")  # [B, T]
     factor = float64_factor(numel.sum(axis=-1), n_t)  # [B]
     bounds = {
-        n: _bounds(
-            n, tensor_stats[n], alpha, gamma, dtype, evidence.get(n) in FORMED, absent
-        )
+        n: _bounds(n, tensor_stats[n], alpha, gamma, dtype, evidence.get(n) in FORMED, absent)
         for n in names
     }
     common = {

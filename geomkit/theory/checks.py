@@ -26,9 +26,9 @@ from dataclasses import replace
 import numpy as np
 
 from geomkit.kernels import update_rounding
-from geomkit.theory.cases import FORMED, Cases, field_of, float64_factor, rtol
-from geomkit.theory.claims import Comparison, get_claim
 from geomkit.strategies import build
+from geomkit.theory.cases import FORMED, Cases, field_of, rtol
+from geomkit.theory.claims import Comparison, get_claim
 from geomkit.theory.report import CheckResult
 
 __all__ = ["ADDITIVE_CHECKS", "check_r0", "check_r1", "check_r2", "check_r2b", "check_r3"]
@@ -192,7 +192,9 @@ def _alignment(claim_id: str, name: str, cases: Cases, residual_text: str) -> Ch
     finite = _finite(cases, (name,), ("ff", "rr", "fr", "dd", "dr"))
     q = _div(dr, norm)  # cos(d, r)
     tol = _div(cases.rounding[name] + cases.residual[name], norm)
-    tolerance = f"cos(d,r) >= -tol (ties hold); tol = [{_rounding_text(cases, name)}{residual_text}]"
+    tolerance = (
+        f"cos(d,r) >= -tol (ties hold); tol = [{_rounding_text(cases, name)}{residual_text}]"
+    )
     tolerance += " / (|d||r|), summed over tensors"
     note = _join(
         "undefined: |d| = 0 or |r| = 0" if (~defined & finite).any() else "",
@@ -236,7 +238,10 @@ def _rounding_text(cases: Cases, name: str) -> str:
         text += " (a sign rule: rounding keeps every d_i r_i >= 0)"
     else:
         text += " (shadow: float64 only)"
-    return text + "; A, B the largest |a|, |b| of d = a f + b r, N, T the model's coordinates and tensors"
+    return (
+        text
+        + "; A, B the largest |a|, |b| of d = a f + b r, N, T the model's coordinates and tensors"
+    )
 
 
 def check_r1(cases: Cases) -> list[CheckResult]:

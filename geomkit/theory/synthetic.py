@@ -92,7 +92,9 @@ def _formula(flat: Flat, name: str, alpha: float, gamma: float) -> tuple[np.ndar
     return ref, slack
 
 
-def _statistics(flat: Flat, update: np.ndarray, name: str, alpha: float, gamma: float) -> np.ndarray:
+def _statistics(
+    flat: Flat, update: np.ndarray, name: str, alpha: float, gamma: float
+) -> np.ndarray:
     """Sufficient statistics ``[n_pairs, n_tensors, len(FIELDS)]`` of materialised updates,
     computed here in float64 NumPy (independently of :mod:`geomkit.statistics`, the code the
     checks are meant to catch)."""
