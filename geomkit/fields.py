@@ -204,20 +204,20 @@ FIELD_TABLE: dict[str, Field] = _table(
         "dr_abs",
         "update",
         "float64",
-        "sum |d_i r_i|",
+        "sum of abs(d_i r_i)",
         "gradient^2",
-        "sum over coordinates of |d_i r_i|, float64; bounds the effect of rounding d on <d, r> "
-        "(docs/theory.md#tolerances); equal to <d, r> for the sign rules",
+        "sum over coordinates of abs(d_i*r_i), float64; bounds the effect of rounding d on "
+        "<d, r> (docs/theory.md#tolerances); equal to <d, r> for shadow sign rules",
         optional=True,
     ),
     Field(
         "n_unrounded",
         "update",
         "int64",
-        "coordinates not the rounded formula",
+        "coordinates off the rounded formula",
         "count",
         "number of coordinates where the applied d_i differs from the strategy's float64 linear "
-        "form a f_i + b r_i by more than one rounding to the gradient dtype "
+        "form a*f_i + b*r_i by more than one rounding to the gradient dtype "
         "(docs/theory.md#r0); 0 for shadow strategies, whose d is never formed",
         optional=True,
     ),
