@@ -51,6 +51,7 @@ __all__ = [
     "compile_failed",
     "triple",
     "update_rounding",
+    "subnormal_rounding",
     "FORMULA_SLACK",
     "UNIT_ROUNDOFF_64",
 ]
@@ -132,6 +133,17 @@ def update_rounding(dtype: torch.dtype) -> tuple[float, float]:
     w = 3 * u_compute + 3 * u_compute**2 + u_compute**3  # (1 + u_c)^3 - 1 without cancelling
     u = u_dtype + w + u_dtype * w
     return u, torch.finfo(dtype).tiny + 3 * torch.finfo(compute).tiny
+
+
+def subnormal_rounding(dtype: torch.dtype) -> float:
+    """The absolute part of :func:`update_rounding` under gradual underflow (IEEE 754's
+    default, and PyTorch's unless ``torch.set_flush_denormal(True)`` or fast-math kernels):
+    half the subnormal spacing of ``dtype`` plus three of the compute dtype's. Used where the
+    bound is summed over every coordinate (``eta sqrt(n) |r|`` on ``<d, r>``); the per-coordinate
+    test of ``n_unrounded`` keeps the flush-to-zero-safe ``eta``."""
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    half = [torch.finfo(x).tiny * torch.finfo(x).eps / 2 for x in (dtype, compute)]
+    return half[0] + 3 * half[1]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -18,9 +18,10 @@ tolerances (docs/theory.md#tolerances); each follows from how the number was com
       a projection coefficient and the sums over tensors add ``N`` and ``T`` more). Shadow
       statistics are float64 sums over the exactly representable f, r and carry only this;
     * rounding of an update that was formed (applied, or materialised by a sampler) to the
-      gradient dtype: ``u / (1 - u) * sum_i |d_i r_i| + eta sqrt(n_j) |r_j|`` with ``(u, eta)``
-      of :func:`geomkit.kernels.update_rounding` (``|d_i - d*_i| <= u |d*_i| + eta`` is what
-      ``n_unrounded = 0`` certifies, R0), ``sum |d_i r_i|`` the recorded ``dr_abs``. Not for the
+      gradient dtype: ``u / (1 - u) * sum_i |d_i r_i| + eta sqrt(n_j) |r_j|`` with ``u`` of
+      :func:`geomkit.kernels.update_rounding` (``|d_i - d*_i| <= u |d*_i| + eta`` is what
+      ``n_unrounded = 0`` certifies, R0), ``eta`` of :func:`geomkit.kernels.subnormal_rounding`
+      (gradual underflow), ``sum |d_i r_i|`` the recorded ``dr_abs``. Not for the
       sign rules (SAGO variants): rounding never flips the sign of ``d_i``, so every
       ``d_i r_i >= 0`` survives it (R1, R6). A source without ``dr_abs`` (a store written before
       it existed) uses its Cauchy-Schwarz bound ``(1 + u)(A |f||r| + B |r|^2)``, with a note.
@@ -43,7 +44,7 @@ import torch
 
 from geomkit import strategies as gstrategies
 from geomkit.fields import FIELDS, INDEX
-from geomkit.kernels import DOT_FIELDS, UNIT_ROUNDOFF_64, update_rounding
+from geomkit.kernels import DOT_FIELDS, UNIT_ROUNDOFF_64, subnormal_rounding, update_rounding
 from geomkit.strategies import EPSILON, Global, PCGrad
 
 __all__ = ["Cases", "build_cases", "field_of", "float64_factor", "rtol"]
@@ -178,7 +179,8 @@ def _bounds(
         rounding = float64_factor(n_total, numel.shape[-1]) * magnitude
         keeps_signs = strategy is not None and strategy.rule.never_opposes
         if formed and not keeps_signs:
-            u, eta = update_rounding(dtype)
+            u, _ = update_rounding(dtype)
+            eta = subnormal_rounding(dtype)
             dr_abs = field_of(tensor_stats, "dr_abs")
             if "dr_abs" in absent:
                 dr_abs = (1 + u) * magnitude

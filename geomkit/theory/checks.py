@@ -25,7 +25,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from geomkit.kernels import update_rounding
+from geomkit.kernels import subnormal_rounding, update_rounding
 from geomkit.strategies import build
 from geomkit.theory.cases import FORMED, Cases, field_of, rtol
 from geomkit.theory.claims import Comparison, get_claim
@@ -307,7 +307,8 @@ def check_r3(cases: Cases) -> list[CheckResult]:
         # b|r_i|)^2, and for a formed update the rounding of every d_i
         rel_d = _div(big_f * 2 * (g * g * ff + b * b * rr), dd)
         if cases.evidence.get(scope) in FORMED:
-            u, eta = update_rounding(cases.dtype)
+            u, _ = update_rounding(cases.dtype)
+            eta = subnormal_rounding(cases.dtype)
             rel_d = rel_d + u / (1 - u) + _div(eta * _sqrt(field_of(s, "numel")), dn)
     tol = np.abs(exact - closed) + _div(cases.rounding[scope], dn * rn) + rel_d + cancel
     q = np.abs(measured - closed)
@@ -514,7 +515,7 @@ def _comparison(claim_id: str, first: str, second: str, cases: Cases) -> list[Ch
         where=cases.where,
         tolerance=(
             f"cos(d_{first},r) - cos(d_{second},r) >= -tol (ties hold); tol = sum of both "
-            f"cosines' rounding bounds; rtol = {rtol(cases.dtype):.3g}"
+            "cosines' rounding bounds (docs/theory.md#tolerances)"
         ),
         evidence=_evidence(cases, pair),
         note=note,
@@ -575,7 +576,7 @@ def check_r5(cases: Cases) -> list[CheckResult]:
                 where=cases.where,
                 tolerance=(
                     "(<d_sago,r> - <d_pcgrad,r>) / |r|^2 >= -tol; tol = both rounding bounds / "
-                    f"|r|^2; rtol = {rtol(cases.dtype):.3g}"
+                    "|r|^2 (docs/theory.md#tolerances)"
                 ),
                 evidence=_evidence(cases, pair),
                 note=_join("measured, not gated", _weights_note(cases)),
