@@ -1,8 +1,10 @@
-"""The claim table: docs/theory.md R1-R9, each with its statement and what actually holds.
+"""The claim table: docs/theory.md R0-R9, each with its statement and what actually holds.
 
 The SAGO paper (Xiao et al., ACL 2026, arXiv 2604.14808) states that PCGrad and SAGO both keep a
 non-negative cosine with the retain gradient and that SAGO "achieves strictly tighter alignment".
-docs/theory.md turns that into precise readings R1-R9 and gives each a status:
+docs/theory.md turns that into precise readings R1-R9 (with R2b, R3b), adds R0 (the update that
+was formed is its strategy's formula rounded once, the invariant the gate needs to judge it) and
+gives each a status:
 
 ``"proven"``
     Holds for every input (a short proof exists); a violation beyond tolerance is a bug.
