@@ -19,7 +19,7 @@ def test_run_writes_audit_and_figures(smoke_runs):
     assert status == 0
     report = json.loads((out / "audit.json").read_text())
     claims = {r["claim"] for r in report["results"]}
-    assert claims == {f"R{i}" for i in range(1, 10)} | {"R2b"}
+    assert claims == {f"R{i}" for i in range(10)} | {"R2b", "R3b"}
     assert "R4" in (out / "audit.txt").read_text()
     for name in ("loss_dynamics", "tradeoff_retain"):
         for ext in ("pdf", "png"):
