@@ -463,8 +463,14 @@ def cosine_gap(cases: Cases, first: str, second: str) -> tuple[np.ndarray, ...]:
     rr = field_of(a, "rr")
     rn = _sqrt(rr)
     na, nb = _sqrt(field_of(a, "dd")) * rn, _sqrt(field_of(b, "dd")) * rn
-    gap = _div(field_of(a, "dr"), na) - _div(field_of(b, "dr"), nb)
+    cos_a, cos_b = _div(field_of(a, "dr"), na), _div(field_of(b, "dr"), nb)
+    gap = cos_a - cos_b
     tol = _div(cases.rounding[first], na) + _div(cases.rounding[second], nb)
+    # a formed update's |d| is rounded too: each cosine moves by up to |cos| u / (1 - u)
+    u, _ = update_rounding(cases.dtype)
+    for name, cos in ((first, cos_a), (second, cos_b)):
+        if cases.evidence.get(name, "materialised") in FORMED:
+            tol = tol + np.abs(cos) * u / (1 - u)
     finite = _finite(cases, (first, second), ("ff", "rr", "fr", "dd", "dr"))
     defined = ~((na == 0) | (nb == 0)) | ~finite
     ratio = _div(_sqrt(field_of(a, "ff")), rn)
@@ -515,7 +521,8 @@ def _comparison(claim_id: str, first: str, second: str, cases: Cases) -> list[Ch
         where=cases.where,
         tolerance=(
             f"cos(d_{first},r) - cos(d_{second},r) >= -tol (ties hold); tol = sum of both "
-            "cosines' rounding bounds (docs/theory.md#tolerances)"
+            "cosines' rounding bounds (docs/theory.md#tolerances), plus |cos| u/(1-u) for an "
+            "update that was formed"
         ),
         evidence=_evidence(cases, pair),
         note=note,
