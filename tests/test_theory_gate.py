@@ -308,3 +308,19 @@ def test_r3_and_r3b_gate_on_synthetic_implementations(dtype):
         audit = theory.audit_synthetic(agree, n=4, claims=["R3b"], implementations={str(bug): bug})
         r3b = gated(audit, "R3b", granularity, str(bug))
         assert audit.bug_detected and r3b.violations == r3b.cases > 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["sago", "sago_prefer_retain", "pcgrad", "pcgrad_global", "blur"])
+def test_n_unrounded_counts_each_coordinate_off_the_rounded_formula(dtype, name):
+    g = torch.Generator().manual_seed(3)
+    f = [torch.randn(257, generator=g, dtype=torch.float64).to(dtype) for _ in range(2)]
+    r = [torch.randn(257, generator=g, dtype=torch.float64).to(dtype) for _ in range(2)]
+    s = build(name, alpha=0.6, gamma=1.4)
+    d = s(f, r)
+    eps = torch.finfo(dtype).eps
+    d[1][7] = (d[1][7].double() * (1 + 4 * eps) + 4 * eps).to(dtype)  # a few units off
+    d[1][9] = math.nan
+    counts = field(gstats.sufficient(f, r, d, strategy=s), "n_unrounded")
+    assert counts.tolist() == [0.0, 2.0]
+    assert field(gstats.sufficient(f, r, d), "n_unrounded").tolist() == [0.0, 0.0]  # no strategy
