@@ -26,7 +26,13 @@ from geomkit.theory.checks import cosine_gap
 from geomkit.theory.claims import get_claim
 from geomkit.theory.samplers import Sampler
 
-__all__ = ["DEFAULT_BINS", "ComparisonCases", "comparison_cases", "r4_breakdown", "r4_decomposition"]
+__all__ = [
+    "DEFAULT_BINS",
+    "ComparisonCases",
+    "comparison_cases",
+    "r4_breakdown",
+    "r4_decomposition",
+]
 
 DEFAULT_BINS: tuple[float, ...] = (0.0, *np.round(10.0 ** np.arange(-2.0, 2.01, 0.5), 6), np.inf)
 """Edges of the ``|f| / |r|`` bins: 0, then log-spaced 0.01 ... 100 (half decades), inf."""
