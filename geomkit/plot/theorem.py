@@ -439,8 +439,11 @@ def violation_rates(
     heights = [1.0 + 0.75 * labels[g].count("\n") for g in groups]
     tops = np.concatenate([[0.0], np.cumsum(heights)])
     inch_per_row = 0.16
-    panel_height = tops[-1] * inch_per_row + 0.55
+    header = 0.25 + 0.055 * max(len(g) for g in grans)  # title and upright column labels
+    panel_height = tops[-1] * inch_per_row + header
     fig, axes = resolve_axes(ax, len(panels), ncols=1, panel_size=(PRINT_WIDTH, panel_height))
+    if ax is None:  # room for the caption below the panels
+        fig.set_size_inches(PRINT_WIDTH, panel_height * len(panels) + 0.6)
     cmap = _rate_cmap()
     cells = pooled.set_index(["objective", "group", "granularity"])
     artists: dict[tuple[str, str, str], Rectangle] = {}

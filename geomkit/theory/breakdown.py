@@ -291,12 +291,19 @@ def r4_decomposition(
           + sum_j (w_j^S - w_j^P) c̄_j   [pooling_term]``.
 
     The per-part term is a weighted sum of the per-part gaps with weights ``w̄_j >= 0``, whose
-    sum ``weight_sum <= 1`` (Cauchy-Schwarz); it is positive when SAGO is ahead in every part.
-    As ``|r|`` is common, ``w_j^S - w_j^P = (|r_j| / |r|) (|d_j^S| / |d^S| - |d_j^P| / |d^P|)``:
-    the pooling term is the effect of the two updates spreading their norm differently over
-    the parts, weighted by the parts' mean cosines. It can make the model gap negative while
-    every part's gap is positive. Both terms are float64 sums of the recorded statistics;
-    ``residual = gap - per_part_term - pooling_term`` is rounding only (docs/theory.md#r4).
+    sum ``W = weight_sum <= 1`` (Cauchy-Schwarz); it is positive when SAGO is ahead in every
+    part. It splits further, exactly, over the ``n`` parts, into
+
+    ``per_part_term = (W / n) sum_j (c_j^S - c_j^P)          [uniform_term]
+                    + sum_j (w̄_j - W / n) (c_j^S - c_j^P)   [weighting_term]``:
+
+    the gap if every part weighed the same, and what the parts' unequal weights add (negative
+    when the parts that carry most of ``|d| |r|``, e.g. the embedding matrix, are those where
+    SAGO trails). As ``|r|`` is common, ``w_j^S - w_j^P = (|r_j| / |r|) (|d_j^S| / |d^S| -
+    |d_j^P| / |d^P|)``: the pooling term is the effect of the two updates spreading their norm
+    differently over the parts, weighted by the parts' mean cosines. Every term is a float64
+    sum of the recorded statistics; ``residual = gap - per_part_term - pooling_term`` is
+    rounding only (docs/theory.md#r4-decomposed).
 
     Parameters
     ----------
@@ -318,17 +325,19 @@ def r4_decomposition(
         Every row has ``run``, ``objective``, ``strategy`` (the applied one), ``seed``, ``by``,
         ``against``. ``per="step"``: ``step``, ``norm_ratio`` (model ``|f| / |r|``),
         ``cos_sago``, ``cos_against`` (model), ``gap`` (:func:`comparison_cases`' gap),
-        ``per_part_term``, ``pooling_term``, ``residual``, ``weight_sum``,
+        ``per_part_term`` (``= uniform_term + weighting_term``), ``pooling_term``,
+        ``residual``, ``weight_sum``,
         ``part_gap_weighted`` (``per_part_term / weight_sum``), ``part_gap_mean`` (unweighted
         mean over the defined parts), ``parts`` (defined parts), ``part_violations`` and
         ``violated`` (the audit's R4 predicate, at the parts and at the model). Undefined steps
         (a zero model norm) have NaN terms. ``per="part"``: ``step``, ``part``,
         ``norm_ratio``, ``weight_sago``, ``weight_against``, ``cos_sago``, ``cos_against``,
-        ``gap``, ``per_part_term``, ``pooling_term`` (per part; they sum over the parts to the
-        step's). ``per="run"``: ``steps`` (defined), ``frac_ratio_ge_1`` (steps with model
-        ``|f| / |r| >= 1``), ``violations`` (model), ``mean_*`` and ``median_*`` over the steps
-        of ``gap``, ``per_part_term``, ``pooling_term``, ``part_gap_weighted``,
-        ``part_gap_mean`` and ``median_norm_ratio``; the means add up (``mean_gap =
+        ``gap``, ``per_part_term``, ``uniform_term``, ``weighting_term``, ``pooling_term``
+        (per part; they sum over the parts to the step's). ``per="run"``: ``steps``
+        (defined), ``frac_ratio_ge_1`` (steps with model ``|f| / |r| >= 1``), ``violations``
+        (model), ``mean_*`` and ``median_*`` over the steps of ``gap``, ``per_part_term``,
+        ``uniform_term``, ``weighting_term``, ``pooling_term``, ``part_gap_weighted``,
+        ``part_gap_mean``, and ``median_norm_ratio``; the means add up (``mean_gap =
         mean_per_part_term + mean_pooling_term`` up to rounding), the medians need not.
 
     Examples
@@ -399,8 +408,13 @@ def _decompose(
             # a non-finite statistic must not vanish into a zero weight
             cos[name] = np.where(np.isfinite(dr) & np.isfinite(norm_p), cos[name], np.nan)
         w_s, w_p, c_s, c_p = weight["sago"], weight[against], cos["sago"], cos[against]
-        part_terms = 0.5 * (w_s + w_p) * (c_s - c_p)
+        w_bar, d_c = 0.5 * (w_s + w_p), c_s - c_p
+        part_terms = w_bar * d_c
         pool_terms = (w_s - w_p) * 0.5 * (c_s + c_p)
+        # the per-part term = equal weights (their total W spread evenly) + the deviation
+        share = w_bar.sum(axis=1, keepdims=True) / n_p
+        uniform_terms = share * d_c
+        weighting_terms = (w_bar - share) * d_c
     model_cmp = comparison_cases(model, "sago", against)
     part_cmp = comparison_cases(parts, "sago", against)
     model_defined = model_cmp.defined & model_cmp.finite & np.isfinite(model_cmp.gap)
@@ -420,10 +434,14 @@ def _decompose(
                 "cos_against": np.where(part_defined, c_p, np.nan).ravel(),
                 "gap": part_gap.ravel(),
                 "per_part_term": np.where(keep, part_terms, np.nan).ravel(),
+                "uniform_term": np.where(keep, uniform_terms, np.nan).ravel(),
+                "weighting_term": np.where(keep, weighting_terms, np.nan).ravel(),
                 "pooling_term": np.where(keep, pool_terms, np.nan).ravel(),
             }
         )
     per_part = np.where(model_defined, part_terms.sum(axis=1), np.nan)
+    uniform = np.where(model_defined, uniform_terms.sum(axis=1), np.nan)
+    weighting = np.where(model_defined, weighting_terms.sum(axis=1), np.nan)
     pooling = np.where(model_defined, pool_terms.sum(axis=1), np.nan)
     weight_sum = np.where(model_defined, (0.5 * (w_s + w_p)).sum(axis=1), np.nan)
     defined_parts = part_defined.sum(axis=1)
@@ -446,6 +464,8 @@ def _decompose(
             "cos_against": cos_model[against],
             "gap": gap,
             "per_part_term": per_part,
+            "uniform_term": uniform,
+            "weighting_term": weighting,
             "pooling_term": pooling,
             "residual": gap - per_part - pooling,
             "weight_sum": weight_sum,
@@ -465,7 +485,8 @@ def _decompose(
         "violations": int(frame["violated"].sum()),
         "median_norm_ratio": float(ok["norm_ratio"].median()) if len(ok) else np.nan,
     }
-    for column in ("gap", "per_part_term", "pooling_term", "part_gap_weighted", "part_gap_mean"):
+    terms = ("gap", "per_part_term", "uniform_term", "weighting_term", "pooling_term")
+    for column in (*terms, "part_gap_weighted", "part_gap_mean"):
         row[f"mean_{column}"] = float(ok[column].mean()) if len(ok) else np.nan
         row[f"median_{column}"] = float(ok[column].median()) if len(ok) else np.nan
     return pd.DataFrame([row])
