@@ -17,6 +17,7 @@ import xarray as xr
 from matplotlib.colors import LogNorm
 
 import geomkit.plot as gp
+from geomkit._deprecation import GeomkitDeprecationWarning
 from geomkit.store import stack_runs
 
 STRATEGIES = ("sum", "pcgrad", "sago")
@@ -315,16 +316,24 @@ def test_distributions_per_tensor(run, ax) -> None:
 
 
 def test_sago_vs_pcgrad_scatter(run, ax) -> None:
+    from geomkit import theory
+
     result = gp.sago_vs_pcgrad(run, ax=ax)
-    points = result.artists["points"]
+    points = result.artists["graddiff"]
     metrics = run.geom.metrics(by="tensor")
     x = metrics["cos_dr"].sel(strategy="pcgrad").values.ravel()
-    y = metrics["cos_dr"].sel(strategy="sago").values.ravel()
     assert result.extras["n_points"] == x.size == RECORDS * len(_tensors())
-    assert result.extras["n_below"] == int(np.sum(y < x - 1e-12))
+    (r4,) = [
+        r
+        for r in theory.audit(run, claims=["R4"])
+        if r.granularity == "tensor" and r.strategy == "sago>=pcgrad"
+    ]
+    assert result.extras["n_below"] == r4.violations
+    assert result.extras["counts"]["graddiff"]["cases"] == r4.cases
+    assert f"{r4.violations} of {r4.cases}" in ax.get_title()
     np.testing.assert_allclose(sorted(points.get_offsets()[:, 0]), sorted(x))
-    assert isinstance(points.norm, LogNorm)
-    assert _on([points, result.artists["diagonal"]], ax)
+    assert isinstance(points.norm, LogNorm) and result.extras["mode"] == "points"
+    assert _on([points, result.artists[("graddiff", "diagonal")]], ax)
     assert "|f| / |r|" in result.extras["colorbar"].ax.get_ylabel()
 
 
@@ -334,7 +343,7 @@ def test_sago_vs_pcgrad_skips_without_the_strategy(ax) -> None:
     assert isinstance(error.value, gp.PlotSkipped) and error.value.variable == "pcgrad"
 
 
-def test_violation_rates_bars(ax) -> None:
+def test_violation_rates_cells(ax) -> None:
     frame = pd.DataFrame(
         {
             "claim": ["R1", "R1", "R4", "R4"],
@@ -344,17 +353,19 @@ def test_violation_rates_bars(ax) -> None:
         }
     )
     result = gp.violation_rates(frame, ax=ax)
-    assert result.artists[("R4", "tensor")].get_width() == pytest.approx(0.62)
+    texts = result.extras["texts"]
+    assert texts[("objective not given", "R4", "tensor")].get_text() == "62"
+    assert texts[("objective not given", "R1", "model")].get_text() == "0"
     assert len(result.artists) == 4 and _on(result.artists.values(), ax)
     assert [t.get_text() for t in ax.get_yticklabels()] == ["R1", "R4"]
-    assert [t.get_text() for t in result.extras["legend"].get_texts()] == ["tensor", "model"]
-    assert ax.get_xlabel() == "violation rate"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["tensor", "model"]
     with pytest.raises(ValueError, match="violation_rate"):
         gp.violation_rates(frame.drop(columns="violation_rate"), ax=ax)
 
 
-def test_violation_rates_pool_sources(ax) -> None:
-    """Audit.to_frame() has one row per source (run or sampler) and strategy."""
+def test_violation_rates_pool_sources_of_one_objective_only() -> None:
+    """Audit.to_frame() has one row per source (run or sampler) and strategy; sources of one
+    objective are pooled, objectives never."""
     frame = pd.DataFrame(
         {
             "claim": ["R4", "R4", "R4", "R1"],
@@ -367,13 +378,19 @@ def test_violation_rates_pool_sources(ax) -> None:
             "status": ["false"] * 3 + ["proven"],
         }
     )
-    result = gp.violation_rates(frame, ax=ax)
-    assert result.artists[("R4 sago>=pcgrad", "tensor")].get_width() == pytest.approx(8 / 40)
-    assert result.artists[("R4 sago>=pcgrad_global", "tensor")].get_width() == pytest.approx(0.1)
-    table = result.extras["table"].set_index("group")
+    pooled = gp.violation_rates(frame)
+    table = pooled.extras["table"].set_index("group")
     assert table.loc["R4 sago>=pcgrad", "cases"] == 40
+    assert table.loc["R4 sago>=pcgrad", "violation_rate"] == pytest.approx(8 / 40)
     assert np.isnan(table.loc["R1 sago", "violation_rate"])
-    assert any(t.get_text() == "proven n/a" for t in ax.texts)
+    assert pooled.extras["texts"][("objective not given", "R1 sago", "tensor")].get_text() == "n/e"
+    plt.close(pooled.figure)
+    split = gp.violation_rates(frame, objectives={"run-a": "graddiff", "run-b": "simnpo"})
+    texts = split.extras["texts"]
+    assert texts[("graddiff", "R4 sago>=pcgrad", "tensor")].get_text() == "50"
+    assert texts[("simnpo", "R4 sago>=pcgrad", "tensor")].get_text() == "10"
+    assert [a.get_title(loc="left") for a in split.axes] == ["graddiff (1 run)", "simnpo (1 run)"]
+    plt.close(split.figure)
 
 
 # --------------------------------------------------------------------------------------------
@@ -463,7 +480,7 @@ def test_tradeoff_skips_without_evaluations(ax) -> None:
 
 
 def test_geometry_table_means_over_steps(runs) -> None:
-    table = gp.geometry_table(runs)
+    table = gp.geometry_table(runs, view="own")
     assert list(table["strategy"]) == list(STRATEGIES)
     pcgrad = [r for r in runs if r.attrs["applied_strategy"] == "pcgrad"]
     cos = [float(r.geom.metrics()["cos_dr"].sel(strategy="pcgrad").mean()) for r in pcgrad]
@@ -472,8 +489,9 @@ def test_geometry_table_means_over_steps(runs) -> None:
     assert row["cos_dr_sd"] == pytest.approx(np.std(cos, ddof=1))
     assert row["runs"] == 2 and row["applied"]
     markdown = gp.geometry_table_markdown(table)
-    assert "Forget-Retain cos(f, r)" in markdown and "| PCGrad | 2 | 6 |" in markdown
-    shadows = gp.geometry_table(runs, shadows=True)
+    assert "Forget-Retain cos(f, r)" in markdown and "| PCGrad | 2 | 12 |" in markdown
+    with pytest.warns(GeomkitDeprecationWarning, match="shadows="):
+        shadows = gp.geometry_table(runs, shadows=True)
     assert len(shadows) == len(STRATEGIES) ** 2 and (~shadows["applied"]).sum() == 6
 
 
@@ -507,16 +525,18 @@ def test_write_figures_writes_every_figure(tmp_path, runs) -> None:
         *("distribution_cos_dr", "distribution_cos_df", "loss_dynamics"),
         *("tradeoff_retain", "tradeoff_general"),
         *("tradeoff_trajectories_retain", "tradeoff_trajectories_general"),
-        *("sago_vs_pcgrad", "violation_rates", "geometry_table"),
+        *("sago_vs_pcgrad", "violation_rates", "geometry_table", "geometry_table_own"),
     }
     for name, paths in results.items():
-        if name != "geometry_table":
+        if not name.startswith("geometry_table"):
             assert [p.suffix for p in paths] == [".pdf", ".png"], name
             assert paths[0].read_bytes().startswith(b"%PDF")
             assert paths[1].read_bytes().startswith(b"\x89PNG")
     assert (tmp_path / "alignment.pdf").exists()
     assert (tmp_path / "geometry_table.md").read_text().startswith("| Method")
-    assert pd.read_csv(tmp_path / "geometry_table.csv").shape[0] == 1
+    same = pd.read_csv(tmp_path / "geometry_table.csv")  # the default: same gradients
+    assert list(same["strategy"]) == list(STRATEGIES) and set(same["view"]) == {"same gradients"}
+    assert pd.read_csv(tmp_path / "geometry_table_own.csv").shape[0] == 1
     assert plt.get_fignums() == []
 
 
@@ -557,7 +577,7 @@ def test_real_run_figure_set(plot_smoke_runs, tmp_path) -> None:
     for run_label in stacked["run"].values:
         assert (tmp_path / str(run_label) / "cos_fr_heatmap.png").exists()
         assert f"{run_label}/alignment" in results
-    table = gp.geometry_table(stacked)
+    table = gp.geometry_table(stacked, view="own")
     assert sorted(table["strategy"]) == ["pcgrad", "sago", "sum"]
     assert table[["cos_fr", "cos_dr", "cos_df"]].abs().le(1).all().all()
     assert (table.set_index("strategy")["cos_dr"] >= -1e-9).loc[["pcgrad", "sago"]].all()
@@ -568,8 +588,9 @@ def test_real_audit_frame(plot_smoke_runs, ax) -> None:
     import geomkit
     from geomkit import theory
 
-    frame = theory.audit(geomkit.open_runs(plot_smoke_runs)).to_frame()
-    result = gp.violation_rates(frame, ax=ax)
+    stacked = geomkit.open_runs(plot_smoke_runs)
+    frame = theory.audit(stacked).to_frame()
+    result = gp.violation_rates(frame, objectives=stacked, ax=ax)
     table = result.extras["table"]
     assert len(result.artists) == len(table) > 0
     assert set(table["claim"]) == set(frame["claim"])

@@ -90,7 +90,8 @@ def write_figures(
     dict
         Figure name (``<run>/<figure>`` for per-run figures of several runs) to the written
         paths, or to ``"skipped: <reason>"``. Names: the keys of :data:`RUN_FIGURES` and
-        :data:`SET_FIGURES`, ``geometry_table`` (``.md`` and ``.csv``) and ``violation_rates``.
+        :data:`SET_FIGURES`, ``geometry_table`` (``.md`` and ``.csv``: same gradients),
+        ``geometry_table_own`` (own trajectory) and ``violation_rates``.
     """
     runs = load(source)
     out = Path(out)
@@ -129,15 +130,21 @@ def write_figures(
             logger.info("skipped figure violation_rates: %s", reason)
             results["violation_rates"] = f"skipped: {reason}"
         else:
-            emit("violation_rates", out / "violation_rates", lambda: violation_rates(audit))
-    try:
-        table = geometry_table(runs, shadows=False)
-    except PlotSkipped as reason:
-        logger.warning("skipped geometry_table: %s", reason)
-        results["geometry_table"] = f"skipped: {reason}"
-    else:
-        markdown, csv = out / "geometry_table.md", out / "geometry_table.csv"
-        markdown.write_text(geometry_table_markdown(table))
-        table.to_csv(csv, index=False)
-        results["geometry_table"] = [markdown, csv]
+            emit(
+                "violation_rates",
+                out / "violation_rates",
+                lambda: violation_rates(audit, objectives=runs),
+            )
+    # the same-gradient table is the default; the own-trajectory table beside it
+    for name, view in (("geometry_table", "same"), ("geometry_table_own", "own")):
+        try:
+            table = geometry_table(runs, view=view)
+        except PlotSkipped as reason:
+            logger.warning("skipped %s: %s", name, reason)
+            results[name] = f"skipped: {reason}"
+        else:
+            markdown, csv = out / f"{name}.md", out / f"{name}.csv"
+            markdown.write_text(geometry_table_markdown(table))
+            table.to_csv(csv, index=False)
+            results[name] = [markdown, csv]
     return results

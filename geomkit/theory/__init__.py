@@ -23,16 +23,25 @@ False
 False
 >>> theory.r4_breakdown(ds).rate_by_ratio.dims             # R4 violations by |f| / |r|
 ('against', 'ratio_bin')
+>>> parts = theory.r4_decomposition(ds)                     # model gap = per-tensor + pooling
+>>> bool(abs(parts.gap - parts.per_part_term - parts.pooling_term).max() < 1e-12)
+True
 >>> tmp.cleanup()
 
 Modules: :mod:`~geomkit.theory.claims` (the claim table), :mod:`~geomkit.theory.samplers`
 (synthetic pairs, the R4 counterexamples), :mod:`~geomkit.theory.checks` and
 :mod:`~geomkit.theory.coordinates` (one check per claim), :mod:`~geomkit.theory.synthetic` and
-:mod:`~geomkit.theory.recorded` (audits), :mod:`~geomkit.theory.breakdown` (R4 measured),
-:mod:`~geomkit.theory.report` (result types).
+:mod:`~geomkit.theory.recorded` (audits), :mod:`~geomkit.theory.breakdown` (R4 measured and
+decomposed), :mod:`~geomkit.theory.report` (result types).
 """
 
-from geomkit.theory.breakdown import DEFAULT_BINS, r4_breakdown
+from geomkit.theory.breakdown import (
+    DEFAULT_BINS,
+    ComparisonCases,
+    comparison_cases,
+    r4_breakdown,
+    r4_decomposition,
+)
 from geomkit.theory.cases import Cases, build_cases, rtol
 from geomkit.theory.claims import CLAIMS, GRANULARITIES, STATUSES, Claim, Comparison, get_claim
 from geomkit.theory.recorded import audit
@@ -62,6 +71,7 @@ __all__ = [
     "CheckResult",
     "Claim",
     "Comparison",
+    "ComparisonCases",
     "Counterexample",
     "Counterexamples",
     "Fixed",
@@ -74,9 +84,11 @@ __all__ = [
     "audit",
     "audit_synthetic",
     "build_cases",
+    "comparison_cases",
     "counterexamples",
     "default_samplers",
     "get_claim",
     "r4_breakdown",
+    "r4_decomposition",
     "rtol",
 ]
