@@ -233,9 +233,14 @@ def test_cos_fr_heatmap_is_layer_by_step(run, ax) -> None:
     assert result.ax is ax and mesh.axes is ax
     assert ax.get_xlabel() == "recorded optimizer step"
     assert ax.get_ylabel() == "layer"
-    assert [t.get_text() for t in ax.get_yticklabels()] == ["-1", "0", "1"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == [gp.OUTSIDE_BLOCKS, "0", "1"]
+    long_name = expected.attrs["long_name"]
+    assert ax.get_title().startswith(f"{long_name} per layer")
     label = result.extras["colorbar"].ax.get_ylabel().replace("\n", " ")
-    assert label == expected.attrs["long_name"]
+    top = np.ceil(np.abs(expected.values).max() * 10) / 10  # symmetric, up to a tenth
+    assert label == f"{long_name} (scale {-top:g} to {top:g}, centred at 0)"
+    norm = mesh.norm
+    assert (norm.vmin, norm.vcenter, norm.vmax) == pytest.approx((-top, 0.0, top))
 
 
 def test_conflict_heatmap_values(run) -> None:
@@ -244,6 +249,11 @@ def test_conflict_heatmap_values(run) -> None:
     expected = run.geom.metrics(by="layer")["conflict_rate"].transpose("layer", "record")
     np.testing.assert_allclose(values, expected.values)
     assert 0 <= values.min() and values.max() <= 1
+    norm = result.artists["heatmap"].norm  # a rate: the scale is the data's range, stated
+    assert (norm.vmin, norm.vmax) == pytest.approx((values.min(), values.max()))
+    label = result.extras["colorbar"].ax.get_ylabel().replace("\n", " ")
+    assert label.startswith(expected.attrs["long_name"]) and "scale fit to data" in label
+    assert result.ax.get_title().startswith(expected.attrs["long_name"])
     plt.close(result.figure)
 
 
@@ -288,6 +298,14 @@ def test_alignment_small_multiples(run) -> None:
     assert set(result.artists) == {(layer, s) for layer in (-1, 0, 1) for s in STRATEGIES}
     for (layer, _), line in result.artists.items():
         assert line.axes is result.axes[[-1, 0, 1].index(layer)]
+    assert [a.get_title() for a in result.axes] == [gp.OUTSIDE_BLOCKS, "layer 0", "layer 1"]
+    # 3 panels in 2 columns: the top-right panel has none below it and keeps its tick labels.
+    top_right = result.axes[1]
+    assert top_right.xaxis.get_tick_params()["labelbottom"] in (True, None)
+    assert any(t.get_visible() and t.get_text() for t in top_right.get_xticklabels())
+    assert not any(t.get_text() for t in result.axes[0].get_xticklabels() if t.get_visible())
+    long_name = run.geom.metrics(by="layer")["cos_df"].attrs["long_name"]
+    assert result.figure.get_suptitle().startswith(f"{long_name} per layer")
     plt.close(result.figure)
 
 
@@ -296,7 +314,7 @@ def test_distributions_per_layer_and_strategy(run, ax, kind) -> None:
     result = gp.alignment_distributions(run, "cos_dr", kind=kind, ax=ax)
     frame = result.extras["data"]
     assert len(frame) == RECORDS * LAYERS * len(STRATEGIES)
-    assert [t.get_text() for t in ax.get_xticklabels()] == ["-1", "0", "1"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == [gp.OUTSIDE_BLOCKS, "0", "1"]
     legend = [t.get_text() for t in result.extras["legend"].get_texts()]
     assert legend == ["SAGO", "sum (shadow)", "PCGrad (shadow)"]
     assert result.artists["distribution"] and _on(result.artists["distribution"], ax)
@@ -390,10 +408,46 @@ def test_loss_dynamics_mean_over_seeds(runs) -> None:
     line = result.artists[("retain_loss", ("graddiff", "pcgrad"))]
     pair = [r for r in runs if r.attrs["applied_strategy"] == "pcgrad"]
     np.testing.assert_allclose(line.get_ydata(), (pair[0].retain_loss + pair[1].retain_loss) / 2)
-    assert line.get_label() == "PCGrad (n=2)" and line.axes is result.axes[0]
+    assert line.get_label() == "PCGrad" and line.axes is result.axes[0]
+    # GradDiff's forget loss is -NLL: the forget panel draws the (positive) forget NLL.
+    forget = result.artists[("forget_loss", ("graddiff", "pcgrad"))]
+    np.testing.assert_allclose(forget.get_ydata(), -(pair[0].forget_loss + pair[1].forget_loss) / 2)
+    assert result.axes[1].get_ylabel().startswith("forget NLL (= -forget loss)")
     assert len(result.extras["bands"]) == 2 * len(STRATEGIES)
     assert result.axes[0].get_ylabel() == "retain loss"
     assert result.axes[1].get_xlabel() == "optimizer step"
+    legend = [t.get_text() for t in result.extras["legend"].get_texts()]
+    assert legend == ["sum", "PCGrad", "SAGO", "band: mean ± 1 sd over seeds"]
+    assert result.extras["legend"].get_title().get_text() == "line: mean of 2 seeds"
+    plt.close(result.figure)
+
+
+def test_loss_dynamics_one_row_of_panels_per_objective() -> None:
+    runs = [make_run(s, objective=o) for o in ("simnpo", "graddiff") for s in ("sum", "sago")]
+    result = gp.loss_dynamics(runs, band=None)
+    panels = result.extras["panels"]
+    assert list(panels) == [
+        (o, v) for o in ("graddiff", "simnpo") for v in ("retain_loss", "forget_loss")
+    ]
+    assert result.axes == list(panels.values())
+    for (variable, (objective, strategy)), line in result.artists.items():
+        assert line.axes is panels[(objective, variable)]
+        style = gp.strategy_style(strategy)
+        assert (line.get_color(), line.get_marker()) == (style.color, style.marker)
+    graddiff, simnpo = panels[("graddiff", "forget_loss")], panels[("simnpo", "forget_loss")]
+    assert graddiff.get_ylabel().startswith("forget NLL")
+    # SimNPO's forget loss is no NLL and is drawn as recorded, labelled as its own loss.
+    assert (
+        simnpo.get_ylabel().startswith("simnpo forget loss") and "not an NLL" in simnpo.get_ylabel()
+    )
+    source = next(
+        r
+        for r in runs
+        if r.attrs["objective"] == "simnpo" and r.attrs["applied_strategy"] == "sago"
+    )
+    line = result.artists[("forget_loss", ("simnpo", "sago"))]
+    np.testing.assert_allclose(line.get_ydata(), source.forget_loss)
+    assert not result.extras["bands"]
     plt.close(result.figure)
 
 
@@ -415,6 +469,7 @@ def test_tradeoff_arrows_from_sum(runs, ax) -> None:
         assert arrow.xyann == pytest.approx(points[("graddiff", start)])
         assert arrow.xy == pytest.approx(points[("graddiff", end)])
         assert arrow.arrow_patch.get_linestyle() == "--" and arrow.axes is ax
+        _assert_arrow_is_no_marker(arrow, result.figure)
     target = result.extras["target"]
     assert target.get_ydata()[0] == pytest.approx(float(runs[0].general_acc[0]))
     assert target.get_linestyle() == "--"
@@ -424,6 +479,71 @@ def test_tradeoff_arrows_from_sum(runs, ax) -> None:
     assert result.artists[("graddiff", "sago")].has_xerr  # two seeds: error bars
     assert ax.get_xlabel() == "final forget QA accuracy (lower is better)"
     assert ax.get_ylabel() == "final general-probe accuracy (higher is better)"
+    assert "final evaluation" in ax.get_title() and "learning rate" in ax.get_title()
+    assert result.extras["description"].startswith("final evaluation: equal steps")
+
+
+def _assert_arrow_is_no_marker(arrow, figure) -> None:
+    """An arrow's head is open and grey: it matches no strategy's legend handle."""
+    style = arrow.arrow_patch.get_arrowstyle()
+    assert not getattr(style, "fillend", False) and not getattr(style, "fillbegin", False)
+    colour = matplotlib.colors.to_rgb(arrow.arrow_patch.get_edgecolor())
+    handles = [h for a in figure.axes for h in a.get_legend_handles_labels()[0]]
+    handles += [h for legend in figure.legends for h in legend.legend_handles]
+    for handle in handles:
+        line = handle[0] if isinstance(handle, tuple) else handle
+        if hasattr(line, "get_marker") and line.get_marker() not in (None, "", "None"):
+            assert colour != pytest.approx(matplotlib.colors.to_rgb(line.get_color()), abs=0.02)
+    for style in gp.STRATEGY_STYLES.values():
+        assert colour != pytest.approx(style.color, abs=0.02)
+
+
+def test_tradeoff_one_panel_per_objective_and_matched_forgetting() -> None:
+    runs = [
+        make_run(s, objective=o, seed=seed)
+        for o in ("graddiff", "simnpo")
+        for s in STRATEGIES
+        for seed in (0, 1)
+    ]
+    result = gp.tradeoff(runs)
+    panels = result.extras["panels"]
+    assert list(panels) == ["graddiff", "simnpo"] and result.axes == list(panels.values())
+    for (objective, strategy), container in result.artists.items():
+        marker = container[0]
+        assert marker.axes is panels[objective]
+        style = gp.strategy_style(strategy)
+        assert (marker.get_color(), marker.get_marker()) == (style.color, style.marker)
+    assert set(result.extras["arrows"]) == {
+        (o, "sum", s) for o in ("graddiff", "simnpo") for s in ("pcgrad", "sago")
+    }
+    legend = [t.get_text() for t in result.extras["legend"].get_texts()]
+    assert legend == ["target model", "sum", "PCGrad", "SAGO"]  # strategies once, no objective
+    plt.close(result.figure)
+
+    # Matched forgetting: the first evaluation after step 0 with forget accuracy <= threshold.
+    threshold = 0.5
+    matched = gp.tradeoff(runs, at="matched", threshold=threshold, arrows=False)
+    sago = [
+        r
+        for r in runs
+        if r.attrs["applied_strategy"] == "sago" and r.attrs["objective"] == "simnpo"
+    ]
+    expected = []
+    for r in sago:
+        i = next(
+            i for i, e in enumerate(r.evaluation.values) if e > 0 and r.forget_acc[i] <= threshold
+        )
+        expected.append((float(r.forget_acc[i]), float(r.retain_acc[i])))
+    assert matched.extras["points"][("simnpo", "sago")] == pytest.approx(
+        tuple(np.mean(expected, axis=0))
+    )
+    assert matched.axes[0].get_xlabel().startswith("matched-forgetting forget QA accuracy")
+    assert "matched forgetting" in matched.figure.get_suptitle()
+    plt.close(matched.figure)
+    with pytest.raises(ValueError, match="invalid at='best'"):
+        gp.tradeoff(runs, at="best")
+    with pytest.raises(gp.PlotSkipped, match="no run reached forget accuracy <= 0"):
+        gp.tradeoff(runs, at="matched", threshold=0.0)
 
 
 def test_tradeoff_trajectories_start_at_target(runs, ax) -> None:

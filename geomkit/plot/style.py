@@ -118,7 +118,7 @@ class StrategyStyle:
 
 
 STRATEGY_STYLES: dict[str, StrategyStyle] = {
-    "none": StrategyStyle((0.6, 0.6, 0.6), "o", "forget only"),
+    "none": StrategyStyle((0.4, 0.4, 0.4), "o", "forget only"),
     "sum": StrategyStyle(OKABE_ITO["black"], "s", "sum"),
     "pcgrad": StrategyStyle(OKABE_ITO["vermillion"], "^", "PCGrad"),
     "pcgrad_global": StrategyStyle(OKABE_ITO["orange"], "v", "PCGrad (global)"),
@@ -127,7 +127,8 @@ STRATEGY_STYLES: dict[str, StrategyStyle] = {
     "blur": StrategyStyle(OKABE_ITO["reddish purple"], "D", "BLUR"),
 }
 """Colour, marker and display label of every registered strategy (``"none"``: forget-only):
-one Okabe-Ito hue each (grey for forget-only), the same in every figure."""
+one Okabe-Ito hue each (black for the plain sum, dark grey for forget-only), the same in
+every figure."""
 
 _EXTRA_MARKERS = ("X", "h", "<", ">", "p", "d")
 
