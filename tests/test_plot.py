@@ -640,6 +640,160 @@ def test_write_figures_writes_every_figure(tmp_path, runs) -> None:
     assert plt.get_fignums() == []
 
 
+# --------------------------------------------------------------------------------------------
+# Every figure of the set: strategy styles, text sizes, widths, arrows
+# --------------------------------------------------------------------------------------------
+
+
+def _base_label(label: str) -> str:
+    """A legend label without the ``(shadow)`` / ``(n=2)`` suffixes."""
+    for suffix in (" (shadow)",):
+        label = label.removesuffix(suffix)
+    return label.split(" (n=")[0]
+
+
+def _legend_entries(figure) -> list[tuple[str, object]]:
+    entries = []
+    for legend in [*figure.legends, *(a.get_legend() for a in figure.axes)]:
+        if legend is not None:
+            texts = [t.get_text() for t in legend.get_texts()]
+            entries += zip(texts, legend.legend_handles, strict=True)
+    for ax in figure.axes:
+        entries += [(lab, h) for h, lab in zip(*ax.get_legend_handles_labels(), strict=True)]
+    return entries
+
+
+def _style_of(handle) -> tuple[tuple[float, float, float], str | None]:
+    """(colour, marker) of a legend handle or data artist (marker None for patches)."""
+    from matplotlib.colors import to_rgb
+    from matplotlib.container import ErrorbarContainer
+    from matplotlib.patches import Patch
+
+    if isinstance(handle, ErrorbarContainer):
+        handle = handle[0]
+    if isinstance(handle, Patch):
+        return to_rgb(handle.get_facecolor()), None
+    if hasattr(handle, "get_marker"):
+        marker = handle.get_marker()
+        colour = (
+            handle.get_color() if marker in (None, "", "None") else handle.get_markerfacecolor()
+        )
+        return to_rgb(colour), None if marker in (None, "", "None") else marker
+    faces = handle.get_facecolor()  # a collection: a violin body, or error-bar lines
+    return to_rgb(faces[0] if len(faces) else handle.get_edgecolor()[0]), None
+
+
+_TEXT_SIZE_PENDING = {"violation_rates"}
+"""Figures whose text sizes another change of issue 10 fixes (C12: the violation-rate labels,
+plot/theorem.py); the lead empties this set when merging it."""
+
+
+def _inspect(figure, name: str, seen: dict) -> None:
+    """Assert what every saved figure must satisfy; record strategy styles in ``seen``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.text import Text
+
+    from geomkit.plot.style import DOUBLE_COLUMN, MIN_FONT_SIZE, SINGLE_COLUMN
+
+    labels = {style.label: key for key, style in gp.STRATEGY_STYLES.items()}
+    width = figure.get_figwidth()
+    assert width in (SINGLE_COLUMN, DOUBLE_COLUMN), (name, width)
+    renderer = FigureCanvasAgg(figure).get_renderer()
+    printed = figure.get_tightbbox(renderer).width  # inches, as saved with a tight bbox
+    shrink = min(1.0, width / printed)  # a wider saved figure is scaled down to the width
+    for text in figure.findobj(Text):
+        axes = text.axes
+        hidden = not text.get_visible() or (axes is not None and not axes.get_visible())
+        if hidden or not text.get_text().strip() or name in _TEXT_SIZE_PENDING:
+            continue
+        size = text.get_fontsize() * shrink
+        assert size >= MIN_FONT_SIZE - 1e-9, (name, text.get_text(), size)
+    for label, handle in _legend_entries(figure):
+        strategy = labels.get(_base_label(label))
+        if strategy is None:
+            continue
+        colour, marker = _style_of(handle)
+        expected = gp.strategy_style(strategy)
+        assert colour == pytest.approx(expected.color, abs=1e-6), (name, label, colour)
+        if marker is not None:
+            assert marker == expected.marker, (name, label, marker)
+        seen.setdefault(strategy, set()).add(name)
+    for ax in figure.axes:  # arrows (trade-off): open grey heads, never a strategy's marker
+        for child in ax.get_children():
+            if isinstance(child, matplotlib.text.Annotation) and child.arrow_patch is not None:
+                _assert_arrow_is_no_marker(child, figure)
+
+
+def _walk_figure_set(monkeypatch, source, out, **kwargs) -> tuple[dict, dict]:
+    """write_figures on ``source`` with every figure inspected just after it is saved."""
+    import geomkit.plot.figureset as figureset
+
+    seen: dict[str, set[str]] = {}
+    inspected: list[str] = []
+    real_save = figureset.save
+
+    def save(fig, stem, formats, *, dpi):
+        paths = real_save(fig, stem, formats, dpi=dpi)
+        name = f"{stem.parent.name}/{stem.name}" if stem.parent != out else stem.name
+        _inspect(fig, name, seen)
+        inspected.append(name)
+        return paths
+
+    monkeypatch.setattr(figureset, "save", save)
+    results = gp.write_figures(source, out, formats=("png",), dpi=30, **kwargs)
+    written = [k for k, v in results.items() if not isinstance(v, str) and k != "geometry_table"]
+    assert len(inspected) == len(written) > 0
+    return results, seen
+
+
+def test_every_figure_one_style_per_strategy_and_readable_text(monkeypatch, tmp_path) -> None:
+    runs = [
+        make_run(s, objective=o, seed=seed)
+        for o in ("graddiff", "simnpo")
+        for s in STRATEGIES
+        for seed in (0, 1)
+    ]
+    audit = pd.DataFrame(
+        {"claim": ["R4"], "granularity": ["tensor"], "violation_rate": [0.4], "status": ["fails"]}
+    )
+    first = runs[0].attrs["run"]
+    results, seen = _walk_figure_set(monkeypatch, runs, tmp_path, audit=audit, per_run=[first])
+    assert not {k: v for k, v in results.items() if isinstance(v, str)}
+    # Every strategy appears, styled alike, in the per-run and in the set figures.
+    for strategy in STRATEGIES:
+        assert f"{first}/alignment" in seen[strategy]
+        assert {"loss_dynamics", "tradeoff_retain", "tradeoff_trajectories_retain"} <= seen[
+            strategy
+        ]
+    assert plt.get_fignums() == []
+
+
+def test_palette_has_distinct_hues() -> None:
+    """Chromatic strategy colours differ in CIELAB hue by >= 20 degrees (the old sum and
+    prefer-retain blues differed by 14); achromatic ones differ in lightness by >= 30."""
+
+    def lab(rgb) -> np.ndarray:
+        c = np.asarray(rgb, dtype=np.float64)
+        c = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+        m = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]])
+        xyz = m @ c / np.array([0.95047, 1.0, 1.08883])
+        f = np.where(xyz > 0.008856, np.cbrt(xyz), 7.787 * xyz + 16 / 116)
+        return np.array([116 * f[1] - 16, 500 * (f[0] - f[1]), 200 * (f[1] - f[2])])
+
+    colours = {name: lab(style.color) for name, style in gp.STRATEGY_STYLES.items()}
+    markers = [style.marker for style in gp.STRATEGY_STYLES.values()]
+    assert len(set(markers)) == len(markers)
+    names = list(colours)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            (_, aa, ba), (_, ab, bb) = colours[a], colours[b]
+            if np.hypot(aa, ba) > 20 and np.hypot(ab, bb) > 20:
+                gap = abs(np.degrees(np.arctan2(ba, aa) - np.arctan2(bb, ab)))
+                assert min(gap, 360 - gap) >= 20, (a, b)
+            else:
+                assert np.linalg.norm(colours[a] - colours[b]) >= 30, (a, b)
+
+
 def test_write_figures_skips_with_a_message(tmp_path, caplog) -> None:
     single = make_run("sum", evaluations=None, shadows=("sum", "sago"))
     with caplog.at_level(logging.WARNING, logger="geomkit.plot"):
@@ -702,3 +856,17 @@ def test_layer_heatmap_names_a_bad_grouping() -> None:
 
     with pytest.raises(ValueError, match=r"layer_heatmap: invalid by='model': expected one of"):
         layer_heatmap(xr.Dataset(), by="model")
+
+
+def test_gallery_shows_every_figure() -> None:
+    """docs/figures.md embeds every figure write_figures draws, from the paths `geomkit
+    figures` writes (set figures in figures/, per-run ones in figures/<run>/)."""
+    from pathlib import Path
+
+    from geomkit.plot.figureset import RUN_FIGURES, SET_FIGURES
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "figures.md").read_text()
+    for name in [*SET_FIGURES, "violation_rates"]:
+        assert f"](../figures/{name}.png)" in text, name
+    for name in RUN_FIGURES:
+        assert f"](../figures/graddiff-sago-seed0/{name}.png)" in text, name

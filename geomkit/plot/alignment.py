@@ -111,7 +111,7 @@ def alignment_over_steps(
     ax : Axes or sequence of Axes, optional
         One Axes per metric; default a new figure.
     legend : bool
-        Add a legend right of the last panel.
+        Add a legend: below a new figure, or right of the last of the given panels.
 
     Returns
     -------
@@ -142,7 +142,11 @@ def alignment_over_steps(
         panel.set_ylabel(axis_label(data[name], name, width=36))
         where = "whole model" if layer is None else layer_label(layer, prefix=True)
         panel.set_title(f"{data[name].attrs.get('long_name', name)}, {where}\n{picked.label}")
-    extras = {"legend": outside_legend(axes[-1]) if legend else None}
+    # Below a new figure (full width for the entries); right of given axes.
+    place = None
+    if legend:
+        place = figure_legend(fig, axes) if ax is None else outside_legend(axes[-1])
+    extras = {"legend": place}
     return PlotResult(fig, axes, artists, extras)
 
 
@@ -293,6 +297,8 @@ def alignment_distributions(
         )
     else:
         kwargs.update(color="0.6")
+    if kind != "strip" and "strategy" in frame:
+        kwargs.update(saturation=1.0)  # the strategy colours themselves, not desaturated
     if kind == "violin":
         # White quartile lines stay visible on every strategy colour (black included).
         kwargs.update(

@@ -90,7 +90,8 @@ def write_figures(
     dict
         Figure name (``<run>/<figure>`` for per-run figures of several runs) to the written
         paths, or to ``"skipped: <reason>"``. Names: the keys of :data:`RUN_FIGURES` and
-        :data:`SET_FIGURES`, ``geometry_table`` (``.md`` and ``.csv``) and ``violation_rates``.
+        :data:`SET_FIGURES`, ``geometry_table`` (``.md`` and ``.csv``) and ``violation_rates``;
+        each figure is written as ``<name>.<format>`` (docs/figures.md shows them all).
     """
     runs = load(source)
     out = Path(out)
