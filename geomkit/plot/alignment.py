@@ -16,6 +16,7 @@ import xarray as xr
 from matplotlib import MatplotlibDeprecationWarning
 from matplotlib.axes import Axes
 from matplotlib.legend import Legend
+from matplotlib.ticker import MaxNLocator
 
 from geomkit._deprecation import warn_renamed
 from geomkit._validation import check_choice, invalid
@@ -78,6 +79,7 @@ def _draw_lines(
         )
         lines[name] = line
     ax.axhline(0.0, color="0.5", linewidth=0.6, zorder=1)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # optimizer steps
     return lines
 
 

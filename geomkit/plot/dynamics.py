@@ -11,6 +11,7 @@ import numpy as np
 import xarray as xr
 from matplotlib.axes import Axes
 from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
 
 from geomkit._validation import check_choice
 from geomkit.plot._data import Source, require
@@ -125,7 +126,7 @@ def loss_dynamics(
         n,
         ncols=len(variables),
         sharex=True,
-        panel_size=(2.6, 1.9),
+        panel_size=(2.6, 2.2),
         width=DOUBLE_COLUMN,
     )
     panels = {
@@ -161,6 +162,7 @@ def loss_dynamics(
         if not drawn:
             panel.text(0.5, 0.5, f"no {variable} values", transform=panel.transAxes, ha="center")
         panel.set_xlabel(axis_label(first["step"], "optimizer step"))
+        panel.xaxis.set_major_locator(MaxNLocator(integer=True))
         panel.set_ylabel(ylabel)
         panel.set_title(f"({chr(ord('a') + k)}) {objective}: {title}")
     handles = None

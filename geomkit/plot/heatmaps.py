@@ -115,7 +115,7 @@ def layer_heatmap(
     values = np.ma.masked_invalid(raw)
 
     fig, (ax,) = resolve_axes(
-        ax, 1, panel_size=(SINGLE_COLUMN, 0.3 * len(groups) + 1.5), width=SINGLE_COLUMN
+        ax, 1, panel_size=(SINGLE_COLUMN, 0.3 * len(groups) + 2.0), width=SINGLE_COLUMN
     )
     cosine = metric.startswith("cos_")
     low, high = _scale(raw, cosine)
@@ -142,8 +142,11 @@ def layer_heatmap(
     ax.set_title(f"{title}\n{picked.label}")
     extras = {"groups": groups, "records": records, "colorbar": None, "scale": (low, high)}
     if colorbar:
-        label = axis_label(da, metric, width=32) + f"\n({scale})"
-        extras["colorbar"] = fig.colorbar(mesh, ax=ax, label=label)
+        # Below the map: the full width of a single column for the map and the label.
+        label = axis_label(da, metric, width=60) + f" ({scale})"
+        extras["colorbar"] = fig.colorbar(
+            mesh, ax=ax, label=label, location="bottom", aspect=30, pad=0.02
+        )
     return PlotResult(fig, [ax], {"heatmap": mesh}, extras)
 
 

@@ -180,7 +180,9 @@ def figure_legend(fig: Figure, axes: Sequence[Axes], *, ncols: int | None = None
             entries.setdefault(label, handle)
     if not entries:
         return None
-    options = {"loc": "outside lower center", "ncols": ncols or min(4, len(entries))}
+    if ncols is None:  # as many ~1.6 in wide columns as the figure's width holds
+        ncols = max(1, min(len(entries), int(fig.get_figwidth() / 1.6)))
+    options = {"loc": "outside lower center", "ncols": ncols}
     return fig.legend(list(entries.values()), list(entries), **{**options, **kwargs})
 
 

@@ -184,7 +184,10 @@ def _facets(
     ax: Axes | Sequence[Axes] | None, objectives: list[str]
 ) -> tuple[Figure, list[Axes], bool]:
     """One panel per objective (shared axes in a new figure); True when the figure is new."""
-    fig, axes = resolve_axes(ax, len(objectives), panel_size=(3.0, 2.6), sharex=True, sharey=True)
+    # Room below for the legend and above for the description.
+    fig, axes = resolve_axes(
+        ax, len(objectives), panel_size=(3.0, 2.6), height=3.4, sharex=True, sharey=True
+    )
     return fig, axes, ax is None
 
 
@@ -330,7 +333,7 @@ def tradeoff(
         where = f"step {steps[0]}" if len(steps) == 1 else f"steps {steps[0]}-{steps[-1]}"
         panel.set_title(f"{objective} ({_learning_rates(members)}, {where})")
         panel.set_xlabel(_better_label(runs[0].ds[x], x, lower=True, at=at))
-    axes[0].set_ylabel(_better_label(runs[0].ds[y], y, lower=False, at=at))
+    axes[0].set_ylabel(textwrap.fill(_better_label(runs[0].ds[y], y, lower=False, at=at), 34))
     n_seeds = "/".join(str(n) for n in sorted({len(rows) for rows in finals.values()}))
     if at == "final":
         text = (
@@ -413,7 +416,7 @@ def tradeoff_trajectories(
         lines[objective] = _target_line(panel, members, y) if target else None
         panel.set_title(f"{objective} ({_learning_rates(members)})")
         panel.set_xlabel(axis_label(runs[0].ds[x], x) + " (lower is better)")
-    axes[0].set_ylabel(axis_label(runs[0].ds[y], y) + " (higher is better)")
+    axes[0].set_ylabel(textwrap.fill(axis_label(runs[0].ds[y], y) + " (higher is better)", 34))
     _describe(fig, axes, "path over evaluations from the target model; seed means", new)
     extras = {
         "target": lines[objectives[0]],
