@@ -517,7 +517,7 @@ def test_tradeoff_one_panel_per_objective_and_matched_forgetting() -> None:
         (o, "sum", s) for o in ("graddiff", "simnpo") for s in ("pcgrad", "sago")
     }
     legend = [t.get_text() for t in result.extras["legend"].get_texts()]
-    assert legend == ["target model", "sum", "PCGrad", "SAGO"]  # strategies once, no objective
+    assert legend == ["sum", "PCGrad", "SAGO", "target model"]  # strategies once, no objective
     plt.close(result.figure)
 
     # Matched forgetting: the first evaluation after step 0 with forget accuracy <= threshold.
@@ -698,8 +698,9 @@ def _inspect(figure, name: str, seen: dict) -> None:
     labels = {style.label: key for key, style in gp.STRATEGY_STYLES.items()}
     width = figure.get_figwidth()
     assert width in (SINGLE_COLUMN, DOUBLE_COLUMN), (name, width)
-    renderer = FigureCanvasAgg(figure).get_renderer()
-    printed = figure.get_tightbbox(renderer).width  # inches, as saved with a tight bbox
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()  # the layout at the figure's own dpi
+    printed = figure.get_tightbbox(canvas.get_renderer()).width  # inches, saved (tight bbox)
     shrink = min(1.0, width / printed)  # a wider saved figure is scaled down to the width
     for text in figure.findobj(Text):
         axes = text.axes

@@ -143,7 +143,7 @@ def layer_heatmap(
     extras = {"groups": groups, "records": records, "colorbar": None, "scale": (low, high)}
     if colorbar:
         # Below the map: the full width of a single column for the map and the label.
-        label = axis_label(da, metric, width=60) + f" ({scale})"
+        label = axis_label(da, metric, width=40) + f"\n({scale})"
         extras["colorbar"] = fig.colorbar(
             mesh, ax=ax, label=label, location="bottom", aspect=30, pad=0.02
         )

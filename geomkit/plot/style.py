@@ -173,13 +173,17 @@ def outside_legend(ax: Axes, **kwargs: Any):
 
 def figure_legend(fig: Figure, axes: Sequence[Axes], *, ncols: int | None = None, **kwargs: Any):
     """One legend below the panels of ``fig`` with every distinct labelled artist of ``axes``
-    (first occurrence; labels starting with ``_`` are skipped); None when there is none."""
+    (first occurrence; strategies first); None when there is none."""
     entries: dict[str, Any] = {}
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
             entries.setdefault(label, handle)
     if not entries:
         return None
+    # Strategies first, then the rest (a target line, ...).
+    known = {style.label for style in STRATEGY_STYLES.values()}
+    order = sorted(entries, key=lambda label: label.removesuffix(" (shadow)") not in known)
+    entries = {label: entries[label] for label in order}
     if ncols is None:  # as many ~1.6 in wide columns as the figure's width holds
         ncols = max(1, min(len(entries), int(fig.get_figwidth() / 1.6)))
     options = {"loc": "outside lower center", "ncols": ncols}
