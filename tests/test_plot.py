@@ -820,11 +820,13 @@ def plot_smoke_runs(smoke_runs):
     return out
 
 
-def test_real_run_figure_set(plot_smoke_runs, tmp_path) -> None:
+def test_real_run_figure_set(plot_smoke_runs, tmp_path, monkeypatch) -> None:
     import geomkit
 
     stacked = geomkit.open_runs(plot_smoke_runs)
-    results = gp.write_figures(plot_smoke_runs, tmp_path, formats=("png",), dpi=40)
+    # Every figure inspected: strategy styles, widths, text sizes, arrows (as above).
+    results, seen = _walk_figure_set(monkeypatch, plot_smoke_runs, tmp_path)
+    assert {"sum", "pcgrad", "sago"} <= set(seen)
     skipped = {k for k, v in results.items() if isinstance(v, str)}
     evaluated = "forget_acc" in stacked and stacked.sizes.get("evaluation", 0) > 0
     allowed = {"violation_rates"} | (set() if evaluated else {n for n in results if "trade" in n})
