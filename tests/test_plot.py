@@ -492,7 +492,7 @@ def _assert_arrow_is_no_marker(arrow, figure) -> None:
     handles += [h for legend in figure.legends for h in legend.legend_handles]
     for handle in handles:
         line = handle[0] if isinstance(handle, tuple) else handle
-        if hasattr(line, "get_marker") and line.get_marker() not in (None, "", "None"):
+        if hasattr(line, "get_marker") and line.get_marker() not in (None, "", "None", "none"):
             assert colour != pytest.approx(matplotlib.colors.to_rgb(line.get_color()), abs=0.02)
     for style in gp.STRATEGY_STYLES.values():
         assert colour != pytest.approx(style.color, abs=0.02)
@@ -675,10 +675,9 @@ def _style_of(handle) -> tuple[tuple[float, float, float], str | None]:
         return to_rgb(handle.get_facecolor()), None
     if hasattr(handle, "get_marker"):
         marker = handle.get_marker()
-        colour = (
-            handle.get_color() if marker in (None, "", "None") else handle.get_markerfacecolor()
-        )
-        return to_rgb(colour), None if marker in (None, "", "None") else marker
+        if marker in (None, "", "None", "none"):  # no marker (a legend's error-bar line)
+            return to_rgb(handle.get_color()), None
+        return to_rgb(handle.get_markerfacecolor()), marker
     faces = handle.get_facecolor()  # a collection: a violin body, or error-bar lines
     return to_rgb(faces[0] if len(faces) else handle.get_edgecolor()[0]), None
 

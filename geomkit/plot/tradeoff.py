@@ -334,16 +334,15 @@ def tradeoff(
         panel.set_title(f"{objective} ({_learning_rates(members)}, {where})")
         panel.set_xlabel(_better_label(runs[0].ds[x], x, lower=True, at=at))
     axes[0].set_ylabel(textwrap.fill(_better_label(runs[0].ds[y], y, lower=False, at=at), 34))
-    n_seeds = "/".join(str(n) for n in sorted({len(rows) for rows in finals.values()}))
+    counts = sorted({len(rows) for rows in finals.values()})
+    n_seeds = "/".join(str(n) for n in counts)
+    seeds = f"mean ± sd of {n_seeds} seeds" if counts != [1] else "one seed each"
     if at == "final":
-        text = (
-            "final evaluation: equal steps and learning rate within a panel; "
-            f"mean ± sd of {n_seeds} seed(s)"
-        )
+        text = "final evaluation: equal steps and learning rate within a panel; " + seeds
     else:
         text = (
             f"at matched forgetting: first evaluation with forget QA accuracy <= {threshold:g}; "
-            f"mean ± sd of {n_seeds} seed(s)"
+            + seeds
         )
         if missed:
             text += f"; {missed} run(s) never reached it (left out)"
