@@ -200,13 +200,14 @@ class GeometryPlots:
         return layer_heatmap(self._ds, metric, **kwargs)
 
     def losses(self, **kwargs: Any) -> PlotResult:
-        """Retain and forget loss over steps: :func:`geomkit.plot.loss_dynamics`."""
+        """Retain loss and forget NLL over steps, panels per objective:
+        :func:`geomkit.plot.loss_dynamics`."""
         from geomkit.plot import loss_dynamics
 
         return loss_dynamics(self._ds, **kwargs)
 
     def tradeoff(self, **kwargs: Any) -> PlotResult:
-        """Final forget against retained accuracy: :func:`geomkit.plot.tradeoff`."""
+        """Forget against retained accuracy, panels per objective: :func:`geomkit.plot.tradeoff`."""
         from geomkit.plot import tradeoff
 
         return tradeoff(self._ds, **kwargs)

@@ -37,6 +37,10 @@ from geomkit.runner import audit_runs, run, write_report
 
 __all__ = ["main"]
 
+FIGURES_DPI = 200
+"""Resolution of the PNG files ``geomkit figures`` writes by default (the README shows them;
+a double-column figure is then 1380 pixels wide). The PDF files are vector graphics."""
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -126,9 +130,15 @@ def _parser() -> argparse.ArgumentParser:
     figures.add_argument("--config", default=None, help="JSON or TOML file of settings")
     figures.add_argument("--preset", default=None, help="one of: " + ", ".join(PRESETS))
     figures.add_argument("--cache-dir", metavar="DIR", help="cache of pretrained benchmark models")
-    figures.add_argument("--dpi", type=int, default=110, help="resolution of the PNG files")
     figures.add_argument(
-        "--format", nargs="+", default=["png"], metavar="EXT", help="file formats (png, pdf)"
+        "--dpi", type=int, default=FIGURES_DPI, help="resolution of the PNG files (>= 150)"
+    )
+    figures.add_argument(
+        "--format",
+        nargs="+",
+        default=["pdf", "png"],
+        metavar="EXT",
+        help="file formats (default: vector PDF and PNG)",
     )
     return parser
 

@@ -88,6 +88,11 @@ def test_figures_from_existing_runs(smoke_runs, tmp_path):
     runs = [str(p) for p in sorted(out.iterdir()) if (p / STORE_NAME).exists()]
     assert main(["figures", "--out", str(figures), "--runs", *runs]) == 0
     assert (figures / "tradeoff_retain.png").exists()
+    assert (figures / "tradeoff_retain.pdf").read_bytes().startswith(b"%PDF")  # vector too
+    from PIL import Image
+
+    with Image.open(figures / "tradeoff_retain.png") as png:
+        assert min(png.info["dpi"]) >= 150  # the README's figures: PNG at >= 150 dpi
     assert np.isfinite(json.loads((figures / "audit.json").read_text())["results"][0]["cases"])
 
 

@@ -234,9 +234,14 @@ def test_cos_fr_heatmap_is_layer_by_step(run, ax) -> None:
     assert result.ax is ax and mesh.axes is ax
     assert ax.get_xlabel() == "recorded optimizer step"
     assert ax.get_ylabel() == "layer"
-    assert [t.get_text() for t in ax.get_yticklabels()] == ["-1", "0", "1"]
-    label = result.extras["colorbar"].ax.get_ylabel().replace("\n", " ")
-    assert label == expected.attrs["long_name"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == [gp.OUTSIDE_BLOCKS, "0", "1"]
+    long_name = expected.attrs["long_name"]
+    assert ax.get_title().startswith(f"{long_name} per layer")
+    label = result.extras["colorbar"].ax.get_xlabel().replace("\n", " ")
+    top = np.ceil(np.abs(expected.values).max() * 10) / 10  # symmetric, up to a tenth
+    assert label == f"{long_name} (scale {-top:g} to {top:g}, centred at 0)"
+    norm = mesh.norm
+    assert (norm.vmin, norm.vcenter, norm.vmax) == pytest.approx((-top, 0.0, top))
 
 
 def test_conflict_heatmap_values(run) -> None:
@@ -245,6 +250,11 @@ def test_conflict_heatmap_values(run) -> None:
     expected = run.geom.metrics(by="layer")["conflict_rate"].transpose("layer", "record")
     np.testing.assert_allclose(values, expected.values)
     assert 0 <= values.min() and values.max() <= 1
+    norm = result.artists["heatmap"].norm  # a rate: the scale is the data's range, stated
+    assert (norm.vmin, norm.vmax) == pytest.approx((values.min(), values.max()))
+    label = result.extras["colorbar"].ax.get_xlabel().replace("\n", " ")
+    assert label.startswith(expected.attrs["long_name"]) and "scale fit to data" in label
+    assert result.ax.get_title().startswith(expected.attrs["long_name"])
     plt.close(result.figure)
 
 
@@ -289,6 +299,14 @@ def test_alignment_small_multiples(run) -> None:
     assert set(result.artists) == {(layer, s) for layer in (-1, 0, 1) for s in STRATEGIES}
     for (layer, _), line in result.artists.items():
         assert line.axes is result.axes[[-1, 0, 1].index(layer)]
+    assert [a.get_title() for a in result.axes] == [gp.OUTSIDE_BLOCKS, "layer 0", "layer 1"]
+    # 3 panels in 2 columns: the top-right panel has none below it and keeps its tick labels.
+    top_right = result.axes[1]
+    assert top_right.xaxis.get_tick_params()["labelbottom"] in (True, None)
+    assert any(t.get_visible() and t.get_text() for t in top_right.get_xticklabels())
+    assert not any(t.get_text() for t in result.axes[0].get_xticklabels() if t.get_visible())
+    long_name = run.geom.metrics(by="layer")["cos_df"].attrs["long_name"]
+    assert result.figure.get_suptitle().startswith(f"{long_name} per layer")
     plt.close(result.figure)
 
 
@@ -297,7 +315,7 @@ def test_distributions_per_layer_and_strategy(run, ax, kind) -> None:
     result = gp.alignment_distributions(run, "cos_dr", kind=kind, ax=ax)
     frame = result.extras["data"]
     assert len(frame) == RECORDS * LAYERS * len(STRATEGIES)
-    assert [t.get_text() for t in ax.get_xticklabels()] == ["-1", "0", "1"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == [gp.OUTSIDE_BLOCKS, "0", "1"]
     legend = [t.get_text() for t in result.extras["legend"].get_texts()]
     assert legend == ["SAGO", "sum (shadow)", "PCGrad (shadow)"]
     assert result.artists["distribution"] and _on(result.artists["distribution"], ax)
@@ -407,10 +425,46 @@ def test_loss_dynamics_mean_over_seeds(runs) -> None:
     line = result.artists[("retain_loss", ("graddiff", "pcgrad"))]
     pair = [r for r in runs if r.attrs["applied_strategy"] == "pcgrad"]
     np.testing.assert_allclose(line.get_ydata(), (pair[0].retain_loss + pair[1].retain_loss) / 2)
-    assert line.get_label() == "PCGrad (n=2)" and line.axes is result.axes[0]
+    assert line.get_label() == "PCGrad" and line.axes is result.axes[0]
+    # GradDiff's forget loss is -NLL: the forget panel draws the (positive) forget NLL.
+    forget = result.artists[("forget_loss", ("graddiff", "pcgrad"))]
+    np.testing.assert_allclose(forget.get_ydata(), -(pair[0].forget_loss + pair[1].forget_loss) / 2)
+    assert result.axes[1].get_ylabel().startswith("forget NLL (= -forget loss)")
     assert len(result.extras["bands"]) == 2 * len(STRATEGIES)
     assert result.axes[0].get_ylabel() == "retain loss"
     assert result.axes[1].get_xlabel() == "optimizer step"
+    legend = [t.get_text() for t in result.extras["legend"].get_texts()]
+    assert legend == ["sum", "PCGrad", "SAGO", "band: mean ± 1 sd over seeds"]
+    assert result.extras["legend"].get_title().get_text() == "line: mean of 2 seeds"
+    plt.close(result.figure)
+
+
+def test_loss_dynamics_one_row_of_panels_per_objective() -> None:
+    runs = [make_run(s, objective=o) for o in ("simnpo", "graddiff") for s in ("sum", "sago")]
+    result = gp.loss_dynamics(runs, band=None)
+    panels = result.extras["panels"]
+    assert list(panels) == [
+        (o, v) for o in ("graddiff", "simnpo") for v in ("retain_loss", "forget_loss")
+    ]
+    assert result.axes == list(panels.values())
+    for (variable, (objective, strategy)), line in result.artists.items():
+        assert line.axes is panels[(objective, variable)]
+        style = gp.strategy_style(strategy)
+        assert (line.get_color(), line.get_marker()) == (style.color, style.marker)
+    graddiff, simnpo = panels[("graddiff", "forget_loss")], panels[("simnpo", "forget_loss")]
+    assert graddiff.get_ylabel().startswith("forget NLL")
+    # SimNPO's forget loss is no NLL and is drawn as recorded, labelled as its own loss.
+    assert (
+        simnpo.get_ylabel().startswith("simnpo forget loss") and "not an NLL" in simnpo.get_ylabel()
+    )
+    source = next(
+        r
+        for r in runs
+        if r.attrs["objective"] == "simnpo" and r.attrs["applied_strategy"] == "sago"
+    )
+    line = result.artists[("forget_loss", ("simnpo", "sago"))]
+    np.testing.assert_allclose(line.get_ydata(), source.forget_loss)
+    assert not result.extras["bands"]
     plt.close(result.figure)
 
 
@@ -432,6 +486,7 @@ def test_tradeoff_arrows_from_sum(runs, ax) -> None:
         assert arrow.xyann == pytest.approx(points[("graddiff", start)])
         assert arrow.xy == pytest.approx(points[("graddiff", end)])
         assert arrow.arrow_patch.get_linestyle() == "--" and arrow.axes is ax
+        _assert_arrow_is_no_marker(arrow, result.figure)
     target = result.extras["target"]
     assert target.get_ydata()[0] == pytest.approx(float(runs[0].general_acc[0]))
     assert target.get_linestyle() == "--"
@@ -440,7 +495,72 @@ def test_tradeoff_arrows_from_sum(runs, ax) -> None:
     assert result.artists[("graddiff", "sum")][0].get_marker() == "s"
     assert result.artists[("graddiff", "sago")].has_xerr  # two seeds: error bars
     assert ax.get_xlabel() == "final forget QA accuracy (lower is better)"
-    assert ax.get_ylabel() == "final general-probe accuracy (higher is better)"
+    assert ax.get_ylabel().replace("\n", " ") == "final general-probe accuracy (higher is better)"
+    assert "final evaluation" in ax.get_title() and "learning rate" in ax.get_title()
+    assert result.extras["description"].startswith("final evaluation: equal steps")
+
+
+def _assert_arrow_is_no_marker(arrow, figure) -> None:
+    """An arrow's head is open and grey: it matches no strategy's legend handle."""
+    style = arrow.arrow_patch.get_arrowstyle()
+    assert not getattr(style, "fillend", False) and not getattr(style, "fillbegin", False)
+    colour = matplotlib.colors.to_rgb(arrow.arrow_patch.get_edgecolor())
+    handles = [h for a in figure.axes for h in a.get_legend_handles_labels()[0]]
+    handles += [h for legend in figure.legends for h in legend.legend_handles]
+    for handle in handles:
+        line = handle[0] if isinstance(handle, tuple) else handle
+        if hasattr(line, "get_marker") and line.get_marker() not in (None, "", "None", "none"):
+            assert colour != pytest.approx(matplotlib.colors.to_rgb(line.get_color()), abs=0.02)
+    for style in gp.STRATEGY_STYLES.values():
+        assert colour != pytest.approx(style.color, abs=0.02)
+
+
+def test_tradeoff_one_panel_per_objective_and_matched_forgetting() -> None:
+    runs = [
+        make_run(s, objective=o, seed=seed)
+        for o in ("graddiff", "simnpo")
+        for s in STRATEGIES
+        for seed in (0, 1)
+    ]
+    result = gp.tradeoff(runs)
+    panels = result.extras["panels"]
+    assert list(panels) == ["graddiff", "simnpo"] and result.axes == list(panels.values())
+    for (objective, strategy), container in result.artists.items():
+        marker = container[0]
+        assert marker.axes is panels[objective]
+        style = gp.strategy_style(strategy)
+        assert (marker.get_color(), marker.get_marker()) == (style.color, style.marker)
+    assert set(result.extras["arrows"]) == {
+        (o, "sum", s) for o in ("graddiff", "simnpo") for s in ("pcgrad", "sago")
+    }
+    legend = [t.get_text() for t in result.extras["legend"].get_texts()]
+    assert legend == ["sum", "PCGrad", "SAGO", "target model"]  # strategies once, no objective
+    plt.close(result.figure)
+
+    # Matched forgetting: the first evaluation after step 0 with forget accuracy <= threshold.
+    threshold = 0.5
+    matched = gp.tradeoff(runs, at="matched", threshold=threshold, arrows=False)
+    sago = [
+        r
+        for r in runs
+        if r.attrs["applied_strategy"] == "sago" and r.attrs["objective"] == "simnpo"
+    ]
+    expected = []
+    for r in sago:
+        i = next(
+            i for i, e in enumerate(r.evaluation.values) if e > 0 and r.forget_acc[i] <= threshold
+        )
+        expected.append((float(r.forget_acc[i]), float(r.retain_acc[i])))
+    assert matched.extras["points"][("simnpo", "sago")] == pytest.approx(
+        tuple(np.mean(expected, axis=0))
+    )
+    assert matched.axes[0].get_xlabel().startswith("matched-forgetting forget QA accuracy")
+    assert "matched forgetting" in matched.figure.get_suptitle()
+    plt.close(matched.figure)
+    with pytest.raises(ValueError, match="invalid at='best'"):
+        gp.tradeoff(runs, at="best")
+    with pytest.raises(gp.PlotSkipped, match="no run reached forget accuracy <= 0"):
+        gp.tradeoff(runs, at="matched", threshold=0.0)
 
 
 def test_tradeoff_trajectories_start_at_target(runs, ax) -> None:
@@ -540,6 +660,160 @@ def test_write_figures_writes_every_figure(tmp_path, runs) -> None:
     assert plt.get_fignums() == []
 
 
+# --------------------------------------------------------------------------------------------
+# Every figure of the set: strategy styles, text sizes, widths, arrows
+# --------------------------------------------------------------------------------------------
+
+
+def _base_label(label: str) -> str:
+    """A legend label without the ``(shadow)`` / ``(n=2)`` suffixes."""
+    for suffix in (" (shadow)",):
+        label = label.removesuffix(suffix)
+    return label.split(" (n=")[0]
+
+
+def _legend_entries(figure) -> list[tuple[str, object]]:
+    entries = []
+    for legend in [*figure.legends, *(a.get_legend() for a in figure.axes)]:
+        if legend is not None:
+            texts = [t.get_text() for t in legend.get_texts()]
+            entries += zip(texts, legend.legend_handles, strict=True)
+    for ax in figure.axes:
+        entries += [(lab, h) for h, lab in zip(*ax.get_legend_handles_labels(), strict=True)]
+    return entries
+
+
+def _style_of(handle) -> tuple[tuple[float, float, float], str | None]:
+    """(colour, marker) of a legend handle or data artist (marker None for patches)."""
+    from matplotlib.colors import to_rgb
+    from matplotlib.container import ErrorbarContainer
+    from matplotlib.patches import Patch
+
+    if isinstance(handle, ErrorbarContainer):
+        handle = handle[0]
+    if isinstance(handle, Patch):
+        return to_rgb(handle.get_facecolor()), None
+    if hasattr(handle, "get_marker"):
+        marker = handle.get_marker()
+        if marker in (None, "", "None", "none"):  # no marker (a legend's error-bar line)
+            return to_rgb(handle.get_color()), None
+        return to_rgb(handle.get_markerfacecolor()), marker
+    faces = handle.get_facecolor()  # a collection: a violin body, or error-bar lines
+    return to_rgb(faces[0] if len(faces) else handle.get_edgecolor()[0]), None
+
+
+_TEXT_SIZE_PENDING = {"violation_rates"}
+"""Figures whose text sizes another change of issue 10 fixes (C12: the violation-rate labels,
+plot/theorem.py); the lead empties this set when merging it."""
+
+
+def _inspect(figure, name: str, seen: dict) -> None:
+    """Assert what every saved figure must satisfy; record strategy styles in ``seen``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.text import Text
+
+    from geomkit.plot.style import DOUBLE_COLUMN, MIN_FONT_SIZE, SINGLE_COLUMN
+
+    labels = {style.label: key for key, style in gp.STRATEGY_STYLES.items()}
+    width = figure.get_figwidth()
+    assert width in (SINGLE_COLUMN, DOUBLE_COLUMN), (name, width)
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()  # the layout at the figure's own dpi
+    printed = figure.get_tightbbox(canvas.get_renderer()).width  # inches, saved (tight bbox)
+    shrink = min(1.0, width / printed)  # a wider saved figure is scaled down to the width
+    for text in figure.findobj(Text):
+        axes = text.axes
+        hidden = not text.get_visible() or (axes is not None and not axes.get_visible())
+        if hidden or not text.get_text().strip() or name in _TEXT_SIZE_PENDING:
+            continue
+        size = text.get_fontsize() * shrink
+        assert size >= MIN_FONT_SIZE - 1e-9, (name, text.get_text(), size)
+    for label, handle in _legend_entries(figure):
+        strategy = labels.get(_base_label(label))
+        if strategy is None:
+            continue
+        colour, marker = _style_of(handle)
+        expected = gp.strategy_style(strategy)
+        assert colour == pytest.approx(expected.color, abs=1e-6), (name, label, colour)
+        if marker is not None:
+            assert marker == expected.marker, (name, label, marker)
+        seen.setdefault(strategy, set()).add(name)
+    for ax in figure.axes:  # arrows (trade-off): open grey heads, never a strategy's marker
+        for child in ax.get_children():
+            if isinstance(child, matplotlib.text.Annotation) and child.arrow_patch is not None:
+                _assert_arrow_is_no_marker(child, figure)
+
+
+def _walk_figure_set(monkeypatch, source, out, **kwargs) -> tuple[dict, dict]:
+    """write_figures on ``source`` with every figure inspected just after it is saved."""
+    import geomkit.plot.figureset as figureset
+
+    seen: dict[str, set[str]] = {}
+    inspected: list[str] = []
+    real_save = figureset.save
+
+    def save(fig, stem, formats, *, dpi):
+        paths = real_save(fig, stem, formats, dpi=dpi)
+        name = f"{stem.parent.name}/{stem.name}" if stem.parent != out else stem.name
+        _inspect(fig, name, seen)
+        inspected.append(name)
+        return paths
+
+    monkeypatch.setattr(figureset, "save", save)
+    results = gp.write_figures(source, out, formats=("png",), dpi=30, **kwargs)
+    written = [k for k, v in results.items() if not isinstance(v, str) and k != "geometry_table"]
+    assert len(inspected) == len(written) > 0
+    return results, seen
+
+
+def test_every_figure_one_style_per_strategy_and_readable_text(monkeypatch, tmp_path) -> None:
+    runs = [
+        make_run(s, objective=o, seed=seed)
+        for o in ("graddiff", "simnpo")
+        for s in STRATEGIES
+        for seed in (0, 1)
+    ]
+    audit = pd.DataFrame(
+        {"claim": ["R4"], "granularity": ["tensor"], "violation_rate": [0.4], "status": ["fails"]}
+    )
+    first = runs[0].attrs["run"]
+    results, seen = _walk_figure_set(monkeypatch, runs, tmp_path, audit=audit, per_run=[first])
+    assert not {k: v for k, v in results.items() if isinstance(v, str)}
+    # Every strategy appears, styled alike, in the per-run and in the set figures.
+    for strategy in STRATEGIES:
+        assert f"{first}/alignment" in seen[strategy]
+        assert {"loss_dynamics", "tradeoff_retain", "tradeoff_trajectories_retain"} <= seen[
+            strategy
+        ]
+    assert plt.get_fignums() == []
+
+
+def test_palette_has_distinct_hues() -> None:
+    """Chromatic strategy colours differ in CIELAB hue by >= 20 degrees (the old sum and
+    prefer-retain blues differed by 14); achromatic ones differ in lightness by >= 30."""
+
+    def lab(rgb) -> np.ndarray:
+        c = np.asarray(rgb, dtype=np.float64)
+        c = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+        m = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]])
+        xyz = m @ c / np.array([0.95047, 1.0, 1.08883])
+        f = np.where(xyz > 0.008856, np.cbrt(xyz), 7.787 * xyz + 16 / 116)
+        return np.array([116 * f[1] - 16, 500 * (f[0] - f[1]), 200 * (f[1] - f[2])])
+
+    colours = {name: lab(style.color) for name, style in gp.STRATEGY_STYLES.items()}
+    markers = [style.marker for style in gp.STRATEGY_STYLES.values()]
+    assert len(set(markers)) == len(markers)
+    names = list(colours)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            (_, aa, ba), (_, ab, bb) = colours[a], colours[b]
+            if np.hypot(aa, ba) > 20 and np.hypot(ab, bb) > 20:
+                gap = abs(np.degrees(np.arctan2(ba, aa) - np.arctan2(bb, ab)))
+                assert min(gap, 360 - gap) >= 20, (a, b)
+            else:
+                assert np.linalg.norm(colours[a] - colours[b]) >= 30, (a, b)
+
+
 def test_write_figures_skips_with_a_message(tmp_path, caplog) -> None:
     single = make_run("sum", evaluations=None, shadows=("sum", "sago"))
     with caplog.at_level(logging.WARNING, logger="geomkit.plot"):
@@ -565,11 +839,13 @@ def plot_smoke_runs(smoke_runs):
     return out
 
 
-def test_real_run_figure_set(plot_smoke_runs, tmp_path) -> None:
+def test_real_run_figure_set(plot_smoke_runs, tmp_path, monkeypatch) -> None:
     import geomkit
 
     stacked = geomkit.open_runs(plot_smoke_runs)
-    results = gp.write_figures(plot_smoke_runs, tmp_path, formats=("png",), dpi=40)
+    # Every figure inspected: strategy styles, widths, text sizes, arrows (as above).
+    results, seen = _walk_figure_set(monkeypatch, plot_smoke_runs, tmp_path)
+    assert {"sum", "pcgrad", "sago"} <= set(seen)
     skipped = {k for k, v in results.items() if isinstance(v, str)}
     evaluated = "forget_acc" in stacked and stacked.sizes.get("evaluation", 0) > 0
     allowed = {"violation_rates"} | (set() if evaluated else {n for n in results if "trade" in n})
@@ -603,3 +879,17 @@ def test_layer_heatmap_names_a_bad_grouping() -> None:
 
     with pytest.raises(ValueError, match=r"layer_heatmap: invalid by='model': expected one of"):
         layer_heatmap(xr.Dataset(), by="model")
+
+
+def test_gallery_shows_every_figure() -> None:
+    """docs/figures.md embeds every figure write_figures draws, from the paths `geomkit
+    figures` writes (set figures in figures/, per-run ones in figures/<run>/)."""
+    from pathlib import Path
+
+    from geomkit.plot.figureset import RUN_FIGURES, SET_FIGURES
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "figures.md").read_text()
+    for name in [*SET_FIGURES, "violation_rates"]:
+        assert f"](../figures/{name}.png)" in text, name
+    for name in RUN_FIGURES:
+        assert f"](../figures/graddiff-sago-seed0/{name}.png)" in text, name

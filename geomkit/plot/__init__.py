@@ -35,7 +35,10 @@ from geomkit.plot.dynamics import loss_dynamics
 from geomkit.plot.figureset import write_figures
 from geomkit.plot.heatmaps import conflict_heatmap, cos_fr_heatmap, layer_heatmap
 from geomkit.plot.style import (
-    OBJECTIVE_COLORS,
+    DOUBLE_COLUMN,
+    MIN_FONT_SIZE,
+    OUTSIDE_BLOCKS,
+    SINGLE_COLUMN,
     STRATEGY_STYLES,
     MissingVariable,
     PlotResult,
@@ -43,6 +46,7 @@ from geomkit.plot.style import (
     StrategyStyle,
     apply_style,
     axis_label,
+    layer_label,
     paper_style,
     save,
     strategy_style,
@@ -52,7 +56,10 @@ from geomkit.plot.theorem import sago_vs_pcgrad, violation_rates
 from geomkit.plot.tradeoff import final_evaluation, tradeoff, tradeoff_trajectories
 
 __all__ = [
-    "OBJECTIVE_COLORS",
+    "DOUBLE_COLUMN",
+    "MIN_FONT_SIZE",
+    "OUTSIDE_BLOCKS",
+    "SINGLE_COLUMN",
     "STRATEGY_STYLES",
     "MissingVariable",
     "PlotResult",
@@ -69,6 +76,7 @@ __all__ = [
     "geometry_table",
     "geometry_table_markdown",
     "layer_heatmap",
+    "layer_label",
     "loss_dynamics",
     "paper_style",
     "sago_vs_pcgrad",

@@ -7,8 +7,6 @@ from geomkit.plot.style import STRATEGY_STYLES, strategy_style
 
 __all__ = ["group_methods", "method_label"]
 
-_LINESTYLES = ("-", "--", ":", "-.")
-
 
 def _order(method: tuple[str, str]) -> tuple:
     objective, strategy = method
@@ -36,8 +34,3 @@ def method_label(method: tuple[str, str], with_objective: bool, n: int = 1) -> s
     if with_objective:
         label = objective if strategy == "none" else f"{objective} + {label}"
     return f"{label} (n={n})" if n > 1 else label
-
-
-def objective_linestyle(objective: str, objectives: list[str]) -> str:
-    """A line style per objective (solid for the first)."""
-    return _LINESTYLES[objectives.index(objective) % len(_LINESTYLES)]

@@ -16,13 +16,18 @@ import xarray as xr
 from matplotlib import MatplotlibDeprecationWarning
 from matplotlib.axes import Axes
 from matplotlib.legend import Legend
+from matplotlib.ticker import MaxNLocator
 
 from geomkit._deprecation import warn_renamed
 from geomkit._validation import check_choice, invalid
 from geomkit.plot._data import Run, Source, require_geometry, require_strategies, single_run
 from geomkit.plot.style import (
+    DOUBLE_COLUMN,
     PlotResult,
     axis_label,
+    figure_legend,
+    group_labels,
+    layer_label,
     outside_legend,
     resolve_axes,
     strategy_style,
@@ -74,6 +79,7 @@ def _draw_lines(
         )
         lines[name] = line
     ax.axhline(0.0, color="0.5", linewidth=0.6, zorder=1)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # optimizer steps
     return lines
 
 
@@ -107,7 +113,7 @@ def alignment_over_steps(
     ax : Axes or sequence of Axes, optional
         One Axes per metric; default a new figure.
     legend : bool
-        Add a legend right of the last panel.
+        Add a legend: below a new figure, or right of the last of the given panels.
 
     Returns
     -------
@@ -122,7 +128,7 @@ def alignment_over_steps(
         data = picked.ds.geom.metrics(by="model")
     else:
         data = _select_layer(picked.ds.geom.metrics(by="layer"), layer, picked)
-    fig, axes = resolve_axes(ax, len(names), sharex=True)
+    fig, axes = resolve_axes(ax, len(names), sharex=True, panel_size=(2.6, 2.3))
     artists = {}
     for panel, name in zip(axes, names, strict=True):
         if name not in data or "strategy" not in data[name].dims:
@@ -136,9 +142,13 @@ def alignment_over_steps(
         artists.update({(name, strategy): line for strategy, line in lines.items()})
         panel.set_xlabel(axis_label(data["record"], "recorded optimizer step"))
         panel.set_ylabel(axis_label(data[name], name, width=36))
-        where = "model" if layer is None else f"layer {layer}"
-        panel.set_title(f"{picked.label} ({where})", fontsize="medium")
-    extras = {"legend": outside_legend(axes[-1]) if legend else None}
+        where = "whole model" if layer is None else layer_label(layer, prefix=True)
+        panel.set_title(f"{data[name].attrs.get('long_name', name)}, {where}\n{picked.label}")
+    # Below a new figure (full width for the entries); right of given axes.
+    place = None
+    if legend:
+        place = figure_legend(fig, axes) if ax is None else outside_legend(axes[-1])
+    extras = {"legend": place}
     return PlotResult(fig, axes, artists, extras)
 
 
@@ -160,7 +170,8 @@ def alignment_by_layer(
     metric : str
         A metric with a strategy dimension (``cos_dr``, ``cos_df``, ``norm_d``, ...).
     layers : sequence of int, optional
-        Default every layer index present (-1 collects tensors outside the blocks).
+        Default every layer index present (-1 collects the tensors outside the blocks, titled
+        :data:`~geomkit.plot.style.OUTSIDE_BLOCKS`).
     ax : sequence of Axes, optional
         One Axes per layer.
     ncols : int
@@ -180,7 +191,14 @@ def alignment_by_layer(
     present = [int(v) for v in data["layer"].values]
     layers = present if layers is None else list(layers)
     fig, axes = resolve_axes(
-        ax, len(layers), ncols=ncols, panel_size=(2.6, 2.0), sharex=True, sharey=True
+        ax,
+        len(layers),
+        ncols=ncols,
+        panel_size=(1.7, 1.5),
+        width=DOUBLE_COLUMN,
+        height=1.5 * -(-len(layers) // max(1, min(len(layers), ncols))) + 1.0,
+        sharex=True,
+        sharey=True,
     )
     ncols = max(1, min(len(layers), ncols))
     artists = {}
@@ -188,13 +206,14 @@ def alignment_by_layer(
         da = _select_layer(data, layer, picked)[metric]
         lines = _draw_lines(panel, da, chosen, picked.strategy)
         artists.update({(layer, name): line for name, line in lines.items()})
-        panel.set_title(f"layer {layer}" if layer >= 0 else "outside blocks", fontsize="small")
+        panel.set_title(layer_label(layer, prefix=True))
         if i % ncols == 0:
             panel.set_ylabel(axis_label(data[metric], metric, width=28))
         if i >= len(layers) - ncols:
             panel.set_xlabel(axis_label(data["record"], "recorded optimizer step", width=28))
-    legend = outside_legend(axes[min(ncols, len(axes)) - 1], fontsize="x-small")
-    fig.suptitle(f"{picked.label}: {metric} per layer", fontsize="medium")
+    legend = figure_legend(fig, axes[:1])
+    long_name = data[metric].attrs.get("long_name", metric)
+    fig.suptitle(f"{long_name} per layer, {picked.label}")
     return PlotResult(fig, axes, artists, {"legend": legend})
 
 
@@ -266,6 +285,9 @@ def alignment_distributions(
     frame, da = _long_frame(picked, metric, x, by, chosen)
     order = sorted(frame["group"].unique(), key=lambda g: (isinstance(g, str), g))
     fig, (ax,) = resolve_axes(ax, 1, panel_size=(max(3.2, 0.9 * len(order) + 1.5), 2.6))
+    names = order
+    if x == "layer":
+        names = group_labels("layer", order)
     before = set(ax.get_children())
     kwargs: dict = {"data": frame, "x": "group", "y": "value", "order": order, "ax": ax}
     if "strategy" in frame:
@@ -277,8 +299,17 @@ def alignment_distributions(
         )
     else:
         kwargs.update(color="0.6")
+    if kind != "strip" and "strategy" in frame:
+        kwargs.update(saturation=1.0)  # the strategy colours themselves, not desaturated
     if kind == "violin":
-        kwargs.update(cut=0, inner="quart", density_norm="width", linewidth=0.6)
+        # White quartile lines stay visible on every strategy colour (black included).
+        kwargs.update(
+            cut=0,
+            inner="quart",
+            inner_kws={"color": "white"},
+            density_norm="width",
+            linewidth=0.6,
+        )
     elif kind == "box":
         kwargs.update(fliersize=1.5, linewidth=0.8)
     else:
@@ -290,9 +321,10 @@ def alignment_distributions(
     drawn = [a for a in ax.get_children() if a not in before and not isinstance(a, Legend)]
     ax.set_xlabel(axis_label(picked.ds[x] if x in picked.ds.coords else {}, x))
     ax.set_ylabel(axis_label(da, metric, width=36))
-    ax.set_title(f"{picked.label}: {metric} per {x}", fontsize="medium")
+    ax.set_xticks(range(len(order)), names)
+    ax.set_title(f"{da.attrs.get('long_name', metric)} per {x}, {picked.label}")
     if ax.get_legend() is not None:
-        sns.move_legend(ax, "upper left", bbox_to_anchor=(1.02, 1.0), title=None, fontsize="small")
+        sns.move_legend(ax, "upper left", bbox_to_anchor=(1.02, 1.0), title=None)
     legend = ax.get_legend()
     if metric.startswith("cos_"):
         ax.axhline(0.0, color="0.5", linewidth=0.6, zorder=0)

@@ -91,7 +91,8 @@ def write_figures(
         Figure name (``<run>/<figure>`` for per-run figures of several runs) to the written
         paths, or to ``"skipped: <reason>"``. Names: the keys of :data:`RUN_FIGURES` and
         :data:`SET_FIGURES`, ``geometry_table`` (``.md`` and ``.csv``: same gradients),
-        ``geometry_table_own`` (own trajectory) and ``violation_rates``.
+        ``geometry_table_own`` (own trajectory) and ``violation_rates``; each figure is written
+        as ``<name>.<format>`` (docs/figures.md shows them all).
     """
     runs = load(source)
     out = Path(out)

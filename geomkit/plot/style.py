@@ -1,10 +1,13 @@
 """One publication style for every geomkit figure: rcParams, strategy colours and markers, saving.
 
 Strategy markers follow the SAGO paper's Fig. 3 (Xiao et al., ACL 2026, arXiv 2604.14808):
-circle = forget-only, square = plain sum (+GD), triangle = PCGrad, star = SAGO; objective colours
-follow the same figure (GA blue, NPO red, SimNPO orange, RMU purple), taken from seaborn's
-colorblind palette. Colours and markers are fixed per name, so a strategy looks the same in
-every plot.
+circle = forget-only, square = plain sum (+GD), triangle = PCGrad, star = SAGO. Colours come
+from the Okabe-Ito palette (distinguishable with the common colour-vision deficiencies), one hue
+per strategy. A strategy has the same colour and marker in every figure; no figure colours by
+objective (several objectives go to separate panels).
+
+Every figure is drawn for one of two printed widths, :data:`SINGLE_COLUMN` (3.3 in) and
+:data:`DOUBLE_COLUMN` (6.9 in), with no text below :data:`MIN_FONT_SIZE` (7 pt) at that width.
 """
 
 from __future__ import annotations
@@ -27,7 +30,10 @@ from matplotlib.figure import Figure
 from geomkit._validation import invalid
 
 __all__ = [
-    "OBJECTIVE_COLORS",
+    "DOUBLE_COLUMN",
+    "MIN_FONT_SIZE",
+    "OUTSIDE_BLOCKS",
+    "SINGLE_COLUMN",
     "STRATEGY_STYLES",
     "MissingVariable",
     "PlotResult",
@@ -35,14 +41,50 @@ __all__ = [
     "StrategyStyle",
     "apply_style",
     "axis_label",
-    "objective_color",
+    "documented_width",
+    "figure_legend",
+    "group_labels",
+    "layer_label",
     "outside_legend",
     "paper_style",
     "save",
     "strategy_style",
 ]
 
-_PALETTE = sns.color_palette("colorblind", 10)
+_PALETTE = sns.color_palette("colorblind", 10)  # fallback colours of unregistered strategies
+
+
+def _hex(code: str) -> tuple[float, float, float]:
+    return tuple(int(code[i : i + 2], 16) / 255 for i in (1, 3, 5))  # type: ignore[return-value]
+
+
+OKABE_ITO: dict[str, tuple[float, float, float]] = {
+    name: _hex(code)
+    for name, code in {
+        "black": "#000000",
+        "orange": "#E69F00",
+        "sky blue": "#56B4E9",
+        "bluish green": "#009E73",
+        "yellow": "#F0E442",
+        "blue": "#0072B2",
+        "vermillion": "#D55E00",
+        "reddish purple": "#CC79A7",
+    }.items()
+}
+"""The Okabe-Ito colour-blind-safe palette (Okabe & Ito 2008), by name."""
+
+SINGLE_COLUMN: float = 3.3
+"""Printed width in inches of a single-column figure of a two-column paper."""
+
+DOUBLE_COLUMN: float = 6.9
+"""Printed width in inches of a figure spanning both columns."""
+
+MIN_FONT_SIZE: float = 7.0
+"""No text of a geomkit figure is smaller than this (points) at its documented width."""
+
+OUTSIDE_BLOCKS: str = "outside blocks"
+"""The name of layer ``-1``: tensors outside the transformer blocks (embeddings, final norm,
+output head; :mod:`geomkit.layers`), in every figure and table."""
 
 
 class PlotSkipped(RuntimeError):
@@ -76,26 +118,19 @@ class StrategyStyle:
 
 
 STRATEGY_STYLES: dict[str, StrategyStyle] = {
-    "none": StrategyStyle(_PALETTE[7], "o", "forget only"),
-    "sum": StrategyStyle(_PALETTE[0], "s", "sum"),
-    "pcgrad": StrategyStyle(_PALETTE[1], "^", "PCGrad"),
-    "pcgrad_global": StrategyStyle(_PALETTE[4], "v", "PCGrad (global)"),
-    "sago": StrategyStyle(_PALETTE[2], "*", "SAGO"),
-    "sago_prefer_retain": StrategyStyle(_PALETTE[9], "P", "SAGO (prefer retain)"),
-    "blur": StrategyStyle(_PALETTE[5], "D", "BLUR"),
+    "none": StrategyStyle((0.4, 0.4, 0.4), "o", "forget only"),
+    "sum": StrategyStyle(OKABE_ITO["black"], "s", "sum"),
+    "pcgrad": StrategyStyle(OKABE_ITO["vermillion"], "^", "PCGrad"),
+    "pcgrad_global": StrategyStyle(OKABE_ITO["orange"], "v", "PCGrad (global)"),
+    "sago": StrategyStyle(OKABE_ITO["blue"], "*", "SAGO"),
+    "sago_prefer_retain": StrategyStyle(OKABE_ITO["bluish green"], "P", "SAGO (prefer retain)"),
+    "blur": StrategyStyle(OKABE_ITO["reddish purple"], "D", "BLUR"),
 }
-"""Colour, marker and display label of every registered strategy (``"none"``: forget-only)."""
+"""Colour, marker and display label of every registered strategy (``"none"``: forget-only):
+one Okabe-Ito hue each (black for the plain sum, dark grey for forget-only), the same in
+every figure."""
 
 _EXTRA_MARKERS = ("X", "h", "<", ">", "p", "d")
-
-OBJECTIVE_COLORS: dict[str, tuple[float, float, float]] = {
-    "ga": _PALETTE[0],
-    "graddiff": _PALETTE[0],
-    "npo": _PALETTE[3],
-    "simnpo": _PALETTE[1],
-    "rmu": _PALETTE[4],
-}
-"""Objective colours of the paper's Fig. 3: GA blue, NPO red, SimNPO orange, RMU purple."""
 
 _RC: dict[str, Any] = {
     "pdf.fonttype": 42,  # TrueType: text stays editable in the PDF
@@ -114,6 +149,15 @@ _RC: dict[str, Any] = {
     "lines.linewidth": 1.4,
     "lines.markersize": 5,
     "image.cmap": "viridis",
+    # Sizes in points for a figure printed at its documented width (MIN_FONT_SIZE and up).
+    "font.size": 8,
+    "axes.titlesize": 8,
+    "axes.labelsize": 8,
+    "figure.titlesize": 8,
+    "xtick.labelsize": 7,
+    "ytick.labelsize": 7,
+    "legend.fontsize": 7,
+    "legend.title_fontsize": 7,
 }
 
 
@@ -123,9 +167,49 @@ def outside_legend(ax: Axes, **kwargs: Any):
         "loc": "upper left",
         "bbox_to_anchor": (1.02, 1.0),
         "borderaxespad": 0.0,
-        "fontsize": "small",
     }
     return ax.legend(**{**options, **kwargs})
+
+
+def figure_legend(fig: Figure, axes: Sequence[Axes], *, ncols: int | None = None, **kwargs: Any):
+    """One legend below the panels of ``fig`` with every distinct labelled artist of ``axes``
+    (first occurrence; strategies first); None when there is none."""
+    entries: dict[str, Any] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            entries.setdefault(label, handle)
+    if not entries:
+        return None
+    # Strategies first, then the rest (a target line, ...).
+    known = {style.label for style in STRATEGY_STYLES.values()}
+    order = sorted(entries, key=lambda label: label.removesuffix(" (shadow)") not in known)
+    entries = {label: entries[label] for label in order}
+    if ncols is None:  # as many ~1.6 in wide columns as the figure's width holds
+        ncols = max(1, min(len(entries), int(fig.get_figwidth() / 1.6)))
+    options = {"loc": "outside lower center", "ncols": ncols}
+    return fig.legend(list(entries.values()), list(entries), **{**options, **kwargs})
+
+
+def layer_label(layer: int, *, prefix: bool = False) -> str:
+    """How a layer index is written in figures: ``"3"`` (``"layer 3"`` with ``prefix``), and
+    :data:`OUTSIDE_BLOCKS` for ``-1``.
+
+    Examples
+    --------
+    >>> layer_label(3), layer_label(3, prefix=True), layer_label(-1)
+    ('3', 'layer 3', 'outside blocks')
+    """
+    layer = int(layer)
+    if layer < 0:
+        return OUTSIDE_BLOCKS
+    return f"layer {layer}" if prefix else str(layer)
+
+
+def group_labels(by: str, values: Sequence[Any]) -> list[str]:
+    """Tick labels of groups ``values`` of the grouping ``by`` (layer ``-1`` by name)."""
+    if by == "layer":
+        return [layer_label(v) for v in values]
+    return [str(v) for v in values]
 
 
 def strategy_style(name: str) -> StrategyStyle:
@@ -135,13 +219,6 @@ def strategy_style(name: str) -> StrategyStyle:
     # Stable across calls and processes (no hash randomisation): derived from the characters.
     code = sum(ord(c) for c in name)
     return StrategyStyle(_PALETTE[code % 10], _EXTRA_MARKERS[code % len(_EXTRA_MARKERS)], name)
-
-
-def objective_color(name: str) -> tuple[float, float, float]:
-    """The Fig. 3 colour of an objective; unknown objectives get a stable palette colour."""
-    if name in OBJECTIVE_COLORS:
-        return OBJECTIVE_COLORS[name]
-    return _PALETTE[sum(ord(c) for c in name) % 10]
 
 
 def _theme(font_scale: float) -> None:
@@ -302,24 +379,40 @@ class PlotResult:
         return self.axes[0]
 
 
+def documented_width(width: float) -> float:
+    """The documented width a figure of natural ``width`` inches is drawn at:
+    :data:`SINGLE_COLUMN` up to 4 in, else :data:`DOUBLE_COLUMN`."""
+    return SINGLE_COLUMN if width <= 4.0 else DOUBLE_COLUMN
+
+
 def resolve_axes(
     ax: Axes | Sequence[Axes] | np.ndarray | None,
     n: int,
     *,
     ncols: int | None = None,
     panel_size: tuple[float, float] = (3.2, 2.4),
+    width: float | None = None,
+    height: float | None = None,
     **kwargs: Any,
 ) -> tuple[Figure, list[Axes]]:
-    """``n`` panels: the given axes (checked to be ``n``) or a new figure laid out in a grid."""
+    """``n`` panels: the given axes (checked to be ``n``) or a new figure laid out in a grid.
+
+    A new figure is ``width`` inches wide (default the :func:`documented_width` of
+    ``panel_size[0] * ncols``) and ``height`` inches tall (default ``panel_size[1]`` per row).
+    In a grid with an
+    incomplete last row, panels with nothing below them keep their x tick labels.
+    """
     if ax is None:
         ncols = max(1, min(n, ncols or n))
         nrows = -(-n // ncols)
-        fig, grid = new_figure(
-            nrows, ncols, figsize=(panel_size[0] * ncols, panel_size[1] * nrows), **kwargs
-        )
+        width = documented_width(panel_size[0] * ncols) if width is None else width
+        height = panel_size[1] * nrows if height is None else height
+        fig, grid = new_figure(nrows, ncols, figsize=(width, height), **kwargs)
         flat = list(grid.ravel())
         for extra in flat[n:]:
             extra.set_visible(False)
+        for i in range(max(0, n - ncols), n):  # the lowest visible panel of each column
+            flat[i].xaxis.set_tick_params(labelbottom=True)
         return fig, flat[:n]
     axes = [ax] if isinstance(ax, Axes) else list(np.ravel(np.asarray(ax, dtype=object)))
     if len(axes) != n:

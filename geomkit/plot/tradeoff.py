@@ -1,34 +1,47 @@
 """Forget-retain trade-off across runs, after Fig. 3 of the SAGO paper (Xiao et al., ACL 2026,
-arXiv 2604.14808): final forget accuracy (lower is better) against retained accuracy, one marker
-per method, dashed arrows from the plain sum to its PCGrad and SAGO variants, and a dashed line
-for the target model (evaluation 0, before unlearning)."""
+arXiv 2604.14808): forget accuracy (lower is better) against retained accuracy, one marker per
+strategy and one panel per objective, grey arrows from the plain sum to its PCGrad and SAGO
+variants, and a dashed line for the target model (evaluation 0, before unlearning)."""
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 import xarray as xr
 from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from geomkit._validation import check_choice, check_real, invalid
 from geomkit.plot._data import EVALUATIONS, Run, Source, require
-from geomkit.plot._methods import group_methods, method_label, objective_linestyle
+from geomkit.plot._methods import group_methods
 from geomkit.plot.dynamics import seed_statistics
 from geomkit.plot.style import (
     MissingVariable,
     PlotResult,
     PlotSkipped,
     axis_label,
-    objective_color,
-    outside_legend,
+    figure_legend,
     resolve_axes,
     strategy_style,
 )
 from geomkit.runs import load
 
-__all__ = ["final_evaluation", "tradeoff", "tradeoff_trajectories"]
+__all__ = ["ARROW_PROPS", "final_evaluation", "tradeoff", "tradeoff_trajectories"]
+
+ARROW_PROPS: dict = {
+    "arrowstyle": "->",
+    "linestyle": "--",
+    "color": "0.55",
+    "linewidth": 0.7,
+    "shrinkA": 6,
+    "shrinkB": 8,
+}
+"""How the trade-off's arrows from ``sum`` are drawn: grey, dashed, an open head (never a
+filled triangle in a strategy colour, which would read as a PCGrad marker)."""
 
 
 def _evaluated(runs: list[Run], variables: tuple[str, ...], figure: str):
@@ -127,11 +140,65 @@ def _target_line(ax: Axes, runs: list[Run], variable: str) -> Line2D | None:
     level = _target(runs, variable)
     if not np.isfinite(level):
         return None
-    return ax.axhline(level, color="0.3", linestyle="--", linewidth=0.9, label="target", zorder=1)
+    return ax.axhline(
+        level, color="0.5", linestyle="--", linewidth=0.9, label="target model", zorder=1
+    )
 
 
-def _better_label(da: xr.DataArray, fallback: str, lower: bool) -> str:
-    return f"final {axis_label(da, fallback)} ({'lower' if lower else 'higher'} is better)"
+def _better_label(da: xr.DataArray, fallback: str, lower: bool, at: str = "final") -> str:
+    when = "final" if at == "final" else "matched-forgetting"
+    return f"{when} {axis_label(da, fallback)} ({'lower' if lower else 'higher'} is better)"
+
+
+def _learning_rates(runs: list[Run]) -> str:
+    """``"lr 0.001"`` when the runs share one recorded peak learning rate, else what differs."""
+    rates = {run.ds.attrs.get("learning_rate_peak") for run in runs}
+    if None in rates:
+        return "learning rate not recorded"
+    if len(rates) == 1:
+        return f"lr {float(rates.pop()):g}"
+    return "learning rates differ: " + ", ".join(f"{float(r):g}" for r in sorted(rates))
+
+
+def _matched(run: Run, x: str, y: str, threshold: float) -> dict[str, float] | None:
+    """``x`` and ``y`` at the first evaluation after step 0 where forgetting reached
+    ``threshold`` (:func:`geomkit.bench.evaluate.matched_forgetting`); None if it never did."""
+    from geomkit.bench.evaluate import matched_forgetting
+
+    names = tuple(dict.fromkeys(("forget_acc", "retain_acc", "general_acc", x, y)))
+    table = xr.Dataset({v: run.ds[v] for v in names if v in run.ds})
+    table = table.sel(evaluation=table["evaluation"] > 0)
+    history = [
+        (int(step), {v: float(table[v].values[i]) for v in table.data_vars})
+        for i, step in enumerate(table["evaluation"].values)
+        if all(np.isfinite(float(table[v].values[i])) for v in table.data_vars)
+    ]
+    hit = matched_forgetting(history, threshold)
+    if hit is None:
+        return None
+    at = dict(history)[hit["step"]]
+    return {x: at[x], y: at[y], "evaluation": hit["step"]}
+
+
+def _facets(
+    ax: Axes | Sequence[Axes] | None, objectives: list[str]
+) -> tuple[Figure, list[Axes], bool]:
+    """One panel per objective (shared axes in a new figure); True when the figure is new."""
+    # Room below for the legend and above for the description.
+    fig, axes = resolve_axes(
+        ax, len(objectives), panel_size=(3.0, 2.6), height=3.4, sharex=True, sharey=True
+    )
+    return fig, axes, ax is None
+
+
+def _describe(fig: Figure, axes: list[Axes], text: str, new: bool) -> None:
+    """What the points are: the figure's title, or a line under the first panel's title."""
+    text = textwrap.fill(text, int(16 * fig.get_figwidth()))  # ~16 characters per inch at 8 pt
+    if new:
+        fig.suptitle(text)
+    else:
+        title = axes[0].get_title()
+        axes[0].set_title(f"{title}\n{text}" if title else text)
 
 
 def tradeoff(
@@ -139,28 +206,43 @@ def tradeoff(
     *,
     x: str = "forget_acc",
     y: str = "retain_acc",
+    at: str = "final",
+    threshold: float = 0.1,
     arrows: bool = True,
     target: bool = True,
-    ax: Axes | None = None,
+    ax: Axes | Sequence[Axes] | None = None,
     legend: bool = True,
 ) -> PlotResult:
-    """Final forget accuracy against final retained accuracy, one marker per method (Fig. 3).
+    """Forget accuracy against retained accuracy, one marker per strategy and one panel per
+    objective (Fig. 3).
 
-    Markers: square = sum, triangle = PCGrad, star = SAGO, circle = forget-only; colours per
-    objective when several are shown (as in Fig. 3), else per strategy. Seeds of a method give
-    the mean position with standard-deviation error bars.
+    Markers and colours are the strategy's (:func:`~geomkit.plot.style.strategy_style`); the
+    objective goes to the panel. Seeds of a method give the mean position with
+    standard-deviation error bars. The figure says what the points are: the final evaluation
+    of runs trained for the same steps at the learning rate of the panel (``at="final"``), or
+    the first evaluation where forget accuracy reached ``threshold`` (``at="matched"``,
+    :func:`geomkit.bench.evaluate.matched_forgetting`), which compares retained accuracy at
+    equal forgetting.
 
     Parameters
     ----------
     source : Dataset or list of Datasets
         Runs with the evaluation variables (dim ``evaluation``, 0 = the target model).
     x, y : str
-        Evaluation variables; ``y`` e.g. ``"retain_acc"`` or ``"general_acc"``.
+        Evaluation variables; ``y`` e.g. ``"retain_acc"`` or ``"general_acc"``. With
+        ``at="matched"``, ``x`` must be ``"forget_acc"``.
+    at : {"final", "matched"}
+        Which evaluation of each run is plotted.
+    threshold : float
+        Forget accuracy that counts as forgotten for ``at="matched"``; runs that never reach
+        it are left out (and counted in the figure's title).
     arrows : bool
-        Dashed arrows from each objective's ``sum`` run to its other strategies.
+        Grey dashed arrows with open heads from each objective's ``sum`` to its other
+        strategies.
     target : bool
         Dashed horizontal line at the target model's ``y`` (evaluation 0).
-    ax : Axes, optional
+    ax : Axes or sequence of Axes, optional
+        One per objective (sorted).
     legend : bool
 
     Returns
@@ -169,39 +251,55 @@ def tradeoff(
         ``artists[(objective, strategy)]`` is the errorbar container;
         ``extras["points"][(objective, strategy)]`` the plotted ``(x, y)``;
         ``extras["arrows"][(objective, from, to)]`` the arrow Annotations;
-        ``extras["target"]`` the target line (or None); ``extras["skipped"]`` the reasons runs
-        without evaluations were left out.
+        ``extras["target"]`` the target line of the first panel (or None);
+        ``extras["description"]`` what the points are; ``extras["skipped"]`` the reasons runs
+        were left out; ``extras["panels"][objective]`` the Axes.
     """
-    runs, skipped = _evaluated(load(source), (x, y), "tradeoff")
+    check_choice("at", at, ("final", "matched"), owner="tradeoff")
+    if at == "matched" and x != "forget_acc":
+        raise invalid("x", x, "'forget_acc' with at='matched' (forgetting is matched on it)")
+    check_real("threshold", threshold, 0.0, 1.0, owner="tradeoff")
+    needed = (x, y) if at == "final" else ("forget_acc", "retain_acc", "general_acc")
+    runs, skipped = _evaluated(load(source), tuple(dict.fromkeys((*needed, x, y))), "tradeoff")
     finals: dict[tuple[str, str], list[dict[str, float]]] = {}
+    missed = 0
     for method, members in group_methods(runs).items():
-        rows = [row for r in members if (row := _final(r, (x, y))) is not None]
+        rows = []
+        for member in members:
+            row = _final(member, (x, y)) if at == "final" else _matched(member, x, y, threshold)
+            if row is None:
+                missed += at == "matched"
+                continue
+            rows.append(row)
         if rows:
             finals[method] = rows
     if not finals:
+        if at == "matched":
+            raise PlotSkipped(f"tradeoff: no run reached forget accuracy <= {threshold:g}")
         raise PlotSkipped(f"tradeoff: no run was evaluated after step 0 ({x!r}, {y!r})")
-    objectives = {m[0] for m in finals}
-    fig, (ax,) = resolve_axes(ax, 1, panel_size=(5.2, 3.6))
+    objectives = sorted({m[0] for m in finals})
+    fig, axes, new = _facets(ax, objectives)
+    panels = dict(zip(objectives, axes, strict=True))
     artists, points = {}, {}
     for method, rows in finals.items():
+        panel = panels[method[0]]
         xs = np.array([row[x] for row in rows])
         ys = np.array([row[y] for row in rows])
         spread = len(rows) > 1
         style = strategy_style(method[1])
-        color = objective_color(method[0]) if len(objectives) > 1 else style.color
-        container = ax.errorbar(
+        container = panel.errorbar(
             xs.mean(),
             ys.mean(),
             xerr=xs.std(ddof=1) if spread else None,
             yerr=ys.std(ddof=1) if spread else None,
             fmt=style.marker,
-            color=color,
+            color=style.color,
             markersize=10 if style.marker == "*" else 7,
             markeredgecolor="white",
             markeredgewidth=0.5,
             capsize=2,
             elinewidth=0.8,
-            label=method_label(method, len(objectives) > 1, len(rows)),
+            label=style.label,
             zorder=3,
         )
         artists[method] = container
@@ -212,34 +310,53 @@ def tradeoff(
             start = points.get((objective, "sum"))
             if start is None or strategy in ("sum", "none"):
                 continue
-            arrow_artists[(objective, "sum", strategy)] = ax.annotate(
+            # An open, grey head: a filled triangle in a strategy colour reads as a marker.
+            arrow_artists[(objective, "sum", strategy)] = panels[objective].annotate(
                 "",
                 xy=end,
                 xytext=start,
-                arrowprops={
-                    "arrowstyle": "-|>",
-                    "linestyle": "--",
-                    "color": objective_color(objective) if len(objectives) > 1 else "0.35",
-                    "linewidth": 0.8,
-                    "shrinkA": 5,
-                    "shrinkB": 6,
-                },
+                arrowprops=ARROW_PROPS,
                 zorder=2,
             )
-    target_line = _target_line(ax, runs, y) if target else None
-    first = runs[0].ds
-    if len(objectives) == 1:
-        ax.set_title(next(iter(objectives)), fontsize="medium")
-    ax.set_xlabel(_better_label(first[x], x, lower=True))
-    ax.set_ylabel(_better_label(first[y], y, lower=False))
+    lines = {}
+    for objective, panel in panels.items():
+        members = [r for r in runs if r.method[0] == objective]
+        lines[objective] = _target_line(panel, members, y) if target else None
+        steps = sorted(
+            {
+                int(row["evaluation"])
+                for m, rows in finals.items()
+                for row in rows
+                if m[0] == objective
+            }
+        )
+        where = f"step {steps[0]}" if len(steps) == 1 else f"steps {steps[0]}-{steps[-1]}"
+        panel.set_title(f"{objective} ({_learning_rates(members)}, {where})")
+        panel.set_xlabel(_better_label(runs[0].ds[x], x, lower=True, at=at))
+    axes[0].set_ylabel(textwrap.fill(_better_label(runs[0].ds[y], y, lower=False, at=at), 34))
+    counts = sorted({len(rows) for rows in finals.values()})
+    n_seeds = "/".join(str(n) for n in counts)
+    seeds = f"mean ± sd of {n_seeds} seeds" if counts != [1] else "one seed each"
+    if at == "final":
+        text = "final evaluation: equal steps and learning rate within a panel; " + seeds
+    else:
+        text = (
+            f"at matched forgetting: first evaluation with forget QA accuracy <= {threshold:g}; "
+            + seeds
+        )
+        if missed:
+            text += f"; {missed} run(s) never reached it (left out)"
+    _describe(fig, axes, text, new)
     extras = {
         "points": points,
         "arrows": arrow_artists,
-        "target": target_line,
+        "target": lines[objectives[0]],
+        "description": text,
         "skipped": skipped,
-        "legend": outside_legend(ax) if legend else None,
+        "panels": panels,
+        "legend": figure_legend(fig, axes) if legend else None,
     }
-    return PlotResult(fig, [ax], artists, extras)
+    return PlotResult(fig, axes, artists, extras)
 
 
 def tradeoff_trajectories(
@@ -248,24 +365,26 @@ def tradeoff_trajectories(
     x: str = "forget_acc",
     y: str = "retain_acc",
     target: bool = True,
-    ax: Axes | None = None,
+    ax: Axes | Sequence[Axes] | None = None,
     legend: bool = True,
 ) -> PlotResult:
-    """The path of each method through the trade-off plane over evaluations.
+    """The path of each strategy through the trade-off plane over evaluations, one panel per
+    objective.
 
     Each line starts at the target model (evaluation 0) and visits the seed-mean of every
-    later evaluation; the final point carries the method's marker.
+    later evaluation; the final point carries the strategy's marker.
 
     Returns
     -------
     PlotResult
         ``artists[(objective, strategy)]`` is the path Line2D (marker at its final point);
-        ``extras["target"]`` the target line.
+        ``extras["target"]`` the target line of the first panel; ``extras["panels"]``.
     """
     runs, skipped = _evaluated(load(source), (x, y), "tradeoff_trajectories")
     methods = group_methods(runs)
     objectives = sorted({m[0] for m in methods})
-    fig, (ax,) = resolve_axes(ax, 1, panel_size=(5.2, 3.6))
+    fig, axes, new = _facets(ax, objectives)
+    panels = dict(zip(objectives, axes, strict=True))
     artists = {}
     for method, members in methods.items():
         _, mx, _, _ = seed_statistics([r.ds[x] for r in members], "evaluation", None)
@@ -275,30 +394,33 @@ def tradeoff_trajectories(
             continue
         mx, my = mx[keep], my[keep]
         style = strategy_style(method[1])
-        color = objective_color(method[0]) if len(objectives) > 1 else style.color
-        (line,) = ax.plot(
+        (line,) = panels[method[0]].plot(
             mx,
             my,
-            color=color,
-            linestyle=objective_linestyle(method[0], objectives),
+            color=style.color,
             marker=style.marker,
-            markevery=[len(mx) - 1],  # the method's marker at the final evaluation
+            markevery=[len(mx) - 1],  # the strategy's marker at the final evaluation
             markersize=10 if style.marker == "*" else 7,
             markeredgecolor="white",
             markeredgewidth=0.5,
             linewidth=1.1,
-            label=method_label(method, len(objectives) > 1, len(members)),
+            label=style.label,
         )
         artists[method] = line
     if not artists:
         raise PlotSkipped(f"tradeoff_trajectories: no finite evaluations of {x!r} and {y!r}")
-    target_line = _target_line(ax, runs, y) if target else None
-    first = runs[0].ds
-    ax.set_xlabel(axis_label(first[x], x) + " (lower is better)")
-    ax.set_ylabel(axis_label(first[y], y) + " (higher is better)")
+    lines = {}
+    for objective, panel in panels.items():
+        members = [r for r in runs if r.method[0] == objective]
+        lines[objective] = _target_line(panel, members, y) if target else None
+        panel.set_title(f"{objective} ({_learning_rates(members)})")
+        panel.set_xlabel(axis_label(runs[0].ds[x], x) + " (lower is better)")
+    axes[0].set_ylabel(textwrap.fill(axis_label(runs[0].ds[y], y) + " (higher is better)", 34))
+    _describe(fig, axes, "path over evaluations from the target model; seed means", new)
     extras = {
-        "target": target_line,
+        "target": lines[objectives[0]],
         "skipped": skipped,
-        "legend": outside_legend(ax) if legend else None,
+        "panels": panels,
+        "legend": figure_legend(fig, axes) if legend else None,
     }
-    return PlotResult(fig, [ax], artists, extras)
+    return PlotResult(fig, axes, artists, extras)
