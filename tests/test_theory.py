@@ -68,7 +68,7 @@ def one(audit: Audit, claim: str, granularity: str, strategy: str) -> CheckResul
 
 
 def test_claim_table_statuses_follow_theory_md():
-    assert list(theory.CLAIMS) == ["R1", "R2", "R2b", "R3", "R4", "R5", "R6", "R7", "R8", "R9"]
+    assert list(theory.CLAIMS) == ["R1", "R2", "R2b", "R3", "R4", "R5", "R6", "R7", "R8", "R9", "V1"]
     status = {cid: c.status for cid, c in theory.CLAIMS.items()}
     assert status["R1"] == status["R2"] == status["R9"] == "proven"
     assert status["R4"] == status["R5"] == "false"
@@ -161,6 +161,11 @@ def test_counterexamples_are_reported_as_r4_violations():
 # ----------------------------------------------------------------------------------------------
 # 2. Proven claims hold; false claims are measured; undefined cases
 # ----------------------------------------------------------------------------------------------
+
+
+# V1 (docs/theory.md#v1): every shadow's closed form against its materialised update
+PROVEN_V1 = {("V1", s) for s in ("sum", "pcgrad", "pcgrad_global", "sago", "sago_prefer_retain")}
+PROVEN = PROVEN | PROVEN_V1 | {("V1", "blur")}
 
 
 def assert_proven_pass(audit: Audit) -> None:
@@ -393,11 +398,9 @@ def test_recorded_run_has_no_bug_and_states_its_evidence(recorded):
     assert {r.granularity for r in audit} == {"coordinate", "tensor", "layer", "model"}
     r1 = one(audit, "R1", "coordinate", "sago")
     assert r1.evidence == "measured" and r1.cases == 5 * 92 and r1.violations == 0
-    shadow = one(audit, "R6", "coordinate", "sago_prefer_retain")
-    assert (
-        shadow.evidence == "by construction" and shadow.cases == 0 and "construction" in shadow.note
-    )
-    assert shadow.verdict == "n/a" and not shadow.failed
+    shadow = one(audit, "R6", "coordinate", "sago_prefer_retain")  # verified at step 0 only
+    assert shadow.evidence == "materialised" and shadow.cases == 92 and "verified" in shadow.note
+    assert shadow.verdict == "ok" and not shadow.failed
     assert one(audit, "R6", "coordinate", "pcgrad").evidence == "shadow"
     r9 = one(audit, "R9", "coordinate", "sago")
     assert r9.cases == 0 and r9.evidence == "none" and r9.note
