@@ -544,7 +544,9 @@ def _ambiguous(
 
     closed = form(closed_dots)
     if strategy.rule.reduces:
-        own_dots = torch.stack([d.to(home) for d in strategy.pooled_dots(forget, retain, shard_sum)])
+        own_dots = torch.stack(
+            [d.to(home) for d in strategy.pooled_dots(forget, retain, shard_sum)]
+        )
         own = strategy.linear_form(own_dots)
     else:
         own = closed

@@ -54,7 +54,9 @@ class Setting:
 
     def __str__(self) -> str:
         dtype = str(self.dtype).replace("torch.", "")
-        weights = "" if (self.alpha, self.gamma) == (1.0, 1.0) else f", a={self.alpha:g} g={self.gamma:g}"
+        weights = (
+            "" if (self.alpha, self.gamma) == (1.0, 1.0) else f", a={self.alpha:g} g={self.gamma:g}"
+        )
         scale = "" if self.scale == 1.0 else f", |x|~{self.scale:g}"
         return f"{self.applied} applied, {dtype}{weights}{scale}"
 
@@ -77,8 +79,10 @@ def record(path: Path, setting: Setting, seed: int = 0) -> Path:
         z = [torch.randn(s, generator=g, dtype=torch.float64) for s in SHAPES]
         w = [torch.randn(s, generator=g, dtype=torch.float64) for s in SHAPES]
         f = [(x * setting.scale).to(setting.dtype) for x in z]
-        r = [((rho * x + math.sqrt(1 - rho**2) * y) * setting.scale).to(setting.dtype)
-             for x, y in zip(z, w, strict=True)]
+        r = [
+            ((rho * x + math.sqrt(1 - rho**2) * y) * setting.scale).to(setting.dtype)
+            for x, y in zip(z, w, strict=True)
+        ]
         rec.record(step, f, r, forget_loss=1.0, retain_loss=1.0)
     rec.close()
     return path
@@ -251,36 +255,116 @@ _TINY = Setting("sago", torch.bfloat16, scale=1e-23)  # products of two coordina
 _WEIGHTS = Setting("sago", torch.float32, alpha=0.5, gamma=2.0)
 
 MUTATIONS: tuple[Mutation, ...] = (
-    Mutation("coef_x10", "projection coefficient x10 (rule)", coefficient_x10, "both",
-             ("R3",), "tensor (pcgrad), model (pcgrad_global)", setting=_F32, xfail=_GATE),
-    Mutation("coef_x10_kernel", "projection coefficient x10 (update kernel)",
-             coefficient_x10_kernel, "strategy", ("V1",), "tensor", setting=_F32),
-    Mutation("project_always", "projection also when <f,r> >= 0 (rule)", project_always,
-             "both", ("R3b",), "tensor (pcgrad), model (pcgrad_global)", setting=_F32,
-             xfail=_GATE),
-    Mutation("project_always_apply", "projection also when <f,r> >= 0 (update)",
-             project_always_apply, "strategy", ("V1",), "tensor", setting=_F32),
-    Mutation("pcgrad_is_sum", "PCGrad == sum (update)", pcgrad_is_sum, "strategy", ("V1",),
-             "tensor"),
-    Mutation("pcgrad_form_is_sum", "PCGrad == sum (closed form)", pcgrad_form_is_sum,
-             "closed form", ("V1",), "tensor"),
-    Mutation("prefer_retain_is_sum", "prefer-retain == sum (update)", prefer_retain_is_sum,
-             "strategy", ("V1", "R6"), "tensor; coordinate"),
-    Mutation("prefer_retain_form_is_sum", "prefer-retain == sum (closed form)",
-             prefer_retain_form_is_sum, "closed form", ("V1",), "tensor"),
-    Mutation("sago_flipped", "SAGO conflict test flipped", sago_flipped, "strategy",
-             ("R1", "R6", "V1"), "coordinate; tensor"),
-    Mutation("sago_f32_underflow", "SAGO conflict test (f*r) < 0 in float32 (underflows)",
-             sago_float32_product, "strategy", ("R1", "R6", "V1"), "coordinate; tensor",
-             setting=_TINY),
-    Mutation("shared_f32_underflow",
-             "(f*r) < 0 in float32 in the shared sign test (update, Gramian and counts)",
-             shared_float32_product, "both", ("R1", "R6"), "coordinate", check="synthetic",
-             setting=_TINY),
-    Mutation("weights_swapped", "alpha and gamma swapped (update kernels)", weights_swapped,
-             "strategy", ("R9", "V1"), "tensor, layer, model; tensor", setting=_WEIGHTS),
-    Mutation("weights_swapped_form", "alpha and gamma swapped (closed forms)",
-             weights_swapped_form, "closed form", ("V1",), "tensor", setting=_WEIGHTS),
+    Mutation(
+        "coef_x10",
+        "projection coefficient x10 (rule)",
+        coefficient_x10,
+        "both",
+        ("R3",),
+        "tensor (pcgrad), model (pcgrad_global)",
+        setting=_F32,
+        xfail=_GATE,
+    ),
+    Mutation(
+        "coef_x10_kernel",
+        "projection coefficient x10 (update kernel)",
+        coefficient_x10_kernel,
+        "strategy",
+        ("V1",),
+        "tensor",
+        setting=_F32,
+    ),
+    Mutation(
+        "project_always",
+        "projection also when <f,r> >= 0 (rule)",
+        project_always,
+        "both",
+        ("R3b",),
+        "tensor (pcgrad), model (pcgrad_global)",
+        setting=_F32,
+        xfail=_GATE,
+    ),
+    Mutation(
+        "project_always_apply",
+        "projection also when <f,r> >= 0 (update)",
+        project_always_apply,
+        "strategy",
+        ("V1",),
+        "tensor",
+        setting=_F32,
+    ),
+    Mutation(
+        "pcgrad_is_sum", "PCGrad == sum (update)", pcgrad_is_sum, "strategy", ("V1",), "tensor"
+    ),
+    Mutation(
+        "pcgrad_form_is_sum",
+        "PCGrad == sum (closed form)",
+        pcgrad_form_is_sum,
+        "closed form",
+        ("V1",),
+        "tensor",
+    ),
+    Mutation(
+        "prefer_retain_is_sum",
+        "prefer-retain == sum (update)",
+        prefer_retain_is_sum,
+        "strategy",
+        ("V1", "R6"),
+        "tensor; coordinate",
+    ),
+    Mutation(
+        "prefer_retain_form_is_sum",
+        "prefer-retain == sum (closed form)",
+        prefer_retain_form_is_sum,
+        "closed form",
+        ("V1",),
+        "tensor",
+    ),
+    Mutation(
+        "sago_flipped",
+        "SAGO conflict test flipped",
+        sago_flipped,
+        "strategy",
+        ("R1", "R6", "V1"),
+        "coordinate; tensor",
+    ),
+    Mutation(
+        "sago_f32_underflow",
+        "SAGO conflict test (f*r) < 0 in float32 (underflows)",
+        sago_float32_product,
+        "strategy",
+        ("R1", "R6", "V1"),
+        "coordinate; tensor",
+        setting=_TINY,
+    ),
+    Mutation(
+        "shared_f32_underflow",
+        "(f*r) < 0 in float32 in the shared sign test (update, Gramian and counts)",
+        shared_float32_product,
+        "both",
+        ("R1", "R6"),
+        "coordinate",
+        check="synthetic",
+        setting=_TINY,
+    ),
+    Mutation(
+        "weights_swapped",
+        "alpha and gamma swapped (update kernels)",
+        weights_swapped,
+        "strategy",
+        ("R9", "V1"),
+        "tensor, layer, model; tensor",
+        setting=_WEIGHTS,
+    ),
+    Mutation(
+        "weights_swapped_form",
+        "alpha and gamma swapped (closed forms)",
+        weights_swapped_form,
+        "closed form",
+        ("V1",),
+        "tensor",
+        setting=_WEIGHTS,
+    ),
 )
 """The mutation table (README: which check catches which mutation)."""
 
@@ -323,9 +407,7 @@ def test_mutation_is_caught(mutation: Mutation, tmp_path: Path, monkeypatch) -> 
     mutation.patch(monkeypatch)
     s = mutation.setting
     if mutation.check == "synthetic":
-        audit = theory.audit_synthetic(
-            _tiny_pairs(s.dtype, s.scale), alpha=s.alpha, gamma=s.gamma
-        )
+        audit = theory.audit_synthetic(_tiny_pairs(s.dtype, s.scale), alpha=s.alpha, gamma=s.gamma)
         failing = {r.claim for r in audit.failures}
         assert audit.bug_detected
     else:

@@ -68,7 +68,8 @@ def one(audit: Audit, claim: str, granularity: str, strategy: str) -> CheckResul
 
 
 def test_claim_table_statuses_follow_theory_md():
-    assert list(theory.CLAIMS) == ["R1", "R2", "R2b", "R3", "R4", "R5", "R6", "R7", "R8", "R9", "V1"]
+    claims = ["R1", "R2", "R2b", "R3", "R4", "R5", "R6", "R7", "R8", "R9", "V1"]
+    assert list(theory.CLAIMS) == claims
     status = {cid: c.status for cid, c in theory.CLAIMS.items()}
     assert status["R1"] == status["R2"] == status["R9"] == "proven"
     assert status["R4"] == status["R5"] == "false"
@@ -495,7 +496,7 @@ def test_padding_of_stacked_runs_is_dropped_silently(recorded):
     for var in ("ff", "rr", "fr", "dd", "df", "dr", "n_conflict", "n_both_nonzero"):
         single[var] = single[var].astype(np.float64)
         single[var].loc[{"record": 4}] = math.nan
-    for var in ("n_opposed", "n_projected"):
+    for var in ("n_opposed", "n_projected", *geomkit.store.VERIFICATION_VARIABLES):
         single[var] = single[var].astype(np.float64)
         single[var].loc[{"record": 4}] = math.nan
     audit = theory.audit(single)
@@ -576,7 +577,7 @@ def test_stacked_runs_are_checked_per_run(recorded):
     assert {r.source for r in audit} == {"synthetic-sago", "synthetic-pcgrad"}
     assert not audit.bug_detected
     per_run = audit.select(source="synthetic-pcgrad")
-    assert one(per_run, "R1", "coordinate", "sago").evidence == "by construction"
+    assert one(per_run, "R1", "coordinate", "sago").evidence == "materialised"  # verified
     assert one(per_run, "R6", "coordinate", "pcgrad").evidence == "measured"
     assert one(per_run, "R1", "model", "sago").cases == 3  # its own 3 records, not 5
     assert theory.audit(recorded).to_json() == audit.to_json()  # a directory of runs

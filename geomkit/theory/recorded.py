@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import xarray as xr
 
+from geomkit import strategies as gstrategies
 from geomkit._validation import invalid
 from geomkit.fields import STORED_FIELDS
 from geomkit.runs import Run, Source, load
@@ -202,7 +203,10 @@ def _verified(ds: xr.Dataset) -> np.ndarray | None:
     verification (no ``verified`` variable)."""
     if "verified" not in ds:
         return None
-    return np.asarray(ds["verified"].fillna(False).values, dtype=bool)
+    values = ds["verified"]
+    if values.dtype.kind != "b" and bool(values.isnull().all()) and values.size:
+        return None  # stacked with runs that have it: NaN-filled, the store has none
+    return np.asarray(values.fillna(False).values, dtype=bool)
 
 
 _DTYPE_LIMITS = {
@@ -245,7 +249,11 @@ def check_v1(run: Run, dtype: torch.dtype | str | None = None) -> list[CheckResu
     ds, source = run.ds, run.label
     names = [str(s) for s in ds["strategy"].values]
     measured = _measured(ds)
-    shadows = [n for n in names if not measured[n]]
+    registry = gstrategies.names()  # one order whatever the store's (stacking merges orders)
+    shadows = sorted(
+        (n for n in names if not measured[n]),
+        key=lambda n: (registry.index(n) if n in registry else len(registry), n),
+    )
     verified = _verified(ds)
     if not shadows:
         return [_v1_empty("shadows", source, "no shadow strategy recorded in this run")]
