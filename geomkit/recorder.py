@@ -582,7 +582,7 @@ def _verification_block(
     values = np.stack(
         [v if v is not None else np.full((*shape, n_fields), np.nan) for _, _, v in records]
     )  # [n, S, T, n_fields]
-    block = {"verified": np.array([v is not None for _, _, v in records])}
+    block = {}
     for i, name in enumerate((*VERIFIED_FIELDS, "n_ambiguous")):
         block[f"verified_{name}"] = values[..., i]
     return block

@@ -111,15 +111,6 @@ VERIFIED_FIELDS: tuple[str, ...] = ("dd", "df", "dr", "n_opposed", "n_projected"
 materialised with the strategy's own code; stored as ``verified_<field>``."""
 
 VERIFICATION_VARIABLES: dict[str, dict[str, Any]] = {
-    "verified": dict(
-        dims=("record",),
-        dtype="bool",
-        long_name="shadows verified",
-        units="1",
-        description="true where every shadow strategy's update was materialised with the "
-        "strategy's own code and measured (Recorder verify_every); the verified_* variables "
-        "hold those measurements",
-    ),
     **{
         f"verified_{name}": dict(
             dims=("record", "strategy", "tensor"),
@@ -143,7 +134,8 @@ VERIFICATION_VARIABLES: dict[str, dict[str, Any]] = {
 }
 """Optional data variables of the shadow verification (docs/schema.md#verification-variables):
 written by this geomkit, absent from stores written before it (those open and audit as 'not
-verified'). Not part of :data:`VARIABLES`, whose record variables are the field table's."""
+verified'). Not part of :data:`VARIABLES`, whose record variables are the field table's. A
+record is verified where they are finite (a count is never NaN where it was taken)."""
 
 COORDINATES: dict[str, dict[str, Any]] = {
     "step": dict(long_name="optimizer step", units="1", description="0-based optimizer step"),

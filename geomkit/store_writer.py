@@ -189,7 +189,7 @@ class RunWriter:
             ``"record"`` (the step numbers) and every per-record variable, shaped
             ``[n, n_tensors]`` or ``[n, n_strategies, n_tensors]``. The verification
             variables (:data:`~geomkit.store.VERIFICATION_VARIABLES`) are optional: left out,
-            the records are written as not verified (``verified`` false, NaN).
+            the records are written as not verified (NaN).
         evaluations : mapping
             ``"evaluation"`` (steps completed) and the evaluation variables (``forget_acc``,
             ``retain_acc``, ``general_acc``).
@@ -218,9 +218,7 @@ class RunWriter:
                     continue
                 names = [*names, name]
                 if name not in block:
-                    spec = VERIFICATION_VARIABLES[name]
-                    fill = False if spec["dtype"] == "bool" else np.nan
-                    block[name] = np.full((n, *_empty_shape(name, self)[1:]), fill)
+                    block[name] = np.full((n, *_empty_shape(name, self)[1:]), np.nan)
         arrays = {dim: np.asarray(block[dim], dtype="int64")}
         for name in names:
             spec = _spec(name)

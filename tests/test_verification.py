@@ -72,21 +72,20 @@ def v1(source) -> list[theory.CheckResult]:
 def test_first_record_and_every_kth_after_are_verified(tmp_path: Path) -> None:
     run = record(tmp_path, steps=14, schedule=2, verify_every=3)  # records at steps 0, 2, ...
     ds = geomkit.open_run(run)
-    assert ds["record"].values[ds["verified"].values].tolist() == [0, 6, 12]
+    verified = np.isin(ds["record"].values, [0, 6, 12])
     shadows = ~ds["measured"].values
     for name in VERIFICATION_VARIABLES:
-        if name == "verified":
-            continue
         values = ds[name].values
-        assert np.isfinite(values[ds["verified"].values][:, shadows]).all(), name
-        assert np.isnan(values[~ds["verified"].values]).all(), name
+        assert np.isfinite(values[verified][:, shadows]).all(), name
+        assert np.isnan(values[~verified]).all(), name
         assert np.isnan(values[:, 0]).all(), name  # the applied strategy is measured anyway
 
 
 def test_default_verifies_the_first_record(tmp_path: Path) -> None:
     assert VERIFY_EVERY == RunConfig().verify_every == EngineConfig().verify_every == 10
     ds = geomkit.open_run(record(tmp_path, steps=12))
-    assert np.flatnonzero(ds["verified"].values).tolist() == [0, 10]
+    verified = np.isfinite(ds["verified_n_opposed"].values).any(axis=(1, 2))
+    assert np.flatnonzero(verified).tolist() == [0, 10]
 
 
 def test_verified_statistics_are_the_strategies_own(tmp_path: Path) -> None:
@@ -138,7 +137,7 @@ def test_verify_every_is_validated(value, tmp_path: Path) -> None:
 
 def test_verify_every_zero_records_nothing_verified(tmp_path: Path) -> None:
     run = record(tmp_path, verify_every=0)
-    assert not geomkit.open_run(run)["verified"].values.any()
+    assert np.isnan(geomkit.open_run(run)["verified_dd"].values).all()
     results = v1(run)
     assert all(r.cases == 0 and "not verified" in r.note and not r.failed for r in results)
 
@@ -182,7 +181,7 @@ def test_appending_to_a_store_without_verification(tmp_path: Path) -> None:
     rec.record(2, [torch.randn(s) for s in SHAPES], [torch.randn(s) for s in SHAPES])
     rec.close()
     ds = geomkit.open_run(run)
-    assert ds["record"].values.tolist() == [0, 1, 2] and "verified" not in ds
+    assert ds["record"].values.tolist() == [0, 1, 2] and "verified_dd" not in ds
 
 
 def test_a_lost_verification_array_is_damage(tmp_path: Path) -> None:

@@ -199,14 +199,14 @@ def _coordinate(claims: tuple[str, ...], ds: xr.Dataset, name: str) -> list[Chec
 
 
 def _verified(ds: xr.Dataset) -> np.ndarray | None:
-    """Per record: the shadows were verified there; None for a store written before
-    verification (no ``verified`` variable)."""
-    if "verified" not in ds:
+    """Per record: the shadows were verified there (their materialised counts are finite: a
+    count is never NaN where it was taken); None when no record is (a store written before
+    verification, a run stacked with such stores, or ``verify_every=0``)."""
+    if "verified_n_opposed" not in ds:
         return None
-    values = ds["verified"]
-    if values.dtype.kind != "b" and bool(values.isnull().all()) and values.size:
-        return None  # stacked with runs that have it: NaN-filled, the store has none
-    return np.asarray(values.fillna(False).values, dtype=bool)
+    counts = ds["verified_n_opposed"].transpose("record", "strategy", "tensor").values
+    verified = np.isfinite(np.asarray(counts, dtype=np.float64)).any(axis=(1, 2))
+    return verified if verified.any() else None
 
 
 _DTYPE_LIMITS = {
@@ -259,12 +259,9 @@ def check_v1(run: Run, dtype: torch.dtype | str | None = None) -> list[CheckResu
         return [_v1_empty("shadows", source, "no shadow strategy recorded in this run")]
     if verified is None:
         note = (
-            "not verified: the store has no verification variables (written before geomkit "
-            "verified shadows, or with verify_every=0 in a geomkit without them)"
+            "not verified: no verified record (a store written before geomkit verified "
+            "shadows, or recorded with verify_every=0)"
         )
-        return [_v1_empty(n, source, note) for n in shadows]
-    if not verified.any():
-        note = "not verified: no record verified (verify_every=0, or no record taken)"
         return [_v1_empty(n, source, note) for n in shadows]
     alpha_run, gamma_run = _weights(run)
     torch_dtype, dtype_note = _dtype(run, dtype)
