@@ -62,8 +62,11 @@ _PAIR_METRICS: tuple[str, ...] = tuple(n for n, m in METRIC_TABLE.items() if m.r
 LONG_NAMES: dict[str, str] = {name: m.long_name for name, m in METRIC_TABLE.items()}
 """Short axis labels (``long_name``) of the derived metrics; the definition is ``description``."""
 
-_REQUIRED: tuple[str, ...] = tuple(n for n, f in FIELD_TABLE.items() if f.constant is None)
-"""The statistics a run must hold: every stored field and the ``numel`` coordinate."""
+_REQUIRED: tuple[str, ...] = tuple(
+    n for n, f in FIELD_TABLE.items() if f.constant is None and not f.optional
+)
+"""The statistics a run must hold: every stored field (but the optional ones, NaN when absent)
+and the ``numel`` coordinate."""
 
 
 @xr.register_dataset_accessor("geom")
@@ -98,7 +101,9 @@ class GeometryAccessor:
         ds = self._ds
         pieces = {}
         for name, spec in FIELD_TABLE.items():
-            if spec.constant is None:  # a stored variable, or the numel coordinate
+            if spec.optional and name not in ds:  # a store written before the field existed
+                piece = xr.full_like(ds["dr"], np.nan, dtype=np.float64)
+            elif spec.constant is None:  # a stored variable, or the numel coordinate
                 piece = ds[name].astype(np.float64)
             else:
                 piece = xr.full_like(ds["numel"], spec.constant, dtype=np.float64)

@@ -35,6 +35,7 @@ __all__ = [
     "FIELD_TABLE",
     "INDEX",
     "METRIC_TABLE",
+    "OPTIONAL_FIELDS",
     "PAIR_FIELDS",
     "ROLES",
     "SIZE_FIELDS",
@@ -68,6 +69,10 @@ class Field:
         CF-style attributes of the store variable.
     constant : float, optional
         Size fields only: the value of every tensor, when the field is not stored.
+    optional : bool
+        Added after stores of this schema version were first written: a store without it
+        still opens (the variable is left out) and ``ds.geom.statistics`` reads it as NaN;
+        the audit then falls back to a weaker bound and says so.
     """
 
     name: str
@@ -77,6 +82,7 @@ class Field:
     units: str
     description: str
     constant: float | None = None
+    optional: bool = False
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -194,6 +200,27 @@ FIELD_TABLE: dict[str, Field] = _table(
         "pcgrad, model-level test for pcgrad_global, always for blur), else 0",
     ),
     Field("n_tensors", "size", "int64", "tensors", "count", "1 per tensor", constant=1.0),
+    Field(
+        "dr_abs",
+        "update",
+        "float64",
+        "sum of abs(d_i r_i)",
+        "gradient^2",
+        "sum over coordinates of abs(d_i*r_i), float64; bounds the effect of rounding d on "
+        "<d, r> (docs/theory.md#tolerances); equal to <d, r> for shadow sign rules",
+        optional=True,
+    ),
+    Field(
+        "n_unrounded",
+        "update",
+        "int64",
+        "coordinates off the rounded formula",
+        "count",
+        "number of coordinates where the applied d_i differs from the strategy's float64 linear "
+        "form a*f_i + b*r_i by more than one rounding to the gradient dtype "
+        "(docs/theory.md#r0); 0 for shadow strategies, whose d is never formed",
+        optional=True,
+    ),
 )
 """Every additive statistic of one tensor, in the order of the last axis of statistics arrays."""
 
@@ -206,6 +233,8 @@ UPDATE_FIELDS: tuple[str, ...] = tuple(n for n, f in FIELD_TABLE.items() if f.ro
 SIZE_FIELDS: tuple[str, ...] = tuple(n for n, f in FIELD_TABLE.items() if f.role == "size")
 STORED_FIELDS: tuple[str, ...] = PAIR_FIELDS + UPDATE_FIELDS
 """The fields stored as data variables (pair, then update), in store order."""
+OPTIONAL_FIELDS: tuple[str, ...] = tuple(n for n, f in FIELD_TABLE.items() if f.optional)
+"""Stored fields that stores written before they existed lack (read as NaN)."""
 
 
 # ----------------------------------------------------------------------------------------------

@@ -50,6 +50,10 @@ __all__ = [
     "linear_moments",
     "compile_failed",
     "triple",
+    "update_rounding",
+    "subnormal_rounding",
+    "FORMULA_SLACK",
+    "UNIT_ROUNDOFF_64",
 ]
 
 BACKENDS: tuple[str, ...] = ("eager", "compiled")
@@ -101,6 +105,47 @@ def use_backend(name: str) -> Iterator[None]:
         set_backend(previous)
 
 
+UNIT_ROUNDOFF_64: float = 2.0**-53
+"""Unit roundoff of float64: ``|fl(x) - x| <= 2**-53 |x|`` for every rounded float64 operation."""
+FORMULA_SLACK: float = 32 * UNIT_ROUNDOFF_64
+"""Float64 slack of the ``n_unrounded`` test per unit of ``(max|a| + alpha + gamma) |f_i|`` and
+``(max|b| + alpha + gamma) |r_i|``: the combine kernels and the reference ``a f_i + b r_i`` each
+make a few float64 roundings of terms no larger than those (PCGrad: ``gamma |c| <= alpha + |b|``;
+BLUR: ``alpha |k| <= gamma + |a|``), together at most about 15 of them."""
+
+
+def update_rounding(dtype: torch.dtype) -> tuple[float, float]:
+    """``(u, eta)`` with ``|d_i - d*_i| <= u |d*_i| + eta`` for an update of ``dtype`` that the
+    combine kernels form from the exact ``d*_i = a f_i + b r_i`` (float64 roundings aside).
+
+    ``combine_linear`` rounds a float64 value once to ``dtype`` (possibly through float32, a
+    double rounding); ``combine_select`` rounds the weights and up to two operations in its
+    compute dtype (float32 for 16-bit inputs), then once to ``dtype``. So
+    ``u = (1 + u_dtype)(1 + u_compute)^3 - 1`` with ``u_x = eps(x)/2``, and ``eta`` covers
+    subnormal results and flush-to-zero: ``tiny(dtype) + 3 tiny(compute dtype)``.
+
+    >>> u, eta = update_rounding(torch.bfloat16)
+    >>> round(u / 2**-8, 4)  # one bfloat16 rounding plus three float32 ones
+    1.0
+    """
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    u_dtype, u_compute = torch.finfo(dtype).eps / 2, torch.finfo(compute).eps / 2
+    w = 3 * u_compute + 3 * u_compute**2 + u_compute**3  # (1 + u_c)^3 - 1 without cancelling
+    u = u_dtype + w + u_dtype * w
+    return u, torch.finfo(dtype).tiny + 3 * torch.finfo(compute).tiny
+
+
+def subnormal_rounding(dtype: torch.dtype) -> float:
+    """The absolute part of :func:`update_rounding` under gradual underflow (IEEE 754's
+    default, and PyTorch's unless ``torch.set_flush_denormal(True)`` or fast-math kernels):
+    half the subnormal spacing of ``dtype`` plus three of the compute dtype's. Used where the
+    bound is summed over every coordinate (``eta sqrt(n) |r|`` on ``<d, r>``); the per-coordinate
+    test of ``n_unrounded`` keeps the flush-to-zero-safe ``eta``."""
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    half = [torch.finfo(x).tiny * torch.finfo(x).eps / 2 for x in (dtype, compute)]
+    return half[0] + 3 * half[1]
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Sign selection runs in float32 for 16-bit inputs, natively otherwise."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
@@ -143,29 +188,48 @@ def _k_gram(f: Tensor, r: Tensor) -> Tensor:
     return torch.stack(sums).sum(1)
 
 
-def _k_triple(f: Tensor, r: Tensor, d: Tensor) -> Tensor:
+def _triple_sums(f: Tensor, r: Tensor, d: Tensor) -> tuple[list[Tensor], Tensor, Tensor, Tensor]:
     f64, r64, d64 = f.double(), r.double(), d.double()
     c = _conflict(f, r, f64, r64)
     opposed = _conflict(d, r, d64, r64)
     nonzero = (f != 0) & (r != 0)
+    dr = d64 * r64
     sums = [
         (f64 * f64).sum(1),
         (r64 * r64).sum(1),
         (f64 * r64).sum(1),
         (d64 * d64).sum(1),
         (d64 * f64).sum(1),
-        (d64 * r64).sum(1),
+        dr.sum(1),
         c.sum(1, dtype=torch.float64),
         nonzero.sum(1, dtype=torch.float64),
         opposed.sum(1, dtype=torch.float64),
+        dr.abs().sum(1),
     ]
-    return torch.stack(sums).sum(1)
+    return sums, c, f64, r64
+
+
+def _k_triple(f: Tensor, r: Tensor, d: Tensor) -> Tensor:
+    sums, _, _, _ = _triple_sums(f, r, d)
+    return torch.stack([*sums, torch.zeros_like(sums[0])]).sum(1)
+
+
+def _k_triple_checked(f: Tensor, r: Tensor, d: Tensor, check: Tensor) -> Tensor:
+    # check: float64 [a_C, b_C, a_A, b_A, u, m_f, m_r, eta] (see triple()). Counts the
+    # coordinates where |d_i - (a f_i + b r_i)| > u |a f_i + b r_i| + m_f |f_i| + m_r |r_i| + eta
+    # (NaN included), a, b those of C or A.
+    sums, c, f64, r64 = _triple_sums(f, r, d)
+    ref = torch.where(c, check[0] * f64 + check[1] * r64, check[2] * f64 + check[3] * r64)
+    bound = check[4] * ref.abs() + check[5] * f64.abs() + check[6] * r64.abs() + check[7]
+    within = (d.double() - ref).abs() <= bound
+    return torch.stack([*sums, (~within).sum(1, dtype=torch.float64)]).sum(1)
 
 
 def _k_linear_moments(f: Tensor, r: Tensor, coefficients: Tensor) -> Tensor:
     # coefficients [S, 2] float64 rows (a, b): rule s forms d = a f + b r on every coordinate.
-    # Returns [S * 4]: per rule (n_opposed, <d,d>, <d,f>, <d,r>), accumulated directly (no
-    # closed form, so no cancellation when d is small next to f and r). The compiled form.
+    # Returns [S * 5]: per rule (n_opposed, <d,d>, <d,f>, <d,r>, sum |d_i r_i|), accumulated
+    # directly (no closed form, so no cancellation when d is small next to f and r). The
+    # compiled form.
     f64, r64 = f.double(), r.double()
     exact = f.dtype != torch.float64
     p, q = (f64 * r64, r64 * r64) if exact else (None, None)
@@ -180,6 +244,7 @@ def _k_linear_moments(f: Tensor, r: Tensor, coefficients: Tensor) -> Tensor:
             (d * d).sum(1),
             (d * f64).sum(1),
             (d * r64).sum(1),
+            (d * r64).abs().sum(1),
         ]
     return torch.stack(out).sum(1)
 
@@ -192,7 +257,9 @@ def _k_linear_moments_gemm(f: Tensor, r: Tensor, coefficients: Tensor) -> Tensor
         opposed = (coefficients @ torch.stack([f64 * r64, r64 * r64])) < 0
     else:
         opposed = _conflict(d, r64, d, r64)
-    moments = [opposed.sum(1, dtype=torch.float64), (d * d).sum(1), d @ f64, d @ r64]
+    dr = d * r64
+    moments = [opposed.sum(1, dtype=torch.float64), (d * d).sum(1), d @ f64, dr.sum(1)]
+    moments.append(dr.abs().sum(1))
     return torch.stack(moments, dim=1).reshape(-1)
 
 
@@ -399,18 +466,29 @@ TRIPLE_FIELDS: tuple[str, ...] = (
     "n_conflict",
     "n_both_nonzero",
     "n_opposed",
+    "dr_abs",
+    "n_unrounded",
 )
 """Layout of :func:`triple`: fields of :data:`geomkit.fields.FIELD_TABLE`, by name."""
 
-MOMENT_FIELDS: tuple[str, ...] = ("n_opposed", "dd", "df", "dr")
+MOMENT_FIELDS: tuple[str, ...] = ("n_opposed", "dd", "df", "dr", "dr_abs")
 """Layout of the last axis of :func:`linear_moments`."""
 
 
-def triple(f: Tensor, r: Tensor, d: Tensor) -> Tensor:
-    """Return the sufficient statistics of one (f, r, d) triple (layout :data:`TRIPLE_FIELDS`)."""
+def triple(f: Tensor, r: Tensor, d: Tensor, check: Tensor | None = None) -> Tensor:
+    """Return the sufficient statistics of one (f, r, d) triple (layout :data:`TRIPLE_FIELDS`).
+
+    ``check``, a float64 vector ``[a_C, b_C, a_A, b_A, u, m_f, m_r, eta]``, makes the same pass
+    count ``n_unrounded``: the coordinates (NaN included) where
+    ``|d_i - (a f_i + b r_i)| > u |a f_i + b r_i| + m_f |f_i| + m_r |r_i| + eta``, with
+    ``(a, b)`` those of C (``sign(f_i) sign(r_i) < 0``) or of A, the reference formed in
+    float64. Without ``check`` the count is 0.
+    """
     if f.numel() == 0:
         return torch.zeros(len(TRIPLE_FIELDS), dtype=torch.float64, device=f.device)
-    return _reduce(_k_triple, [f, r, d])
+    if check is None:
+        return _reduce(_k_triple, [f, r, d])
+    return _reduce(_k_triple_checked, [f, r, d], check.to(device=f.device, dtype=torch.float64))
 
 
 def linear_moments(f: Tensor, r: Tensor, coefficients: Tensor) -> Tensor:
@@ -426,9 +504,9 @@ def linear_moments(f: Tensor, r: Tensor, coefficients: Tensor) -> Tensor:
     Returns
     -------
     Tensor
-        ``[S, 4]`` float64 (layout :data:`MOMENT_FIELDS`): per rule the count of coordinates
-        with ``d_i r_i < 0``, and ``<d,d>``, ``<d,f>``, ``<d,r>``, each accumulated directly
-        over coordinates.
+        ``[S, 5]`` float64 (layout :data:`MOMENT_FIELDS`): per rule the count of coordinates
+        with ``d_i r_i < 0``, and ``<d,d>``, ``<d,f>``, ``<d,r>``, ``sum |d_i r_i|``, each
+        accumulated directly over coordinates.
     """
     n_rules = coefficients.shape[0]
     if f.numel() == 0:

@@ -98,7 +98,10 @@ def sufficient(
     forget, retain, combined : sequence of Tensor
         ``f``, ``r`` and the update ``d`` actually formed, one tensor per parameter.
     strategy : Strategy, optional
-        The strategy that formed ``d``; used only to fill ``n_projected`` (0 if omitted).
+        The strategy that formed ``d``. It fills ``n_projected`` (from the dot products the
+        strategy pools) and ``n_unrounded``, the coordinates where ``d_i`` is not the rounding
+        to the gradient dtype of the strategy's float64 linear form ``a f_i + b r_i``
+        (docs/theory.md#r0). Both are 0 if it is omitted.
     shard_sum : callable, optional
         For sharded gradients (each process holds a shard of every tensor): sums a stack of
         shard-local statistics over processes (one all-reduce). The result is then the
@@ -123,18 +126,52 @@ def sufficient(
     forget, retain = check_pair(forget, retain)
     _, combined = check_pair(forget, combined, names=("forget", "combined"))
     home = forget[0].device
+    checks, projected = [None] * len(forget), None
+    if strategy is not None:
+        checks, projected = _formula_checks(strategy, forget, retain, shard_sum)
     rows = _stack_on(
-        [kernels.triple(f, r, d) for f, r, d in zip(forget, retain, combined, strict=True)], home
+        [
+            kernels.triple(f, r, d, check)
+            for f, r, d, check in zip(forget, retain, combined, checks, strict=True)
+        ],
+        home,
     )
     sizes = _sizes(forget, home)
     rows = _sum_shards(rows, sizes, shard_sum)
     columns = dict(zip(kernels.TRIPLE_FIELDS, rows.unbind(1), strict=True))
-    if strategy is not None and strategy.rule.reduces:
-        dots = torch.stack([columns[n] for n in kernels.DOT_FIELDS], dim=1)
-        projected = strategy.projected(torch.stack(strategy.scope.pool(list(dots))))
-    else:
+    if projected is None:
         projected = torch.zeros(len(forget), dtype=torch.float64, device=home)
     return _assemble({**columns, "n_projected": projected, **sizes}, (len(forget),))
+
+
+def _formula_checks(
+    strategy: Strategy,
+    forget: Sequence[Tensor],
+    retain: Sequence[Tensor],
+    shard_sum: Callable[[Tensor], Tensor] | None,
+) -> tuple[list[Tensor], Tensor]:
+    """Per tensor the ``check`` vector of :func:`geomkit.kernels.triple` (the strategy's float64
+    linear form from the same pooled dot products the strategy used, and the rounding bound of
+    :func:`geomkit.kernels.update_rounding`), and ``n_projected`` from those dot products."""
+    home = forget[0].device
+    if strategy.rule.reduces:
+        pooled = strategy.pooled_dots(forget, retain, shard_sum)
+    else:
+        pooled = [torch.zeros(3, dtype=torch.float64, device=f.device) for f in forget]
+    u, eta = kernels.update_rounding(forget[0].dtype)
+    weights = strategy.alpha + strategy.gamma
+    checks = []
+    for dots in pooled:
+        form = strategy.linear_form(dots)  # [4] (a_C, b_C, a_A, b_A)
+        m_f = kernels.FORMULA_SLACK * (torch.maximum(form[0].abs(), form[2].abs()) + weights)
+        m_r = kernels.FORMULA_SLACK * (torch.maximum(form[1].abs(), form[3].abs()) + weights)
+        scalars = torch.tensor([u, eta], dtype=torch.float64, device=form.device)
+        checks.append(torch.cat([form, scalars[:1], m_f[None], m_r[None], scalars[1:]]))
+    if strategy.rule.reduces:
+        projected = strategy.projected(torch.stack([d.to(home) for d in pooled]))
+    else:
+        projected = torch.zeros(len(forget), dtype=torch.float64, device=home)
+    return checks, projected
 
 
 @torch.no_grad()
@@ -158,8 +195,11 @@ def shadow(
        term of ``<d,d>`` and ``<d,r>`` is non-negative (no cancellation); their ``n_opposed`` is
        0 by construction (``Rule.never_opposes``, docs/theory.md#r6, proved);
     2. for the uniform rules (sum, PCGrad, BLUR: one ``(a, b)`` per tensor), ``<d,d>``,
-       ``<d,f>``, ``<d,r>`` and ``n_opposed`` accumulated directly over coordinates, so a
-       projected update that nearly cancels is still measured exactly.
+       ``<d,f>``, ``<d,r>``, ``sum |d_i r_i|`` and ``n_opposed`` accumulated directly over
+       coordinates, so a projected update that nearly cancels is still measured exactly.
+
+    Sign rules record ``sum |d_i r_i| = <d, r>`` (every term is non-negative) and every shadow
+    records ``n_unrounded = 0``: its update is never formed, so never rounded.
 
     Parameters
     ----------
@@ -242,6 +282,7 @@ def shadow(
         "df": a_c * ff_c + b_c * fr_c + a_a * ff_a + b_a * fr_a,
         "dr": a_c * fr_c + b_c * rr_c + a_a * fr_a + b_a * rr_a,
     }
+    closed["dr_abs"] = closed["dr"]  # sign rules: every d_i r_i >= 0 (R6)
     moments = torch.stack([closed[n] for n in kernels.MOMENT_FIELDS], dim=-1)  # [S, T, 4]
     uniform = [i for i, s in enumerate(strategies) if s.rule.uniform]
     if uniform:
@@ -255,6 +296,7 @@ def shadow(
         moments[uniform] = direct
     update = dict(zip(kernels.MOMENT_FIELDS, moments.unbind(-1), strict=True))
     update["n_projected"] = torch.stack(projected)
+    update["n_unrounded"] = torch.zeros_like(update["n_projected"])  # d is never formed
     return _assemble({**pair, **update, **sizes}, tuple(form.shape[:2]))
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
+from geomkit.fields import OPTIONAL_FIELDS
 from geomkit.store_schema import (
     _GROWING,
     COORDINATES,
@@ -199,6 +200,8 @@ class _Reader:
         if self.version == 1 and "evaluation" not in arrays:  # written before evaluations
             optional = {"evaluation", *EVALUATION_VARIABLES}
             self.found = [f for f in self.found if f.variable not in optional]
+        if not any(name in arrays for name in OPTIONAL_FIELDS):  # written before they existed
+            self.found = [f for f in self.found if f.variable not in OPTIONAL_FIELDS]
 
         sizes = self._sizes(arrays)
         plans = {name: self._plan(name, array, sizes) for name, array in arrays.items()}

@@ -64,7 +64,7 @@ MODULE = ["embed", "attention", "mlp", "norm", "mlp", "lm_head"]
 STRATEGIES = ["sago", "pcgrad", "sum"]
 STEP_VARS = ["forget_loss", "retain_loss", "learning_rate", "grad_norm", "wall_time", "skipped"]
 PAIR_VARS = ["ff", "rr", "fr", "n_conflict", "n_both_nonzero"]
-UPDATE_VARS = ["dd", "df", "dr", "n_opposed", "n_projected"]
+UPDATE_VARS = ["dd", "df", "dr", "n_opposed", "n_projected", "dr_abs", "n_unrounded"]
 
 
 def make_steps(steps, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -95,6 +95,8 @@ def make_records(records, rng: np.random.Generator, n_strategies: int = 3) -> di
         block[name] = rng.normal(size=(n, n_strategies, t))
     block["n_opposed"] = rng.integers(0, 50, size=(n, n_strategies, t))
     block["n_projected"] = rng.integers(0, 2, size=(n, n_strategies, t))
+    block["dr_abs"] = np.abs(block["dr"]) + rng.uniform(0, 1, size=(n, n_strategies, t))
+    block["n_unrounded"] = rng.integers(0, 2, size=(n, n_strategies, t))
     return block
 
 

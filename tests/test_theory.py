@@ -40,9 +40,14 @@ from geomkit.theory import (
 )
 
 PROVEN = {
+    *(("R0", s) for s in ("sum", "pcgrad", "pcgrad_global", "sago", "sago_prefer_retain", "blur")),
     ("R1", "sago"),
     ("R2", "pcgrad"),
     ("R2b", "pcgrad_global"),
+    ("R3", "pcgrad"),
+    ("R3", "pcgrad_global"),
+    ("R3b", "pcgrad"),
+    ("R3b", "pcgrad_global"),
     ("R6", "sago"),
     ("R6", "sago_prefer_retain"),
     ("R9", "sago"),
@@ -68,12 +73,16 @@ def one(audit: Audit, claim: str, granularity: str, strategy: str) -> CheckResul
 
 
 def test_claim_table_statuses_follow_theory_md():
-    claims = ["R1", "R2", "R2b", "R3", "R4", "R5", "R6", "R7", "R8", "R9", "V1"]
-    assert list(theory.CLAIMS) == claims
+    ids = ["R0", "R1", "R2", "R2b", "R3", "R3b", "R4", "R5", "R6", "R7", "R8", "R9", "V1"]
+    assert list(theory.CLAIMS) == ids
     status = {cid: c.status for cid, c in theory.CLAIMS.items()}
-    assert status["R1"] == status["R2"] == status["R9"] == "proven"
+    assert status["R0"] == status["R1"] == status["R2"] == status["R9"] == "proven"
+    assert status["R3b"] == "proven"
     assert status["R4"] == status["R5"] == "false"
     assert status["R3"] == status["R7"] == status["R8"] == "open"
+    r3 = theory.get_claim("R3")  # proven (and gated) only on the vector that was projected
+    assert r3.gates("pcgrad", "tensor") and r3.gates("pcgrad_global", "model")
+    assert not r3.evaluated_at("pcgrad_global", "tensor")
     r2b, r6 = theory.get_claim("R2b"), theory.get_claim("R6")
     assert r2b.status_at("pcgrad_global", "model") == "proven"
     assert r2b.status_at("pcgrad_global", "tensor") == "false"
@@ -347,7 +356,8 @@ def test_non_finite_sago_update_is_a_violation_not_a_pass(value):
     r4 = one(audit, "R4", "model", "sago>=pcgrad")
     assert r4.non_finite == 1 and r4.violations >= 1 and not r4.failed
     assert one(audit, "R6", "coordinate", "sago_prefer_retain").non_finite == 0
-    assert {r.claim for r in audit.failures} == {"R1", "R6", "R9"}
+    # R0 too: a NaN coordinate is not the rounding of the formula
+    assert {r.claim for r in audit.failures} == {"R0", "R1", "R6", "R9"}
     # renders: the non-finite count is a column; strict JSON keeps -inf
     assert "nonfin" in audit.table()
     again = Audit.from_json(audit.to_json())
@@ -493,10 +503,10 @@ def test_padding_of_stacked_runs_is_dropped_silently(recorded):
     assert not any("dropped" in r.note or "non-finite" in r.note for r in audit)
     # the same padding in a single run (not stacked) is dropped but named in the note
     single = geomkit.open_run(recorded / "synthetic-sago").load()
-    for var in ("ff", "rr", "fr", "dd", "df", "dr", "n_conflict", "n_both_nonzero"):
+    for var in ("ff", "rr", "fr", "dd", "df", "dr", "n_conflict", "n_both_nonzero", "dr_abs"):
         single[var] = single[var].astype(np.float64)
         single[var].loc[{"record": 4}] = math.nan
-    for var in ("n_opposed", "n_projected"):
+    for var in ("n_opposed", "n_projected", "n_unrounded"):
         single[var] = single[var].astype(np.float64)
         single[var].loc[{"record": 4}] = math.nan
     audit = theory.audit(single)

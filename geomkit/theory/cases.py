@@ -4,14 +4,27 @@ A claim check at tensor, layer or model granularity only needs, per case (a (ste
 (step, layer) or (step,) of a run, or a (sample, tensor) or (sample,) of a synthetic sampler),
 the sufficient statistics :data:`geomkit.metrics.FIELDS` of each strategy. :class:`Cases` holds
 them together with two per-case absolute bounds on ``<d, r>`` that the checks turn into
-tolerances:
+tolerances (docs/theory.md#tolerances); each follows from how the number was computed:
 
 ``rounding``
-    ``rtol(dtype) * (A |f_j| |r_j| + B |r_j|^2)`` summed over the tensors of the case, where
-    ``d = a f + b r`` coordinate-wise and ``A``, ``B`` are the largest ``|a|``, ``|b|`` of the
-    strategy's linear form (so ``sum_i |d_i r_i| <= A |f||r| + B |r|^2`` by Cauchy-Schwarz),
-    and ``rtol(dtype) = 8 eps(dtype) + 1e-12`` (rounding of d to the gradient dtype, float64
-    accumulation of the sums).
+    the arithmetic error of the recorded ``<d, r>`` against the exact ``<d*, r>`` of the
+    strategy's formula ``d* = a f + b r``, summed over the tensors of the case:
+
+    * float64 accumulation, for every strategy: ``float64_bound = 2 (N + T + 8) u64 (A |f_j|
+      |r_j| + B |r_j|^2)`` per tensor, ``u64 = 2**-53``, ``N`` the coordinates and ``T`` the
+      tensors of the model (a float64 sum of ``n`` terms in any order errs by at most
+      ``(n - 1) u64`` of the sum of their absolute values; the terms are bounded by Cauchy-Schwarz,
+      ``A``, ``B`` the largest ``|a|``, ``|b|`` of the linear form; the pooled dot products behind
+      a projection coefficient and the sums over tensors add ``N`` and ``T`` more). Shadow
+      statistics are float64 sums over the exactly representable f, r and carry only this;
+    * rounding of an update that was formed (applied, or materialised by a sampler) to the
+      gradient dtype: ``u / (1 - u) * sum_i |d_i r_i| + eta sqrt(n_j) |r_j|`` with ``u`` of
+      :func:`geomkit.kernels.update_rounding` (``|d_i - d*_i| <= u |d*_i| + eta`` is what
+      ``n_unrounded = 0`` certifies, R0), ``eta`` of :func:`geomkit.kernels.subnormal_rounding`
+      (gradual underflow), ``sum |d_i r_i|`` the recorded ``dr_abs``. Not for the
+      sign rules (SAGO variants): rounding never flips the sign of ``d_i``, so every
+      ``d_i r_i >= 0`` survives it (R1, R6). A source without ``dr_abs`` (a store written before
+      it existed) uses its Cauchy-Schwarz bound ``(1 + u)(A |f||r| + B |r|^2)``, with a note.
 ``residual``
     the exact effect of the ``1e-10`` in PCGrad's denominator on ``<d, r>``:
     ``gamma |<f,r>| 1e-10 / (|r|^2 + 1e-10)`` per projected tensor (per-tensor PCGrad, summed
@@ -31,10 +44,13 @@ import torch
 
 from geomkit import strategies as gstrategies
 from geomkit.fields import FIELDS, INDEX
-from geomkit.kernels import DOT_FIELDS
+from geomkit.kernels import DOT_FIELDS, UNIT_ROUNDOFF_64, subnormal_rounding, update_rounding
 from geomkit.strategies import EPSILON, Global, PCGrad
 
-__all__ = ["Cases", "build_cases", "field_of", "rtol"]
+__all__ = ["Cases", "build_cases", "field_of", "float64_factor", "rtol"]
+
+FORMED = ("materialised", "measured")
+"""Evidence of statistics measured on an update that was formed (and so rounded)."""
 
 
 def field_of(stats: np.ndarray, name: str) -> np.ndarray:
@@ -43,8 +59,16 @@ def field_of(stats: np.ndarray, name: str) -> np.ndarray:
 
 
 def rtol(dtype: torch.dtype) -> float:
-    """The relative rounding tolerance used for ``dtype``: ``8 eps(dtype) + 1e-12``."""
+    """A relative rounding tolerance for ``dtype``: ``8 eps(dtype) + 1e-12``.
+
+    Kept for comparisons that are not gated (R4, R5, R7, R8 and the breakdowns); the gated
+    checks use the bounds of this module's docstring."""
     return 8.0 * torch.finfo(dtype).eps + 1e-12
+
+
+def float64_factor(n_coordinates: np.ndarray, n_tensors: int) -> np.ndarray:
+    """``2 (N + T + 8) u64``: the float64 accumulation bound per unit of absolute terms."""
+    return 2.0 * (np.asarray(n_coordinates, dtype=np.float64) + n_tensors + 8) * UNIT_ROUNDOFF_64
 
 
 @dataclass(frozen=True)
@@ -71,6 +95,13 @@ class Cases:
         Task weights the statistics were formed with.
     dtype : torch.dtype
         Gradient dtype (sets the rounding tolerance).
+    notes : mapping of str to str
+        Strategy name -> a note every result about it carries.
+    absent : tuple of str
+        Optional fields (:data:`geomkit.fields.OPTIONAL_FIELDS`) the source did not record
+        (NaN in ``stats``); checks that need them fall back or report nothing evaluated.
+    float64 : ndarray, optional
+        ``[n_cases]`` :func:`float64_factor` of each case (see :attr:`float64_bound`).
     """
 
     granularity: str
@@ -85,6 +116,16 @@ class Cases:
     gamma: float
     dtype: torch.dtype
     notes: Mapping[str, str] = field(default_factory=dict)
+    absent: tuple[str, ...] = ()
+    float64: np.ndarray | None = None
+
+    @property
+    def float64_bound(self) -> np.ndarray:
+        """``[n_cases]`` :func:`float64_factor` of each case's model (``N``, ``T``): the
+        relative float64 accumulation bound of its sums (64 ``u64`` when not given)."""
+        if self.float64 is None:
+            return np.full(len(self), 64 * UNIT_ROUNDOFF_64)
+        return self.float64
 
     def __len__(self) -> int:
         return len(self.where)
@@ -95,36 +136,55 @@ class Cases:
 
 
 def _bounds(
-    name: str, tensor_stats: np.ndarray, alpha: float, gamma: float, tol: float
+    name: str,
+    tensor_stats: np.ndarray,
+    alpha: float,
+    gamma: float,
+    dtype: torch.dtype,
+    formed: bool,
+    absent: tuple[str, ...],
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-tensor rounding bound ``[B, T]``, per-tensor PCGrad residual ``[B, T]`` and model
-    residual ``[B]`` of strategy ``name`` from its tensor statistics ``[B, T, F]``."""
+    residual ``[B]`` of strategy ``name`` from its tensor statistics ``[B, T, F]``; ``formed``:
+    the statistics were measured on an update formed in ``dtype``."""
     ff, rr, fr = (field_of(tensor_stats, k) for k in ("ff", "rr", "fr"))
+    numel = field_of(tensor_stats, "numel")
     dots = np.stack([field_of(tensor_stats, k) for k in DOT_FIELDS], axis=-1)  # [B, T, 3]
     try:
         strategy = gstrategies.build(name, alpha=alpha, gamma=gamma)
     except ValueError:
         strategy = None
     zero_b = np.zeros(dots.shape[:-2])
+    residual, model_residual = np.zeros_like(ff), zero_b
     if strategy is None:  # an unregistered label: bound as the plain sum
         big_a, big_b = np.full(ff.shape, gamma), np.full(ff.shape, alpha)
-        return tol * (big_a * np.sqrt(ff * rr) + big_b * rr), np.zeros_like(ff), zero_b
-    pooled = dots
-    if isinstance(strategy.scope, Global):
-        pooled = np.broadcast_to(dots.sum(axis=-2, keepdims=True), dots.shape)
-    form = strategy.linear_form(torch.from_numpy(np.array(pooled))).numpy()
-    big_a = np.maximum(np.abs(form[..., 0]), np.abs(form[..., 2]))
-    big_b = np.maximum(np.abs(form[..., 1]), np.abs(form[..., 3]))
-    rounding = tol * (big_a * np.sqrt(ff * rr) + big_b * rr)
-    residual, model_residual = np.zeros_like(ff), zero_b
-    if isinstance(strategy.rule, PCGrad):
+    else:
+        pooled = dots
         if isinstance(strategy.scope, Global):
-            rr_m, fr_m = rr.sum(-1), fr.sum(-1)
-            model_residual = np.where(
-                fr_m < 0, gamma * np.abs(fr_m) * (EPSILON / (rr_m + EPSILON)), 0
-            )
-        else:
-            residual = np.where(fr < 0, gamma * np.abs(fr) * (EPSILON / (rr + EPSILON)), 0.0)
+            pooled = np.broadcast_to(dots.sum(axis=-2, keepdims=True), dots.shape)
+        form = strategy.linear_form(torch.from_numpy(np.array(pooled))).numpy()
+        big_a = np.maximum(np.abs(form[..., 0]), np.abs(form[..., 2]))
+        big_b = np.maximum(np.abs(form[..., 1]), np.abs(form[..., 3]))
+        if isinstance(strategy.rule, PCGrad):
+            if isinstance(strategy.scope, Global):
+                rr_m, fr_m = rr.sum(-1), fr.sum(-1)
+                model_residual = np.where(
+                    fr_m < 0, gamma * np.abs(fr_m) * (EPSILON / (rr_m + EPSILON)), 0
+                )
+            else:
+                residual = np.where(fr < 0, gamma * np.abs(fr) * (EPSILON / (rr + EPSILON)), 0.0)
+    with np.errstate(invalid="ignore", over="ignore"):
+        magnitude = big_a * np.sqrt(ff * rr) + big_b * rr  # >= sum |d*_i r_i| (Cauchy-Schwarz)
+        n_total = numel.sum(axis=-1, keepdims=True)
+        rounding = float64_factor(n_total, numel.shape[-1]) * magnitude
+        keeps_signs = strategy is not None and strategy.rule.never_opposes
+        if formed and not keeps_signs:
+            u, _ = update_rounding(dtype)
+            eta = subnormal_rounding(dtype)
+            dr_abs = field_of(tensor_stats, "dr_abs")
+            if "dr_abs" in absent:
+                dr_abs = (1 + u) * magnitude
+            rounding = rounding + u / (1 - u) * dr_abs + eta * np.sqrt(numel * rr)
     return rounding, residual, model_residual
 
 
@@ -149,6 +209,7 @@ def build_cases(
     grouped_stats: Mapping[str, Mapping[str, np.ndarray]] | None = None,
     notes: Mapping[str, str] | None = None,
     tensor_groups: Sequence | None = None,
+    absent: Sequence[str] = (),
 ) -> dict[str, Cases]:
     """Build :class:`Cases` at tensor granularity and at every grouping in ``groupings``.
 
@@ -169,10 +230,12 @@ def build_cases(
     tensor_groups : sequence, optional
         The group (layer) of each tensor, stored as ``Cases.group`` of the tensor cases
         (default: the tensor index).
+    absent : sequence of str
+        Optional fields the source did not record (see :class:`Cases`).
     Other parameters are stored on the result (see :class:`Cases`).
     """
-    tol = rtol(dtype)
     names = list(tensor_stats)
+    absent = tuple(absent)
     first = tensor_stats[names[0]]
     n_b, n_t = first.shape[0], first.shape[1]
     if len(batch_labels) != n_b or len(tensor_labels) != n_t:
@@ -180,7 +243,12 @@ def build_cases(
             f"{len(batch_labels)} batch and {len(tensor_labels)} tensor labels for statistics "
             f"of shape {first.shape}"
         )
-    bounds = {n: _bounds(n, tensor_stats[n], alpha, gamma, tol) for n in names}
+    numel = field_of(first, "numel")  # [B, T]
+    factor = float64_factor(numel.sum(axis=-1), n_t)  # [B]
+    bounds = {
+        n: _bounds(n, tensor_stats[n], alpha, gamma, dtype, evidence.get(n) in FORMED, absent)
+        for n in names
+    }
     common = {
         "source": source,
         "evidence": dict(evidence),
@@ -188,6 +256,7 @@ def build_cases(
         "gamma": gamma,
         "dtype": dtype,
         "notes": dict(notes or {}),
+        "absent": absent,
     }
 
     def flat(a: np.ndarray) -> np.ndarray:
@@ -203,6 +272,7 @@ def build_cases(
             group=np.tile(
                 np.arange(n_t) if tensor_groups is None else np.asarray(tensor_groups), n_b
             ),
+            float64=np.repeat(factor, n_t),
             **common,
         )
     }
@@ -233,6 +303,7 @@ def build_cases(
             residual=residual,
             where=where,
             group=np.tile(np.asarray(labels, dtype=object), n_b),
+            float64=np.repeat(factor, n_g),
             **common,
         )
     return out

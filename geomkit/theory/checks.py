@@ -21,14 +21,18 @@ Conventions (docs/theory.md#conventions):
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 
-from geomkit.theory.cases import Cases, field_of, rtol
+from geomkit.kernels import subnormal_rounding, update_rounding
+from geomkit.strategies import build
+from geomkit.theory.cases import FORMED, Cases, field_of, rtol
 from geomkit.theory.claims import Comparison, get_claim
 from geomkit.theory.report import CheckResult
 
-__all__ = ["ADDITIVE_CHECKS", "check_r1", "check_r2", "check_r2b", "check_r3", "check_r4"]
+__all__ = ["ADDITIVE_CHECKS", "check_r0", "check_r1", "check_r2", "check_r2b", "check_r3"]
+__all__ += ["check_r3b", "check_r4"]
 __all__ += ["check_r5", "check_r7", "check_r8", "check_r9", "summarise", "cosine_gap"]
 
 _NO_DATA_NOTE = "strategy not present in this source"
@@ -189,10 +193,9 @@ def _alignment(claim_id: str, name: str, cases: Cases, residual_text: str) -> Ch
     q = _div(dr, norm)  # cos(d, r)
     tol = _div(cases.rounding[name] + cases.residual[name], norm)
     tolerance = (
-        f"cos(d,r) >= -tol (ties hold); tol = [rtol (A|f||r| + B|r|^2){residual_text}] / "
-        f"(|d||r|), summed over tensors; rtol = 8 eps({cases.dtype_name}) + 1e-12 = "
-        f"{rtol(cases.dtype):.3g}; A, B the largest |a|, |b| of d = a f + b r"
+        f"cos(d,r) >= -tol (ties hold); tol = [{_rounding_text(cases, name)}{residual_text}]"
     )
+    tolerance += " / (|d||r|), summed over tensors"
     note = _join(
         "undefined: |d| = 0 or |r| = 0" if (~defined & finite).any() else "",
         _weights_note(cases),
@@ -217,6 +220,28 @@ def _alignment(claim_id: str, name: str, cases: Cases, residual_text: str) -> Ch
 
 
 _RESIDUAL = " + gamma|<f,r>| 1e-10/(|r|^2 + 1e-10) per projected tensor"
+
+
+def _rounding_text(cases: Cases, name: str) -> str:
+    """The rounding bound of ``name`` in words (docs/theory.md#tolerances)."""
+    text = "2 (N + T + 8) u64 (A|f||r| + B|r|^2)"
+    formed = cases.evidence.get(name, "materialised") in FORMED
+    try:
+        keeps_signs = build(name).rule.never_opposes
+    except ValueError:
+        keeps_signs = False
+    if formed and not keeps_signs:
+        u, _ = update_rounding(cases.dtype)
+        s = "(1 + u)(A|f||r| + B|r|^2)" if "dr_abs" in cases.absent else "sum|d_i r_i|"
+        text += f" + u/(1-u) {s} + eta sqrt(n)|r|, u = {u:.3g} ({cases.dtype_name})"
+    elif formed:
+        text += " (a sign rule: rounding keeps every d_i r_i >= 0)"
+    else:
+        text += " (shadow: float64 only)"
+    return (
+        text
+        + "; A, B the largest |a|, |b| of d = a f + b r, N, T the model's coordinates and tensors"
+    )
 
 
 def check_r1(cases: Cases) -> list[CheckResult]:
@@ -244,7 +269,8 @@ def check_r2b(cases: Cases) -> list[CheckResult]:
 def check_r3(cases: Cases) -> list[CheckResult]:
     """R3: where PCGrad's projection fires, cos(d, r) = alpha|r| / sqrt(alpha^2|r|^2 +
     gamma^2|f~|^2); per tensor for ``pcgrad``, for the model for ``pcgrad_global`` (the only
-    vectors the projection is made on). Margin: the largest ``|cos(d, r) - closed form|``."""
+    vectors the projection is made on; proven and gated there). Margin: the largest
+    ``|cos(d, r) - closed form|``."""
     scope = {"tensor": "pcgrad", "model": "pcgrad_global"}.get(cases.granularity)
     if scope is None:
         return []
@@ -261,17 +287,30 @@ def check_r3(cases: Cases) -> list[CheckResult]:
     ratio = _div(fr * fr, rr)
     shrink = _div(rr, rr + 1e-10)
     ft2 = np.maximum(ff - ratio, 0.0) + ratio * (1.0 - shrink) ** 2
-    rn = _sqrt(rr)
+    rn, dn = _sqrt(rr), _sqrt(dd)
     base = a * a * rr + g * g * ft2
     closed = _div(a * rn, _sqrt(base))
-    measured = _div(dr, _sqrt(dd) * rn)
+    measured = _div(dr, dn * rn)
     defined = fired & ~((dd == 0) | (rr == 0) | (base == 0))  # zero norms only
     # exact cos with the 1e-10 term: <f~, r> = <f,r> 1e-10/(|r|^2 + 1e-10) =: rho / gamma
     rho = g * fr * _div(np.full_like(rr, 1e-10), rr + 1e-10)
     exact = _div(a * rr + rho, rn * _sqrt(np.maximum(base + 2 * a * rho, 0.0)))
+    big_f = cases.float64_bound
+    b = np.abs(a - g * _div(fr, rr + 1e-10))
     with np.errstate(invalid="ignore", over="ignore"):
-        cancel = _div(g * g * a * rn * (16 * np.finfo(np.float64).eps * ff), 2 * base**1.5)
-    tol = np.abs(exact - closed) + _div(cases.rounding[scope], _sqrt(dd) * rn) + cancel
+        # the closed form from recorded sums: |f|^2, <f,r>, |r|^2 each err by <= big_f of
+        # their absolute terms, so |f~|^2 by <= (4 big_f + 8 u64)|f|^2; d cos / d|f~|^2 =
+        # -gamma^2 alpha |r| / (2 base^1.5)
+        d_ft2 = (4 * big_f + 8 * 2.0**-53) * ff
+        cancel = _div(g * g * a * rn * d_ft2, 2 * base**1.5)
+        # |d| of the recorded update against the formula's: float64 sums of (gamma|f_i| +
+        # b|r_i|)^2, and for a formed update the rounding of every d_i
+        rel_d = _div(big_f * 2 * (g * g * ff + b * b * rr), dd)
+        if cases.evidence.get(scope) in FORMED:
+            u, _ = update_rounding(cases.dtype)
+            eta = subnormal_rounding(cases.dtype)
+            rel_d = rel_d + u / (1 - u) + _div(eta * _sqrt(field_of(s, "numel")), dn)
+    tol = np.abs(exact - closed) + _div(cases.rounding[scope], dn * rn) + rel_d + cancel
     q = np.abs(measured - closed)
     outside = int((~fired).sum())
     note = _join(
@@ -282,8 +321,9 @@ def check_r3(cases: Cases) -> list[CheckResult]:
         _source_notes(cases, (scope,)),
     )
     tolerance = (
-        "|cos(d,r) - closed form| <= tol; tol = |effect of the 1e-10 term| + rounding bound / "
-        f"(|d||r|) + float64 cancellation in |f~|^2; rtol = {rtol(cases.dtype):.3g}"
+        "|cos(d,r) - closed form| <= tol; tol = |effect of the 1e-10 term| + ["
+        f"{_rounding_text(cases, scope)}] / (|d||r|) + relative error of |d| (float64 sums"
+        "; u/(1-u) + eta sqrt(n)/|d| for a formed update) + float64 error of the closed form"
     )
     return [
         summarise(
@@ -306,6 +346,109 @@ def check_r3(cases: Cases) -> list[CheckResult]:
     ]
 
 
+def check_r3b(cases: Cases) -> list[CheckResult]:
+    """R3b: PCGrad's projection fires exactly when ``<f, r> < 0`` on the vector it is made on
+    (per tensor for ``pcgrad``, the model for ``pcgrad_global``, where every tensor must follow
+    the model's test), from the recorded ``n_projected``.
+
+    Quantity: ``-cos(f, r)`` where it fired, ``cos(f, r)`` where it did not (``-1`` for a zero
+    norm that fired, or for a model where only some tensors fired); it must be
+    ``>= -2 (N + T + 8) u64``, the float64 error of the recorded ``<f, r>`` against the one the
+    strategy tested (the same sum in another order)."""
+    scope = {"tensor": "pcgrad", "model": "pcgrad_global"}.get(cases.granularity)
+    if scope is None:
+        return []
+    if scope not in cases.stats:
+        return [_missing("R3b", scope, (scope,), cases)]
+    s = cases.stats[scope]
+    ff, rr, fr = field_of(s, "ff"), field_of(s, "rr"), field_of(s, "fr")
+    projected, tensors = field_of(s, "n_projected"), field_of(s, "n_tensors")
+    finite = _finite(cases, (scope,), ("ff", "rr", "fr", "n_projected"))
+    fired = projected > 0
+    norm = _sqrt(ff) * _sqrt(rr)
+    cos = _div(fr, norm)
+    q = np.where(norm > 0, np.where(fired, -cos, cos), np.where(fired, -1.0, 0.0))
+    q = np.where(fired & (projected != tensors), -1.0, q)  # some tensors of the model only
+    tolerance = (
+        "-cos(f,r) where the projection fired, cos(f,r) where it did not, >= -tol; tol = "
+        "2 (N + T + 8) u64 (float64 error of the recorded <f,r>); a model with only some "
+        "tensors projected, or a zero |f||r| that fired, scores -1"
+    )
+    return [
+        summarise(
+            "R3b",
+            scope,
+            (scope,),
+            cases,
+            q,
+            cases.float64_bound,
+            np.ones(len(cases), dtype=bool),
+            granularity=cases.granularity,
+            source=cases.source,
+            where=cases.where,
+            tolerance=tolerance,
+            evidence=_evidence(cases, (scope,)),
+            note=_join(
+                f"{int((fired & finite).sum())} of {len(cases)} cases projected",
+                _source_notes(cases, (scope,)),
+            ),
+            finite=finite,
+        )
+    ]
+
+
+def check_r0(cases: Cases) -> list[CheckResult]:
+    """R0: the update that was formed (applied or materialised) is, at every coordinate, its
+    strategy's float64 linear form rounded once to the gradient dtype: ``n_unrounded = 0`` per
+    tensor. Shadow strategies form no update and are not evaluated."""
+    if cases.granularity != "tensor":
+        return []
+    out = []
+    for name, s in cases.stats.items():
+        if cases.evidence.get(name, "materialised") not in FORMED:
+            continue
+        u, eta = update_rounding(cases.dtype)
+        tolerance = (
+            f"n_unrounded = 0: |d_i - (a f_i + b r_i)| <= u |a f_i + b r_i| + 32 u64 ((max|a| "
+            f"+ alpha + gamma)|f_i| + (max|b| + alpha + gamma)|r_i|) + eta at every coordinate; "
+            f"u = {u:.3g}, eta = {eta:.3g} ({cases.dtype_name})"
+        )
+        if "n_unrounded" in cases.absent:
+            out.append(
+                replace(
+                    _missing("R0", name, (name,), cases),
+                    tolerance=tolerance,
+                    note="n_unrounded not recorded (a store written before it existed): "
+                    "nothing evaluated",
+                )
+            )
+            continue
+        count = field_of(s, "n_unrounded")
+        out.append(
+            summarise(
+                "R0",
+                name,
+                (name,),
+                cases,
+                -count,
+                0.0,
+                np.ones(len(cases), dtype=bool),
+                granularity=cases.granularity,
+                source=cases.source,
+                where=cases.where,
+                tolerance=tolerance,
+                evidence=_evidence(cases, (name,)),
+                note=_join(
+                    "margin: minus the number of coordinates off the rounded formula",
+                    _weights_note(cases),
+                    _source_notes(cases, (name,)),
+                ),
+                finite=np.isfinite(count),
+            )
+        )
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # Comparisons: R4, R7, R8 (cosines) and R5 (numerators)
 # ----------------------------------------------------------------------------------------------
@@ -320,8 +463,14 @@ def cosine_gap(cases: Cases, first: str, second: str) -> tuple[np.ndarray, ...]:
     rr = field_of(a, "rr")
     rn = _sqrt(rr)
     na, nb = _sqrt(field_of(a, "dd")) * rn, _sqrt(field_of(b, "dd")) * rn
-    gap = _div(field_of(a, "dr"), na) - _div(field_of(b, "dr"), nb)
+    cos_a, cos_b = _div(field_of(a, "dr"), na), _div(field_of(b, "dr"), nb)
+    gap = cos_a - cos_b
     tol = _div(cases.rounding[first], na) + _div(cases.rounding[second], nb)
+    # a formed update's |d| is rounded too: each cosine moves by up to |cos| u / (1 - u)
+    u, _ = update_rounding(cases.dtype)
+    for name, cos in ((first, cos_a), (second, cos_b)):
+        if cases.evidence.get(name, "materialised") in FORMED:
+            tol = tol + np.abs(cos) * u / (1 - u)
     finite = _finite(cases, (first, second), ("ff", "rr", "fr", "dd", "dr"))
     defined = ~((na == 0) | (nb == 0)) | ~finite
     ratio = _div(_sqrt(field_of(a, "ff")), rn)
@@ -372,7 +521,8 @@ def _comparison(claim_id: str, first: str, second: str, cases: Cases) -> list[Ch
         where=cases.where,
         tolerance=(
             f"cos(d_{first},r) - cos(d_{second},r) >= -tol (ties hold); tol = sum of both "
-            f"cosines' rounding bounds; rtol = {rtol(cases.dtype):.3g}"
+            "cosines' rounding bounds (docs/theory.md#tolerances), plus |cos| u/(1-u) for an "
+            "update that was formed"
         ),
         evidence=_evidence(cases, pair),
         note=note,
@@ -433,7 +583,7 @@ def check_r5(cases: Cases) -> list[CheckResult]:
                 where=cases.where,
                 tolerance=(
                     "(<d_sago,r> - <d_pcgrad,r>) / |r|^2 >= -tol; tol = both rounding bounds / "
-                    f"|r|^2; rtol = {rtol(cases.dtype):.3g}"
+                    "|r|^2 (docs/theory.md#tolerances)"
                 ),
                 evidence=_evidence(cases, pair),
                 note=_join("measured, not gated", _weights_note(cases)),
@@ -497,10 +647,12 @@ def check_r9(cases: Cases) -> list[CheckResult]:
 
 
 ADDITIVE_CHECKS: dict[str, Callable[[Cases], list[CheckResult]]] = {
+    "R0": check_r0,
     "R1": check_r1,
     "R2": check_r2,
     "R2b": check_r2b,
     "R3": check_r3,
+    "R3b": check_r3b,
     "R4": check_r4,
     "R5": check_r5,
     "R7": check_r7,

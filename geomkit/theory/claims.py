@@ -1,8 +1,10 @@
-"""The claim table: docs/theory.md R1-R9, each with its statement and what actually holds.
+"""The claim table: docs/theory.md R0-R9, each with its statement and what actually holds.
 
 The SAGO paper (Xiao et al., ACL 2026, arXiv 2604.14808) states that PCGrad and SAGO both keep a
 non-negative cosine with the retain gradient and that SAGO "achieves strictly tighter alignment".
-docs/theory.md turns that into precise readings R1-R9 and gives each a status:
+docs/theory.md turns that into precise readings R1-R9 (with R2b, R3b), adds R0 (the update that
+was formed is its strategy's formula rounded once, the invariant the gate needs to judge it) and
+gives each a status:
 
 ``"proven"``
     Holds for every input (a short proof exists); a violation beyond tolerance is a bug.
@@ -15,10 +17,13 @@ A claim can have different statuses at different strategies and granularities (R
 model but fails per tensor; R6 holds for SAGO but not for PCGrad): :meth:`Claim.status_at`.
 
 Gating: a violation of a proven claim sets ``Audit.bug_detected`` only where the claim *gates*
-(:meth:`Claim.gates`). The gating claims are exactly R1, R2, R2b for the model, R6 for ``sago``
+(:meth:`Claim.gates`). The gating claims are exactly R0 (the formed update is its strategy's
+formula rounded once; every strategy whose update was formed), R1, R2, R2b for the model, R3
+(``pcgrad`` per tensor, ``pcgrad_global`` for the model), R3b (same scopes), R6 for ``sago``
 and ``sago_prefer_retain``, and R9. R7 against global PCGrad for the model is proven
 (docs/theory.md#r7 gives a proof) but is outside the gate: it is reported with status ``"proven"``
-and verdict ``ok`` / ``violated``, never ``BUG``.
+and verdict ``ok`` / ``violated``, never ``BUG``. Tolerances: docs/theory.md#tolerances and
+:mod:`geomkit.theory.cases`.
 
 Scope: a comparison with global PCGrad (R7, R8) is about the model-level vector the projection
 was made on; a tensor or layer slice of it is outside the claim, so those comparisons are
@@ -101,7 +106,7 @@ class Claim:
     Parameters
     ----------
     id : str
-        Claim id in docs/theory.md (``"R1"`` ... ``"R9"``, ``"R2b"``).
+        Claim id in docs/theory.md (``"R0"`` ... ``"R9"``, ``"R2b"``, ``"R3b"``).
     statement : str
         The claim, as a formula.
     status : str
@@ -186,7 +191,20 @@ class Claim:
         return granularity in self.scopes.get(subject(strategy), self.granularities)
 
 
+_ALL_STRATEGIES = ("sum", "pcgrad", "pcgrad_global", "sago", "sago_prefer_retain", "blur")
+
 _TABLE = (
+    Claim(
+        "R0",
+        "the update that was formed is its strategy's float64 linear form a f + b r rounded "
+        "once to the gradient dtype, at every coordinate (n_unrounded = 0)",
+        "proven",
+        _ALL_STRATEGIES,
+        ("tensor",),
+        "holds by construction of geomkit.kernels (combine_linear: float64, one rounding; "
+        "combine_select: float32 for 16-bit inputs, then one rounding); counted per tensor for "
+        "the applied (or materialised) update; shadows form no update",
+    ),
     Claim(
         "R1",
         "SAGO: d_i r_i >= 0 for every coordinate i, hence <d, r> >= 0 at every grouping "
@@ -223,8 +241,21 @@ _TABLE = (
         "open",
         ("pcgrad", "pcgrad_global"),
         ("tensor", "model"),
-        "only in the projected branch and only for the vector the projection was made on (one "
-        "tensor for pcgrad, the model for pcgrad_global); reported, not gated",
+        "proven in the projected branch for the vector the projection was made on (one "
+        "tensor for pcgrad, the model for pcgrad_global), and gated there; elsewhere not a claim",
+        {("pcgrad", "tensor"): "proven", ("pcgrad_global", "model"): "proven"},
+        scopes={"pcgrad": ("tensor",), "pcgrad_global": ("model",)},
+    ),
+    Claim(
+        "R3b",
+        "PCGrad is one-sided: the projection fires exactly when <f, r> < 0 on the vector it is "
+        "made on (per tensor for pcgrad, the model for pcgrad_global)",
+        "proven",
+        ("pcgrad", "pcgrad_global"),
+        ("tensor", "model"),
+        "holds by construction (PCGrad.coefficient); checked from n_projected against the "
+        "recorded <f, r>",
+        scopes={"pcgrad": ("tensor",), "pcgrad_global": ("model",)},
     ),
     Claim(
         "R4",
@@ -303,7 +334,7 @@ _TABLE = (
 )
 
 CLAIMS: Mapping[str, Claim] = MappingProxyType({c.id: c for c in _TABLE})
-"""Every claim of docs/theory.md by id, in order R1, R2, R2b, R3, ..., R9."""
+"""Every claim of docs/theory.md by id, in order R0, R1, R2, R2b, R3, R3b, R4, ..., R9."""
 
 
 def get_claim(claim_id: str) -> Claim:

@@ -31,7 +31,7 @@ import xarray as xr
 
 from geomkit import strategies as gstrategies
 from geomkit._validation import invalid
-from geomkit.fields import STORED_FIELDS
+from geomkit.fields import OPTIONAL_FIELDS, STORED_FIELDS
 from geomkit.runs import Run, Source, load
 from geomkit.store import VERIFIED_FIELDS, SchemaError
 from geomkit.strategies import Global, build
@@ -90,7 +90,9 @@ def run_cases(run: Run, dtype: torch.dtype | str | None = None) -> dict[str, Cas
     """
     alpha, gamma = _weights(run)
     dtype, note = _dtype(run, dtype)
-    note = "; ".join(p for p in (note, *run.dropped) if p)
+    absent = [n for n in OPTIONAL_FIELDS if n not in run.ds]
+    old = ", ".join(absent) + " not recorded (a store written before they existed)"
+    note = "; ".join(p for p in (note, old if absent else "", *run.dropped) if p)
     ds, name = run.ds, run.label
     names = [str(s) for s in ds["strategy"].values]
     measured = _measured(ds)
@@ -122,10 +124,11 @@ def run_cases(run: Run, dtype: torch.dtype | str | None = None) -> dict[str, Cas
         evidence={n: "measured" if measured[n] else "shadow" for n in names},
         notes={n: note for n in names} if note else None,
         tensor_groups=tensor_layer,
+        absent=absent,
     )
 
 
-_STATISTICS: tuple[str, ...] = STORED_FIELDS
+_STATISTICS: tuple[str, ...] = tuple(n for n in STORED_FIELDS if n not in OPTIONAL_FIELDS)
 
 
 def _without_damaged(run: Run) -> Run:

@@ -16,7 +16,8 @@ from torch import Tensor
 
 from geomkit._validation import check_choice, check_integer, check_weight, invalid
 from geomkit.fields import FIELD_TABLE, FIELDS, SIZE_FIELDS
-from geomkit.strategies import build
+from geomkit.kernels import FORMULA_SLACK, UNIT_ROUNDOFF_64, update_rounding
+from geomkit.strategies import EPSILON, build
 from geomkit.theory.cases import Cases, build_cases
 from geomkit.theory.checks import ADDITIVE_CHECKS
 from geomkit.theory.claims import CLAIMS, GRANULARITIES
@@ -56,7 +57,44 @@ def _implementations(
     return impl
 
 
-def _statistics(flat: Flat, update: np.ndarray, name: str) -> np.ndarray:
+def _formula(flat: Flat, name: str, alpha: float, gamma: float) -> tuple[np.ndarray, np.ndarray]:
+    """The float64 update ``a f_i + b r_i`` strategy ``name`` should form, and the per-coordinate
+    bound on ``|d_i - (a f_i + b r_i)|`` beyond one rounding to the dtype (float64 slack of
+    :data:`geomkit.kernels.FORMULA_SLACK`, plus the effect on PCGrad's coefficient of dot
+    products summed in another order, ``(n - 1) u64`` of their absolute terms each), written
+    here independently of :mod:`geomkit.statistics`."""
+    f, r = flat.forget, flat.retain
+
+    def total(x: np.ndarray) -> np.ndarray:
+        return np.add.reduceat(x, flat.starts, axis=1)
+
+    conflict = ((f > 0) & (r < 0)) | ((f < 0) & (r > 0))
+    weights = alpha + gamma
+    if name in ("sago", "sago_prefer_retain"):
+        b_agree = alpha if name == "sago_prefer_retain" else 0.0
+        ref = np.where(conflict, alpha * r, gamma * f + b_agree * r)
+        slack = FORMULA_SLACK * ((gamma + weights) * np.abs(f) + (alpha + weights) * np.abs(r))
+        return ref, slack
+    fr, rr, frabs = total(f * r), total(r * r), total(np.abs(f * r))
+    n = np.diff(np.append(flat.starts, f.shape[1])).astype(np.float64)[None, :]
+    if name == "pcgrad_global":
+        fr, rr = (np.broadcast_to(x.sum(1, keepdims=True), x.shape) for x in (fr, rr))
+        frabs = np.broadcast_to(frabs.sum(1, keepdims=True), frabs.shape)
+        n = np.broadcast_to(n.sum(1, keepdims=True), n.shape)
+    c = np.where(fr < 0, fr / (rr + EPSILON), 0.0)
+    b = alpha - gamma * c
+    # torch and NumPy sum fr and rr in other orders: each errs by <= (n - 1) u64 of its terms
+    sums = 2 * n * UNIT_ROUNDOFF_64
+    delta_c = sums * (frabs + np.abs(c) * rr) / (rr + EPSILON)
+    m_r = FORMULA_SLACK * (np.abs(b) + weights) + gamma * delta_c
+    ref = gamma * f + b[:, flat.tensor] * r
+    slack = FORMULA_SLACK * (gamma + weights) * np.abs(f) + m_r[:, flat.tensor] * np.abs(r)
+    return ref, slack
+
+
+def _statistics(
+    flat: Flat, update: np.ndarray, name: str, alpha: float, gamma: float
+) -> np.ndarray:
     """Sufficient statistics ``[n_pairs, n_tensors, len(FIELDS)]`` of materialised updates,
     computed here in float64 NumPy (independently of :mod:`geomkit.statistics`, the code the
     checks are meant to catch)."""
@@ -69,13 +107,25 @@ def _statistics(flat: Flat, update: np.ndarray, name: str) -> np.ndarray:
         return (((x > 0) & (y < 0)) | ((x < 0) & (y > 0))).astype(np.float64)
 
     fr = total(f * r)
-    if name == "pcgrad":
-        projected = (fr < 0).astype(np.float64)
-    elif name == "pcgrad_global":
-        projected = np.broadcast_to((fr.sum(1, keepdims=True) < 0).astype(np.float64), fr.shape)
+    numel = np.diff(np.append(flat.starts, f.shape[1])).astype(np.float64)
+    u, eta = update_rounding(flat.dtype)
+    ref, slack = _formula(flat, name, alpha, gamma)
+    with np.errstate(invalid="ignore", over="ignore"):
+        within = np.abs(d - ref) <= u * np.abs(ref) + slack + eta
+        plain = gamma * f + alpha * r  # the update without projection
+        unprojected = np.abs(d - plain) <= u * np.abs(plain) + slack + eta
+    if name in ("pcgrad", "pcgrad_global"):
+        # read off the update: it projected where it is not the plain sum within rounding; where
+        # the projection moved no coordinate beyond rounding it cannot be told, and counts as
+        # firing exactly when <f, r> < 0
+        differs = total((~unprojected).astype(np.float64)) > 0
+        fires = fr < 0
+        if name == "pcgrad_global":
+            differs = np.broadcast_to(differs.any(1, keepdims=True), fr.shape)
+            fires = np.broadcast_to(fr.sum(1, keepdims=True) < 0, fr.shape)
+        projected = np.where(differs, 1.0, fires.astype(np.float64))
     else:
         projected = np.zeros_like(fr)
-    numel = np.diff(np.append(flat.starts, f.shape[1])).astype(np.float64)
     values = {
         "ff": total(f * f),
         "rr": total(r * r),
@@ -87,6 +137,8 @@ def _statistics(flat: Flat, update: np.ndarray, name: str) -> np.ndarray:
         "n_both_nonzero": total(((f != 0) & (r != 0)).astype(np.float64)),
         "n_opposed": total(opposite(d, r)),
         "n_projected": projected,
+        "dr_abs": total(np.abs(d * r)),
+        "n_unrounded": total((~within).astype(np.float64)),
     }
     for name in SIZE_FIELDS:  # the tensor's coordinates, or a constant per tensor
         constant = FIELD_TABLE[name].constant
@@ -103,7 +155,7 @@ def synthetic_cases(
     gamma: float,
 ) -> dict[str, Cases]:
     """:class:`Cases` at tensor and model granularity from materialised updates."""
-    tensor_stats = {name: _statistics(flat, d, name) for name, d in updates.items()}
+    tensor_stats = {name: _statistics(flat, d, name, alpha, gamma) for name, d in updates.items()}
     n_pairs, n_tensors = flat.forget.shape[0], len(flat.starts)
     return build_cases(
         tensor_stats,
