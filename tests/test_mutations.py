@@ -378,13 +378,14 @@ MUTATIONS: tuple[Mutation, ...] = (
 def markdown_table() -> str:
     """The README table: mutation -> the check that catches it."""
     lines = [
-        "| mutation | changes | caught by (claim) | granularity | check |",
-        "|---|---|---|---|---|",
+        "| mutation | changes | caught by (claim) | granularity | check | data |",
+        "|---|---|---|---|---|---|",
     ]
     for m in MUTATIONS:
         check = "`geomkit check` (recorded)" if m.check == "recorded" else "`audit_synthetic`"
         lines.append(
-            f"| {m.bug} | {m.changes} | {', '.join(m.caught_by)} | {m.granularity} | {check} |"
+            f"| {m.bug} | {m.changes} | {', '.join(m.caught_by)} | {m.granularity} | {check} "
+            f"| {m.setting} |"
         )
     return "\n".join(lines)
 
