@@ -68,6 +68,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--seed", dest="seeds", nargs="+", type=int, metavar="N", help="seeds")
     run.add_argument("--record-every", type=int, help="record geometry every N steps (0: never)")
+    run.add_argument(
+        "--verify-every",
+        type=int,
+        help="materialise and verify the shadows at the first record and every N-th (0: never)",
+    )
     run.add_argument("--eval-every", type=int, help="evaluate every N steps (embedded only)")
     run.add_argument("--batch-size", type=int, help="sequences per micro-batch")
     run.add_argument("--accumulation", type=int, help="micro-batches per optimizer step")
@@ -94,10 +99,10 @@ def _parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser(
         "check",
-        help="audit recorded runs against the claims R1-R9 of docs/theory.md",
+        help="audit recorded runs against the claims R1-R9 and V1 of docs/theory.md",
         description="Exit status 1 only when a proven claim (R1, R2, R2b globally, R6 for "
-        "SAGO, R9) is violated beyond tolerance, which would mean a bug; never because R4 "
-        "fails.",
+        "SAGO, R9, V1: the shadows' closed forms against their materialised updates) is "
+        "violated beyond tolerance, which would mean a bug; never because R4 fails.",
     )
     check.add_argument(
         "runs", nargs="+", metavar="RUN", help="run directories or directories of runs"

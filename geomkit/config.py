@@ -60,6 +60,7 @@ class RunConfig:
     accumulation: int = 1
     seeds: list[int] = field(default_factory=lambda: [0])
     record_every: int = 1
+    verify_every: int = 10  # verify the shadows at the first record and every 10th (0: never)
     eval_every: int = 5
     threshold: float = 0.1  # forget accuracy that counts as "forgotten" (matched forgetting)
     out: str = "runs"
@@ -171,8 +172,8 @@ class RunConfig:
         """The :class:`~geomkit.engine.EngineConfig` of one run: ``strategy`` applied, ``seed``.
 
         Every engine setting this configuration also has (``shadows``, ``alpha``, ``gamma``,
-        ``lr``, ``steps``, ``accumulation``, ``record_every``) is taken from it by name; the
-        others keep the engine's defaults.
+        ``lr``, ``steps``, ``accumulation``, ``record_every``, ``verify_every``) is taken from it
+        by name; the others keep the engine's defaults.
         """
         from geomkit.engine import EngineConfig
 

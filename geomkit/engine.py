@@ -29,7 +29,7 @@ from torch.distributed.tensor import DTensor
 from geomkit._validation import ConfigError, check_choice, check_integer, check_real, invalid
 from geomkit.distributed import init_from_environment, rank_and_world, shard_sum
 from geomkit.objectives import Objective
-from geomkit.recorder import Every, Never, Recorder, Schedule
+from geomkit.recorder import VERIFY_EVERY, Every, Never, Recorder, Schedule
 from geomkit.strategies import Strategy, as_strategy
 
 __all__ = [
@@ -78,6 +78,10 @@ class EngineConfig:
         every parameter).
     record_every : int
         Record geometry every this many steps (0: never).
+    verify_every : int
+        Verify the shadow statistics at the first geometry record and every this many records
+        after it (0: never): each shadow's update is materialised with its own code and
+        measured (:meth:`geomkit.recorder.Recorder.verify`, claim V1).
     flush_every : int
         Append to the store every this many steps.
     nonfinite : {"error", "skip"}
@@ -99,6 +103,7 @@ class EngineConfig:
     weight_decay: float = 0.0
     trainable: str | None = None
     record_every: int = 1
+    verify_every: int = VERIFY_EVERY
     flush_every: int = 10
     nonfinite: str = "error"
     seed: int = 0
@@ -128,6 +133,7 @@ class EngineConfig:
         for name in ("steps", "accumulation", "flush_every"):
             check_integer(name, getattr(self, name), 1, error=ConfigError)
         check_integer("record_every", self.record_every, 0, error=ConfigError)
+        check_integer("verify_every", self.verify_every, 0, error=ConfigError)
         check_integer("seed", self.seed, 0, error=ConfigError)
         check_real("lr", self.lr, 0.0, strict=True, error=ConfigError)
         check_real("warmup_ratio", self.warmup_ratio, 0.0, 1.0, strict_high=True, error=ConfigError)
@@ -393,6 +399,7 @@ class Unlearner:
             self.strategy,
             shadows,
             schedule=schedule,
+            verify_every=self.config.verify_every,
             flush_every=self.config.flush_every,
             attrs=attrs,
             shard_sum=self._shard_sum,

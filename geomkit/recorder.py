@@ -39,11 +39,16 @@ from geomkit import statistics as gstats
 from geomkit._deprecation import renamed
 from geomkit._validation import check_integer, invalid
 from geomkit.fields import INDEX, PAIR_FIELDS, UPDATE_FIELDS
+from geomkit.kernels import DOT_FIELDS
 from geomkit.layers import TensorLocation, locate_all
-from geomkit.store import EVALUATION_VARIABLES, RunWriter
+from geomkit.store import EVALUATION_VARIABLES, VERIFIED_FIELDS, RunWriter
 from geomkit.strategies import Strategy, as_strategy, names
 
-__all__ = ["Schedule", "Every", "Never", "LogSpaced", "Recorder"]
+__all__ = ["VERIFY_EVERY", "Schedule", "Every", "Never", "LogSpaced", "Recorder"]
+
+VERIFY_EVERY: int = 10
+"""Default of ``verify_every``: the shadows are verified at the first geometry record and at
+every 10th after it (docs/theory.md#v1)."""
 
 # ----------------------------------------------------------------------------------------------
 # Schedules
@@ -153,6 +158,12 @@ class Recorder:
     mode, resume_step
         As for :class:`geomkit.store.RunWriter` (``mode="a"`` with ``resume_step`` continues a
         run from a checkpoint without duplicating steps).
+    verify_every : int
+        Verify the shadow statistics at the first recorded step and every ``verify_every``-th
+        recorded step after it (0: never): each shadow strategy's update is then materialised
+        once with the strategy's own code (one strategy at a time), measured, and stored
+        beside the closed forms (:meth:`verify`; audited by claim V1,
+        docs/theory.md#v1).
     """
 
     @renamed(path="out")
@@ -173,7 +184,10 @@ class Recorder:
         write: bool = True,
         mode: str = "w",
         resume_step: int | None = None,
+        verify_every: int = VERIFY_EVERY,
     ) -> None:
+        check_integer("verify_every", verify_every, 0, error=ValueError)
+        self.verify_every = verify_every
         self.applied = as_strategy(strategy, alpha, gamma)
         shadows = names() if shadows is None else shadows
         weights = (self.applied.alpha, self.applied.gamma)
@@ -231,7 +245,8 @@ class Recorder:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="geomkit")
         self._pending: Future | None = None
         self._steps: list[dict[str, Any]] = []
-        self._records: list[tuple[int, np.ndarray]] = []
+        self._records: list[tuple[int, np.ndarray, np.ndarray | None]] = []
+        self._n_records = 0  # geometry records taken by this recorder (verification schedule)
         self._evaluations: list[dict[str, float]] = []
 
     @classmethod
@@ -300,13 +315,15 @@ class Recorder:
             raise invalid(
                 "step", step, f"a step after step {self._last_step} (steps must increase)"
             )
-        measured = None
+        measured = verified = None
         if not skipped and self.schedule(step):
             if forget is None or retain is None:
                 raise ValueError(
                     f"step {step} is scheduled for recording; pass the forget and retain gradients"
                 )
             measured = self.measure(forget, retain, combined)  # may raise: nothing kept yet
+            if self.verifies(self._n_records):
+                verified = self.verify(forget, retain, measured)
         self._steps.append(
             {
                 "step": step,
@@ -319,7 +336,8 @@ class Recorder:
             }
         )
         if measured is not None:
-            self._records.append((step, measured))
+            self._records.append((step, measured, verified))
+            self._n_records += 1
         self._last_step = step
         if len(self._steps) >= self.flush_every:
             self.flush()
@@ -370,6 +388,50 @@ class Recorder:
             parts.append(gstats.shadow(forget, retain, self.shadows, shard_sum=self.shard_sum))
         return gstats.to_numpy(torch.cat(parts))
 
+    def verifies(self, index: int) -> bool:
+        """Whether the ``index``-th geometry record (0-based) verifies the shadows: the first,
+        then every ``verify_every``-th (never with ``verify_every=0`` or without shadows)."""
+        return bool(self.shadows) and self.verify_every > 0 and index % self.verify_every == 0
+
+    @torch.no_grad()
+    def verify(
+        self,
+        forget: Sequence[Tensor],
+        retain: Sequence[Tensor],
+        measured: np.ndarray,
+    ) -> np.ndarray:
+        """Materialise each shadow's update with its own code and measure it.
+
+        The closed forms of :func:`geomkit.statistics.shadow` (in ``measured``, the output
+        of :meth:`measure`) are what the audit compares these measurements with (claim V1,
+        docs/theory.md#v1). Each shadow's update is formed as the engine would apply it
+        (``strategy(forget, retain)``, in the gradient dtype), reduced with
+        :func:`geomkit.statistics.sufficient` and freed before the next one.
+
+        Returns
+        -------
+        ndarray
+            ``[n_strategies, n_tensors, len(VERIFIED_FIELDS) + 1]`` float64: per strategy and
+            tensor the fields :data:`~geomkit.store.VERIFIED_FIELDS` of the materialised
+            update, then ``n_ambiguous`` (coordinates whose sign test rounding can flip, see
+            :func:`_ambiguous`); NaN for the applied strategy (row 0), whose statistics are
+            measured anyway.
+        """
+        forget, retain = list(forget), list(retain)
+        out = np.full((len(self.strategies), len(self.tensors), len(VERIFIED_FIELDS) + 1), np.nan)
+        home = forget[0].device
+        closed_dots = torch.as_tensor(
+            measured[0][:, [INDEX[n] for n in DOT_FIELDS]], dtype=torch.float64, device=home
+        )  # [T, 3]: the dot products the closed forms were formed from
+        for k, s in enumerate(self.shadows, start=1):
+            update = s(forget, retain, shard_sum=self.shard_sum)
+            stats = gstats.sufficient(forget, retain, update, strategy=s, shard_sum=self.shard_sum)
+            del update  # one materialised update at a time
+            row = gstats.to_numpy(stats)
+            out[k, :, : len(VERIFIED_FIELDS)] = row[:, [INDEX[n] for n in VERIFIED_FIELDS]]
+            out[k, :, -1] = _ambiguous(s, forget, retain, closed_dots, self.shard_sum)
+        return out
+
     # -- buffering ---------------------------------------------------------------------------
 
     def flush(self, wait: bool = False) -> None:
@@ -387,12 +449,13 @@ class Recorder:
             )
             records = None
             if self._records:
-                stats = np.stack([r for _, r in self._records])  # [n, S, T, F]
-                records = {"record": np.array([s for s, _ in self._records])}
+                stats = np.stack([r for _, r, _ in self._records])  # [n, S, T, F]
+                records = {"record": np.array([s for s, _, _ in self._records])}
                 for name in PAIR_FIELDS:
                     records[name] = stats[:, 0, :, INDEX[name]]
                 for name in UPDATE_FIELDS:
                     records[name] = stats[:, :, :, INDEX[name]]
+                records.update(_verification_block(self._records, stats.shape[1:3]))
             evaluations = (
                 {k: np.array([e[k] for e in self._evaluations]) for k in self._evaluations[0]}
                 if self._evaluations
@@ -435,5 +498,91 @@ class Recorder:
         shadows = ", ".join(self.strategy_labels[1:])
         return (
             f"Recorder({self.strategy_labels[0]!r}, shadows=[{shadows}], "
-            f"schedule={self.schedule!r}, flush_every={self.flush_every})"
+            f"schedule={self.schedule!r}, flush_every={self.flush_every}, "
+            f"verify_every={self.verify_every})"
         )
+
+
+# ----------------------------------------------------------------------------------------------
+# Shadow verification
+# ----------------------------------------------------------------------------------------------
+
+_U64 = 2.0**-53
+"""Unit roundoff of float64."""
+_BLOCK = 1 << 22
+"""Elements per block of the ambiguity count (bounded float64 temporaries)."""
+
+
+def _ambiguous(
+    strategy: Strategy,
+    forget: Sequence[Tensor],
+    retain: Sequence[Tensor],
+    closed_dots: Tensor,
+    shard_sum: Callable[[Tensor], Tensor] | None,
+) -> np.ndarray:
+    """Per tensor: coordinates where rounding can make the closed form's and the materialised
+    update's test ``d_i r_i < 0`` disagree (docs/theory.md#v1).
+
+    A sign rule forms ``d_i`` = ``alpha r_i`` or ``gamma f_i (+ alpha r_i)`` with
+    ``f_i r_i >= 0``; rounding preserves signs (or gives 0), so ``d_i r_i < 0`` never holds
+    and nothing is ambiguous. A uniform rule ``d = a f + b r`` (closed-form coefficients from
+    ``closed_dots``; the strategy's own ``(a', b')`` from its own dot products) is computed in
+    float64 and rounded once to the gradient dtype: a coordinate is ambiguous where ``r_i != 0``
+    and ``|a f_i + b r_i| <= |a'-a||f_i| + |b'-b||r_i| + 8 u64 ((gamma + |a|)|f_i| + (alpha +
+    |b|)|r_i|) + s``, the coefficient difference (summation order of the dot products), the
+    float64 arithmetic of both sides, and ``s`` the dtype's smallest subnormal (a value below
+    it may round to 0).
+    """
+    n = len(forget)
+    if not strategy.rule.uniform:
+        return np.zeros(n)
+    home = forget[0].device
+
+    def form(dots: Tensor) -> Tensor:  # [T, 4] (a_C, b_C, a_A, b_A); uniform: a_C = a_A
+        pooled = torch.stack(strategy.scope.pool(list(dots))) if strategy.rule.reduces else dots
+        return strategy.linear_form(pooled)
+
+    closed = form(closed_dots)
+    if strategy.rule.reduces:
+        own_dots = torch.stack(
+            [d.to(home) for d in strategy.pooled_dots(forget, retain, shard_sum)]
+        )
+        own = strategy.linear_form(own_dots)
+    else:
+        own = closed
+    alpha, gamma = strategy.alpha, strategy.gamma
+    counts = []
+    for j, (f, r) in enumerate(zip(forget, retain, strict=True)):
+        a, b = closed[j, 0].to(f.device), closed[j, 1].to(f.device)
+        da, db = (own[j, 0] - closed[j, 0]).abs(), (own[j, 1] - closed[j, 1]).abs()
+        da, db = da.to(f.device), db.to(f.device)
+        info = torch.finfo(f.dtype)
+        subnormal = info.tiny * info.eps
+        total = torch.zeros((), dtype=torch.float64, device=f.device)
+        flat_f, flat_r = f.reshape(-1), r.reshape(-1)
+        for start in range(0, flat_f.numel(), _BLOCK):
+            fb = flat_f[start : start + _BLOCK].double()
+            rb = flat_r[start : start + _BLOCK].double()
+            af, ar = fb.abs(), rb.abs()
+            slack = da * af + db * ar + 8 * _U64 * ((gamma + a.abs()) * af + (alpha + b.abs()) * ar)
+            near = ((a * fb + b * rb).abs() <= slack + subnormal) & (rb != 0)
+            total = total + near.sum(dtype=torch.float64)
+        counts.append(total.to(home))
+    stacked = torch.stack(counts)
+    if shard_sum is not None:
+        stacked = shard_sum(stacked[:, None])[:, 0]
+    return gstats.to_numpy(stacked)
+
+
+def _verification_block(
+    records: Sequence[tuple[int, np.ndarray, np.ndarray | None]], shape: tuple[int, int]
+) -> dict[str, np.ndarray]:
+    """The store's verification variables of buffered records (NaN where not verified)."""
+    n_fields = len(VERIFIED_FIELDS) + 1
+    values = np.stack(
+        [v if v is not None else np.full((*shape, n_fields), np.nan) for _, _, v in records]
+    )  # [n, S, T, n_fields]
+    block = {}
+    for i, name in enumerate((*VERIFIED_FIELDS, "n_ambiguous")):
+        block[f"verified_{name}"] = values[..., i]
+    return block

@@ -27,6 +27,7 @@ from geomkit.store_schema import (
     COORDINATES,
     EVALUATION_VARIABLES,
     VARIABLES,
+    VERIFICATION_VARIABLES,
     DamagedStoreError,
     DamagedStoreWarning,
     StoreDamage,
@@ -179,11 +180,11 @@ class _Reader:
         from zarr.core.sync import sync
 
         self.keys = _list_keys(self.group.store, self.group.store_path.path)
-        required = [*COORDINATES, *VARIABLES]
-        names = sorted(
-            {k.split("/", 1)[0] for k in self.keys if "/" in k} | set(required),
-            key=_schema_order,
-        )
+        present = {k.split("/", 1)[0] for k in self.keys if "/" in k}
+        # the verification variables are optional (older stores lack them); once written,
+        # they are verified like the rest
+        required = [*COORDINATES, *VARIABLES, *(n for n in VERIFICATION_VARIABLES if n in present)]
+        names = sorted(present | set(required), key=_schema_order)
         opened = sync(_open_all(self.group.store_path, names))
         arrays: dict[str, Any] = {}
         for name, node in zip(names, opened, strict=True):
@@ -218,7 +219,7 @@ class _Reader:
             self._check_chunks(name, plans[name], result)
         variables = {name: self._variable(plan) for name, plan in plans.items()}
         for found in self.found:  # only reached with mask=True
-            spec = VARIABLES.get(found.variable)
+            spec = VARIABLES.get(found.variable, VERIFICATION_VARIABLES.get(found.variable))
             if found.lost and spec and all(d in sizes for d in spec["dims"]):
                 shape = [sizes[d] for d in spec["dims"]]
                 attrs = {k: spec[k] for k in ("long_name", "units", "description")}
@@ -407,13 +408,15 @@ def _list_keys(store: Any, prefix: str) -> set[str]:
 
 def _schema_order(name: str) -> tuple[int, str]:
     """Coordinates first, then the data variables in schema order, then anything else."""
-    order = [*COORDINATES, *VARIABLES]
+    order = [*COORDINATES, *VARIABLES, *VERIFICATION_VARIABLES]
     return (order.index(name), name) if name in order else (len(order), name)
 
 
 def _schema_dims(name: str) -> tuple[str, ...]:
     if name in VARIABLES:
         return tuple(VARIABLES[name]["dims"])
+    if name in VERIFICATION_VARIABLES:
+        return tuple(VERIFICATION_VARIABLES[name]["dims"])
     if name in _COORDINATE_DIMS:
         return (_COORDINATE_DIMS[name],)
     return ()

@@ -106,6 +106,37 @@ VARIABLES: dict[str, dict[str, Any]] = {
 }
 """Every data variable of schema version 2, with its dims, dtype and CF-style attributes."""
 
+VERIFIED_FIELDS: tuple[str, ...] = ("dd", "df", "dr", "n_opposed", "n_projected")
+"""The update statistics measured again, at verified records, on each shadow strategy's update
+materialised with the strategy's own code; stored as ``verified_<field>``."""
+
+VERIFICATION_VARIABLES: dict[str, dict[str, Any]] = {
+    **{
+        f"verified_{name}": dict(
+            dims=("record", "strategy", "tensor"),
+            dtype="float64",
+            long_name=f"{FIELD_TABLE[name].long_name}, materialised shadow",
+            units=FIELD_TABLE[name].units,
+            description=f"{name} measured on the shadow strategy's update materialised with its "
+            "own code in the gradient dtype; NaN where not verified and for the applied strategy",
+        )
+        for name in VERIFIED_FIELDS
+    },
+    "verified_n_ambiguous": dict(
+        dims=("record", "strategy", "tensor"),
+        dtype="float64",
+        long_name="coordinates whose opposition test rounding can flip",
+        units="count",
+        description="coordinates with r_i != 0 where |a f_i + b r_i| is within the float64 "
+        "arithmetic and dot-product order error, or the dtype's underflow, of zero (uniform "
+        "rules; 0 for sign rules); NaN where not verified",
+    ),
+}
+"""Optional data variables of the shadow verification (docs/schema.md#verification-variables):
+written by this geomkit, absent from stores written before it (those open and audit as 'not
+verified'). Not part of :data:`VARIABLES`, whose record variables are the field table's. A
+record is verified where they are finite (a count is never NaN where it was taken)."""
+
 COORDINATES: dict[str, dict[str, Any]] = {
     "step": dict(long_name="optimizer step", units="1", description="0-based optimizer step"),
     "record": dict(
@@ -150,6 +181,7 @@ COORDINATES: dict[str, dict[str, Any]] = {
 _STEP_VARS = [n for n, v in VARIABLES.items() if v["dims"] == ("step",)]
 _RECORD_VARS = [n for n, v in VARIABLES.items() if v["dims"][0] == "record"]
 _EVALUATION_VARS = [n for n, v in VARIABLES.items() if v["dims"] == ("evaluation",)]
+_VERIFY_VARS = list(VERIFICATION_VARIABLES)
 EVALUATION_VARIABLES: tuple[str, ...] = tuple(_EVALUATION_VARS)
 """The evaluation variables (``Recorder.log_evaluation`` takes these names)."""
 _GROWING = {
@@ -227,7 +259,7 @@ _SHOWN = 6  # damaged parts named in a DamagedStoreError message
 
 
 def _variable(name: str, data: np.ndarray) -> xr.Variable:
-    spec = VARIABLES[name]
+    spec = VARIABLES[name] if name in VARIABLES else VERIFICATION_VARIABLES[name]
     attrs = {k: spec[k] for k in ("long_name", "units", "description")}
     return xr.Variable(spec["dims"], np.asarray(data, dtype=spec["dtype"]), attrs=attrs)
 

@@ -25,9 +25,11 @@ from geomkit.store_schema import (
     _GROWING,
     _RECORD_VARS,
     _STEP_VARS,
+    _VERIFY_VARS,
     SCHEMA,
     SCHEMA_VERSION,
     VARIABLES,
+    VERIFICATION_VARIABLES,
     SchemaError,
     _check_schema,
     _coordinate,
@@ -124,8 +126,9 @@ class RunWriter:
                 )
             self._truncate(resume_step)
             return
+        written = {**VARIABLES, **VERIFICATION_VARIABLES}
         template = xr.Dataset(
-            {name: _variable(name, np.zeros(_empty_shape(name, self))) for name in VARIABLES},
+            {name: _variable(name, np.zeros(_empty_shape(name, self))) for name in written},
             coords={
                 "step": _coordinate("step", "step", np.zeros(0, dtype=np.int64)),
                 "record": _coordinate("record", "record", np.zeros(0, dtype=np.int64)),
@@ -146,7 +149,7 @@ class RunWriter:
             },
             attrs={**self.attrs, **dict.fromkeys(_GROWING.values(), 0)},
         )
-        encoding = {name: {"chunks": _chunks(name, self, record_chunk)} for name in VARIABLES}
+        encoding = {name: {"chunks": _chunks(name, self, record_chunk)} for name in written}
         encoding["step"] = {"chunks": (1024,)}
         encoding["record"] = {"chunks": (max(record_chunk, 64),)}
         encoding["evaluation"] = {"chunks": (256,)}
@@ -184,7 +187,9 @@ class RunWriter:
             ``"step"`` (int array) and every per-step variable (``forget_loss``, ...).
         records : mapping
             ``"record"`` (the step numbers) and every per-record variable, shaped
-            ``[n, n_tensors]`` or ``[n, n_strategies, n_tensors]``.
+            ``[n, n_tensors]`` or ``[n, n_strategies, n_tensors]``. The verification
+            variables (:data:`~geomkit.store.VERIFICATION_VARIABLES`) are optional: left out,
+            the records are written as not verified (NaN).
         evaluations : mapping
             ``"evaluation"`` (steps completed) and the evaluation variables (``forget_acc``,
             ``retain_acc``, ``general_acc``).
@@ -203,15 +208,25 @@ class RunWriter:
         if missing:
             raise ValueError(f"append of {dim} block is missing {missing}")
         n = len(block[dim])
+        group = zarr.open_group(self.path, mode="r+")
+        if dim == "record":  # optional; a store begun before verification has none
+            present = set(group.array_keys())
+            block = {**block}
+            for name in _VERIFY_VARS:
+                if name not in present:
+                    block.pop(name, None)
+                    continue
+                names = [*names, name]
+                if name not in block:
+                    block[name] = np.full((n, *_empty_shape(name, self)[1:]), np.nan)
         arrays = {dim: np.asarray(block[dim], dtype="int64")}
         for name in names:
-            spec = VARIABLES[name]
+            spec = _spec(name)
             data = np.asarray(block[name], dtype=spec["dtype"])
             expected = (n, *_empty_shape(name, self)[1:])
             if data.shape != expected:
                 raise ValueError(f"{name} block has shape {data.shape}, expected {expected}")
             arrays[name] = data
-        group = zarr.open_group(self.path, mode="r+")
         for name, data in arrays.items():  # zarr appends directly: no Dataset round trip
             group[name].with_config(_WRITE_CONFIG).append(data, axis=0)
         return n
@@ -259,7 +274,12 @@ def _empty_shape(name: str, writer: RunWriter) -> tuple[int, ...]:
         "tensor": writer.n_tensors,
         "strategy": len(writer.strategies),
     }
-    return tuple(sizes[d] for d in VARIABLES[name]["dims"])
+    return tuple(sizes[d] for d in _spec(name)["dims"])
+
+
+def _spec(name: str) -> dict[str, Any]:
+    """The schema entry of a data variable, verification variables included."""
+    return VARIABLES[name] if name in VARIABLES else VERIFICATION_VARIABLES[name]
 
 
 def _chunks(name: str, writer: RunWriter, record_chunk: int) -> tuple[int, ...]:
@@ -270,4 +290,4 @@ def _chunks(name: str, writer: RunWriter, record_chunk: int) -> tuple[int, ...]:
         "tensor": max(writer.n_tensors, 1),
         "strategy": len(writer.strategies),
     }
-    return tuple(sizes[d] for d in VARIABLES[name]["dims"])
+    return tuple(sizes[d] for d in _spec(name)["dims"])

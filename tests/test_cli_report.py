@@ -19,7 +19,10 @@ def test_run_writes_audit_and_figures(smoke_runs):
     assert status == 0
     report = json.loads((out / "audit.json").read_text())
     claims = {r["claim"] for r in report["results"]}
-    assert claims == {f"R{i}" for i in range(10)} | {"R2b", "R3b"}
+    assert claims == {f"R{i}" for i in range(10)} | {"R2b", "R3b", "V1"}
+    # geomkit run verifies the shadows by default (docs/theory.md#v1)
+    v1 = [r for r in report["results"] if r["claim"] == "V1"]
+    assert v1 and all(r["cases"] > 0 and r["verdict"] == "ok" for r in v1)
     assert "R4" in (out / "audit.txt").read_text()
     for name in ("loss_dynamics", "tradeoff_retain"):
         for ext in ("pdf", "png"):

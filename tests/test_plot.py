@@ -702,7 +702,7 @@ def _style_of(handle) -> tuple[tuple[float, float, float], str | None]:
     return to_rgb(faces[0] if len(faces) else handle.get_edgecolor()[0]), None
 
 
-_TEXT_SIZE_PENDING = {"violation_rates"}
+_TEXT_SIZE_PENDING: set[str] = set()
 """Figures whose text sizes another change of issue 10 fixes (C12: the violation-rate labels,
 plot/theorem.py); the lead empties this set when merging it."""
 

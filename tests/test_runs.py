@@ -64,6 +64,8 @@ def write(
         "n_opposed": rng.integers(0, 5, size=(n, s, t)),
         "n_projected": rng.integers(0, 2, size=(n, s, t)),
     }
+    record_block["dr_abs"] = np.abs(record_block["dr"])  # the fields added by issue 10 (A1)
+    record_block["n_unrounded"] = np.zeros((n, s, t), dtype=np.int64)
     k = len(evaluations)
     evaluation_block = {"evaluation": np.asarray(evaluations, dtype=np.int64)}
     for name in ("forget_acc", "retain_acc", "general_acc"):
@@ -185,8 +187,8 @@ def _with_nan(ds: xr.Dataset, names: tuple[str, ...], record: int) -> xr.Dataset
     return ds
 
 
-FLOATS = ("ff", "rr", "fr", "dd", "df", "dr")
-COUNTS = ("n_conflict", "n_both_nonzero", "n_opposed", "n_projected")
+FLOATS = ("ff", "rr", "fr", "dd", "df", "dr", "dr_abs")
+COUNTS = ("n_conflict", "n_both_nonzero", "n_opposed", "n_projected", "n_unrounded")
 
 
 def test_recorded_nan_is_never_padding(root: Path) -> None:

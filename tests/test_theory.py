@@ -73,7 +73,7 @@ def one(audit: Audit, claim: str, granularity: str, strategy: str) -> CheckResul
 
 
 def test_claim_table_statuses_follow_theory_md():
-    ids = ["R0", "R1", "R2", "R2b", "R3", "R3b", "R4", "R5", "R6", "R7", "R8", "R9"]
+    ids = ["R0", "R1", "R2", "R2b", "R3", "R3b", "R4", "R5", "R6", "R7", "R8", "R9", "V1"]
     assert list(theory.CLAIMS) == ids
     status = {cid: c.status for cid, c in theory.CLAIMS.items()}
     assert status["R0"] == status["R1"] == status["R2"] == status["R9"] == "proven"
@@ -171,6 +171,11 @@ def test_counterexamples_are_reported_as_r4_violations():
 # ----------------------------------------------------------------------------------------------
 # 2. Proven claims hold; false claims are measured; undefined cases
 # ----------------------------------------------------------------------------------------------
+
+
+# V1 (docs/theory.md#v1): every shadow's closed form against its materialised update
+PROVEN_V1 = {("V1", s) for s in ("sum", "pcgrad", "pcgrad_global", "sago", "sago_prefer_retain")}
+PROVEN = PROVEN | PROVEN_V1 | {("V1", "blur")}
 
 
 def assert_proven_pass(audit: Audit) -> None:
@@ -404,11 +409,9 @@ def test_recorded_run_has_no_bug_and_states_its_evidence(recorded):
     assert {r.granularity for r in audit} == {"coordinate", "tensor", "layer", "model"}
     r1 = one(audit, "R1", "coordinate", "sago")
     assert r1.evidence == "measured" and r1.cases == 5 * 92 and r1.violations == 0
-    shadow = one(audit, "R6", "coordinate", "sago_prefer_retain")
-    assert (
-        shadow.evidence == "by construction" and shadow.cases == 0 and "construction" in shadow.note
-    )
-    assert shadow.verdict == "n/a" and not shadow.failed
+    shadow = one(audit, "R6", "coordinate", "sago_prefer_retain")  # verified at step 0 only
+    assert shadow.evidence == "materialised" and shadow.cases == 92 and "verified" in shadow.note
+    assert shadow.verdict == "ok" and not shadow.failed
     assert one(audit, "R6", "coordinate", "pcgrad").evidence == "shadow"
     r9 = one(audit, "R9", "coordinate", "sago")
     assert r9.cases == 0 and r9.evidence == "none" and r9.note
@@ -584,7 +587,7 @@ def test_stacked_runs_are_checked_per_run(recorded):
     assert {r.source for r in audit} == {"synthetic-sago", "synthetic-pcgrad"}
     assert not audit.bug_detected
     per_run = audit.select(source="synthetic-pcgrad")
-    assert one(per_run, "R1", "coordinate", "sago").evidence == "by construction"
+    assert one(per_run, "R1", "coordinate", "sago").evidence == "materialised"  # verified
     assert one(per_run, "R6", "coordinate", "pcgrad").evidence == "measured"
     assert one(per_run, "R1", "model", "sago").cases == 3  # its own 3 records, not 5
     assert theory.audit(recorded).to_json() == audit.to_json()  # a directory of runs

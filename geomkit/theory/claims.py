@@ -319,6 +319,18 @@ _TABLE = (
         "holds; from additive statistics only its consequence "
         "<d, gamma f + alpha r> - <d, d> = alpha gamma <f, r> can be checked",
     ),
+    Claim(
+        "V1",
+        "shadow closed form = the strategy's own update: at verified records, <d,d>, <d,f>, "
+        "<d,r>, n_opposed and n_projected of each shadow's closed form equal those of its update "
+        "materialised with the strategy's own code",
+        "proven",
+        ("sum", "pcgrad", "pcgrad_global", "sago", "sago_prefer_retain", "blur"),
+        ("tensor",),
+        "holds for correct code up to rounding: the materialised update is rounded once to the "
+        "gradient dtype, the closed form is float64 (docs/theory.md#v1); counts match exactly "
+        "except at coordinates where rounding can flip a sign (stored, verified_n_ambiguous)",
+    ),
 )
 
 CLAIMS: Mapping[str, Claim] = MappingProxyType({c.id: c for c in _TABLE})

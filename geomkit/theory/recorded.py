@@ -8,7 +8,14 @@ coordinate granularity where the statistics allow it:
 
 * R1 / R6 from ``n_opposed``: measured for the applied strategy and for shadow projection rules
   (a direct pass over the coordinates); for *shadow* sign rules (SAGO variants) it is 0 by
-  construction and not a measurement, so nothing is evaluated (``cases = 0``, with a note);
+  construction and not a measurement, except at *verified* records, where the recorder
+  materialised the shadow's update with its own code and counted it (``verified_n_opposed``):
+  there it is evaluated (evidence ``materialised``); without verified records nothing is
+  evaluated (``cases = 0``, with a note);
+* V1 (:func:`check_v1`): at verified records, each shadow's closed-form statistics against the
+  statistics of its materialised update, per (step, tensor), with a tolerance from the rounding
+  of the update to the gradient dtype (docs/theory.md#v1); a store without verification
+  variables is reported as not verified;
 * R9 needs the gradients themselves at coordinate granularity (``cases = 0``, with a note); its
   additive consequence is checked at tensor, layer and model granularity.
 """
@@ -22,18 +29,19 @@ import numpy as np
 import torch
 import xarray as xr
 
+from geomkit import strategies as gstrategies
 from geomkit._validation import invalid
 from geomkit.fields import OPTIONAL_FIELDS, STORED_FIELDS
 from geomkit.runs import Run, Source, load
-from geomkit.store import SchemaError
-from geomkit.strategies import build
+from geomkit.store import VERIFIED_FIELDS, SchemaError
+from geomkit.strategies import Global, build
 from geomkit.theory.cases import Cases, build_cases
-from geomkit.theory.checks import ADDITIVE_CHECKS
+from geomkit.theory.checks import ADDITIVE_CHECKS, summarise
 from geomkit.theory.coordinates import coordinate_result, opposed_counts
 from geomkit.theory.report import Audit, CheckResult
 from geomkit.theory.synthetic import STRATEGIES, check_claims, sort_results
 
-__all__ = ["audit", "run_cases"]
+__all__ = ["audit", "check_v1", "run_cases"]
 
 _DTYPES = {
     "float64": torch.float64,
@@ -141,32 +149,44 @@ def _coordinate(claims: tuple[str, ...], ds: xr.Dataset, name: str) -> list[Chec
     measured = _measured(ds)
     strategies = [str(s) for s in ds["strategy"].values]
     n_opposed = ds["n_opposed"].transpose("record", "strategy", "tensor").values
-    numel = np.broadcast_to(ds["numel"].values, n_opposed[:, 0].shape).ravel()
     where = [f"step {int(s)}, tensor {t}" for s in ds["record"].values for t in ds["tensor"].values]
     wanted = []
     if "R1" in claims:
         wanted.append(("R1", "sago"))
     if "R6" in claims:
         wanted += [("R6", s) for s in STRATEGIES]
+    verified = _verified(ds)
     out = []
     for claim, strategy in wanted:
         if strategy not in strategies:
             out.append(_not_evaluable(claim, strategy, name, "strategy not recorded in this run"))
             continue
         k = strategies.index(strategy)
+        counts, cases = n_opposed[:, k], where
         if measured[strategy]:
             evidence = "measured"
         elif build(strategy).rule.never_opposes:
             evidence = "by construction"
+            if verified is not None and verified.any():  # counted on the materialised update
+                evidence = "materialised"
+                counts = ds["verified_n_opposed"].transpose("record", "strategy", "tensor").values
+                counts = counts[verified, k]
+                n_t = n_opposed.shape[2]
+                keep = np.repeat(verified, n_t)
+                cases = [w for w, kept in zip(where, keep, strict=True) if kept]
         else:
             evidence = "shadow"
         note = "applied update" if measured[strategy] else "shadow strategy"
         if evidence == "shadow":
             note += " (n_opposed counted in a direct pass over the coordinates)"
-        out.append(
-            opposed_counts(
-                claim, strategy, n_opposed[:, k].ravel(), numel, where, name, evidence, note
+        if evidence == "materialised":
+            note += (
+                f" materialised with its own code at the {int(verified.sum())} verified of "
+                f"{verified.size} records (n_opposed counted there; 0 by construction elsewhere)"
             )
+        sizes = np.broadcast_to(ds["numel"].values, counts.shape).ravel()
+        out.append(
+            opposed_counts(claim, strategy, counts.ravel(), sizes, cases, name, evidence, note)
         )
     if "R9" in claims:
         out.append(
@@ -179,6 +199,213 @@ def _coordinate(claims: tuple[str, ...], ds: xr.Dataset, name: str) -> list[Chec
             )
         )
     return out
+
+
+def _verified(ds: xr.Dataset) -> np.ndarray | None:
+    """Per record: the shadows were verified there (their materialised counts are finite: a
+    count is never NaN where it was taken); None when no record is (a store written before
+    verification, a run stacked with such stores, or ``verify_every=0``)."""
+    if "verified_n_opposed" not in ds:
+        return None
+    counts = ds["verified_n_opposed"].transpose("record", "strategy", "tensor").values
+    verified = np.isfinite(np.asarray(counts, dtype=np.float64)).any(axis=(1, 2))
+    return verified if verified.any() else None
+
+
+_DTYPE_LIMITS = {
+    d: (torch.finfo(d).eps / 2, torch.finfo(d).tiny * torch.finfo(d).eps / 2)
+    for d in (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+}
+"""dtype -> (unit roundoff u, half the smallest subnormal: the absolute error of rounding a
+value of the subnormal range)."""
+
+
+def _label_weights(label: str, alpha: float, gamma: float) -> tuple[str, float, float]:
+    """``"sago[alpha=0.5]"`` -> ``("sago", 0.5, gamma)``: the recorder's label of a shadow
+    whose weights differ from the run's."""
+    base, _, rest = label.partition("[")
+    weights = {"alpha": alpha, "gamma": gamma}
+    for item in rest.rstrip("]").split(",") if rest else ():
+        key, _, value = item.partition("=")
+        if key in weights:
+            weights[key] = float(value)
+    return base, weights["alpha"], weights["gamma"]
+
+
+def check_v1(run: Run, dtype: torch.dtype | str | None = None) -> list[CheckResult]:
+    """V1: each shadow's closed-form statistics equal those of its update materialised with
+    the strategy's own code, at the run's verified records (docs/theory.md#v1).
+
+    Per (verified step, shadow, tensor), with ``d`` the closed form (float64) and ``d~`` the
+    materialised update (rounded once to the gradient dtype, arithmetic in float64 for the
+    projection rules and in float32 for the sign rules on 16/32-bit gradients):
+    ``|d~ - d| <= E = (rho |d| + sigma (gamma|f| + alpha|r|) + z sqrt(numel)) (1 + rho)`` with
+    ``rho = u + 6 u_c`` (u, u_c the unit roundoffs of the gradient and compute dtypes),
+    ``sigma = 5 g_N + 24 u64`` (``g_N = N u64 / (1 - N u64)``, N the recorded coordinates: the
+    float64 sums' order and the coefficient they give) and ``z`` the subnormal rounding error.
+    Hence ``|<d~,x> - <d,x>| <= E |x| + 2 g_N |d||x|`` for x = f, r and
+    ``||d~|^2 - |d|^2| <= 2|d|E + E^2 + 2 g_N |d|^2``. ``n_opposed`` must match up to the
+    coordinates where a sign can flip (``verified_n_ambiguous``), ``n_projected`` exactly unless
+    the pooled ``|<f,r>| <= 2 g_N sum |f_j||r_j|``. The margin is the largest
+    |difference| / tolerance over the five statistics (a violation when > 1).
+    """
+    ds, source = run.ds, run.label
+    names = [str(s) for s in ds["strategy"].values]
+    measured = _measured(ds)
+    registry = gstrategies.names()  # one order whatever the store's (stacking merges orders)
+    shadows = sorted(
+        (n for n in names if not measured[n]),
+        key=lambda n: (registry.index(n) if n in registry else len(registry), n),
+    )
+    verified = _verified(ds)
+    if not shadows:
+        return [_v1_empty("shadows", source, "no shadow strategy recorded in this run")]
+    if verified is None:
+        note = (
+            "not verified: no verified record (a store written before geomkit verified "
+            "shadows, or recorded with verify_every=0)"
+        )
+        return [_v1_empty(n, source, note) for n in shadows]
+    alpha_run, gamma_run = _weights(run)
+    torch_dtype, dtype_note = _dtype(run, dtype)
+    u, z = _DTYPE_LIMITS[torch_dtype]
+    compute = torch.float64 if torch_dtype == torch.float64 else torch.float32
+    u_c, z_c = _DTYPE_LIMITS[compute]
+    u64 = _DTYPE_LIMITS[torch.float64][0]
+    rho = u + 6 * u_c
+    sub = ds.isel(record=np.flatnonzero(verified))
+    numel = np.asarray(sub["numel"].values, dtype=np.float64)
+    n_total = float(numel.sum())
+    g_n = n_total * u64 / (1 - n_total * u64)
+    sigma = 5 * g_n + 24 * u64
+
+    def pair(name: str) -> np.ndarray:
+        return np.asarray(sub[name].transpose("record", "tensor").values, dtype=np.float64)
+
+    ff, rr, fr = pair("ff"), pair("rr"), pair("fr")
+    f_norm, r_norm = np.sqrt(np.maximum(ff, 0)), np.sqrt(np.maximum(rr, 0))
+    where = [
+        f"step {int(s)}, tensor {t}" for s in sub["record"].values for t in sub["tensor"].values
+    ]
+    results = []
+    for label in shadows:
+        k = names.index(label)
+        base, alpha, gamma = _label_weights(label, alpha_run, gamma_run)
+
+        def get(name: str, k: int = k) -> np.ndarray:
+            values = sub[name].transpose("record", "strategy", "tensor").values[:, k]
+            return np.asarray(values, dtype=np.float64)
+
+        closed = {n: get(n) for n in VERIFIED_FIELDS}
+        mat = {n: get(f"verified_{n}") for n in VERIFIED_FIELDS}
+        ambiguous = get("verified_n_ambiguous")
+        with np.errstate(invalid="ignore", over="ignore"):
+            d_norm = np.sqrt(np.maximum(np.fmax(closed["dd"], mat["dd"]), 0))
+            size = (gamma * f_norm + alpha * r_norm) * sigma
+            e = (rho * d_norm + size + (z + 6 * z_c) * np.sqrt(numel)) * (1 + rho)
+            tol = {
+                "dd": 2 * d_norm * e + e * e + 2 * g_n * d_norm**2,
+                "df": e * f_norm + 2 * g_n * d_norm * f_norm,
+                "dr": e * r_norm + 2 * g_n * d_norm * r_norm,
+            }
+            ratios = {}
+            for n, t in tol.items():
+                diff = np.abs(mat[n] - closed[n])
+                ratios[n] = np.where(diff == 0, 0.0, diff / np.maximum(t, np.finfo(float).tiny))
+            opposed = np.abs(mat["n_opposed"] - closed["n_opposed"])
+            ratios["n_opposed"] = opposed / (ambiguous + 0.5)
+            flip = _projection_may_flip(base, fr, f_norm * r_norm, g_n)
+            projected = np.abs(mat["n_projected"] - closed["n_projected"])
+            ratios["n_projected"] = projected / (flip + 0.5)
+        q = np.maximum.reduce([ratios[n] for n in VERIFIED_FIELDS])
+        finite = np.ones(q.shape, dtype=bool)
+        for values in (*closed.values(), *mat.values(), ambiguous, ff, rr, fr):
+            finite &= np.isfinite(values)
+        details = {
+            f"max_ratio_{n}": float(np.nanmax(r)) if np.isfinite(r).any() else np.nan
+            for n, r in ratios.items()
+        }
+        details["verified_records"] = float(verified.sum())
+        details["n_opposed_mismatches"] = float(np.nansum(opposed > ambiguous))
+        details["n_projected_mismatches"] = float(np.nansum(projected > flip))
+        note = "; ".join(
+            p
+            for p in (
+                f"{int(verified.sum())} of {verified.size} records verified",
+                f"alpha={alpha:g}, gamma={gamma:g}",
+                dtype_note,
+                *run.dropped,
+            )
+            if p
+        )
+        results.append(
+            summarise(
+                "V1",
+                label,
+                (label,),
+                None,
+                q.ravel(),
+                1.0,
+                np.ones(q.size, dtype=bool),
+                granularity="tensor",
+                source=source,
+                where=tuple(where),
+                tolerance=(
+                    "|materialised - closed form| / tol <= 1 for <d,d>, <d,f>, <d,r>; tol from "
+                    f"rounding d to {str(torch_dtype).replace('torch.', '')} (rho = {rho:.3g}) "
+                    f"and float64 sums (sigma = {sigma:.3g}); counts exact up to sign-ambiguous "
+                    "coordinates (docs/theory.md#v1)"
+                ),
+                evidence="materialised",
+                note=note,
+                deviation=True,
+                details=details,
+                finite=finite.ravel(),
+            )
+        )
+    return results
+
+
+def _projection_may_flip(base: str, fr: np.ndarray, scale: np.ndarray, g_n: float) -> np.ndarray:
+    """1 where the projection test ``<f,r> < 0`` (pooled by the strategy's scope) is within
+    the float64 summation error of 0, so that two summation orders may disagree, else 0."""
+    try:
+        strategy = build(base)
+    except ValueError:
+        strategy = None
+    tensor = np.abs(fr) <= 2 * g_n * scale
+    model = np.abs(fr.sum(1, keepdims=True)) <= 2 * g_n * scale.sum(1, keepdims=True)
+    model = np.broadcast_to(model, fr.shape)
+    if strategy is None:  # an unregistered strategy: either pooling
+        return (tensor | model).astype(float)
+    if not strategy.rule.reduces:
+        return np.zeros(fr.shape)
+    return (model if isinstance(strategy.scope, Global) else tensor).astype(float)
+
+
+def _v1_empty(strategy: str, source: str, note: str) -> CheckResult:
+    """A V1 result with nothing evaluated (never a pass)."""
+    from geomkit.theory.claims import get_claim
+
+    claim = get_claim("V1")
+    return CheckResult(
+        claim="V1",
+        statement=claim.statement,
+        status="proven",
+        gates=claim.gates(strategy, "tensor"),
+        strategy=strategy,
+        strategies=(strategy,),
+        granularity="tensor",
+        source=source,
+        cases=0,
+        undefined=0,
+        violations=0,
+        worst_margin=np.nan,
+        where="",
+        tolerance="n/a (nothing evaluated)",
+        evidence="none",
+        note=note,
+    )
 
 
 def _not_evaluable(claim_id: str, strategy: str, source: str, note: str) -> CheckResult:
@@ -231,6 +458,8 @@ def audit(
         run = _without_damaged(run)
         cases = run_cases(run, dtype)
         results.extend(_coordinate(claims, run.ds, run.label))
+        if "V1" in claims:
+            results.extend(check_v1(run, dtype))
         for granularity in ("tensor", "layer", "model"):
             for claim in claims:
                 if claim in ADDITIVE_CHECKS:
