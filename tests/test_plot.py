@@ -761,7 +761,8 @@ def _walk_figure_set(monkeypatch, source, out, **kwargs) -> tuple[dict, dict]:
 
     monkeypatch.setattr(figureset, "save", save)
     results = gp.write_figures(source, out, formats=("png",), dpi=30, **kwargs)
-    written = [k for k, v in results.items() if not isinstance(v, str) and k != "geometry_table"]
+    tables = ("geometry_table", "geometry_table_own")
+    written = [k for k, v in results.items() if not isinstance(v, str) and k not in tables]
     assert len(inspected) == len(written) > 0
     return results, seen
 

@@ -5,15 +5,16 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from geomkit._validation import invalid
-from geomkit.fields import STORED_FIELDS
+from geomkit.fields import OPTIONAL_FIELDS, STORED_FIELDS
 from geomkit.plot.style import MissingVariable, PlotSkipped
 from geomkit.runs import Run, Source, load
 from geomkit.store import EVALUATION_VARIABLES
 
 __all__ = ["EVALUATIONS", "GEOMETRY", "Run", "Source", "require", "single_run"]
 
-GEOMETRY: tuple[str, ...] = STORED_FIELDS
-"""The recorded statistics every geometry figure needs."""
+GEOMETRY: tuple[str, ...] = tuple(n for n in STORED_FIELDS if n not in OPTIONAL_FIELDS)
+"""The recorded statistics every geometry figure needs (the optional audit fields, absent from
+older stores, are not among them)."""
 
 EVALUATIONS: tuple[str, ...] = EVALUATION_VARIABLES
 """The evaluation variables (:data:`geomkit.store.EVALUATION_VARIABLES`)."""
