@@ -177,6 +177,24 @@ def test_planted_cosine_on_applied_sago_statistics_gates(tmp_path, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("applied", ["sum", "pcgrad", "pcgrad_global"])
+def test_planted_cosine_on_applied_uniform_rule_statistics_gates(tmp_path, dtype, applied):
+    """A stored <d, r> of a sum or projection rule, on a tensor that was not projected, edited to
+    cos(d, r) = -1e-3: R2 alone allows the rounding of d (a few 1e-3 in bfloat16), but R0's
+    additive check compares <d, r> with the formula's float64 <d*, r> and catches it."""
+    pairs = sample(dtype, rho=0.3)
+    ds = geomkit.open_run(write(tmp_path / "run", pairs, applied))
+    at = {"strategy": applied, "record": ds["record"].values[1]}
+    assert float(ds["n_projected"].loc[{**at, "tensor": NAMES[1]}]) == 0  # not projected
+    audit = theory.audit(tamper_cos(ds, applied, 1, NAMES[1], PLANTED), claims=["R0"])
+    result = gated(audit, "R0", "tensor", applied)
+    assert audit.bug_detected and result.violations == 1
+    assert result.where == f"step 1, tensor {NAMES[1]}"
+    honest = theory.audit(ds, claims=["R0"]).get("R0", "tensor", applied)
+    assert honest.violations == 0 and honest.cases == len(pairs) * len(NAMES)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("applied", ["sago", "pcgrad", "pcgrad_global"])
 def test_planted_cosine_in_the_applied_update_gates(tmp_path, dtype, applied):
     """The update a buggy strategy applies: one tensor moved to cos(d, r) = -1e-3."""

@@ -102,6 +102,11 @@ class Cases:
         (NaN in ``stats``); checks that need them fall back or report nothing evaluated.
     float64 : ndarray, optional
         ``[n_cases]`` :func:`float64_factor` of each case (see :attr:`float64_bound`).
+    formula : mapping, optional
+        Tensor cases only, for each formed update of a uniform rule (sum, PCGrad, BLUR: one
+        ``(a, b)`` per tensor): ``(dr_formula, tol)``, the float64 ``<d*, r> = a <f,r> + b |r|^2``
+        of the strategy's formula and the bound on ``|<d, r> - <d*, r>|`` from rounding ``d``
+        once (R0's additive check).
     """
 
     granularity: str
@@ -118,6 +123,7 @@ class Cases:
     notes: Mapping[str, str] = field(default_factory=dict)
     absent: tuple[str, ...] = ()
     float64: np.ndarray | None = None
+    formula: Mapping[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     @property
     def float64_bound(self) -> np.ndarray:
@@ -143,10 +149,11 @@ def _bounds(
     dtype: torch.dtype,
     formed: bool,
     absent: tuple[str, ...],
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-tensor rounding bound ``[B, T]``, per-tensor PCGrad residual ``[B, T]`` and model
-    residual ``[B]`` of strategy ``name`` from its tensor statistics ``[B, T, F]``; ``formed``:
-    the statistics were measured on an update formed in ``dtype``."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+    """Per-tensor rounding bound ``[B, T]``, per-tensor PCGrad residual ``[B, T]``, model
+    residual ``[B]`` and, for a formed update of a uniform rule, ``(dr_formula, tol)`` ``[B, T]``
+    (see :attr:`Cases.formula`; else None) of strategy ``name`` from its tensor statistics
+    ``[B, T, F]``; ``formed``: the statistics were measured on an update formed in ``dtype``."""
     ff, rr, fr = (field_of(tensor_stats, k) for k in ("ff", "rr", "fr"))
     numel = field_of(tensor_stats, "numel")
     dots = np.stack([field_of(tensor_stats, k) for k in DOT_FIELDS], axis=-1)  # [B, T, 3]
@@ -156,6 +163,7 @@ def _bounds(
         strategy = None
     zero_b = np.zeros(dots.shape[:-2])
     residual, model_residual = np.zeros_like(ff), zero_b
+    form = None
     if strategy is None:  # an unregistered label: bound as the plain sum
         big_a, big_b = np.full(ff.shape, gamma), np.full(ff.shape, alpha)
     else:
@@ -185,7 +193,13 @@ def _bounds(
             if "dr_abs" in absent:
                 dr_abs = (1 + u) * magnitude
             rounding = rounding + u / (1 - u) * dr_abs + eta * np.sqrt(numel * rr)
-    return rounding, residual, model_residual
+        formula = None
+        if formed and form is not None and strategy.rule.uniform:
+            # <d*, r> of the formula in float64 (one more float64 term for its own rounding)
+            dr_formula = form[..., 0] * fr + form[..., 1] * rr
+            float64_term = float64_factor(n_total, numel.shape[-1]) * magnitude
+            formula = (dr_formula, rounding + float64_term)
+    return rounding, residual, model_residual, formula
 
 
 def _group_sum(values: np.ndarray, codes: np.ndarray, n_groups: int) -> np.ndarray:
@@ -268,6 +282,11 @@ def build_cases(
             stats={n: flat(tensor_stats[n]) for n in names},
             rounding={n: flat(bounds[n][0]) for n in names},
             residual={n: flat(bounds[n][1]) for n in names},
+            formula={
+                n: (flat(bounds[n][3][0]), flat(bounds[n][3][1]))
+                for n in names
+                if bounds[n][3] is not None
+            },
             where=tuple(f"{b}, tensor {t}" for b in batch_labels for t in tensor_labels),
             group=np.tile(
                 np.arange(n_t) if tensor_groups is None else np.asarray(tensor_groups), n_b

@@ -424,22 +424,37 @@ def check_r0(cases: Cases) -> list[CheckResult]:
             )
             continue
         count = field_of(s, "n_unrounded")
+        q = -count
+        consistency = ""
+        if name in cases.formula:  # a uniform rule: <d, r> within rounding of <d*, r>
+            dr_formula, tol_formula = cases.formula[name]
+            excess = np.abs(field_of(s, "dr") - dr_formula) - tol_formula
+            norm = _sqrt(field_of(s, "dd")) * _sqrt(field_of(s, "rr"))
+            with np.errstate(invalid="ignore"):
+                slack = np.where(norm > 0, _div(-excess, norm), np.where(excess <= 0, 0.0, -1.0))
+            slack = np.where(np.isnan(excess), np.nan, slack)
+            q = np.where(count > 0, -count, slack)
+            consistency = (
+                "; and |<d,r> - <d*,r>| <= rounding bound, <d*,r> = a<f,r> + b|r|^2 the "
+                "formula's float64 value (uniform rules; margin in cosine units)"
+            )
         out.append(
             summarise(
                 "R0",
                 name,
                 (name,),
                 cases,
-                -count,
+                q,
                 0.0,
                 np.ones(len(cases), dtype=bool),
                 granularity=cases.granularity,
                 source=cases.source,
                 where=cases.where,
-                tolerance=tolerance,
+                tolerance=tolerance + consistency,
                 evidence=_evidence(cases, (name,)),
                 note=_join(
-                    "margin: minus the number of coordinates off the rounded formula",
+                    "margin: minus the number of coordinates off the rounded formula"
+                    + (", else the additive slack over |d||r|" if consistency else ""),
                     _weights_note(cases),
                     _source_notes(cases, (name,)),
                 ),
