@@ -27,7 +27,7 @@ logger = logging.getLogger("geomkit.plot")
 
 RUN_FIGURES: dict[str, Callable[[Run], PlotResult]] = {
     "cos_fr_heatmap": lambda run: cos_fr_heatmap(run),
-    "conflict_heatmap": lambda run: conflict_heatmap(run),
+    "conflict_heatmap": lambda run: conflict_heatmap(run, nonzero=True),
     "alignment": lambda run: alignment_over_steps(run),
     "alignment_layers_cos_dr": lambda run: alignment_by_layer(run, "cos_dr"),
     "alignment_layers_cos_df": lambda run: alignment_by_layer(run, "cos_df"),

@@ -369,7 +369,8 @@ def violation_rates(
     none does; ``<1`` and ``>99`` are never rounded to 0 or 100), shaded by it. A claim
     evaluated at a granularity with no case (e.g. a shadow's R6 accepted by construction) is
     a grey hatched ``n/e`` cell, never a 0; a granularity a claim is not stated at has no cell.
-    Cells of results that gate the audit (proven claims) are outlined.
+    Cells of results that gate the audit (proven claims) are outlined; proven results outside
+    the gate (R7 against global PCGrad) get a dashed outline.
 
     Parameters
     ----------
@@ -469,6 +470,10 @@ def violation_rates(
                 if evaluated and bool(row.get("gates", False)):
                     cell.set_edgecolor("black")
                     cell.set_linewidth(1.2)
+                elif evaluated and "proven" in str(row.get("status", "")).split("/"):
+                    cell.set_edgecolor("black")  # proven, but reported outside the gate
+                    cell.set_linewidth(1.2)
+                    cell.set_linestyle((0, (2, 1.5)))
                 panel_ax.add_patch(cell)
                 artists[(objective, group, gran)] = cell
                 text = _rate_text(rate) if evaluated else "n/e"
@@ -502,8 +507,9 @@ def violation_rates(
         panel_ax.set_title(title, fontsize=8, loc="left")
     caption = (
         "Cell: % of the evaluated cases that violate the claim; 0 only when none does. "
-        "n/e: not evaluated (no case). Outlined: proven claims, which gate the audit. No "
-        "cell: the claim is not stated at that granularity."
+        "n/e: not evaluated (no case). Solid outline: proven claims that gate the audit; "
+        "dashed outline: proven, reported outside the gate. No cell: the claim is not "
+        "stated at that granularity."
     )
     caption = "\n".join(textwrap.wrap(caption, 58))
     if ax is None:  # our own figure: the caption spans it, inside the layout
