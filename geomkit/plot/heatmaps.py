@@ -6,6 +6,8 @@ docs/method.md#references); they are exact groupings of the recorded sufficient 
 
 from __future__ import annotations
 
+import textwrap
+
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.colors import Normalize, TwoSlopeNorm
@@ -139,7 +141,7 @@ def layer_heatmap(
     title = f"{da.attrs.get('long_name', metric)} per {by}"
     if per_strategy:
         title += f", {strategy_style(strategy).label}"
-    ax.set_title(f"{title}\n{picked.label}")
+    ax.set_title("\n".join([*textwrap.wrap(title, 36), picked.label]))  # fits 3.3 in
     extras = {"groups": groups, "records": records, "colorbar": None, "scale": (low, high)}
     if colorbar:
         # Below the map: the full width of a single column for the map and the label.
