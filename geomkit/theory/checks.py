@@ -134,19 +134,26 @@ def summarise(
     )
 
 
-def _missing(
-    claim_id: str, strategy: str | Comparison, strategies: tuple[str, ...], cases: Cases
+def not_evaluated(
+    claim_id: str,
+    strategy: str | Comparison,
+    strategies: tuple[str, ...],
+    *,
+    granularity: str,
+    source: str,
+    note: str,
 ) -> CheckResult:
+    """A result with nothing evaluated (0 cases: never a pass, never a violation)."""
     claim = get_claim(claim_id)
     return CheckResult(
         claim=claim.id,
         statement=claim.statement,
-        status=claim.status_at(strategy, cases.granularity),
-        gates=claim.gates(strategy, cases.granularity),
+        status=claim.status_at(strategy, granularity),
+        gates=claim.gates(strategy, granularity),
         strategy=str(strategy),
         strategies=strategies,
-        granularity=cases.granularity,
-        source=cases.source,
+        granularity=granularity,
+        source=source,
         cases=0,
         undefined=0,
         violations=0,
@@ -154,7 +161,21 @@ def _missing(
         where="",
         tolerance="n/a (nothing evaluated)",
         evidence="none",
-        note=f"{_NO_DATA_NOTE} ({', '.join(s for s in strategies if s not in cases.stats)})",
+        note=note,
+    )
+
+
+def _missing(
+    claim_id: str, strategy: str | Comparison, strategies: tuple[str, ...], cases: Cases
+) -> CheckResult:
+    absent = ", ".join(s for s in strategies if s not in cases.stats)
+    return not_evaluated(
+        claim_id,
+        strategy,
+        strategies,
+        granularity=cases.granularity,
+        source=cases.source,
+        note=f"{_NO_DATA_NOTE} ({absent})",
     )
 
 

@@ -36,7 +36,7 @@ from geomkit.runs import Run, Source, load
 from geomkit.store import VERIFIED_FIELDS, SchemaError
 from geomkit.strategies import Global, build
 from geomkit.theory.cases import Cases, build_cases
-from geomkit.theory.checks import ADDITIVE_CHECKS, summarise
+from geomkit.theory.checks import ADDITIVE_CHECKS, not_evaluated, summarise
 from geomkit.theory.coordinates import coordinate_result, opposed_counts
 from geomkit.theory.report import Audit, CheckResult
 from geomkit.theory.synthetic import STRATEGIES, check_claims, sort_results
@@ -385,26 +385,8 @@ def _projection_may_flip(base: str, fr: np.ndarray, scale: np.ndarray, g_n: floa
 
 def _v1_empty(strategy: str, source: str, note: str) -> CheckResult:
     """A V1 result with nothing evaluated (never a pass)."""
-    from geomkit.theory.claims import get_claim
-
-    claim = get_claim("V1")
-    return CheckResult(
-        claim="V1",
-        statement=claim.statement,
-        status="proven",
-        gates=claim.gates(strategy, "tensor"),
-        strategy=strategy,
-        strategies=(strategy,),
-        granularity="tensor",
-        source=source,
-        cases=0,
-        undefined=0,
-        violations=0,
-        worst_margin=np.nan,
-        where="",
-        tolerance="n/a (nothing evaluated)",
-        evidence="none",
-        note=note,
+    return not_evaluated(
+        "V1", strategy, (strategy,), granularity="tensor", source=source, note=note
     )
 
 
