@@ -1,4 +1,5 @@
-"""Shared fixtures: one smoke-preset ``geomkit run`` per test session."""
+"""Shared fixtures: one smoke-preset ``geomkit run`` per test session; ``cuda``-marked tests
+are skipped without a CUDA device."""
 
 from __future__ import annotations
 
@@ -23,3 +24,17 @@ def smoke_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, Path]:
         ]
     )
     return status, out
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip the tests marked ``cuda`` when no CUDA device is available."""
+    cuda_items = [item for item in items if item.get_closest_marker("cuda") is not None]
+    if not cuda_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)")
+    for item in cuda_items:
+        item.add_marker(skip)
