@@ -5,7 +5,7 @@ On a CUDA machine, within ``--budget-s`` seconds (default 450) and without netwo
 1. runs ``pytest -m cuda tests/test_cuda.py`` in a subprocess with a timeout and records the
    pass/fail counts and the failures;
 2. benchmarks the engine on a Llama-shaped model initialised locally at random (default: hidden
-   2048, 16 layers, intermediate 5632, vocab 32000, 16 heads: 953,677,824 parameters, bfloat16),
+   2048, 16 layers, intermediate 5632, vocab 32000, 16 heads: 953,223,168 parameters, bfloat16),
    timing a CUDA-synchronised optimizer step after warm-up and the peak CUDA memory of each of
 
    ``plain``              plain GradDiff: one summed backward of -NLL(forget) + NLL(retain), AdamW;
@@ -631,26 +631,26 @@ def run_benchmark(
         need = max(10.0, _estimate(done, args.warmup))
         if left < need:
             note = (
-                f"skipped: {left:.0f} s left of --budget-s {args.budget_s:.0f}, about "
+                f"skipped: {max(0.0, left):.0f} s left of --budget-s {args.budget_s:g}, about "
                 f"{need:.0f} s needed"
             )
             bench["results"][key] = {"config": key, "skipped": note}
             bench["notes"].append(f"{key} {note}")
             _log(f"benchmark {key}: {note}")
-            continue
-        _log(f"benchmark {key}: {CONFIGS[key]} ({left:.0f} s left)")
-        result = run_config(key, args, left)
-        bench["results"][key] = result
-        if "error" in result:
-            _error(report, f"benchmark/{key}", result["error"])
         else:
-            done.append(result)
-            if result.get("truncated"):
-                bench["notes"].append(f"{key}: {result['truncated']}")
-            _log(
-                f"benchmark {key}: {result['mean_ms']:.1f} ms/step, peak "
-                f"{result['peak_mib']:.0f} MiB ({result['wall_s']:.0f} s)"
-            )
+            _log(f"benchmark {key}: {CONFIGS[key]} ({left:.0f} s left)")
+            result = run_config(key, args, left)
+            bench["results"][key] = result
+            if "error" in result:
+                _error(report, f"benchmark/{key}", result["error"])
+            else:
+                done.append(result)
+                if result.get("truncated"):
+                    bench["notes"].append(f"{key}: {result['truncated']}")
+                _log(
+                    f"benchmark {key}: {result['mean_ms']:.1f} ms/step, peak "
+                    f"{result['peak_mib']:.0f} MiB ({result['wall_s']:.0f} s)"
+                )
         parameters = [r["parameters"] for r in done]
         bench["model"]["parameters"] = parameters[0] if parameters else None
         bench["table"], bench["ratios"], notes = benchmark_table(bench["results"])
