@@ -157,7 +157,7 @@ def machine_info(device: str, commit: str | None) -> dict[str, Any]:
     info["torch"] = torch.__version__
     info["torch_cuda"] = torch.version.cuda
     info["cuda_available"] = torch.cuda.is_available()
-    for package in ("transformers", "triton", "numpy"):  # without importing them
+    for package in ("transformers", "triton", "numpy", "pytest", "hypothesis"):  # not imported
         try:
             info[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
