@@ -254,7 +254,6 @@ def test_engine_bf16_on_cuda_records_every_step_and_audits_clean(tmp_path):
         assert np.isfinite(ds[key].values).all(), key
     applied = ds.isel(strategy=0)
     assert (applied["n_opposed"].values == 0).all()  # R1 holds exactly for the applied SAGO
-    assert bool(applied["measured"].all())
     # the recorded update norm is the step's grad norm (the update as formed, before clipping)
     recorded_norm = np.sqrt(applied["dd"].sum("tensor").values)
     np.testing.assert_allclose(recorded_norm, [r.grad_norm for r in results], rtol=1e-2)
