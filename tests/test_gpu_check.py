@@ -33,12 +33,14 @@ def load_script():
     return module
 
 
-def run(args: list[str], **env: str) -> tuple[subprocess.CompletedProcess, dict]:
+def run(args: list[str]) -> tuple[subprocess.CompletedProcess, dict]:
+    """The script in a subprocess with every GPU hidden (these are tests of its CPU paths)."""
     out = Path(args[args.index("--out") + 1])
+    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run(
         [sys.executable, str(SCRIPT), *args],
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **env},
+        env={**os.environ, **env},
         capture_output=True,
         text=True,
         timeout=600,
@@ -53,7 +55,7 @@ def finite_positive(x) -> bool:
 
 def test_skips_cleanly_without_cuda(tmp_path):
     # CUDA_VISIBLE_DEVICES="" hides any GPU, so this runs the skip path on every machine.
-    done, report = run(["--out", str(tmp_path / "r.json")], CUDA_VISIBLE_DEVICES="")
+    done, report = run(["--out", str(tmp_path / "r.json")])
     assert done.returncode == 0, done.stderr
     assert "skipping: no CUDA device" in done.stdout
     assert report["cuda"] is False
