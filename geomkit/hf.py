@@ -45,7 +45,7 @@ from torch import Tensor
 from geomkit._deprecation import renamed
 from geomkit._validation import invalid
 from geomkit.distributed import rank_and_world
-from geomkit.engine import _all_reduce_mean
+from geomkit.engine import _all_reduce_sum
 from geomkit.objectives import Objective
 from geomkit.recorder import Recorder
 from geomkit.strategies import Strategy, as_strategy
