@@ -19,11 +19,19 @@ engine's FSDP2 path is checked on padded data of unequal token counts in tests/t
 from __future__ import annotations
 
 import copy
+import json
+import os
+import socket
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from tiny import VOCAB, tiny_llama
 
+import geomkit
 from geomkit.engine import EngineConfig, Unlearner
 from geomkit.objectives import (
     GA,
@@ -161,3 +169,146 @@ def test_engine_gradient_is_the_same_however_the_batch_is_split(name: str) -> No
         want = _flat([exact[index[n]] for n in names])  # RMU trains a few tensors only
         error = float((_flat(got) - want).norm() / want.norm())
         assert error < 1e-5, f"relative error {error:.2g} (the old mean of means: {gap:.2g})"
+
+
+# ----------------------------------------------------------------------------------------------
+# Two gloo processes: the command line and TwoTaskTrainer
+# ----------------------------------------------------------------------------------------------
+
+OBJECTIVES = ("graddiff", "simnpo")
+# the smoke preset, with a target model pretrained for 2 epochs only (1 s) and 3 steps
+SETTINGS = {"pretrain_epochs": 2, "steps": 3, "eval_every": 3, "verify_every": 0}
+SPLITS = {  # name: (processes, batch size, accumulation)
+    "one_x16": (1, 16, 1),
+    "one_x8_acc2": (1, 8, 2),
+    "two_x8": (2, 8, 1),
+}
+
+
+def _cli(root: Path, split: str, objective: str) -> None:
+    from geomkit.cli import main
+
+    _, batch, accumulation = SPLITS[split]
+    status = main(
+        [
+            *("run", "--preset", "smoke", "--config", str(root / "settings.json")),
+            *("--objective", objective, "--strategy", "sago", "--no-report"),
+            *(("--beta", "0.5") if objective == "simnpo" else ()),  # an untrained target
+            *("--batch-size", str(batch), "--accumulation", str(accumulation)),
+            *("--out", str(root / split), "--cache-dir", str(root / "cache")),
+        ]
+    )
+    assert status == 0
+
+
+def _pad_pairs(items: list[dict]) -> dict[str, dict[str, torch.Tensor]]:
+    return {task: _collate([item[task] for item in items]) for task in ("forget", "retain")}
+
+
+def _trainer(root: Path, split: str) -> None:
+    """TwoTaskTrainer, GradDiff + SAGO, 2 steps over 16 (forget, retain) pairs in order."""
+    import transformers
+
+    from geomkit.hf import TwoTaskTrainer
+    from geomkit.objectives import build_objective
+
+    class InOrder(TwoTaskTrainer):
+        def _get_train_sampler(self, *args, **kwargs):
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    processes, batch, accumulation = SPLITS[split]
+    forget, retain = _rows(16, 2), _rows(16, 3)
+    order = torch.randperm(16, generator=torch.Generator().manual_seed(0)).tolist()
+    pairs = [{"forget": forget[i], "retain": retain[j]} for i, j in enumerate(order)]
+    args = transformers.TrainingArguments(
+        output_dir=str(root / "hf" / split),
+        max_steps=2,
+        per_device_train_batch_size=batch // 4,
+        gradient_accumulation_steps=accumulation,
+        learning_rate=1e-3,
+        report_to=[],
+        remove_unused_columns=False,
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        ddp_backend="gloo" if processes > 1 else None,
+        seed=0,
+    )
+    trainer = InOrder(
+        model=tiny_llama(0),
+        args=args,
+        train_dataset=pairs,
+        data_collator=_pad_pairs,
+        objective=build_objective("graddiff"),
+        strategy="sago",
+        out=root / "hf" / split / "geometry.zarr",
+    )
+    trainer.train()
+
+
+def _two_process_worker(rank: int, root: str, port: int) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE="2",
+        LOCAL_WORLD_SIZE="2",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    for objective in OBJECTIVES:
+        _cli(Path(root), "two_x8", objective)
+    _trainer(Path(root), "two_x8")
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def splits(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every split of :data:`SPLITS`, through the CLI (both objectives) and TwoTaskTrainer."""
+    root = tmp_path_factory.mktemp("splits")
+    (root / "settings.json").write_text(json.dumps(SETTINGS))
+    for split, (processes, _, _) in SPLITS.items():
+        if processes == 1:  # the first one pretrains the target into root/cache
+            for objective in OBJECTIVES:
+                _cli(root, split, objective)
+            _trainer(root, split)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_two_process_worker, args=(str(root), port), nprocs=2)
+    return root
+
+
+def _compare(runs: dict) -> None:
+    """The same losses (1e-6 relative) and model-level cosines (1e-5) in every run."""
+    (first, want), *others = runs.items()
+    cosines = want.geom.metrics(by="model")
+    for name, ds in others:
+        for var in ("forget_loss", "retain_loss"):
+            np.testing.assert_allclose(
+                ds[var].values, want[var].values, rtol=1e-6, err_msg=f"{var}: {name} vs {first}"
+            )
+        metrics = ds.geom.metrics(by="model")
+        for var in ("cos_fr", "cos_df", "cos_dr"):
+            np.testing.assert_allclose(
+                metrics[var].values, cosines[var].values, rtol=0, atol=1e-5, err_msg=var
+            )
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_cli_records_the_same_run_however_the_batch_is_split(splits: Path, objective) -> None:
+    runs = {
+        split: geomkit.open_run(splits / split / f"{objective}-sago-seed0" / "geometry.zarr")
+        for split in SPLITS
+    }
+    assert [int(ds.attrs["world_size"]) for ds in runs.values()] == [1, 1, 2]
+    assert len(runs["two_x8"].step) == SETTINGS["steps"]
+    _compare(runs)
+
+
+def test_two_task_trainer_records_the_same_run_however_the_batch_is_split(splits: Path) -> None:
+    runs = {split: geomkit.open_run(splits / "hf" / split / "geometry.zarr") for split in SPLITS}
+    assert [int(ds.attrs["world_size"]) for ds in runs.values()] == [1, 1, 2]
+    assert list(runs["two_x8"].record.values) == [0, 1]
+    _compare(runs)
