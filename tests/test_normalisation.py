@@ -312,3 +312,34 @@ def test_two_task_trainer_records_the_same_run_however_the_batch_is_split(splits
     assert [int(ds.attrs["world_size"]) for ds in runs.values()] == [1, 1, 2]
     assert list(runs["two_x8"].record.values) == [0, 1]
     _compare(runs)
+
+
+@pytest.mark.parametrize("n", [32, 20, 37, 33])
+def test_geomkit_run_gives_every_split_the_same_examples_per_step(n: int) -> None:
+    """2 processes x batch 8, 1 x 16 and 1 x 8 with accumulation 2: the same examples in every
+    optimizer step, also in a last, shorter step (split evenly; dropped when it holds fewer
+    examples than micro-batches), and as many steps on every process."""
+    from geomkit.runner import _step_batches
+
+    def steps(processes: int, batch: int, accumulation: int) -> list[list[int]]:
+        shares = [
+            _step_batches(list(range(n)), batch, accumulation, 0, list, rank, processes)
+            for rank in range(processes)
+        ]
+        assert len({len(share) for share in shares}) == 1  # every process cycles together
+        count = len(shares[0]) // accumulation
+        return [
+            sorted(
+                item
+                for share in shares
+                for micro in share[k * accumulation : (k + 1) * accumulation]
+                for item in micro
+            )
+            for k in range(count)
+        ]
+
+    one = steps(1, 16, 1)
+    assert sorted(x for step in one for x in step) == list(range(n))  # nothing dropped
+    for split in ((1, 8, 2), (2, 8, 1)):
+        got = steps(*split)
+        assert got == (one[:-1] if n % 16 == 1 else one), split
