@@ -343,3 +343,30 @@ def test_geomkit_run_gives_every_split_the_same_examples_per_step(n: int) -> Non
     for split in ((1, 8, 2), (2, 8, 1)):
         got = steps(*split)
         assert got == (one[:-1] if n % 16 == 1 else one), split
+
+
+def test_a_loss_with_compute_only_counts_one_per_batch() -> None:
+    class Mean(ForgetLoss):
+        def compute(self, model, batch, reference):
+            return GA()(model, batch)
+
+    class Nothing(ForgetLoss):
+        pass
+
+    model, batch = tiny_llama(0), _collate(_rows(4, 0))
+    assert Mean().normalisation is None and int(Mean().count(batch)) == 1
+    torch.testing.assert_close(Mean().total(model, batch), GA()(model, batch))
+    with pytest.raises(NotImplementedError, match="Nothing implements neither total"):
+        Nothing()(model, batch)
+
+
+def test_a_step_without_any_loss_token_raises() -> None:
+    rows = _rows(4, 0)
+    for row in rows:
+        row["labels"][:] = -100
+    empty = [_collate(rows[:2]), _collate(rows[2:])]
+    engine = Unlearner(
+        tiny_llama(0), Objective("ga", GA(), None), empty, None, EngineConfig(accumulation=2)
+    )
+    with pytest.raises(ValueError, match=r"GA: the forget data of step 0 \(2 micro-batch"):
+        engine.step()
