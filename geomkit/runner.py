@@ -42,7 +42,7 @@ def run(config: RunConfig, report: bool = True) -> list[dict[str, Any]]:
     ``audit.txt`` in ``config.out``) and their figure set is written to ``config.out/figures``.
 
     Under ``torchrun`` every process runs this with the same configuration: each takes its own
-    share of every seed's batches, the engine averages the gradients, and only rank 0 writes
+    share of every seed's batches, the engine sums the normalised gradients, and only rank 0 writes
     (stores, metrics, tables, report) and prints.
     """
     import torch
