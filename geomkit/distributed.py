@@ -1,8 +1,9 @@
 """Helpers for data-parallel and sharded runs over ``torch.distributed``.
 
-Data parallel (every process holds whole gradients of its own micro-batches): the engine averages
-each task's gradient over processes once per accumulation window, then every process combines
-the same (f, r) and takes the same step; process 0 writes the store.
+Data parallel (every process holds whole gradients of its own micro-batches): the engine sums
+each task's gradient over processes once per accumulation window (each micro-batch's total
+divided by the count over all micro-batches and processes, docs/method.md#normalisation), then
+every process combines the same (f, r) and takes the same step; process 0 writes the store.
 
 Sharded gradients (FSDP2 ``fully_shard``, ZeRO-3: every process holds a shard of every tensor):
 pass :func:`shard_sum` as ``shard_sum=`` to a strategy, to :mod:`geomkit.statistics` or to the

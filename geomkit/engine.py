@@ -1,9 +1,11 @@
 """The two-pass unlearning loop (paper Algorithm 1, the released trainer's semantics).
 
 Per optimizer step, for each of ``accumulation`` micro-batches: one forward + backward of the
-forget loss and one of the retain loss, each task's gradient accumulated separately. At the
-accumulation boundary the two gradients are averaged across data-parallel ranks (one bucketed
-all-reduce per task, not one per backward), combined once by the strategy straight into the
+forget loss and one of the retain loss, each task's gradient accumulated separately. Each task's
+gradient is that of its global loss over the step: every micro-batch's total divided by the count
+summed over the window and the data-parallel ranks (docs/method.md#normalisation). At the
+accumulation boundary the two gradients are summed across ranks (one bucketed all-reduce per
+task, not one per backward), combined once by the strategy straight into the
 parameters' ``.grad``, recorded, clipped, and AdamW takes the step under a linear schedule with
 warm-up. This module keeps that loop short and readable; everything else lives in the modules it
 calls.
@@ -28,7 +30,7 @@ from torch.distributed.tensor import DTensor
 
 from geomkit._validation import ConfigError, check_choice, check_integer, check_real, invalid
 from geomkit.distributed import init_from_environment, rank_and_world, shard_sum
-from geomkit.objectives import Objective
+from geomkit.objectives import NORMALISATIONS, Objective, _Loss
 from geomkit.recorder import VERIFY_EVERY, Every, Never, Recorder, Schedule
 from geomkit.strategies import Strategy, as_strategy
 
@@ -190,8 +192,8 @@ class _Stream:
             self.next()
 
 
-def _all_reduce_mean(tensors: Sequence[Tensor], world: int, bucket_bytes: int = 32 << 20) -> None:
-    """Average ``tensors`` over ranks in place, in buckets of at most ``bucket_bytes``."""
+def _all_reduce_sum(tensors: Sequence[Tensor], world: int, bucket_bytes: int = 32 << 20) -> None:
+    """Sum ``tensors`` over ranks in place, in buckets of at most ``bucket_bytes``."""
     if world == 1:
         return
     bucket: list[Tensor] = []
@@ -200,7 +202,6 @@ def _all_reduce_mean(tensors: Sequence[Tensor], world: int, bucket_bytes: int = 
     def reduce(bucket: list[Tensor]) -> None:
         flat = torch.cat([t.reshape(-1) for t in bucket])
         dist.all_reduce(flat)
-        flat /= world
         offset = 0
         for t in bucket:
             t.copy_(flat[offset : offset + t.numel()].view_as(t))
@@ -214,6 +215,18 @@ def _all_reduce_mean(tensors: Sequence[Tensor], world: int, bucket_bytes: int = 
             bucket, size = [], 0
     if bucket:
         reduce(bucket)
+
+
+def _global_count(
+    loss: _Loss, batches: Sequence[Mapping[str, Tensor]], device: torch.device, world: int
+) -> Tensor:
+    """The normaliser of a step: ``loss.count`` summed over ``batches`` and over ranks (int64,
+    one small all-reduce when ``world > 1``)."""
+    count = torch.stack([loss.count(batch).cpu() for batch in batches]).sum()
+    if world > 1:
+        count = count.to(device)
+        dist.all_reduce(count)
+    return count
 
 
 def _local(t: Tensor) -> Tensor:
@@ -410,18 +423,34 @@ class Unlearner:
 
     # -- one optimizer step -----------------------------------------------------------------
 
-    def _accumulate(self, loss_fn: Callable, stream: _Stream, into: list[Tensor]) -> Tensor:
-        """Forward + backward of one task over the accumulation window, into ``into``."""
+    def _accumulate(self, loss_fn: _Loss, stream: _Stream, into: list[Tensor]) -> Tensor:
+        """Forward + backward of one task over the accumulation window, into ``into``.
+
+        ``into`` receives the gradient of the step's global loss: the totals of every
+        micro-batch of the window on every rank, divided by their summed count
+        (docs/method.md#normalisation). Returns that loss (float64, the same on every rank).
+        """
         for buffer in into:
             buffer.zero_()
-        total = torch.zeros((), device=self.params[0].device, dtype=torch.float64)
         device = _local(self.params[0]).device
         window = self.config.accumulation
+        batches = [stream.next() for _ in range(window)]
+        count = int(_global_count(loss_fn, batches, device, self.world))  # a host sync
+        if not count:
+            unit = NORMALISATIONS.get(loss_fn.normalisation or "", "unit")
+            raise ValueError(
+                f"{type(loss_fn).__name__}: the {stream.name} data of step {self.step_index} "
+                f"({window} micro-batch(es) on {self.world} process(es)) hold no {unit}; "
+                "the loss would be NaN"
+            )
+        # FSDP2 divides the reduce-scattered gradient by the world size: scale it back
+        scale = self.world if self.sharded else 1
+        total = torch.zeros((), device=device, dtype=torch.float64)
         for p in self.params if self.sharded else ():
             p.grad = None
-        for i in range(window):
-            batch = _move(stream.next(), device)
-            loss = loss_fn(self.model, batch, self.reference) / window
+        for i, batch in enumerate(batches):
+            part = loss_fn.total(self.model, _move(batch, device), self.reference)
+            loss = (part * scale if scale != 1 else part) / count
             if self.sharded:  # FSDP2 reduce-scatters at the window's last backward only
                 self.model.set_requires_gradient_sync(i == window - 1)
                 loss.backward()
@@ -430,17 +459,16 @@ class Unlearner:
                 for buffer, g in zip(into, grads, strict=True):
                     if g is not None:
                         buffer.add_(g)
-            total += loss.detach().double()
+            total += part.detach().double()
         if self.sharded:
             for buffer, p in zip(into, self.params, strict=True):
                 if p.grad is not None:
                     buffer.copy_(_local(p.grad))
         else:
-            _all_reduce_mean(into, self.world)
+            _all_reduce_sum(into, self.world)
         if self.world > 1:
             dist.all_reduce(total)
-            total /= self.world
-        return total
+        return total / count
 
     def _non_finite(self) -> dict[str, list[str]]:
         """Names of the tensors with a NaN or inf gradient, per task (one host sync)."""

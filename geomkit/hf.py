@@ -2,9 +2,15 @@
 
 A Trainer callback cannot see the two gradients, so :class:`TwoTaskTrainer` overrides
 ``training_step``: each micro-batch carries a ``"forget"`` and a ``"retain"`` sub-batch; the
-forget and retain gradients are accumulated separately over the accumulation window, averaged
+forget and retain gradients are accumulated separately over the accumulation window, summed
 over data-parallel processes, and at the window's last micro-batch combined by the strategy into
-``.grad`` (and recorded). The Trainer then clips, steps and schedules as usual.
+``.grad`` (and recorded); the Trainer then clips, steps and schedules as usual.
+
+As in the engine, each task's gradient is that of its global loss over the optimizer step:
+:meth:`TwoTaskTrainer.get_batch_samples` sums each task's count over the window's micro-batches
+and the processes, and every micro-batch's total is divided by it (the two-task form of the
+Trainer's ``num_items_in_batch`` with ``average_tokens_across_devices``;
+docs/method.md#normalisation).
 
 >>> import tempfile, torch, transformers
 >>> from geomkit.objectives import build_objective
@@ -35,22 +41,25 @@ from __future__ import annotations
 import copy
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import transformers
 from torch import Tensor
 
 from geomkit._deprecation import renamed
 from geomkit._validation import invalid
 from geomkit.distributed import rank_and_world
-from geomkit.engine import _all_reduce_mean
-from geomkit.objectives import Objective
+from geomkit.engine import _all_reduce_sum
+from geomkit.objectives import NORMALISATIONS, Objective
 from geomkit.recorder import Recorder
 from geomkit.strategies import Strategy, as_strategy
 
 __all__ = ["TwoTaskTrainer", "pair_collator"]
+
+_TASKS = ("forget", "retain")
 
 
 def pair_collator(items: Sequence[Mapping[str, Mapping[str, Tensor]]]) -> dict[str, Any]:
@@ -122,7 +131,9 @@ class TwoTaskTrainer(transformers.Trainer):
         self._params = [p for _, p in named]
         self._f = [torch.zeros_like(p) for p in self._params]
         self._r = [torch.zeros_like(p) for p in self._params]
-        self._losses = [0.0, 0.0]
+        self._losses = torch.zeros(2, dtype=torch.float64)  # this process's share, per task
+        self._counts: list[int] | None = None  # per task, over the window and the processes
+        self._window = 0
         self._micro = 0
         self.rank, self.world = rank_and_world()
         self.recorder = (
@@ -147,13 +158,42 @@ class TwoTaskTrainer(transformers.Trainer):
             else None
         )
 
-    def _task(self, loss_fn, model, batch, into: list[Tensor], scale: float) -> Tensor:
-        loss = loss_fn(model, batch, self.reference) * scale
-        grads = torch.autograd.grad(loss, self._params, allow_unused=True)
-        for buffer, g in zip(into, grads, strict=True):
-            if g is not None:
-                buffer.add_(g)
-        return loss.detach()
+    def get_batch_samples(
+        self, epoch_iterator: Iterator, num_batches: int, device: torch.device
+    ) -> tuple[list, Tensor | int | None]:
+        """Draw the window's micro-batches (as ``transformers.Trainer`` does) and sum each
+        task's count over them and over the processes (one small all-reduce)."""
+        batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        counts = torch.zeros(2, dtype=torch.int64)
+        tasks = (self.objective.forget, self.objective.retain)
+        for batch in batch_samples:
+            for i, loss in enumerate(tasks):
+                if loss is not None and isinstance(batch, Mapping) and _TASKS[i] in batch:
+                    counts[i] += loss.count(batch[_TASKS[i]]).cpu()
+        if self.world > 1:
+            counts = counts.to(device)
+            dist.all_reduce(counts)
+        self._counts = counts.tolist()
+        self._window = len(batch_samples)
+        return batch_samples, num_items
+
+    def _normaliser(self, index: int, batch: Mapping[str, Tensor]) -> int:
+        """Task ``index``'s count over the window and the processes (from
+        :meth:`get_batch_samples`; outside the Trainer's loop, this micro-batch's count times
+        the window and the processes, i.e. a mean of per-micro-batch means)."""
+        loss_fn = (self.objective.forget, self.objective.retain)[index]
+        if self._counts is not None:
+            count = self._counts[index]
+        else:
+            count = int(loss_fn.count(batch)) * self._window * self.world
+        if not count:
+            unit = NORMALISATIONS.get(loss_fn.normalisation or "", "unit")
+            raise ValueError(
+                f"{type(loss_fn).__name__}: the {_TASKS[index]} micro-batches of step "
+                f"{self.state.global_step} on {self.world} process(es) hold no {unit}; the loss "
+                "would be NaN"
+            )
+        return count
 
     def training_step(
         self,
@@ -161,7 +201,12 @@ class TwoTaskTrainer(transformers.Trainer):
         inputs: dict[str, Any],
         num_items_in_batch: Any = None,
     ) -> Tensor:
-        """One micro-batch of both tasks; combine into ``.grad`` at the window's end."""
+        """One micro-batch of both tasks; combine into ``.grad`` at the window's end.
+
+        Returns this micro-batch's share of the step's losses (forget + retain) times the
+        number of processes: the Trainer sums it over the window and logs its mean over the
+        processes.
+        """
         model.train()
         inputs = self._prepare_inputs(inputs)
         if "forget" not in inputs:
@@ -170,34 +215,47 @@ class TwoTaskTrainer(transformers.Trainer):
                 "(and 'retain') sub-batch; use geomkit.hf.pair_collator and "
                 "TrainingArguments(remove_unused_columns=False)"
             )
-        window = max(
-            1,
-            int(getattr(self, "current_gradient_accumulation_steps", 0) or 0)
-            or self.args.gradient_accumulation_steps,
-        )
-        unwrapped = self.accelerator.unwrap_model(model)  # our own all-reduce, not DDP hooks
         if self._micro == 0:
             for buffer in (*self._f, *self._r):
                 buffer.zero_()
-            self._losses = [0.0, 0.0]
-        loss_f = self._task(self.objective.forget, unwrapped, inputs["forget"], self._f, 1 / window)
-        loss = loss_f
-        self._losses[0] += float(loss_f)
-        if self.objective.retain is not None:
-            loss_r = self._task(
-                self.objective.retain, unwrapped, inputs["retain"], self._r, 1 / window
-            )
-            loss = loss + loss_r
-            self._losses[1] += float(loss_r)
+            self._losses.zero_()
+            if self._counts is None:  # the window was not drawn by get_batch_samples
+                self._window = max(
+                    1,
+                    int(getattr(self, "current_gradient_accumulation_steps", 0) or 0)
+                    or self.args.gradient_accumulation_steps,
+                )
+        unwrapped = self.accelerator.unwrap_model(model)  # our own all-reduce, not DDP hooks
+        tasks = ((self.objective.forget, self._f), (self.objective.retain, self._r))
+        share = torch.zeros((), dtype=torch.float64)
+        for index, (loss_fn, into) in enumerate(tasks):
+            if loss_fn is None:
+                continue
+            batch = inputs[_TASKS[index]]
+            count = self._normaliser(index, batch)
+            loss = loss_fn.total(unwrapped, batch, self.reference) / count
+            grads = torch.autograd.grad(loss, self._params, allow_unused=True)
+            for buffer, g in zip(into, grads, strict=True):
+                if g is not None:
+                    buffer.add_(g)
+            value = loss.detach().double().cpu()
+            self._losses[index] += value
+            share += value
         self._micro += 1
-        if self._micro == window:
+        if self._micro >= self._window:
             self._micro = 0
             self._combine()
-        return loss
+            self._counts = None
+        return (share * self.world).to(device=self.args.device, dtype=torch.float32)
 
     def _combine(self) -> None:
-        _all_reduce_mean(self._f, self.world)
-        _all_reduce_mean(self._r, self.world)
+        """Sum the window's gradients and losses over the processes; combine and record."""
+        _all_reduce_sum(self._f, self.world)
+        _all_reduce_sum(self._r, self.world)
+        losses = self._losses.to(self.args.device)
+        if self.world > 1:
+            dist.all_reduce(losses)
+        forget_loss, retain_loss = losses.tolist()
         for p in self._params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -209,8 +267,8 @@ class TwoTaskTrainer(transformers.Trainer):
                 self._f,
                 self._r,
                 grads,
-                forget_loss=self._losses[0],
-                retain_loss=self._losses[1] if self.objective.retain is not None else math.nan,
+                forget_loss=forget_loss,
+                retain_loss=retain_loss if self.objective.retain is not None else math.nan,
                 learning_rate=float(self._get_learning_rate()) if self.lr_scheduler else math.nan,
                 grad_norm=float(torch.nn.utils.get_total_norm(grads)),
             )

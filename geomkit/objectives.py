@@ -13,6 +13,12 @@ attention mask is only handed to the model (and, for the activation losses of RM
 positions that count). A batch without any position that counts raises ``ValueError`` instead
 of returning NaN.
 
+Every loss is a ratio ``total / count`` (:meth:`~ForgetLoss.total`, :meth:`~ForgetLoss.count`):
+the count depends on the batch only (its ``normalisation``, one of :data:`NORMALISATIONS`), so the
+engine can divide the totals of all micro-batches of an optimizer step, on all processes, by
+their summed count and take the gradient of the global loss however the batch is split
+(docs/method.md#normalisation).
+
 A frozen reference model, where a loss needs one (``needs_reference``), is evaluated under
 :func:`torch.no_grad`, so it never receives gradients; put it in ``eval()`` mode yourself.
 
@@ -34,7 +40,6 @@ Objective(name='simnpo', forget=SimNPO(beta=0.7, delta=0.1), retain=NLL(), train
 from __future__ import annotations
 
 import re
-from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +53,7 @@ from geomkit._validation import check_choice, check_integer, check_real, invalid
 
 __all__ = [
     "IGNORE_INDEX",
+    "NORMALISATIONS",
     "OBJECTIVES",
     "RETAIN_KINDS",
     "ForgetLoss",
@@ -72,6 +78,15 @@ OBJECTIVES: tuple[str, ...] = ("ga", "graddiff", "npo", "simnpo", "rmu")
 
 RETAIN_KINDS: tuple[str, ...] = ("nll", "kl", "none")
 """Values of ``retain_loss=`` accepted by :func:`build_objective`."""
+
+NORMALISATIONS: dict[str, str] = {
+    "token": "loss-carrying token",
+    "sequence": "sequence with a loss-carrying token",
+    "activation": "non-padded token",
+}
+"""What a loss's :meth:`~ForgetLoss.count` counts, by ``normalisation``: the loss-carrying
+next-token positions (``labels[:, 1:] != -100``), the sequences with at least one of them, or
+the non-padded positions (``attention_mask != 0``)."""
 
 RMU_DEFAULT_LAYER: int = 7
 """The RMU layer of the paper (Zephyr-7B); smaller models fall back to their last block."""
@@ -134,13 +149,26 @@ def _forward(model: nn.Module, ids: Tensor, mask: Tensor, hidden: bool = False) 
 # --------------------------------------------------------------------------------------------
 
 
-def _check_loss_tokens(owner: str, labels: Tensor) -> None:
-    """Raise unless some next-token position (``labels[:, 1:]``) carries a loss."""
-    if not bool((labels[:, 1:] != IGNORE_INDEX).any()):
-        raise ValueError(
-            f"{owner}: the batch has no loss-carrying token (every label after the first "
-            f"position is {IGNORE_INDEX}); a loss over it would be NaN"
+def _count(owner: str, normalisation: str, batch: object) -> Tensor:
+    """The number of units of ``normalisation`` (:data:`NORMALISATIONS`) in ``batch`` (int64)."""
+    if normalisation == "activation":
+        _, attention = _batch(owner, batch, _KEYS_ACTIVATION)
+        return (attention != 0).sum()
+    _, _, labels = _batch(owner, batch, _KEYS_LM)
+    keep = labels[:, 1:] != IGNORE_INDEX
+    return keep.any(-1).sum() if normalisation == "sequence" else keep.sum()
+
+
+def _empty(owner: str, normalisation: str) -> ValueError:
+    """The error of a batch whose count is 0."""
+    if normalisation == "activation":
+        return ValueError(
+            f"{owner}: the batch has no non-padded token (attention_mask is 0 everywhere)"
         )
+    return ValueError(
+        f"{owner}: the batch has no loss-carrying token (every label after the first "
+        f"position is {IGNORE_INDEX}); a loss over it would be NaN"
+    )
 
 
 def _token_nll(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -157,20 +185,9 @@ def _token_nll(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     return nll.view(targets.shape), targets != IGNORE_INDEX
 
 
-def _sequence_mean(values: Tensor, valid: Tensor) -> Tensor:
-    """Mean of ``values`` [B] over the sequences where ``valid`` [B] holds."""
-    values = torch.where(valid, values, torch.zeros_like(values))
-    return values.sum() / valid.sum()
-
-
-def _activation_mask(owner: str, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
-    mask = attention_mask != 0
-    count = mask.sum()
-    if not bool(count):
-        raise ValueError(
-            f"{owner}: the batch has no non-padded token (attention_mask is 0 everywhere)"
-        )
-    return mask, count
+def _sequence_sum(values: Tensor, valid: Tensor) -> Tensor:
+    """Sum of ``values`` [B] over the sequences where ``valid`` [B] holds."""
+    return torch.where(valid, values, torch.zeros_like(values)).sum()
 
 
 def _resolve_layer(owner: str, layer: int | None, n_layers: int) -> int:
@@ -185,10 +202,11 @@ def _resolve_layer(owner: str, layer: int | None, n_layers: int) -> int:
     return resolved
 
 
-def _masked_mse(a: Tensor, b: Tensor, mask: Tensor, count: Tensor) -> Tensor:
-    """Mean over the positions in ``mask`` [B, T] and over hidden dims of (a - b)^2 (float32)."""
+def _masked_mse_sum(a: Tensor, b: Tensor, mask: Tensor) -> Tensor:
+    """Sum over the positions in ``mask`` [B, T] of the mean over hidden dims of (a - b)^2
+    (float32)."""
     per_token = (a.float() - b.float()).square().mean(-1)
-    return torch.where(mask, per_token, torch.zeros_like(per_token)).sum() / count
+    return torch.where(mask, per_token, torch.zeros_like(per_token)).sum()
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,9 +214,20 @@ def _masked_mse(a: Tensor, b: Tensor, mask: Tensor, count: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-class _Loss(ABC):
+class _Loss:
+    """A loss ``total / count``: an un-normalised total over the batch and a count that depends on
+    the batch only.
+
+    A built-in loss implements :meth:`total` and names its :attr:`normalisation`; a custom loss
+    may instead implement :meth:`compute` alone (it then counts 1 per batch, so that the engine
+    averages it over the micro-batches and processes of a step).
+    """
+
     needs_reference: bool = False
     """Whether the loss compares against a frozen reference model (``reference=`` required)."""
+
+    normalisation: str | None = None
+    """What :meth:`count` counts: a key of :data:`NORMALISATIONS` (``None``: 1 per batch)."""
 
     def __call__(
         self, model: nn.Module, batch: Mapping[str, Tensor], reference: nn.Module | None = None
@@ -216,16 +245,50 @@ class _Loss(ABC):
             The frozen reference model; required when :attr:`needs_reference` is true and
             ignored otherwise.
         """
+        self._check_reference(reference)
+        return self.compute(model, batch, reference)
+
+    def _check_reference(self, reference: nn.Module | None) -> None:
         if self.needs_reference and reference is None:
             name = type(self).__name__
             raise invalid("reference", reference, "a frozen reference model", owner=name)
-        return self.compute(model, batch, reference)
 
-    @abstractmethod
     def compute(
         self, model: nn.Module, batch: Mapping[str, Tensor], reference: nn.Module | None
     ) -> Tensor:
-        """The loss itself; called by ``__call__`` after the reference check."""
+        """The loss itself, ``total / count``; called by ``__call__`` after the reference check.
+
+        Raises ``ValueError`` when the count is 0 (the loss would be NaN).
+        """
+        count = self.count(batch)
+        if not bool(count):
+            raise _empty(type(self).__name__, self.normalisation or "token")
+        return self.total(model, batch, reference) / count
+
+    def total(
+        self, model: nn.Module, batch: Mapping[str, Tensor], reference: nn.Module | None = None
+    ) -> Tensor:
+        """The un-normalised loss: the sum over the batch's units (scalar float32,
+        differentiable; 0 for a batch without any unit). ``total / count`` is the loss.
+
+        A loss that implements only :meth:`compute` returns it here (its count is 1).
+        """
+        if type(self).compute is _Loss.compute:
+            raise NotImplementedError(
+                f"{type(self).__name__} implements neither total() (with a normalisation) nor "
+                "compute()"
+            )
+        self._check_reference(reference)
+        return self.compute(model, batch, reference)
+
+    def count(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """The normaliser: the number of units of :attr:`normalisation` in ``batch`` (a 0-dim
+        int64 tensor on the batch's device; 1 when :attr:`normalisation` is ``None``). It
+        depends on the batch only, never on the model."""
+        if self.normalisation is None:
+            device = next((v.device for v in batch.values() if isinstance(v, Tensor)), None)
+            return torch.ones((), dtype=torch.int64, device=device)
+        return _count(type(self).__name__, self.normalisation, batch)
 
     def _params(self) -> dict[str, object]:
         return {}
@@ -261,13 +324,15 @@ class GA(ForgetLoss):
     loss-carrying tokens of the batch (a token mean, not a mean of sequence means).
     """
 
-    def compute(
-        self, model: nn.Module, batch: Mapping[str, Tensor], reference: nn.Module | None
+    normalisation = "token"
+
+    def total(
+        self, model: nn.Module, batch: Mapping[str, Tensor], reference: nn.Module | None = None
     ) -> Tensor:
+        """-sum_t NLL_t over the loss-carrying tokens."""
         ids, mask, labels = _batch("GA", batch, _KEYS_LM)
-        _check_loss_tokens("GA", labels)
-        nll, keep = _token_nll(_forward(model, ids, mask).logits, labels)
-        return -nll.sum() / keep.sum()
+        nll, _ = _token_nll(_forward(model, ids, mask).logits, labels)
+        return -nll.sum()
 
 
 class NPO(ForgetLoss):
@@ -286,6 +351,7 @@ class NPO(ForgetLoss):
     """
 
     needs_reference = True
+    normalisation = "sequence"
 
     def __init__(self, beta: float = 0.1) -> None:
         self.beta = check_real("beta", beta, 0, strict=True, owner="NPO")
@@ -293,18 +359,19 @@ class NPO(ForgetLoss):
     def _params(self) -> dict[str, object]:
         return {"beta": self.beta}
 
-    def compute(
-        self, model: nn.Module, batch: Mapping[str, Tensor], reference: nn.Module | None
+    def total(
+        self, model: nn.Module, batch: Mapping[str, Tensor], reference: nn.Module | None = None
     ) -> Tensor:
+        """-(2/beta) sum_y log sigmoid(...) over the sequences with a loss-carrying token."""
+        self._check_reference(reference)
         ids, mask, labels = _batch("NPO", batch, _KEYS_LM)
-        _check_loss_tokens("NPO", labels)
         nll, keep = _token_nll(_forward(model, ids, mask).logits, labels)
         with torch.no_grad():
             ref_nll, _ = _token_nll(_forward(reference, ids, mask).logits, labels)
         # log pi_theta(y) - log pi_ref(y) = -(sum NLL_theta) + (sum NLL_ref)
         log_ratio = ref_nll.to(nll.device).sum(-1) - nll.sum(-1)
         terms = F.logsigmoid(-self.beta * log_ratio)
-        return -(2.0 / self.beta) * _sequence_mean(terms, keep.any(-1))
+        return -(2.0 / self.beta) * _sequence_sum(terms, keep.any(-1))
 
 
 class SimNPO(ForgetLoss):
@@ -324,6 +391,8 @@ class SimNPO(ForgetLoss):
         Margin subtracted from the length-normalised NLL. Default 0.0; the paper uses 0.1.
     """
 
+    normalisation = "sequence"
+
     def __init__(self, beta: float = 2.5, delta: float = 0.0) -> None:
         self.beta = check_real("beta", beta, 0, strict=True, owner="SimNPO")
         self.delta = check_real("delta", delta, owner="SimNPO")
@@ -331,17 +400,17 @@ class SimNPO(ForgetLoss):
     def _params(self) -> dict[str, object]:
         return {"beta": self.beta, "delta": self.delta}
 
-    def compute(
-        self, model: nn.Module, batch: Mapping[str, Tensor], reference: nn.Module | None
+    def total(
+        self, model: nn.Module, batch: Mapping[str, Tensor], reference: nn.Module | None = None
     ) -> Tensor:
+        """-(2/beta) sum_y log sigmoid(...) over the sequences with a loss-carrying token."""
         ids, mask, labels = _batch("SimNPO", batch, _KEYS_LM)
-        _check_loss_tokens("SimNPO", labels)
         nll, keep = _token_nll(_forward(model, ids, mask).logits, labels)
         counts = keep.sum(-1)
         valid = counts > 0
         nll_avg = nll.sum(-1) / counts.clamp(min=1)
         terms = F.logsigmoid(self.beta * (nll_avg - self.delta))
-        return -(2.0 / self.beta) * _sequence_mean(terms, valid)
+        return -(2.0 / self.beta) * _sequence_sum(terms, valid)
 
 
 class RMU(ForgetLoss):
@@ -367,6 +436,8 @@ class RMU(ForgetLoss):
     seed : int
         Seed of the random direction u (>= 0).
     """
+
+    normalisation = "activation"
 
     def __init__(self, layer: int | None = None, coefficient: float = 2.0, seed: int = 0) -> None:
         self.layer = None if layer is None else check_integer("layer", layer, 0, owner="RMU")
@@ -403,15 +474,16 @@ class RMU(ForgetLoss):
             self._directions[key] = u.to(device=device, dtype=dtype)
         return self._directions[key]
 
-    def compute(
-        self, model: nn.Module, batch: Mapping[str, Tensor], reference: nn.Module | None
+    def total(
+        self, model: nn.Module, batch: Mapping[str, Tensor], reference: nn.Module | None = None
     ) -> Tensor:
+        """Sum over the non-padded tokens of the hidden-dimension mean of (h_l - c u)^2."""
         ids, attention = _batch("RMU", batch, _KEYS_ACTIVATION)
-        keep, count = _activation_mask("RMU", attention)
+        keep = attention != 0
         states = _forward(model, ids, attention, hidden=True).hidden_states
         h = states[self.resolve_layer(len(states) - 1) + 1]
         u = self.steering_vector(h.shape[-1], device=h.device, dtype=h.dtype)
-        return _masked_mse(h, self.coefficient * u.float(), keep.to(h.device), count)
+        return _masked_mse_sum(h, self.coefficient * u.float(), keep.to(h.device))
 
 
 # --------------------------------------------------------------------------------------------
@@ -426,13 +498,15 @@ class NLL(RetainLoss):
     tokens of the batch.
     """
 
-    def compute(
-        self, model: nn.Module, batch: Mapping[str, Tensor], reference: nn.Module | None
+    normalisation = "token"
+
+    def total(
+        self, model: nn.Module, batch: Mapping[str, Tensor], reference: nn.Module | None = None
     ) -> Tensor:
+        """sum_t NLL_t over the loss-carrying tokens."""
         ids, mask, labels = _batch("NLL", batch, _KEYS_LM)
-        _check_loss_tokens("NLL", labels)
-        nll, keep = _token_nll(_forward(model, ids, mask).logits, labels)
-        return nll.sum() / keep.sum()
+        nll, _ = _token_nll(_forward(model, ids, mask).logits, labels)
+        return nll.sum()
 
 
 class KL(RetainLoss):
@@ -443,12 +517,14 @@ class KL(RetainLoss):
     """
 
     needs_reference = True
+    normalisation = "token"
 
-    def compute(
-        self, model: nn.Module, batch: Mapping[str, Tensor], reference: nn.Module | None
+    def total(
+        self, model: nn.Module, batch: Mapping[str, Tensor], reference: nn.Module | None = None
     ) -> Tensor:
+        """sum_t KL_t over the loss-carrying positions."""
+        self._check_reference(reference)
         ids, mask, labels = _batch("KL", batch, _KEYS_LM)
-        _check_loss_tokens("KL", labels)
         logits = _forward(model, ids, mask).logits[:, :-1]
         keep = labels[:, 1:] != IGNORE_INDEX
         log_p = logits[keep.to(logits.device)].float().log_softmax(-1)
@@ -462,7 +538,7 @@ class KL(RetainLoss):
             )
         log_q = log_q.to(log_p.device)
         kl = F.kl_div(log_p, log_q, reduction="none", log_target=True).sum(-1)
-        return kl.mean()
+        return kl.sum()
 
 
 class RMURetain(RetainLoss):
@@ -478,6 +554,7 @@ class RMURetain(RetainLoss):
     """
 
     needs_reference = True
+    normalisation = "activation"
 
     def __init__(self, layer: int | None = None) -> None:
         self.layer = None if layer is None else check_integer("layer", layer, 0, owner="RMURetain")
@@ -489,11 +566,13 @@ class RMURetain(RetainLoss):
         """The layer compared in a model with ``n_layers`` decoder blocks (checked)."""
         return _resolve_layer("RMURetain", self.layer, n_layers)
 
-    def compute(
-        self, model: nn.Module, batch: Mapping[str, Tensor], reference: nn.Module | None
+    def total(
+        self, model: nn.Module, batch: Mapping[str, Tensor], reference: nn.Module | None = None
     ) -> Tensor:
+        """Sum over the non-padded tokens of the hidden-dimension mean of (h_l - h_l^ref)^2."""
+        self._check_reference(reference)
         ids, attention = _batch("RMURetain", batch, _KEYS_ACTIVATION)
-        keep, count = _activation_mask("RMURetain", attention)
+        keep = attention != 0
         states = _forward(model, ids, attention, hidden=True).hidden_states
         layer = self.resolve_layer(len(states) - 1)
         with torch.no_grad():
@@ -504,7 +583,7 @@ class RMURetain(RetainLoss):
                 f"the model {len(states) - 1}"
             )
         h = states[layer + 1]
-        return _masked_mse(h, ref_states[layer + 1].to(h.device), keep.to(h.device), count)
+        return _masked_mse_sum(h, ref_states[layer + 1].to(h.device), keep.to(h.device))
 
 
 # --------------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ def run(config: RunConfig, report: bool = True) -> list[dict[str, Any]]:
     ``audit.txt`` in ``config.out``) and their figure set is written to ``config.out/figures``.
 
     Under ``torchrun`` every process runs this with the same configuration: each takes its own
-    share of every seed's batches, the engine averages the gradients, and only rank 0 writes
+    share of every seed's batches, the engine sums the normalised gradients, and only rank 0 writes
     (stores, metrics, tables, report) and prints.
     """
     import torch
@@ -250,21 +250,16 @@ def _finite(value: Any) -> Any:
 def _grid(
     config: RunConfig, forget_items: list, retain_items: list, make: Callable
 ) -> Iterator[tuple[RunConfig, int, str, list[dict], list[dict]]]:
-    """Every (seed, strategy) run: its configuration and its seed's shuffled batches.
-
-    In a data-parallel job each process gets every ``world``-th batch, starting at its rank.
-    """
+    """Every (seed, strategy) run: its configuration and this process's share of its seed's
+    shuffled micro-batches (:func:`_step_batches`)."""
     from geomkit.distributed import rank_and_world
 
     rank, world = rank_and_world()
     for seed in config.seeds:
-        forget = _shuffled_batches(forget_items, config.batch_size, seed, make)[rank::world]
-        retain = _shuffled_batches(retain_items, config.batch_size, seed, make)[rank::world]
-        if not forget or not retain:
-            raise ConfigError(
-                f"{world} processes but the data make fewer batches of batch_size="
-                f"{config.batch_size}; expected at least one forget and one retain batch each"
-            )
+        forget, retain = (
+            _step_batches(items, config.batch_size, config.accumulation, seed, make, rank, world)
+            for items in (forget_items, retain_items)
+        )
         seeded = _with_epochs(config, len(forget))
         for strategy in config.strategies:
             yield seeded, seed, strategy, forget, retain
@@ -278,10 +273,43 @@ def _with_epochs(config: RunConfig, n_batches: int) -> RunConfig:
     return dataclasses.replace(config, steps=steps)
 
 
-def _shuffled_batches(items: list, batch_size: int, seed: int, make: Callable) -> list[dict]:
+def _step_batches(
+    items: list,
+    batch_size: int,
+    accumulation: int,
+    seed: int,
+    make: Callable,
+    rank: int = 0,
+    world: int = 1,
+) -> list[dict]:
+    """This process's micro-batches, such that every optimizer step sees the same examples
+    however its batch is split over processes and micro-batches.
+
+    The items, shuffled with ``seed``, are cut into steps of ``batch_size x accumulation x
+    world`` examples; each step into ``accumulation x world`` consecutive micro-batches (of
+    ``batch_size`` examples; the last, shorter step's as equal as possible), of which process
+    ``rank`` takes numbers ``rank, rank + world, ...``. So 2 processes x batch 8, 1 x batch 16
+    and 1 x batch 8 with accumulation 2 see the very same 16 examples per step. A last step with
+    fewer examples than micro-batches is dropped.
+    """
     order = list(items)
     random.Random(seed).shuffle(order)
-    return [make(order[i : i + batch_size]) for i in range(0, len(order), batch_size)]
+    parts = accumulation * world
+    size = batch_size * parts
+    steps = [order[i : i + size] for i in range(0, len(order), size)]
+    if steps and len(steps[-1]) < parts:
+        steps.pop()
+    if not steps:
+        raise ConfigError(
+            f"{world} process(es) x accumulation={accumulation} need at least {parts} examples "
+            f"per step; the data hold {len(order)}"
+        )
+    mine = []
+    for step in steps:
+        cut, extra = divmod(len(step), parts)
+        bounds = [j * cut + min(j, extra) for j in range(parts + 1)]
+        mine += [make(step[bounds[j] : bounds[j + 1]]) for j in range(rank, parts, world)]
+    return mine
 
 
 # -- the embedded benchmark -----------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Two CPU processes on the gloo backend: data-parallel unlearning and sharded statistics.
 
-Data parallel: two ranks, each with half of the global batch, take exactly the step one process
-takes with the whole batch, and rank 0 records the same statistics.
+Data parallel: two ranks, each with half of the global batch (halves of different token counts),
+take exactly the step one process takes with the whole batch, and rank 0 records the same
+statistics.
 
 Sharded, at two levels: (1) every tensor split by hand in two contiguous shards, one per rank,
 where with ``shard_sum`` the strategies (per-tensor PCGrad's dot product included) and the
@@ -122,11 +123,19 @@ def _tiny_model():
 
 
 def _batches(seed: int, rows: slice, n: int = 4) -> list[dict[str, torch.Tensor]]:
+    """Rows 0-1 short, rows 2-3 long (right padding, -100 labels on padding and on a prompt
+    token): the two ranks' halves hold different token counts, so only the global token mean
+    makes two ranks equal one process."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
-        x = torch.randint(0, 64, (4, 12), generator=g)[rows]
-        out.append({"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()})
+        x = torch.randint(0, 64, (4, 12), generator=g)
+        lengths = torch.tensor([3, 6, 12, 10])
+        mask = (torch.arange(12) < lengths[:, None]).long()
+        labels = x.masked_fill(mask == 0, -100)
+        labels[:, 1] = -100
+        batch = {"input_ids": x, "attention_mask": mask, "labels": labels}
+        out.append({k: v[rows] for k, v in batch.items()})
     return out
 
 
@@ -173,9 +182,9 @@ def _engine_worker(rank: int, world: int, port: int, out: str, mode: str, strate
     ("mode", "strategy"), [("ddp", "sago"), ("fsdp", "pcgrad")], ids=["ddp-sago", "fsdp2-pcgrad"]
 )
 def test_two_processes_equal_one_process(tmp_path: Path, mode: str, strategy: str) -> None:
-    """Data parallel (whole gradients averaged per window) and FSDP2 (gradient shards,
+    """Data parallel (whole gradients summed per window) and FSDP2 (gradient shards,
     statistics and per-tensor PCGrad dot products summed over ranks) both equal one process
-    with the whole global batch."""
+    with the whole global batch, on halves of different token counts."""
     import geomkit
 
     world = 2
@@ -186,7 +195,8 @@ def test_two_processes_equal_one_process(tmp_path: Path, mode: str, strategy: st
     states = [torch.load(tmp_path / f"{mode}_rank{r}.pt") for r in range(world)]
     for name, value in single.items():
         for r in range(world):  # every rank took the same step as the single process
-            torch.testing.assert_close(states[r][name], value, rtol=1e-5, atol=1e-6)
+            # AdamW turns float noise in a near-zero gradient coordinate into ~lr-sized steps
+            torch.testing.assert_close(states[r][name], value, rtol=1e-5, atol=1e-5)
     ddp, one = geomkit.open_run(tmp_path / mode), geomkit.open_run(tmp_path / "single")
     assert ddp.attrs["world_size"] == 2 and one.attrs["world_size"] == 1
     assert (ddp.numel.values == one.numel.values).all()
