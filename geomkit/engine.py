@@ -6,8 +6,8 @@ accumulation boundary the two gradients are averaged across data-parallel ranks 
 all-reduce per task, not one per backward), recorded (statistics from the two gradients, before
 any update is formed), combined once by the strategy in place into the forget buffer, which is
 what the parameters' ``.grad`` are (two gradient-sized buffers in all), clipped, and AdamW takes
-the step under a linear schedule with warm-up. This module keeps that loop short and readable; everything else lives in the modules it
-calls.
+the step under a linear schedule with warm-up. This module keeps that loop short and readable;
+everything else lives in the modules it calls.
 """
 
 from __future__ import annotations
@@ -80,9 +80,11 @@ class EngineConfig:
     record_every : int
         Record geometry every this many steps (0: never).
     verify_every : int
-        Verify the shadow statistics at the first geometry record and every this many records
-        after it (0: never): each shadow's update is materialised with its own code and
-        measured (:meth:`geomkit.recorder.Recorder.verify`, claim V1).
+        Verify the closed forms at the first geometry record and every this many records
+        after it (0: never): each strategy's update, the applied one's included, is
+        materialised with its own code one tensor at a time and measured
+        (:meth:`geomkit.recorder.Recorder.verify`, claims V1 and R0); the applied one is then
+        the update applied.
     flush_every : int
         Append to the store every this many steps.
     nonfinite : {"error", "skip"}

@@ -5,8 +5,12 @@
 combined update, if you formed it): on scheduled steps it reduces them on the device to the
 sufficient statistics of the applied strategy and of every shadow strategy, moves them to the
 host in one transfer, buffers them, and appends them to the run's zarr store every
-``flush_every`` steps. Per-step scalars (losses, learning rate, gradient norm, wall time) are
-kept for every step.
+``flush_every`` steps. Without the combined update, every strategy's statistics are closed forms
+from (f, r) (store attribute ``applied_statistics = "closed_form"``) and the updates are formed
+and measured, one tensor at a time, at the verified records only; :meth:`Recorder.observe`
+also writes the applied update where you ask (e.g. into the forget gradient: two gradient
+buffers in all, as in :class:`geomkit.engine.Unlearner`). Per-step scalars (losses, learning
+rate, gradient norm, wall time) are kept for every step.
 
 Instrumenting a hand-written two-pass loop::
 
@@ -141,7 +145,8 @@ class Recorder:
     numel : sequence of int
         Element counts of those tensors.
     strategy : Strategy or str
-        The applied strategy (its statistics are measured on the update actually formed): a
+        The applied strategy (its statistics are measured on the update passed to
+        :meth:`record`, else closed forms, see :meth:`observe`): a
         :class:`~geomkit.strategies.Strategy` (e.g. ``Strategy(BLUR(), PerTensor())``) or a
         registered name. ``str(strategy)`` is its ``strategy`` coordinate in the store.
     shadows : sequence of Strategy or str, optional
@@ -169,11 +174,11 @@ class Recorder:
         As for :class:`geomkit.store.RunWriter` (``mode="a"`` with ``resume_step`` continues a
         run from a checkpoint without duplicating steps).
     verify_every : int
-        Verify the shadow statistics at the first recorded step and every ``verify_every``-th
-        recorded step after it (0: never): each shadow strategy's update is then materialised
-        once with the strategy's own code (one strategy at a time), measured, and stored
-        beside the closed forms (:meth:`verify`; audited by claim V1,
-        docs/theory.md#v1).
+        Verify the closed forms at the first recorded step and every ``verify_every``-th
+        recorded step after it (0: never): each strategy's update (the applied one's too when
+        its statistics are closed forms) is then materialised once with the strategy's own code,
+        one tensor at a time, measured, and stored beside the closed forms (:meth:`verify`;
+        audited by claims V1 and R0, docs/theory.md#v1).
     """
 
     @renamed(path="out")

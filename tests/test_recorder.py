@@ -279,7 +279,7 @@ def test_recorder_without_the_update_records_closed_forms(tmp_path: Path, applie
     own, given = geomkit.open_run(tmp_path / "own.zarr"), geomkit.open_run(tmp_path / "given.zarr")
     assert own.attrs["applied_statistics"] == "closed_form"
     assert given.attrs["applied_statistics"] == "measured"
-    for name in PAIR + ("n_projected",):  # float64 sums in another order
+    for name in (*PAIR, "n_projected"):  # float64 sums in another order
         np.testing.assert_allclose(own[name].values, given[name].values, rtol=1e-12, err_msg=name)
     # the applied row: closed form (float64, d never rounded) vs the float32 update measured
     for name in ("dd", "df", "dr"):

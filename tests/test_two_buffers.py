@@ -149,9 +149,7 @@ def batches(seed: int, n: int = 4) -> list[dict]:
     return out
 
 
-def engine(
-    tmp_path: Path | None, strategy: str = "sago", dtype=torch.float32, hidden=32, **config
-):
+def engine(tmp_path: Path | None, strategy: str = "sago", dtype=torch.float32, hidden=32, **config):
     model = tiny_llama(0, hidden=hidden).to(dtype)
     settings = dict(strategy=strategy, steps=4, lr=1e-3, warmup_ratio=0.0, flush_every=2)
     settings.update(config)
