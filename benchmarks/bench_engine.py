@@ -9,9 +9,17 @@ record or flush every 10 steps count in (d)):
 (c) the same, recording every step with all six strategies (applied + five shadows);
 (d) the same, recording every 10 steps.
 
+Peak memory is measured per configuration: the process's peak resident set (``ru_maxrss``) on
+the CPU, reported whole and as the growth over the resident set once the model and the data
+were built ("step peak": gradients, optimizer state, activations, temporaries), or
+``torch.cuda.max_memory_allocated`` on CUDA. geomkit's step holds two gradient-sized buffers
+(forget, then the update in place, and retain); plain GradDiff holds one ``.grad`` but the
+activations of both batches at once.
+
 Usage::
 
     python benchmarks/bench_engine.py                 # d=128, 4 layers (~1M parameters)
+    python benchmarks/bench_engine.py --params 100M   # d=768, 9 layers, vocab 8192 (~98M)
     python benchmarks/bench_engine.py --device cuda --dtype bfloat16 --hidden 2048 --layers 16
 """
 
@@ -26,6 +34,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+PRESETS = {
+    "1M": {"hidden": 128, "layers": 4, "vocab": 512},
+    "100M": {"hidden": 768, "layers": 9, "vocab": 8192},
+}
+"""``--params`` presets: Llama shapes (intermediate size 4 x hidden, untied embeddings) of about
+1.2M and 98M parameters; explicit ``--hidden``/``--layers``/``--vocab`` override them."""
 
 CONFIGS = {
     "a": "plain GradDiff (one summed backward, no geomkit)",
@@ -74,6 +89,7 @@ def _child(args) -> None:
     torch.set_num_threads(args.threads)
     model = _model(args)
     forget, retain = _batches(args, 1), _batches(args, 2)
+    built_kib = _rss_kib()  # the model and the data, before any step
     steps = args.warmup + args.steps
     times = []
     if args.config == "a":
@@ -111,6 +127,7 @@ def _child(args) -> None:
             if unlearner.recorder is not None:
                 unlearner.recorder.close()
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    gradient_mib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     cuda_peak = None
     if args.device == "cuda":
         cuda_peak = torch.cuda.max_memory_allocated() / 2**20
@@ -120,11 +137,23 @@ def _child(args) -> None:
             {
                 "mean_ms": statistics.fmean(times[args.warmup :]) * 1e3,
                 "peak_rss_mib": peak_kib / 1024,
+                "step_peak_mib": (peak_kib - built_kib) / 1024,
+                "gradient_mib": gradient_mib,
                 "cuda_peak_mib": cuda_peak,
                 "params": n_params,
             }
         )
     )
+
+
+def _rss_kib() -> int:
+    """The current resident set of this process in KiB (Linux ``/proc``; else the peak)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            pages = int(statm.read().split()[1])
+        return pages * resource.getpagesize() // 1024
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def _sync(device) -> None:
@@ -137,9 +166,12 @@ def _sync(device) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", choices=list(CONFIGS), help=argparse.SUPPRESS)
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=512)
+    parser.add_argument(
+        "--params", choices=list(PRESETS), default="1M", help="model size preset (Llama shape)"
+    )
+    parser.add_argument("--hidden", type=int, default=None)
+    parser.add_argument("--layers", type=int, default=None)
+    parser.add_argument("--vocab", type=int, default=None)
     parser.add_argument("--batch", type=int, default=32, help="sequences per task (paper: 32)")
     parser.add_argument("--length", type=int, default=64)
     parser.add_argument("--steps", type=int, default=40)
@@ -150,6 +182,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--backend", default="eager", choices=["eager", "compiled"])
     args = parser.parse_args()
+    for key, value in PRESETS[args.params].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.config:
         _child(args)
         return
@@ -157,7 +192,7 @@ def main() -> None:
     forwarded = [
         f"--{key}={value}"
         for key, value in vars(args).items()
-        if key not in ("config", "repeats") and value is not None
+        if key not in ("config", "repeats", "params") and value is not None
     ]
     for _ in range(args.repeats):  # interleave configs so drift hits them alike
         for key in CONFIGS:
@@ -173,24 +208,32 @@ def main() -> None:
                 results[key] = run
     n = results["a"]["params"]
     print(
-        f"# tiny Llama: {n / 1e6:.2f}M parameters (d={args.hidden}, {args.layers} layers, vocab "
+        f"# Llama: {n / 1e6:.2f}M parameters (d={args.hidden}, {args.layers} layers, vocab "
         f"{args.vocab}), batch {args.batch}x{args.length} per task, {args.device} {args.dtype}, "
         f"{args.threads} thread(s), {args.backend} backend; best of {args.repeats} processes of "
         f"the mean of "
         f"{args.steps} steps"
     )
     print()
-    print("| config | mean ms / step | ratio to (b) | peak RSS MiB | peak vs (a) |")
-    print("|---|---:|---:|---:|---:|")
+    cuda = results["a"]["cuda_peak_mib"] is not None
+    kind = "peak CUDA MiB" if cuda else "peak RSS MiB"
+    print(
+        f"| config | mean ms / step | ratio to (b) | {kind} | peak vs (a) | step peak MiB | "
+        "step peak vs (a) | step peak / gradient |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for key, label in CONFIGS.items():
         r = results[key]
-        peak = r["cuda_peak_mib"] if r["cuda_peak_mib"] is not None else r["peak_rss_mib"]
-        base = results["a"]["cuda_peak_mib"] or results["a"]["peak_rss_mib"]
+        peak = r["cuda_peak_mib"] if cuda else r["peak_rss_mib"]
+        base = results["a"]["cuda_peak_mib"] if cuda else results["a"]["peak_rss_mib"]
+        step, step_base = r["step_peak_mib"], results["a"]["step_peak_mib"]
         print(
             f"| ({key}) {label} | {r['mean_ms']:.1f} | "
             f"{r['mean_ms'] / results['b']['mean_ms']:.3f} | {peak:.0f} | "
-            f"{peak / base:.2f} |"
+            f"{peak / base:.2f} | {step:.0f} | {step / step_base:.2f} | "
+            f"{step / r['gradient_mib']:.2f} |"
         )
+    print(f"\n# one gradient: {results['a']['gradient_mib']:.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -5,10 +5,11 @@ forget loss and one of the retain loss, each task's gradient accumulated separat
 gradient is that of its global loss over the step: every micro-batch's total divided by the count
 summed over the window and the data-parallel ranks (docs/method.md#normalisation). At the
 accumulation boundary the two gradients are summed across ranks (one bucketed all-reduce per
-task, not one per backward), combined once by the strategy straight into the
-parameters' ``.grad``, recorded, clipped, and AdamW takes the step under a linear schedule with
-warm-up. This module keeps that loop short and readable; everything else lives in the modules it
-calls.
+task, not one per backward), recorded (statistics from the two gradients, before any update is
+formed), combined once by the strategy in place into the forget buffer, which is what the
+parameters' ``.grad`` are (two gradient-sized buffers in all), clipped, and AdamW takes the step
+under a linear schedule with warm-up. This module keeps that loop short and readable; everything
+else lives in the modules it calls.
 """
 
 from __future__ import annotations
@@ -81,9 +82,11 @@ class EngineConfig:
     record_every : int
         Record geometry every this many steps (0: never).
     verify_every : int
-        Verify the shadow statistics at the first geometry record and every this many records
-        after it (0: never): each shadow's update is materialised with its own code and
-        measured (:meth:`geomkit.recorder.Recorder.verify`, claim V1).
+        Verify the closed forms at the first geometry record and every this many records
+        after it (0: never): each strategy's update, the applied one's included, is
+        materialised with its own code one tensor at a time and measured
+        (:meth:`geomkit.recorder.Recorder.verify`, claims V1 and R0); the applied one is then
+        the update applied.
     flush_every : int
         Append to the store every this many steps.
     nonfinite : {"error", "skip"}
@@ -379,11 +382,14 @@ class Unlearner:
         # gradient is reduce-scattered once per window and every statistic is summed over ranks.
         self.sharded = any(isinstance(p, DTensor) for p in self.params)
         self._shard_sum = shard_sum() if self.sharded else None
+        # Two gradient-sized buffers: the forget and retain gradients. The strategy writes the
+        # combined update into the forget buffer, which is what every parameter's ``.grad`` is
+        # (its local shard under FSDP2), so AdamW reads the update without a third copy.
+        # ``_accumulate`` must therefore not accumulate into ``.grad`` while ``.grad`` aliases
+        # the forget buffer (it uses autograd.grad; the sharded path resets ``.grad`` first).
         self._f = [torch.zeros_like(_local(p)) for p in self.params]
         self._r = [torch.zeros_like(_local(p)) for p in self.params]
-        for p in self.params:
-            if p.grad is None and not self.sharded:
-                p.grad = torch.zeros_like(p)
+        self._grads()
         self.recorder = self._make_recorder()
 
     def _make_recorder(self) -> Recorder | None:
@@ -487,11 +493,27 @@ class Unlearner:
         return {task: names for task, names in bad.items() if names}
 
     def _grads(self) -> list[Tensor]:
-        """The tensors that receive the update: ``.grad`` (its local shard under FSDP2)."""
-        for p in self.params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        return [_local(p.grad) for p in self.params]
+        """Point every parameter's ``.grad`` at its forget buffer and return the buffers.
+
+        The update is formed in place there. Under FSDP2, ``.grad`` becomes a DTensor whose
+        local shard is the buffer (same mesh, placements and global shape as the parameter),
+        which also frees the gradient FSDP reduce-scattered last.
+        """
+        for p, f in zip(self.params, self._f, strict=True):
+            if isinstance(p, DTensor):
+                grad = p.grad
+                if grad is None or grad.to_local().data_ptr() != f.data_ptr():
+                    p.grad = DTensor.from_local(
+                        f,
+                        p.device_mesh,
+                        p.placements,
+                        run_check=False,
+                        shape=p.shape,
+                        stride=p.stride(),
+                    )
+            elif p.grad is not f:
+                p.grad = f
+        return self._f
 
     def _norm(self, grads: list[Tensor]) -> Tensor:
         """Euclidean norm of the whole update (over every shard under FSDP2)."""
@@ -538,15 +560,18 @@ class Unlearner:
                     learning_rate=learning_rate,
                     skipped=True,
                 )
-            self.optimizer.zero_grad(set_to_none=False)
             self.scheduler.step()
             self.step_index += 1
             return result
 
-        grads = self._grads()
-        self.strategy(self._f, self._r, out=grads, shard_sum=self._shard_sum)
-        norm = self._norm(grads)
+        grads = self._grads()  # the forget buffers, aliased by .grad
         recorded = self.recorder is not None and self.recorder.wants(step)
+        observation = None
+        if recorded:  # statistics from (f, r) first, then the update is formed into f
+            observation = self.recorder.observe(self._f, self._r, into=grads)
+        else:
+            self.strategy(self._f, self._r, out=grads, shard_sum=self._shard_sum)
+        norm = self._norm(grads)
         result = StepResult(
             step,
             float(forget_loss),
@@ -559,17 +584,14 @@ class Unlearner:
         if self.recorder is not None:  # the update as formed, before clipping rescales it
             self.recorder.record(
                 step,
-                self._f,
-                self._r,
-                grads,
+                observation=observation,
                 forget_loss=result.forget_loss,
                 retain_loss=result.retain_loss,
                 learning_rate=learning_rate,
                 grad_norm=result.grad_norm,
             )
         self._clip(grads, norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=False)
+        self.optimizer.step()  # no zero_grad: the next accumulation overwrites both buffers
         self.scheduler.step()
         self.step_index += 1
         return result

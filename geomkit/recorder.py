@@ -5,8 +5,12 @@
 combined update, if you formed it): on scheduled steps it reduces them on the device to the
 sufficient statistics of the applied strategy and of every shadow strategy, moves them to the
 host in one transfer, buffers them, and appends them to the run's zarr store every
-``flush_every`` steps. Per-step scalars (losses, learning rate, gradient norm, wall time) are
-kept for every step.
+``flush_every`` steps. Without the combined update, every strategy's statistics are closed forms
+from (f, r) (store attribute ``applied_statistics = "closed_form"``) and the updates are formed
+and measured, one tensor at a time, at the verified records only; :meth:`Recorder.observe`
+also writes the applied update where you ask (e.g. into the forget gradient: two gradient
+buffers in all, as in :class:`geomkit.engine.Unlearner`). Per-step scalars (losses, learning
+rate, gradient norm, wall time) are kept for every step.
 
 Instrumenting a hand-written two-pass loop::
 
@@ -33,18 +37,28 @@ from typing import Any
 
 import numpy as np
 import torch
+import zarr
 from torch import Tensor
 
 from geomkit import statistics as gstats
 from geomkit._deprecation import renamed
-from geomkit._validation import check_integer, invalid
-from geomkit.fields import INDEX, PAIR_FIELDS, UPDATE_FIELDS
+from geomkit._validation import check_integer, check_out, invalid
+from geomkit.fields import FIELD_TABLE, FIELDS, INDEX, PAIR_FIELDS, SIZE_FIELDS, UPDATE_FIELDS
 from geomkit.kernels import DOT_FIELDS
 from geomkit.layers import TensorLocation, locate_all
 from geomkit.store import EVALUATION_VARIABLES, VERIFIED_FIELDS, RunWriter
 from geomkit.strategies import Strategy, as_strategy, names
 
-__all__ = ["VERIFY_EVERY", "Schedule", "Every", "Never", "LogSpaced", "Recorder"]
+__all__ = [
+    "APPLIED_STATISTICS",
+    "VERIFY_EVERY",
+    "Schedule",
+    "Every",
+    "Never",
+    "LogSpaced",
+    "Observation",
+    "Recorder",
+]
 
 VERIFY_EVERY: int = 10
 """Default of ``verify_every``: the shadows are verified at the first geometry record and at
@@ -131,7 +145,8 @@ class Recorder:
     numel : sequence of int
         Element counts of those tensors.
     strategy : Strategy or str
-        The applied strategy (its statistics are measured on the update actually formed): a
+        The applied strategy (its statistics are measured on the update passed to
+        :meth:`record`, else closed forms, see :meth:`observe`): a
         :class:`~geomkit.strategies.Strategy` (e.g. ``Strategy(BLUR(), PerTensor())``) or a
         registered name. ``str(strategy)`` is its ``strategy`` coordinate in the store.
     shadows : sequence of Strategy or str, optional
@@ -159,11 +174,11 @@ class Recorder:
         As for :class:`geomkit.store.RunWriter` (``mode="a"`` with ``resume_step`` continues a
         run from a checkpoint without duplicating steps).
     verify_every : int
-        Verify the shadow statistics at the first recorded step and every ``verify_every``-th
-        recorded step after it (0: never): each shadow strategy's update is then materialised
-        once with the strategy's own code (one strategy at a time), measured, and stored
-        beside the closed forms (:meth:`verify`; audited by claim V1,
-        docs/theory.md#v1).
+        Verify the closed forms at the first recorded step and every ``verify_every``-th
+        recorded step after it (0: never): each strategy's update (the applied one's too when
+        its statistics are closed forms) is then materialised once with the strategy's own code,
+        one tensor at a time, measured, and stored beside the closed forms (:meth:`verify`;
+        audited by claims V1 and R0, docs/theory.md#v1).
     """
 
     @renamed(path="out")
@@ -248,6 +263,16 @@ class Recorder:
         self._records: list[tuple[int, np.ndarray, np.ndarray | None]] = []
         self._n_records = 0  # geometry records taken by this recorder (verification schedule)
         self._evaluations: list[dict[str, float]] = []
+        self.applied_statistics: str | None = None
+        """How the applied strategy's statistics are recorded (:data:`APPLIED_STATISTICS`),
+        fixed by the first geometry record (or by the store continued); None before."""
+        self._mode_stored = False
+        if self.writer is not None and mode == "a":
+            stored = zarr.open_group(self.writer.path, mode="r").attrs.get("applied_statistics")
+            if stored is not None:
+                self.applied_statistics, self._mode_stored = str(stored), True
+            elif self.writer.committed[1]:  # records of a geomkit that measured them always
+                self.applied_statistics = "measured"
 
     @classmethod
     @renamed(path="out")
@@ -288,6 +313,7 @@ class Recorder:
         retain: Sequence[Tensor] | None = None,
         combined: Sequence[Tensor] | None = None,
         *,
+        observation: Observation | None = None,
         forget_loss: float = math.nan,
         retain_loss: float = math.nan,
         learning_rate: float = math.nan,
@@ -305,7 +331,14 @@ class Recorder:
             data-parallel averaging), one tensor per recorded parameter. Needed on scheduled
             steps unless ``skipped``.
         combined : sequence of Tensor, optional
-            The update actually applied; formed with the applied strategy when omitted.
+            The update actually applied: the applied strategy's statistics are then measured
+            on it at every record (store attribute ``applied_statistics = "measured"``).
+            Omitted, they are the closed forms of :func:`geomkit.statistics.shadow`, like the
+            shadows' (``"closed_form"``), and the applied update is materialised and measured
+            at the verified records (:meth:`observe`).
+        observation : Observation, optional
+            This step's geometry, taken by :meth:`observe` before the update was formed (then
+            pass no gradients); how the engine records without a third gradient buffer.
         forget_loss, retain_loss, learning_rate, grad_norm : float
             Step scalars (Python floats; pass ``tensor.item()`` values you already have).
         skipped : bool
@@ -315,15 +348,24 @@ class Recorder:
             raise invalid(
                 "step", step, f"a step after step {self._last_step} (steps must increase)"
             )
-        measured = verified = None
-        if not skipped and self.schedule(step):
+        if observation is not None and (forget is not None or combined is not None):
+            raise ValueError(
+                "record() takes either an observation or the gradients of the step, not both"
+            )
+        if not skipped and self.schedule(step) and observation is None:
             if forget is None or retain is None:
                 raise ValueError(
                     f"step {step} is scheduled for recording; pass the forget and retain gradients"
                 )
-            measured = self.measure(forget, retain, combined)  # may raise: nothing kept yet
-            if self.verifies(self._n_records):
-                verified = self.verify(forget, retain, measured)
+            observation = self.observe(forget, retain, combined)  # may raise: nothing kept yet
+        if observation is not None:
+            if skipped or not self.schedule(step):
+                raise invalid(
+                    "observation",
+                    "given",
+                    f"None at step {step} (skipped or not scheduled for recording)",
+                )
+            self._check_mode(observation.applied_statistics)
         self._steps.append(
             {
                 "step": step,
@@ -335,8 +377,8 @@ class Recorder:
                 "skipped": bool(skipped),
             }
         )
-        if measured is not None:
-            self._records.append((step, measured, verified))
+        if observation is not None:
+            self._records.append((step, observation.statistics, observation.verified))
             self._n_records += 1
         self._last_step = step
         if len(self._steps) >= self.flush_every:
@@ -361,6 +403,73 @@ class Recorder:
         row.update({k: float(metrics.get(k, math.nan)) for k in EVALUATION_VARIABLES})
         self._evaluations.append(row)
 
+    def observe(
+        self,
+        forget: Sequence[Tensor],
+        retain: Sequence[Tensor],
+        combined: Sequence[Tensor] | None = None,
+        *,
+        into: Sequence[Tensor] | None = None,
+    ) -> Observation:
+        """Take the geometry of the next geometry record; optionally form the applied update.
+
+        Without ``combined``, every strategy's statistics, the applied one's included, are the
+        closed forms of :func:`geomkit.statistics.shadow` (``applied_statistics =
+        "closed_form"``). If this record is verified (:meth:`verifies`), each strategy's update
+        is then materialised with its own code one tensor at a time into one reused temporary
+        and measured (:meth:`verify`), the applied strategy's last. With ``combined`` (the
+        update you formed), the applied strategy's row is measured on it (``"measured"``) and
+        only the shadows are verified.
+
+        Parameters
+        ----------
+        forget, retain : sequence of Tensor
+            The gradients, one tensor per recorded parameter; not modified unless passed as
+            ``into``.
+        combined : sequence of Tensor, optional
+            The update you formed and apply.
+        into : sequence of Tensor, optional
+            Receives the applied strategy's update, bit-identical to ``strategy(forget,
+            retain, out=into)``; may be ``forget`` itself (the engine's forget buffer, which
+            the optimizer reads): it is written after everything else was measured. Not with
+            ``combined``.
+
+        Returns
+        -------
+        Observation
+            What :meth:`record` buffers (pass it as ``observation=``).
+        """
+        forget, retain = list(forget), list(retain)
+        if len(forget) != len(self.tensors):
+            raise ValueError(
+                f"invalid forget of {len(forget)} gradient tensors: expected "
+                f"{len(self.tensors)}, one per tracked parameter"
+            )
+        if combined is not None and into is not None:
+            raise ValueError(
+                "observe() takes combined (an update you formed) or into (where to form it), "
+                "not both"
+            )
+        if into is not None:
+            into = check_out(into, forget)
+        closed = combined is None and self.closed_form
+        statistics = self.measure(forget, retain, combined)
+        mode = "closed_form" if closed else "measured"
+        verified = None
+        if self.verifies(self._n_records) and (closed or self.shadows):
+            verified = self.verify(forget, retain, statistics, applied=closed, into=into)
+        elif into is not None:  # not verified: the strategy forms the update directly
+            self.applied(forget, retain, out=into, shard_sum=self.shard_sum)
+        return Observation(statistics, verified, mode)
+
+    @property
+    def closed_form(self) -> bool:
+        """Whether the applied strategy's statistics have closed forms (every registered rule
+        has: uniform, or never opposing r), so that it is recorded without forming its update
+        unless the update is passed to :meth:`record`."""
+        rule = self.applied.rule
+        return rule.uniform or rule.never_opposes
+
     def measure(
         self,
         forget: Sequence[Tensor],
@@ -369,6 +478,8 @@ class Recorder:
     ) -> np.ndarray:
         """Statistics of the applied and shadow strategies, ``[n_strategies, n_tensors, F]``.
 
+        The applied strategy's row is measured on ``combined`` when given, else it is the
+        closed form (a rule without closed forms is formed one tensor at a time and measured).
         Computed on the device; one host transfer.
         """
         forget, retain = list(forget), list(retain)
@@ -377,21 +488,25 @@ class Recorder:
                 f"invalid forget of {len(forget)} gradient tensors: expected "
                 f"{len(self.tensors)}, one per tracked parameter"
             )
+        if combined is None and self.closed_form:
+            return gstats.to_numpy(
+                gstats.shadow(forget, retain, self.strategies, shard_sum=self.shard_sum)
+            )
         if combined is None:
-            combined = self.applied(forget, retain, shard_sum=self.shard_sum)
-        parts = [
-            gstats.sufficient(
+            applied = self._materialise(self.applied, forget, retain)
+        else:
+            applied = gstats.sufficient(
                 forget, retain, combined, strategy=self.applied, shard_sum=self.shard_sum
-            )[None]
-        ]
+            )
+        parts = [applied[None]]
         if self.shadows:
             parts.append(gstats.shadow(forget, retain, self.shadows, shard_sum=self.shard_sum))
         return gstats.to_numpy(torch.cat(parts))
 
     def verifies(self, index: int) -> bool:
-        """Whether the ``index``-th geometry record (0-based) verifies the shadows: the first,
-        then every ``verify_every``-th (never with ``verify_every=0`` or without shadows)."""
-        return bool(self.shadows) and self.verify_every > 0 and index % self.verify_every == 0
+        """Whether the ``index``-th geometry record (0-based) is verified: the first, then
+        every ``verify_every``-th (never with ``verify_every=0``)."""
+        return self.verify_every > 0 and index % self.verify_every == 0
 
     @torch.no_grad()
     def verify(
@@ -399,14 +514,31 @@ class Recorder:
         forget: Sequence[Tensor],
         retain: Sequence[Tensor],
         measured: np.ndarray,
+        *,
+        applied: bool = False,
+        into: Sequence[Tensor] | None = None,
     ) -> np.ndarray:
-        """Materialise each shadow's update with its own code and measure it.
+        """Materialise each strategy's update with its own code and measure it.
 
         The closed forms of :func:`geomkit.statistics.shadow` (in ``measured``, the output
         of :meth:`measure`) are what the audit compares these measurements with (claim V1,
-        docs/theory.md#v1). Each shadow's update is formed as the engine would apply it
-        (``strategy(forget, retain)``, in the gradient dtype), reduced with
-        :func:`geomkit.statistics.sufficient` and freed before the next one.
+        docs/theory.md#v1). Each update is formed as the engine would apply it (the strategy's
+        pooled dot products over all tensors first, then
+        :meth:`~geomkit.strategies.Strategy.combine_tensor` one tensor at a time, in the
+        gradient dtype) into one reused tensor-sized temporary, and reduced with
+        :func:`geomkit.statistics.sufficient` before the next tensor.
+
+        Parameters
+        ----------
+        forget, retain : sequence of Tensor
+            The gradients.
+        measured : ndarray
+            The output of :meth:`measure` for them.
+        applied : bool
+            Also materialise the applied strategy (row 0; else NaN there), after the shadows.
+        into : sequence of Tensor, optional
+            With ``applied``: each tensor of the applied update is copied there once measured
+            (``into`` may be ``forget``: every other measurement is taken before).
 
         Returns
         -------
@@ -414,23 +546,74 @@ class Recorder:
             ``[n_strategies, n_tensors, len(VERIFIED_FIELDS) + 1]`` float64: per strategy and
             tensor the fields :data:`~geomkit.store.VERIFIED_FIELDS` of the materialised
             update, then ``n_ambiguous`` (coordinates whose sign test rounding can flip, see
-            :func:`_ambiguous`); NaN for the applied strategy (row 0), whose statistics are
-            measured anyway.
+            :func:`_ambiguous`); NaN for rows not materialised.
         """
         forget, retain = list(forget), list(retain)
+        if into is not None and not applied:
+            raise ValueError("verify(into=...) writes the applied update: pass applied=True")
         out = np.full((len(self.strategies), len(self.tensors), len(VERIFIED_FIELDS) + 1), np.nan)
         home = forget[0].device
         closed_dots = torch.as_tensor(
             measured[0][:, [INDEX[n] for n in DOT_FIELDS]], dtype=torch.float64, device=home
         )  # [T, 3]: the dot products the closed forms were formed from
-        for k, s in enumerate(self.shadows, start=1):
-            update = s(forget, retain, shard_sum=self.shard_sum)
-            stats = gstats.sufficient(forget, retain, update, strategy=s, shard_sum=self.shard_sum)
-            del update  # one materialised update at a time
-            row = gstats.to_numpy(stats)
-            out[k, :, : len(VERIFIED_FIELDS)] = row[:, [INDEX[n] for n in VERIFIED_FIELDS]]
-            out[k, :, -1] = _ambiguous(s, forget, retain, closed_dots, self.shard_sum)
+        rows = [k for k in range(1, len(self.strategies))] + ([0] if applied else [])
+        columns = [INDEX[n] for n in VERIFIED_FIELDS]
+        for k in rows:  # the applied strategy last: it may write into forget
+            s = self.strategies[k]
+            ambiguous = _ambiguous(s, forget, retain, closed_dots, self.shard_sum)
+            stats = self._materialise(s, forget, retain, into=into if k == 0 else None)
+            out[k, :, : len(VERIFIED_FIELDS)] = gstats.to_numpy(stats)[:, columns]
+            out[k, :, -1] = ambiguous
         return out
+
+    def _materialise(
+        self,
+        strategy: Strategy,
+        forget: list[Tensor],
+        retain: list[Tensor],
+        into: Sequence[Tensor] | None = None,
+    ) -> Tensor:
+        """:func:`geomkit.statistics.sufficient` of ``strategy``'s update, formed one tensor at
+        a time into one reused temporary (per dtype and device) and copied into ``into`` when
+        given; ``[n_tensors, F]`` on the first tensor's device, summed over shards."""
+        dots = (
+            strategy.pooled_dots(forget, retain, self.shard_sum)
+            if strategy.rule.reduces
+            else [None] * len(forget)
+        )  # over every tensor, before anything is written (global scopes pool them all)
+        largest: dict[tuple[torch.dtype, torch.device], int] = {}
+        for f in forget:
+            key = (f.dtype, f.device)
+            largest[key] = max(largest.get(key, 0), f.numel())
+        temporary = {k: torch.empty(n, dtype=k[0], device=k[1]) for k, n in largest.items()}
+        home = forget[0].device
+        rows = []
+        for j, (f, r, dot) in enumerate(zip(forget, retain, dots, strict=True)):
+            d = temporary[(f.dtype, f.device)][: f.numel()].view(f.shape)
+            strategy.combine_tensor(f, r, d, dot)
+            pooled = None if dot is None else [dot]
+            rows.append(gstats.sufficient([f], [r], [d], strategy=strategy, pooled=pooled)[0])
+            if into is not None:
+                into[j].copy_(d)
+        del temporary
+        stats = torch.stack([row.to(home) for row in rows])
+        if self.shard_sum is not None:  # the shard-additive fields (n_projected is pooled)
+            additive = [i for i, n in enumerate(FIELDS) if n not in _NOT_SHARD_ADDITIVE]
+            stats[:, additive] = self.shard_sum(stats[:, additive])
+        return stats
+
+    def _check_mode(self, mode: str) -> None:
+        """Fix the run's ``applied_statistics`` at its first record; a record of the other
+        kind raises (one store holds one kind)."""
+        if self.applied_statistics is None:
+            self.applied_statistics = mode
+        elif mode != self.applied_statistics:
+            how = {"measured": "with combined", "closed_form": "without combined"}
+            raise ValueError(
+                f"invalid record: this run's applied statistics are {self.applied_statistics!r} "
+                f"(recorded {how[self.applied_statistics]}); pass combined to record() at every "
+                "recorded step or at none, or start a new store"
+            )
 
     # -- buffering ---------------------------------------------------------------------------
 
@@ -461,8 +644,13 @@ class Recorder:
                 if self._evaluations
                 else None
             )
+            attribute = None
+            if records is not None and not self._mode_stored:
+                attribute, self._mode_stored = self.applied_statistics, True
             self.wait()  # one append in flight at most: bounded memory, ordered commits
-            self._pending = self._executor.submit(self.writer.append, steps, records, evaluations)
+            self._pending = self._executor.submit(
+                _append, self.writer, attribute, steps, records, evaluations
+            )
         self._steps.clear()
         self._records.clear()
         self._evaluations.clear()
@@ -502,6 +690,36 @@ class Recorder:
             f"verify_every={self.verify_every})"
         )
 
+
+@dataclass(frozen=True)
+class Observation:
+    """The geometry of one recorded step (:meth:`Recorder.observe`), buffered by
+    :meth:`Recorder.record`.
+
+    Attributes
+    ----------
+    statistics : ndarray
+        ``[n_strategies, n_tensors, len(FIELDS)]``: the applied strategy first, then the shadows.
+    verified : ndarray or None
+        The output of :meth:`Recorder.verify` at a verified record, else None.
+    applied_statistics : {"closed_form", "measured"}
+        Whether the applied strategy's row is a closed form or measured on a formed update.
+    """
+
+    statistics: np.ndarray
+    verified: np.ndarray | None
+    applied_statistics: str
+
+
+APPLIED_STATISTICS: tuple[str, ...] = ("measured", "closed_form")
+"""Values of the store attribute ``applied_statistics`` (docs/schema.md#attributes): the
+applied strategy's record statistics measured on the update formed at every record, or closed
+forms like the shadows' (the update measured at verified records only)."""
+
+_NOT_SHARD_ADDITIVE = frozenset(
+    ["n_projected", *(n for n in SIZE_FIELDS if FIELD_TABLE[n].constant is not None)]
+)
+"""Statistics every shard holds whole (from pooled dot products, or constants per tensor)."""
 
 # ----------------------------------------------------------------------------------------------
 # Shadow verification
@@ -572,6 +790,21 @@ def _ambiguous(
     if shard_sum is not None:
         stacked = shard_sum(stacked[:, None])[:, 0]
     return gstats.to_numpy(stacked)
+
+
+def _append(
+    writer: RunWriter,
+    applied_statistics: str | None,
+    steps: Mapping[str, np.ndarray] | None,
+    records: Mapping[str, np.ndarray] | None,
+    evaluations: Mapping[str, np.ndarray] | None,
+) -> None:
+    """One background append; the ``applied_statistics`` attribute is set before the first
+    records it describes are committed."""
+    if applied_statistics is not None:
+        group = zarr.open_group(writer.path, mode="r+")
+        group.attrs["applied_statistics"] = applied_statistics
+    writer.append(steps, records, evaluations)
 
 
 def _verification_block(

@@ -90,6 +90,7 @@ def sufficient(
     *,
     strategy: Strategy | None = None,
     shard_sum: Callable[[Tensor], Tensor] | None = None,
+    pooled: Sequence[Tensor] | None = None,
 ) -> Tensor:
     """Sufficient statistics of the applied update, one row per tensor.
 
@@ -106,6 +107,11 @@ def sufficient(
         For sharded gradients (each process holds a shard of every tensor): sums a stack of
         shard-local statistics over processes (one all-reduce). The result is then the
         whole-tensor statistics, identical on every process.
+    pooled : sequence of Tensor, optional
+        Per tensor the pooled dot products ``strategy`` formed ``d`` with
+        (:meth:`~geomkit.strategies.Strategy.pooled_dots`), when they were computed over more
+        tensors than those passed here (one tensor of a global-scope strategy at a time);
+        default: computed from ``forget`` and ``retain``.
 
     Returns
     -------
@@ -127,8 +133,10 @@ def sufficient(
     _, combined = check_pair(forget, combined, names=("forget", "combined"))
     home = forget[0].device
     checks, projected = [None] * len(forget), None
+    if pooled is not None and len(pooled) != len(forget):
+        raise invalid("pooled", f"{len(pooled)} vectors", f"{len(forget)}, one per tensor")
     if strategy is not None:
-        checks, projected = _formula_checks(strategy, forget, retain, shard_sum)
+        checks, projected = _formula_checks(strategy, forget, retain, shard_sum, pooled)
     rows = _stack_on(
         [
             kernels.triple(f, r, d, check)
@@ -149,13 +157,15 @@ def _formula_checks(
     forget: Sequence[Tensor],
     retain: Sequence[Tensor],
     shard_sum: Callable[[Tensor], Tensor] | None,
+    pooled: Sequence[Tensor] | None = None,
 ) -> tuple[list[Tensor], Tensor]:
     """Per tensor the ``check`` vector of :func:`geomkit.kernels.triple` (the strategy's float64
     linear form from the same pooled dot products the strategy used, and the rounding bound of
     :func:`geomkit.kernels.update_rounding`), and ``n_projected`` from those dot products."""
     home = forget[0].device
     if strategy.rule.reduces:
-        pooled = strategy.pooled_dots(forget, retain, shard_sum)
+        if pooled is None:
+            pooled = strategy.pooled_dots(forget, retain, shard_sum)
     else:
         pooled = [torch.zeros(3, dtype=torch.float64, device=f.device) for f in forget]
     u, eta = kernels.update_rounding(forget[0].dtype)

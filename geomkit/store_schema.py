@@ -106,19 +106,30 @@ VARIABLES: dict[str, dict[str, Any]] = {
 }
 """Every data variable of schema version 2, with its dims, dtype and CF-style attributes."""
 
-VERIFIED_FIELDS: tuple[str, ...] = ("dd", "df", "dr", "n_opposed", "n_projected")
-"""The update statistics measured again, at verified records, on each shadow strategy's update
-materialised with the strategy's own code; stored as ``verified_<field>``."""
+VERIFIED_FIELDS: tuple[str, ...] = (
+    "dd",
+    "df",
+    "dr",
+    "n_opposed",
+    "n_projected",
+    "n_unrounded",
+    "dr_abs",
+)
+"""The update statistics measured, at verified records, on each strategy's update materialised
+with the strategy's own code; stored as ``verified_<field>``. The applied strategy's row is
+filled where the record's statistics are closed forms (store attribute ``applied_statistics =
+"closed_form"``): its materialised update is the one applied."""
 
 VERIFICATION_VARIABLES: dict[str, dict[str, Any]] = {
     **{
         f"verified_{name}": dict(
             dims=("record", "strategy", "tensor"),
             dtype="float64",
-            long_name=f"{FIELD_TABLE[name].long_name}, materialised shadow",
+            long_name=f"{FIELD_TABLE[name].long_name}, materialised update",
             units=FIELD_TABLE[name].units,
-            description=f"{name} measured on the shadow strategy's update materialised with its "
-            "own code in the gradient dtype; NaN where not verified and for the applied strategy",
+            description=f"{name} measured on the strategy's update materialised with its own "
+            "code in the gradient dtype; NaN where not verified, and for the applied strategy "
+            "when its statistics are measured at every record",
         )
         for name in VERIFIED_FIELDS
     },

@@ -367,7 +367,8 @@ def test_non_finite_sago_update_is_a_violation_not_a_pass(value):
 
 
 def write_run(path: Path, pairs, strategy: str = "sago", **weights) -> Path:
-    """A real store written through the public Recorder hook (no model needed)."""
+    """A real store written through the public Recorder hook (no model needed), the applied
+    update measured at every record (``applied_statistics = "measured"``)."""
     shapes = [tuple(t.shape) for t in pairs[0].forget]
     names = NAMES[: len(shapes)] if len(shapes) > 1 else ["model.layers.0.mlp.up_proj.weight"]
     rec = Recorder(
@@ -380,7 +381,8 @@ def write_run(path: Path, pairs, strategy: str = "sago", **weights) -> Path:
         **weights,
     )
     for step, p in enumerate(pairs):
-        rec.record(step, p.forget, p.retain, forget_loss=0.0, retain_loss=0.0)
+        update = rec.applied(p.forget, p.retain)
+        rec.record(step, p.forget, p.retain, update, forget_loss=0.0, retain_loss=0.0)
     rec.close()
     return path
 
@@ -616,7 +618,12 @@ def test_real_engine_run(tmp_path):
     assert_proven_pass(audit)
     r4 = one(audit, "R4", "layer", "sago>=pcgrad")
     assert r4.cases > 0 and "measured" in r4.note
-    assert one(audit, "R1", "coordinate", "sago").evidence == "measured"
+    # the engine records closed forms; the applied update is measured at the verified record
+    r1 = one(audit, "R1", "coordinate", "sago")
+    n = sum(p.numel() for p in unlearner.params)
+    assert r1.evidence == "materialised" and r1.cases == n and r1.verdict == "ok"
+    r0 = one(audit, "R0", "tensor", "sago")
+    assert r0.evidence == "materialised" and r0.cases == len(unlearner.params)
     breakdown = theory.r4_breakdown(geomkit.open_run(tmp_path))
     assert list(breakdown["layer"].values) == [-1, 0, 1]
     np.testing.assert_array_equal(breakdown["cases_by_layer"].sum("layer"), breakdown["cases"])

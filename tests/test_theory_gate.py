@@ -39,7 +39,8 @@ def sample(dtype: torch.dtype, n: int = 4, seed: int = 0, rho: float = -0.3):
 
 
 def write(path: Path, pairs, strategy, combine=None, shadows=None) -> Path:
-    """A store written through the public Recorder hook; ``combine(step, pair)`` may replace the
+    """A store written through the public Recorder hook, the applied update measured at every
+    record (``applied_statistics = "measured"``); ``combine(step, pair)`` may replace the
     update the applied strategy forms."""
     rec = geomkit.Recorder(
         path,
@@ -51,7 +52,10 @@ def write(path: Path, pairs, strategy, combine=None, shadows=None) -> Path:
         attrs={"dtype": str(pairs[0].forget[0].dtype).replace("torch.", ""), "run": path.name},
     )
     for step, p in enumerate(pairs):
-        combined = None if combine is None else combine(step, p)
+        if combine is None:
+            combined = rec.applied(p.forget, p.retain)
+        else:
+            combined = combine(step, p)
         rec.record(step, p.forget, p.retain, combined, forget_loss=0.0, retain_loss=0.0)
     rec.close()
     return path

@@ -73,12 +73,11 @@ def test_first_record_and_every_kth_after_are_verified(tmp_path: Path) -> None:
     run = record(tmp_path, steps=14, schedule=2, verify_every=3)  # records at steps 0, 2, ...
     ds = geomkit.open_run(run)
     verified = np.isin(ds["record"].values, [0, 6, 12])
-    shadows = ~ds["measured"].values
+    assert ds.attrs["applied_statistics"] == "closed_form"  # record() without combined
     for name in VERIFICATION_VARIABLES:
         values = ds[name].values
-        assert np.isfinite(values[verified][:, shadows]).all(), name
+        assert np.isfinite(values[verified]).all(), name  # the applied strategy's too
         assert np.isnan(values[~verified]).all(), name
-        assert np.isnan(values[:, 0]).all(), name  # the applied strategy is measured anyway
 
 
 def test_default_verifies_the_first_record(tmp_path: Path) -> None:
@@ -105,23 +104,30 @@ def test_verified_statistics_are_the_strategies_own(tmp_path: Path) -> None:
             np.testing.assert_array_equal(ds[f"verified_{name}"].values[0, k], expected)
 
 
-def test_one_materialised_update_at_a_time(tmp_path: Path, monkeypatch) -> None:
-    alive: list[weakref.ref] = []
-    original = Strategy.__call__
+def test_one_materialised_tensor_at_a_time(tmp_path: Path, monkeypatch) -> None:
+    # every update is formed one tensor at a time into one reused temporary, never whole
+    storages: set[int] = set()
+    calls = []
+    original = Strategy.combine_tensor
 
-    def call(self, forget, retain, **kwargs):
-        assert not any(ref() is not None for ref in alive), "a previous update is still alive"
-        out = original(self, forget, retain, **kwargs)
-        alive.extend(weakref.ref(t) for t in out)
-        return out
+    def combine_tensor(self, f, r, out, dots):
+        storages.add(out.untyped_storage().data_ptr())
+        calls.append(weakref.ref(out))
+        return original(self, f, r, out, dots)
+
+    def whole(*args, **kwargs):
+        raise AssertionError("a whole update was formed")
 
     rec = Recorder(tmp_path / "g.zarr", NAMES, [math.prod(s) for s in SHAPES], "sago")
     forget = [torch.randn(s) for s in SHAPES]
     retain = [torch.randn(s) for s in SHAPES]
     measured = rec.measure(forget, retain)
-    monkeypatch.setattr(Strategy, "__call__", call)
-    rec.verify(forget, retain, measured)
-    assert len(alive) == len(SHAPES) * len(rec.shadows)
+    monkeypatch.setattr(Strategy, "combine_tensor", combine_tensor)
+    monkeypatch.setattr(Strategy, "__call__", whole)
+    rec.verify(forget, retain, measured, applied=True)
+    assert len(calls) == len(SHAPES) * len(rec.strategies)
+    assert len(storages) <= len(rec.strategies)  # one temporary per strategy, reused
+    assert not any(ref() is not None for ref in calls)  # freed once measured
     rec.close()
 
 
@@ -160,8 +166,8 @@ def test_store_without_verification_opens_and_audits_as_not_verified(tmp_path: P
     assert not set(VERIFICATION_VARIABLES) & set(ds.data_vars)
     audit = theory.audit(run)
     assert not audit.bug_detected
-    results = audit.select(claim="V1")
-    assert len(results) == 5 and all(r.cases == 0 and r.verdict == "n/a" for r in results)
+    results = audit.select(claim="V1")  # the closed-form applied strategy's included
+    assert len(results) == 6 and all(r.cases == 0 and r.verdict == "n/a" for r in results)
     assert all("not verified" in r.note for r in results)
     shadow = audit.get("R6", "coordinate", "sago_prefer_retain")
     assert shadow.evidence == "by construction" and shadow.cases == 0
@@ -202,13 +208,7 @@ def test_honest_runs_pass_v1(dtype: torch.dtype, scale: float, tmp_path: Path) -
     # scale 1e-6: float16 coordinates in the subnormal range, updates rounding to zero
     run = record(tmp_path, dtype, steps=4, scale=scale, verify_every=1)
     results = v1(run)
-    assert {r.strategy for r in results} == {
-        "sum",
-        "pcgrad",
-        "pcgrad_global",
-        "sago_prefer_retain",
-        "blur",
-    }
+    assert {r.strategy for r in results} == set(geomkit.strategies.names())  # applied too
     for r in results:
         assert r.cases == 4 * len(SHAPES) and r.violations == 0, r
         assert r.worst_margin < 1 and r.evidence == "materialised"

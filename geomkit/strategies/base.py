@@ -130,7 +130,12 @@ class Rule(_Labelled, ABC):
     def apply(
         self, f: Tensor, r: Tensor, out: Tensor, dots: Tensor | None, alpha: Tensor, gamma: Tensor
     ) -> Tensor:
-        """Write the combined update of one tensor pair into ``out`` and return it."""
+        """Write the combined update of one tensor pair into ``out`` and return it.
+
+        ``out`` may be ``f`` itself: the engine writes the update into the forget buffer
+        (docs/method.md#engine-loop), so an implementation must read every coordinate of ``f``
+        and ``r`` it needs before overwriting it (the kernels of :mod:`geomkit.kernels` do).
+        """
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -293,6 +298,31 @@ class Strategy:
             alpha, gamma = weights[f.device]
             self.rule.apply(f, r, o, dot, alpha, gamma)
         return outs
+
+    @torch.no_grad()
+    def combine_tensor(self, f: Tensor, r: Tensor, out: Tensor, dots: Tensor | None) -> Tensor:
+        """Form the update of one tensor pair into ``out``, exactly as :meth:`__call__` does.
+
+        Parameters
+        ----------
+        f, r : Tensor
+            One forget / retain tensor pair.
+        out : Tensor
+            Receives the update; may be ``f`` itself (every registered rule reads a coordinate
+            before writing it).
+        dots : Tensor or None
+            This tensor's entry of :meth:`pooled_dots` (computed for all tensors first, before
+            any ``out`` aliasing ``f`` is written); None for rules that do not reduce.
+
+        Returns
+        -------
+        Tensor
+            ``out``: bit-identical to the same tensor of ``strategy(forget, retain)``.
+        """
+        if self.rule.reduces and dots is None:
+            raise invalid("dots", None, f"the pooled dot products {self.rule!r} projects with")
+        alpha, gamma = zero_d(self.alpha, f), zero_d(self.gamma, f)
+        return self.rule.apply(f, r, out, dots if self.rule.reduces else None, alpha, gamma)
 
     # -- for statistics ----------------------------------------------------------------------
 

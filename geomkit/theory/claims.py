@@ -203,7 +203,8 @@ _TABLE = (
         ("tensor",),
         "holds by construction of geomkit.kernels (combine_linear: float64, one rounding; "
         "combine_select: float32 for 16-bit inputs, then one rounding); counted per tensor for "
-        "the applied (or materialised) update; shadows form no update",
+        "the applied update, or the materialised updates at verified records of a closed-form "
+        "store; shadows form no update",
     ),
     Claim(
         "R1",
@@ -322,7 +323,8 @@ _TABLE = (
     Claim(
         "V1",
         "shadow closed form = the strategy's own update: at verified records, <d,d>, <d,f>, "
-        "<d,r>, n_opposed and n_projected of each shadow's closed form equal those of its update "
+        "<d,r>, n_opposed and n_projected of each closed form (every shadow's, and the applied "
+        "strategy's where it is recorded by closed form) equal those of its update "
         "materialised with the strategy's own code",
         "proven",
         ("sum", "pcgrad", "pcgrad_global", "sago", "sago_prefer_retain", "blur"),

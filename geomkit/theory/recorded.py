@@ -36,12 +36,12 @@ from geomkit.runs import Run, Source, load
 from geomkit.store import VERIFIED_FIELDS, SchemaError
 from geomkit.strategies import Global, build
 from geomkit.theory.cases import Cases, build_cases
-from geomkit.theory.checks import ADDITIVE_CHECKS, not_evaluated, summarise
+from geomkit.theory.checks import ADDITIVE_CHECKS, check_r0, not_evaluated, summarise
 from geomkit.theory.coordinates import coordinate_result, opposed_counts
 from geomkit.theory.report import Audit, CheckResult
 from geomkit.theory.synthetic import STRATEGIES, check_claims, sort_results
 
-__all__ = ["audit", "check_v1", "run_cases"]
+__all__ = ["audit", "check_r0_verified", "check_v1", "closed_form", "run_cases", "verified_run"]
 
 _DTYPES = {
     "float64": torch.float64,
@@ -74,19 +74,31 @@ def _dtype(run: Run, override: torch.dtype | str | None) -> tuple[torch.dtype, s
     return _DTYPES[text], ""
 
 
+def closed_form(ds: xr.Dataset) -> bool:
+    """Whether the run's applied strategy is recorded by closed forms, like the shadows (store
+    attribute ``applied_statistics = "closed_form"``; its update is measured at the verified
+    records only). Stores without the attribute measured it at every record."""
+    return str(ds.attrs.get("applied_statistics", "measured")) == "closed_form"
+
+
 def _measured(ds: xr.Dataset) -> dict[str, bool]:
-    """Strategy name -> measured on the applied update (the run layer sets ``measured``)."""
+    """Strategy name -> measured on the applied update at every record (the run layer sets
+    ``measured`` for the applied strategy; none is in a closed-form store)."""
     names = [str(s) for s in ds["strategy"].values]
-    return dict(zip(names, (bool(m) for m in ds["measured"].values), strict=True))
+    formed = not closed_form(ds)
+    return dict(zip(names, (formed and bool(m) for m in ds["measured"].values), strict=True))
 
 
-def run_cases(run: Run, dtype: torch.dtype | str | None = None) -> dict[str, Cases]:
+def run_cases(
+    run: Run, dtype: torch.dtype | str | None = None, *, evidence: str | None = None
+) -> dict[str, Cases]:
     """:class:`Cases` at tensor, layer and model granularity of one run.
 
     Their note names the dtype assumption and any all-NaN entries the run layer dropped from a
     Dataset that was not stacked. Padding is removed by :func:`geomkit.runs.load`; a record
     with some non-finite statistic (a NaN update, an overflow) is kept and checked, and counts
-    as a violation.
+    as a violation. ``evidence`` overrides the evidence of every strategy (``"materialised"``
+    for the verified records of :func:`verified_run`).
     """
     alpha, gamma = _weights(run)
     dtype, note = _dtype(run, dtype)
@@ -121,7 +133,7 @@ def run_cases(run: Run, dtype: torch.dtype | str | None = None) -> dict[str, Cas
         gamma=gamma,
         dtype=dtype,
         source=name,
-        evidence={n: "measured" if measured[n] else "shadow" for n in names},
+        evidence={n: evidence or ("measured" if measured[n] else "shadow") for n in names},
         notes={n: note for n in names} if note else None,
         tensor_groups=tensor_layer,
         absent=absent,
@@ -296,8 +308,8 @@ def check_v1(run: Run, dtype: torch.dtype | str | None = None) -> list[CheckResu
             values = sub[name].transpose("record", "strategy", "tensor").values[:, k]
             return np.asarray(values, dtype=np.float64)
 
-        closed = {n: get(n) for n in VERIFIED_FIELDS}
-        mat = {n: get(f"verified_{n}") for n in VERIFIED_FIELDS}
+        closed = {n: get(n) for n in V1_FIELDS}
+        mat = {n: get(f"verified_{n}") for n in V1_FIELDS}
         ambiguous = get("verified_n_ambiguous")
         with np.errstate(invalid="ignore", over="ignore"):
             d_norm = np.sqrt(np.maximum(np.fmax(closed["dd"], mat["dd"]), 0))
@@ -317,7 +329,7 @@ def check_v1(run: Run, dtype: torch.dtype | str | None = None) -> list[CheckResu
             flip = _projection_may_flip(base, fr, f_norm * r_norm, g_n)
             projected = np.abs(mat["n_projected"] - closed["n_projected"])
             ratios["n_projected"] = projected / (flip + 0.5)
-        q = np.maximum.reduce([ratios[n] for n in VERIFIED_FIELDS])
+        q = np.maximum.reduce([ratios[n] for n in V1_FIELDS])
         finite = np.ones(q.shape, dtype=bool)
         for values in (*closed.values(), *mat.values(), ambiguous, ff, rr, fr):
             finite &= np.isfinite(values)
@@ -364,6 +376,57 @@ def check_v1(run: Run, dtype: torch.dtype | str | None = None) -> list[CheckResu
             )
         )
     return results
+
+
+V1_FIELDS: tuple[str, ...] = ("dd", "df", "dr", "n_opposed", "n_projected")
+"""The statistics V1 compares (the other verified fields, ``n_unrounded`` and ``dr_abs``, are
+R0's, checked on the materialised updates of closed-form stores by :func:`check_r0_verified`)."""
+
+
+def verified_run(run: Run) -> Run | None:
+    """The run's verified records with each strategy's update statistics replaced by those of
+    its materialised update (``verified_<field>``), or None when there are none (or a
+    verification variable is missing)."""
+    ds = run.ds
+    verified = _verified(ds)
+    names = [f"verified_{n}" for n in VERIFIED_FIELDS]
+    if verified is None or any(n not in ds for n in names):
+        return None
+    sub = ds.isel(record=np.flatnonzero(verified))
+    keep = np.isfinite(sub["verified_dd"].transpose("record", "strategy", "tensor").values)
+    strategies = np.flatnonzero(keep.all(axis=(0, 2)))
+    if not strategies.size:
+        return None
+    sub = sub.isel(strategy=strategies)
+    for name in VERIFIED_FIELDS:
+        sub[name] = sub[f"verified_{name}"].astype(sub[name].dtype)
+    note = (
+        f"the updates materialised at the {int(verified.sum())} verified of {verified.size} "
+        "records (the record statistics are closed forms)"
+    )
+    return replace(run, ds=sub, dropped=(*run.dropped, note))
+
+
+def check_r0_verified(run: Run, dtype: torch.dtype | str | None = None) -> list[CheckResult]:
+    """R0 of a closed-form store (attribute ``applied_statistics = "closed_form"``): on the
+    update of every strategy, the applied one included, materialised with its own code at the
+    verified records (for the applied strategy, the update applied at those steps); the
+    record statistics there are closed forms, whose update is never rounded
+    (docs/theory.md#r0)."""
+    sub = verified_run(run)
+    if sub is None:
+        note = (
+            "not verified: no verified record with n_unrounded (recorded with verify_every=0, "
+            "or a store begun by a geomkit without verified_n_unrounded); the applied update's "
+            "statistics are closed forms"
+        )
+        applied = str(run.ds["strategy"].values[0])
+        return [
+            not_evaluated(
+                "R0", applied, (applied,), granularity="tensor", source=run.label, note=note
+            )
+        ]
+    return check_r0(run_cases(sub, dtype, evidence="materialised")["tensor"])
 
 
 def _projection_may_flip(base: str, fr: np.ndarray, scale: np.ndarray, g_n: float) -> np.ndarray:
@@ -442,6 +505,8 @@ def audit(
         results.extend(_coordinate(claims, run.ds, run.label))
         if "V1" in claims:
             results.extend(check_v1(run, dtype))
+        if "R0" in claims and closed_form(run.ds):  # the formed updates: at verified records
+            results.extend(check_r0_verified(run, dtype))
         for granularity in ("tensor", "layer", "model"):
             for claim in claims:
                 if claim in ADDITIVE_CHECKS:
