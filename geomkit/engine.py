@@ -385,8 +385,8 @@ class Unlearner:
         # Two gradient-sized buffers: the forget and retain gradients. The strategy writes the
         # combined update into the forget buffer, which is what every parameter's ``.grad`` is
         # (its local shard under FSDP2), so AdamW reads the update without a third copy.
-        # ``_accumulate`` must therefore not accumulate into ``.grad`` while ``.grad`` aliases
-        # the forget buffer (it uses autograd.grad; the sharded path resets ``.grad`` first).
+        # ``_accumulate`` points ``.grad`` at the buffer of the task it differentiates, and
+        # ``_grads`` points it back at the forget buffer before the update is formed.
         self._f = [torch.zeros_like(_local(p)) for p in self.params]
         self._r = [torch.zeros_like(_local(p)) for p in self.params]
         self._grads()
@@ -452,19 +452,18 @@ class Unlearner:
         # FSDP2 divides the reduce-scattered gradient by the world size: scale it back
         scale = self.world if self.sharded else 1
         total = torch.zeros((), device=device, dtype=torch.float64)
-        for p in self.params if self.sharded else ():
-            p.grad = None
+        for p, buffer in zip(self.params, into, strict=True):
+            # FSDP2 makes its own reduce-scattered gradient; otherwise ``.grad`` is the task's
+            # buffer while this task runs, so that no third gradient-sized copy is ever made
+            p.grad = None if self.sharded else buffer
         for i, batch in enumerate(batches):
             part = loss_fn.total(self.model, _move(batch, device), self.reference)
             loss = (part * scale if scale != 1 else part) / count
             if self.sharded:  # FSDP2 reduce-scatters at the window's last backward only
                 self.model.set_requires_gradient_sync(i == window - 1)
                 loss.backward()
-            else:
-                grads = torch.autograd.grad(loss, self.params, allow_unused=True)
-                for buffer, g in zip(into, grads, strict=True):
-                    if g is not None:
-                        buffer.add_(g)
+            else:  # autograd adds each tensor's gradient into ``into`` in place
+                loss.backward()
             total += part.detach().double()
         if self.sharded:
             for buffer, p in zip(into, self.params, strict=True):
