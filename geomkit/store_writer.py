@@ -19,6 +19,7 @@ import xarray as xr
 import zarr
 
 from geomkit._deprecation import renamed
+from geomkit._validation import check_integer
 from geomkit.layers import TensorLocation
 from geomkit.store_schema import (
     _EVALUATION_VARS,
@@ -35,6 +36,7 @@ from geomkit.store_schema import (
     _coordinate,
     _dims,
     _variable,
+    record_chunks,
 )
 
 
@@ -76,6 +78,11 @@ class RunWriter:
     resume_step : int, optional
         With ``mode="a"``: drop everything recorded at steps >= ``resume_step`` before
         appending (the steps after a checkpoint are recomputed on resume).
+    record_chunk, tensor_chunk : int, optional
+        Records and tensors per chunk of the per-record variables of a new store (default
+        :data:`~geomkit.store_schema.RECORD_CHUNK` and
+        :data:`~geomkit.store_schema.TENSOR_CHUNK`; docs/schema.md#chunking-and-lazy-opening).
+        A continued store keeps its own chunks.
 
     Raises
     ------
@@ -96,10 +103,14 @@ class RunWriter:
         *,
         mode: str = "w",
         resume_step: int | None = None,
-        record_chunk: int = 16,
+        record_chunk: int | None = None,
+        tensor_chunk: int | None = None,
     ) -> None:
         if mode not in ("w", "a"):
             raise ValueError(f"invalid mode={mode!r}: expected 'w' or 'a'")
+        for label, value in (("record_chunk", record_chunk), ("tensor_chunk", tensor_chunk)):
+            if value is not None:
+                check_integer(label, value, 1, error=ValueError)
         if len(tensors) != len(numel):
             raise ValueError(f"{len(tensors)} tensors but {len(numel)} numel values")
         if not strategies:
@@ -149,9 +160,10 @@ class RunWriter:
             },
             attrs={**self.attrs, **dict.fromkeys(_GROWING.values(), 0)},
         )
-        encoding = {name: {"chunks": _chunks(name, self, record_chunk)} for name in written}
+        chunking = record_chunks(self.n_tensors, record_chunk, tensor_chunk)
+        encoding = {name: {"chunks": _chunks(name, self, *chunking)} for name in written}
         encoding["step"] = {"chunks": (1024,)}
-        encoding["record"] = {"chunks": (max(record_chunk, 64),)}
+        encoding["record"] = {"chunks": (max(chunking[0], 64),)}
         encoding["evaluation"] = {"chunks": (256,)}
         for name in template.variables:  # version 2: every chunk checksummed
             encoding.setdefault(str(name), {})["compressors"] = (_compressor(),)
@@ -282,12 +294,14 @@ def _spec(name: str) -> dict[str, Any]:
     return VARIABLES[name] if name in VARIABLES else VERIFICATION_VARIABLES[name]
 
 
-def _chunks(name: str, writer: RunWriter, record_chunk: int) -> tuple[int, ...]:
+def _chunks(
+    name: str, writer: RunWriter, record_chunk: int, tensor_chunk: int
+) -> tuple[int, ...]:
     sizes = {
         "step": 1024,
         "record": record_chunk,
         "evaluation": 256,
-        "tensor": max(writer.n_tensors, 1),
+        "tensor": tensor_chunk,
         "strategy": len(writer.strategies),
     }
     return tuple(sizes[d] for d in _spec(name)["dims"])
