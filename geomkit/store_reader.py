@@ -384,6 +384,7 @@ class _Reader:
                 for region in plan.bad:
                     data[region] = _blank(dtype)
             return xr.Variable(plan.dims, data, attrs=plan.attrs)
+        # dask chunks are the stored chunks: a selection reads only the chunks it needs
         chunks = tuple(
             min(c, w) if w else c for c, w in zip(plan.array.chunks, plan.want, strict=True)
         )

@@ -194,7 +194,7 @@ _GROWING = {
 RECORD_CHUNK = 256
 """Records per chunk of the per-record variables written by default
 (docs/schema.md#chunking-and-lazy-opening)."""
-TENSOR_CHUNK = 16
+TENSOR_CHUNK = 32
 """Tensors per chunk of the per-record variables written by default: with
 :data:`RECORD_CHUNK`, reading one record (every tensor) and reading one tensor's history (every
 record) each touch a small fraction of a large run's chunks."""

@@ -206,23 +206,31 @@ class RunWriter:
             ``"evaluation"`` (steps completed) and the evaluation variables (``forget_acc``,
             ``retain_acc``, ``general_acc``).
         """
-        counts = _committed(zarr.open_group(self.path, mode="r").attrs)
+        from zarr.core.sync import sync
+
+        group = zarr.open_group(self.path, mode="r+")
+        counts = _committed(group.attrs)
+        present = set(group.array_keys())
         blocks = {"step": (steps, _STEP_VARS), "record": (records, _RECORD_VARS)}
         blocks["evaluation"] = (evaluations, _EVALUATION_VARS)
+        arrays: dict[str, np.ndarray] = {}
         for dim, (block, names) in blocks.items():
             if block is not None and len(block[dim]):
-                counts[dim] += self._append_block(dim, block, names)
-        group = zarr.open_group(self.path, mode="r+")
+                arrays.update(self._block_arrays(dim, block, names, present))
+                counts[dim] += len(block[dim])
+        if arrays:  # every array at once: their chunks are written concurrently
+            sync(_append_all(group.store_path, arrays))
         group.attrs.update({_GROWING[dim]: n for dim, n in counts.items()})
 
-    def _append_block(self, dim: str, block: Mapping[str, np.ndarray], names: list[str]) -> int:
+    def _block_arrays(
+        self, dim: str, block: Mapping[str, np.ndarray], names: list[str], present: set[str]
+    ) -> dict[str, np.ndarray]:
+        """The arrays of one block, checked against the schema, by variable name."""
         missing = [n for n in [dim, *names] if n not in block]
         if missing:
             raise ValueError(f"append of {dim} block is missing {missing}")
         n = len(block[dim])
-        group = zarr.open_group(self.path, mode="r+")
         if dim == "record":  # optional; a store begun before verification has none
-            present = set(group.array_keys())
             block = {**block}
             for name in _VERIFY_VARS:
                 if name not in present:
@@ -239,9 +247,7 @@ class RunWriter:
             if data.shape != expected:
                 raise ValueError(f"{name} block has shape {data.shape}, expected {expected}")
             arrays[name] = data
-        for name, data in arrays.items():  # zarr appends directly: no Dataset round trip
-            group[name].with_config(_WRITE_CONFIG).append(data, axis=0)
-        return n
+        return arrays
 
     def _truncate(self, resume_step: int | None) -> None:
         """Cut the store back to its committed part, and to steps < ``resume_step``.
@@ -269,6 +275,23 @@ class RunWriter:
 _WRITE_CONFIG = {"write_empty_chunks": True}
 
 
+async def _append_all(store_path: Any, arrays: Mapping[str, np.ndarray]) -> None:
+    """Append each of ``arrays`` to the array of its name along the first axis, all at once
+    (zarr appends directly: no Dataset round trip)."""
+    import asyncio
+
+    from zarr.api.asynchronous import open_group
+
+    group = await open_group(store=store_path, mode="r+")
+    nodes = await asyncio.gather(*(group.getitem(name) for name in arrays))
+    await asyncio.gather(
+        *(
+            node.with_config(_WRITE_CONFIG).append(data, axis=0)
+            for node, data in zip(nodes, arrays.values(), strict=True)
+        )
+    )
+
+
 def _compressor() -> zarr.codecs.ZstdCodec:
     return zarr.codecs.ZstdCodec(level=0, checksum=True)
 
@@ -294,9 +317,7 @@ def _spec(name: str) -> dict[str, Any]:
     return VARIABLES[name] if name in VARIABLES else VERIFICATION_VARIABLES[name]
 
 
-def _chunks(
-    name: str, writer: RunWriter, record_chunk: int, tensor_chunk: int
-) -> tuple[int, ...]:
+def _chunks(name: str, writer: RunWriter, record_chunk: int, tensor_chunk: int) -> tuple[int, ...]:
     sizes = {
         "step": 1024,
         "record": record_chunk,
