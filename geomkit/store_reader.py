@@ -467,27 +467,23 @@ class _Chunks:
     def __getitem__(self, key: Any) -> np.ndarray:
         key = key if isinstance(key, tuple) else (key,)
         key = key + (slice(None),) * (self.ndim - len(key))
-        ranges, squeeze, steps = [], [], []
+        ranges, picks, squeeze = [], [], []
         for axis, (k, n) in enumerate(zip(key, self.shape, strict=True)):
             if isinstance(k, slice):
-                start, stop, step = k.indices(n)
-                stop = max(stop, start) if step > 0 else stop
-                if step < 0:  # read the covered range forwards, then step through it
-                    lo = stop + 1 if stop >= -1 else 0
-                    ranges.append((lo, start + 1))
-                    steps.append(slice(None, None, step))
-                    continue
-                ranges.append((start, stop))
-                steps.append(slice(None, None, step))
-            else:
-                i = int(k) % n if n else int(k)
-                ranges.append((i, i + 1))
-                steps.append(slice(None))
+                index = np.arange(*k.indices(n))
+            else:  # an integer
+                index = np.array([int(k) % n if n else int(k)])
                 squeeze.append(axis)
+            low, high = (int(index.min()), int(index.max()) + 1) if index.size else (0, 0)
+            ranges.append((low, high))
+            picks.append(index - low)
         out = np.full(tuple(b - a for a, b in ranges), _blank(self.dtype), dtype=self.dtype)
         if not self.everything_bad:
             self._fill(out, ranges)
-        out = out[tuple(steps)]
+        if any(len(p) != b - a for p, (a, b) in zip(picks, ranges, strict=True)) or any(
+            p.size and p[0] != 0 for p in picks
+        ):  # a step other than 1
+            out = out[np.ix_(*picks)]
         return out.squeeze(axis=tuple(squeeze)) if squeeze else out
 
     def _fill(self, out: np.ndarray, ranges: list[tuple[int, int]]) -> None:

@@ -284,3 +284,18 @@ def test_chunk_damaged_after_opening_raises_naming_it(tmp_path: Path) -> None:
     _ = ds["ff"].isel(record=0).values  # other chunks still read
     with pytest.raises(DamagedStoreError, match=r"ff/c/3/1 cannot be read .*changed after"):
         _ = ds["ff"].values
+
+
+def test_lazy_source_indexes_like_numpy(tmp_path: Path) -> None:
+    """What dask may ask of a variable's source: slices with any step, integers, empty."""
+    written = write_run(tmp_path / "run.zarr", n=10)
+    graph = dict(open_run(tmp_path / "run.zarr")["dr"].data.__dask_graph__())
+    (source,) = {id(v): v for v in graph.values() if isinstance(v, store_reader._Chunks)}.values()
+    for key in [
+        (slice(None),) * 3,
+        (3, slice(None), slice(1, 7, 2)),
+        (slice(8, 2, -2), 1, 5),
+        (slice(0, 0),),
+        (-1,),
+    ]:
+        np.testing.assert_array_equal(source[key], written["dr"][key], err_msg=str(key))
