@@ -14,7 +14,7 @@ background thread calls), then reports, all measured in this one run:
 - with ``--baseline R,T``: the same reads on a second store chunked ``R`` records x ``T``
   tensors (``16,291`` is the layout before lazy opening), as ratios.
 
-    python benchmarks/bench_store.py                  # 10,000 records: minutes, ~2-3 GB of disk
+    python benchmarks/bench_store.py                  # 10,000 records: ~1 GB of disk, minutes
     python benchmarks/bench_store.py --records 500    # a quick look
 
 The statistics are random (float and count fields alike), so they barely compress: sizes are
