@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas as pd
 import xarray as xr
 
 from geomkit._validation import check_choice
@@ -99,6 +100,7 @@ class GeometryAccessor:
         self._require()
         check_choice("by", by, GROUPINGS)
         ds = self._ds
+        lazy = any(_is_dask(ds[n].data) for n in FIELD_TABLE if n in ds.data_vars)
         pieces = {}
         for name, spec in FIELD_TABLE.items():
             if spec.optional and name not in ds:  # a store written before the field existed
@@ -107,7 +109,10 @@ class GeometryAccessor:
                 piece = ds[name].astype(np.float64)
             else:
                 piece = xr.full_like(ds["numel"], spec.constant, dtype=np.float64)
-            pieces[name] = piece.reset_coords(drop=True)
+            piece = piece.reset_coords(drop=True)
+            if lazy and not _is_dask(piece.data):  # a coordinate: broadcast lazily too
+                piece = piece.chunk()
+            pieces[name] = piece
         # broadcast by role, so that the dimension order (those of the pair fields, then
         # strategy) does not depend on the order of the fields
         order = (*PAIR_FIELDS, *UPDATE_FIELDS, *SIZE_FIELDS)
@@ -117,11 +122,11 @@ class GeometryAccessor:
         stacked = stacked.assign_coords(
             {c: ds[c] for c in ("layer", "component", "module") if c in ds.coords}
         )
-        if by == "model":
-            grouped = stacked.sum("tensor", skipna=False)
-        elif by == "tensor":
+        if by == "tensor":
             grouped = stacked
-        else:
+        elif by == "model" or ds[by].dims == ("tensor",):
+            grouped = _group_sum(stacked, None if by == "model" else by)
+        else:  # a group coordinate that differs between stacked runs
             grouped = stacked.groupby(by).sum("tensor", skipna=False)
         dims = [d for d in grouped.dims if d != "field"] + ["field"]
         return grouped.transpose(*dims)
@@ -133,13 +138,28 @@ class GeometryAccessor:
         dimension; update metrics (``cos_dr``, ``cos_df``, ``norm_d``, ``opposed_rate``,
         ``projected_fraction``) have one entry per applied or shadow strategy. Undefined values
         (zero norms) are NaN.
+
+        The result is in memory. On a lazily opened run (:func:`geomkit.open_run`) the
+        statistics are read, grouped and turned into metrics one chunk of records at a time,
+        so the memory needed is that of the result, not of the run (docs/schema.md).
         """
         stats = self.statistics(by)
-        values = derive(stats.values)
+        names = list(METRIC_TABLE)
+        if _is_dask(stats.data):  # one chunk of records at a time; every field in the chunk
+            data = stats.data.rechunk({stats.ndim - 1: -1})
+            table = data.map_blocks(
+                _derive_stacked,
+                names,
+                dtype=np.float64,
+                chunks=(*data.chunks[:-1], (len(names),)),
+            ).compute()
+            values = {name: table[..., i] for i, name in enumerate(names)}
+        else:
+            values = derive(stats.values)
         template = stats.isel(field=0, drop=True)
         out = {}
-        for name, array in values.items():
-            da = template.copy(data=array)
+        for name in names:
+            da = xr.DataArray(values[name], dims=template.dims, coords=template.coords)
             if name in _PAIR_METRICS and "strategy" in da.dims:
                 da = da.isel(strategy=0, drop=True)
             da.attrs = METRIC_TABLE[name].attrs
@@ -167,6 +187,81 @@ class GeometryAccessor:
         """Plotting shortcuts: ``ds.geom.plot.alignment()``, ``.by_layer()``, ``.heatmap()``,
         ``.losses()``, ``.tradeoff()`` (:mod:`geomkit.plot`, imported on first use)."""
         return GeometryPlots(self._ds)
+
+
+def _is_dask(data: Any) -> bool:
+    """Whether ``data`` is a dask array (without importing dask)."""
+    return type(data).__module__.startswith("dask.")
+
+
+def _group_sum(stacked: xr.DataArray, by: str | None) -> xr.DataArray:
+    """Sum ``stacked`` over ``tensor`` within each group of the 1-D coordinate ``by`` (every
+    tensor when None), groups in sorted order (tensors of a missing label are left out).
+
+    A lazy array is summed one chunk at a time, with every tensor in the chunk, by the very
+    function that sums an array in memory: both give the same values, bit for bit.
+    """
+    axis = stacked.get_axis_num("tensor")
+    n_tensors = stacked.sizes["tensor"]
+    if by is None:
+        labels, members = None, [np.arange(n_tensors)]
+    else:
+        values = stacked[by].values
+        known = ~pd.isnull(values)
+        labels, codes = np.unique(values[known], return_inverse=True)
+        where = np.flatnonzero(known)
+        members = [where[codes == g] for g in range(len(labels))]
+    data = stacked.data
+    if _is_dask(data):
+        data = data.rechunk({axis: -1})
+        chunks = list(data.chunks)
+        if by is None:
+            chunks.pop(axis)
+        else:
+            chunks[axis] = (len(members),)
+        summed = data.map_blocks(
+            _sum_members,
+            members,
+            axis,
+            by is None,
+            dtype=np.float64,
+            chunks=tuple(chunks),
+            drop_axis=[axis] if by is None else [],
+        )
+    else:
+        summed = _sum_members(data, members, axis, by is None)
+    dims = list(stacked.dims)
+    if by is None:
+        dims.pop(axis)
+    else:
+        dims[axis] = by
+    coords = {
+        name: coord
+        for name, coord in stacked.coords.items()
+        if "tensor" not in coord.dims and name != by
+    }
+    if labels is not None:
+        coords[by] = xr.Variable((by,), labels, attrs=stacked[by].attrs)
+    return xr.DataArray(xr.Variable(dims, summed), coords=coords)
+
+
+def _sum_members(
+    block: np.ndarray, members: Sequence[np.ndarray], axis: int, drop: bool
+) -> np.ndarray:
+    """Sums of ``block`` over each index set of ``members`` along ``axis`` (NaN propagates),
+    each one over a contiguous copy, so that a sum does not depend on the block's other
+    dimensions."""
+    moved = np.moveaxis(np.asarray(block, dtype=np.float64), axis, -1)
+    out = np.empty((*moved.shape[:-1], len(members)), dtype=np.float64)
+    for g, index in enumerate(members):
+        out[..., g] = moved[..., index].sum(axis=-1)
+    return out[..., 0] if drop else np.moveaxis(out, -1, axis)
+
+
+def _derive_stacked(block: np.ndarray, names: Sequence[str]) -> np.ndarray:
+    """:func:`geomkit.metrics.derive` of one block, the metrics stacked in a last axis."""
+    values = derive(block)
+    return np.stack([values[name] for name in names], axis=-1)
 
 
 class GeometryPlots:

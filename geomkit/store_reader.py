@@ -11,12 +11,14 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import uuid
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import dask.array as da
 import numpy as np
 import xarray as xr
 import zarr
@@ -62,8 +64,12 @@ def open_run(
     Every chunk inside the committed range of every array is read once: it must exist (schema
     version 2; version 1 omits chunks holding only fill values, see :data:`READABLE_VERSIONS`)
     and decode, and every array and commit counter of the schema must be there. Chunks beyond
-    the committed range (an append interrupted by a kill) are not looked at. The Dataset holds
-    numpy arrays (the store is read completely).
+    the committed range (an append interrupted by a kill) are not looked at. The verification
+    reads the store once, a slab of whole chunks at a time, in bounded memory whatever the
+    run's size. The Dataset is lazy: coordinates are in memory, data variables are dask arrays
+    chunked as stored (docs/schema.md#chunking-and-lazy-opening) that read their chunks again
+    when computed (``.values``, ``.compute()``, ``.load()``); a chunk that no longer reads then
+    raises :class:`DamagedStoreError`.
 
     Parameters
     ----------
@@ -143,22 +149,32 @@ class _Found:
 
 @dataclass
 class _Plan:
-    """One array being read: its dims and attributes, the buffer, the damaged regions."""
+    """One array being read: its dims and attributes, the damaged regions and (coordinates
+    only) the buffer it is read into."""
 
     array: Any  # zarr.AsyncArray
     dims: tuple[str, ...]
     attrs: dict[str, Any]
-    data: np.ndarray
+    want: tuple[int, ...]
+    dtype: np.dtype
     extent: tuple[int, ...]
     bad: list[tuple[slice, ...]]
+    bad_chunks: set[tuple[int, ...]]
+    data: np.ndarray | None = None  # coordinates: read in full
+
+
+_VERIFY_BYTES = 64 * 2**20
+"""Bytes of one array read at a time while verifying (bounded memory, whatever the run's size)."""
 
 
 class _Reader:
     """Reads and verifies one store (see :func:`open_run`).
 
-    Three round trips to the store in all: list its keys, open every array's metadata, read
-    every array's committed part (all concurrently); chunks are read one by one only to locate
-    a chunk that does not decode.
+    One listing of the store's keys, the metadata of every array opened concurrently, then every
+    array's committed part read once in slabs of whole chunks along its first dimension (at most
+    :data:`_VERIFY_BYTES` at a time), and thrown away: coordinates are kept in memory, data
+    variables come back as dask arrays that read their chunks again when computed. Chunks are
+    read one by one only to locate a chunk that does not decode.
     """
 
     def __init__(
@@ -210,25 +226,23 @@ class _Reader:
             dims = _schema_dims(found.variable)
             if found.lost and dims:
                 found.dim, found.stop = dims[0], sizes.get(dims[0], 0)
-        readable = [name for name, plan in plans.items() if all(plan.extent)]
-        reads = [
-            plans[n].array.getitem(tuple(slice(0, e) for e in plans[n].extent)) for n in readable
-        ]
-        results = sync(_gather(reads))
-        for name, result in zip(readable, results, strict=True):
-            self._check_chunks(name, plans[name], result)
-        variables = {name: self._variable(plan) for name, plan in plans.items()}
+        for name, plan in plans.items():
+            if name in COORDINATES:
+                plan.data = np.full(plan.want, _blank(plan.dtype), dtype=plan.dtype)
+            if all(plan.extent):
+                self._check_chunks(name, plan)
+        variables = {name: self._variable(name, plan) for name, plan in plans.items()}
         for found in self.found:  # only reached with mask=True
             spec = VARIABLES.get(found.variable, VERIFICATION_VARIABLES.get(found.variable))
             if found.lost and spec and all(d in sizes for d in spec["dims"]):
                 shape = [sizes[d] for d in spec["dims"]]
                 attrs = {k: spec[k] for k in ("long_name", "units", "description")}
                 variables[found.variable] = xr.Variable(
-                    spec["dims"], np.full(shape, np.nan), attrs=attrs
+                    spec["dims"], da.full(shape, np.nan), attrs=attrs
                 )
         for name in sorted(optional):
             if name in VARIABLES:
-                variables[name] = _variable(name, np.zeros(0))
+                variables[name] = _variable(name, np.zeros(0)).chunk()
             else:
                 variables[name] = _coordinate(name, name, np.zeros(0, dtype=np.int64))
         coords = {n: v for n, v in variables.items() if n in COORDINATES}
@@ -292,7 +306,7 @@ class _Reader:
         want = tuple(sizes[d] for d in dims)
         extent = tuple(min(w, n) for w, n in zip(want, array.shape, strict=True))
         dtype = np.dtype(object) if array.dtype.kind in "OTSU" else np.dtype(array.dtype)
-        plan = _Plan(array, dims, attrs, np.full(want, _blank(dtype), dtype=dtype), extent, [])
+        plan = _Plan(array, dims, attrs, want, dtype, extent, [], set())
         for i, (w, n) in enumerate(zip(want, array.shape, strict=True)):
             if n < w:  # an array shorter than the committed count, or than its dimension
                 rows = (n, w) if i == 0 else (0, want[0])
@@ -309,52 +323,84 @@ class _Reader:
             plan.bad.append(tuple(region))
         return plan
 
-    def _check_chunks(self, name: str, plan: _Plan, result: Any) -> None:
-        """Store ``result`` (the committed part, or the error reading it) in ``plan.data``;
-        record every chunk of it that is missing (version 2) or does not decode."""
+    def _check_chunks(self, name: str, plan: _Plan) -> None:
+        """Read the committed part of one array, slab by slab (into ``plan.data`` for a
+        coordinate, else thrown away); record every chunk of it that is missing (version 2) or
+        does not decode."""
+        from zarr.core.sync import sync
+
         array, extent = plan.array, plan.extent
         chunks = array.chunks
-        grid = itertools.product(
-            *(range(math.ceil(e / c)) for e, c in zip(extent, chunks, strict=True))
-        )
-        regions = {
-            index: tuple(
-                slice(i * c, min((i + 1) * c, e))
-                for i, c, e in zip(index, chunks, extent, strict=True)
-            )
-            for index in grid
-        }
+        counts = [math.ceil(e / c) for e, c in zip(extent, chunks, strict=True)]
         prefix = f"{array.path}/"
-        problems = {}
+        problems: dict[tuple[int, ...], str] = {}
         if self.version >= 2:  # version 1 omits chunks of fill values: absence is no damage
-            for index in regions:
+            for index in itertools.product(*(range(n) for n in counts)):
                 if prefix + array.metadata.encode_chunk_key(index) not in self.keys:
                     problems[index] = "is missing"
-        if not isinstance(result, BaseException):
-            plan.data[tuple(slice(0, e) for e in extent)] = result
-        else:  # locate the chunks that do not decode, one by one
+        row_bytes = plan.dtype.itemsize * math.prod(extent[1:]) * chunks[0]
+        step = max(1, _VERIFY_BYTES // max(row_bytes, 1))  # chunk rows per slab
+        for first in range(0, counts[0], step):
+            rows = slice(first * chunks[0], min((first + step) * chunks[0], extent[0]))
+            region = (rows, *(slice(0, e) for e in extent[1:]))
+            try:
+                result = sync(array.getitem(region))
+            except Exception:  # locate the chunks that do not decode, one by one
+                result = None
+            if result is not None:
+                if plan.data is not None:
+                    plan.data[region] = result
+                continue
             sync_array = zarr.Array(array)
-            for index, region in regions.items():
+            grid = itertools.product(
+                range(first, min(first + step, counts[0])), *(range(n) for n in counts[1:])
+            )
+            for index in grid:
                 if index in problems:
                     continue
+                chunk = _chunk_region(index, chunks, extent)
                 try:
-                    plan.data[region] = sync_array[region]
+                    values = sync_array[chunk]
                 except Exception as error:
                     problems[index] = f"does not decode ({_short(error)})"
-        for index, problem in problems.items():
-            rows = regions[index][0]
+                    continue
+                if plan.data is not None:
+                    plan.data[chunk] = values
+        for index, problem in sorted(problems.items()):
+            rows = _chunk_region(index, chunks, extent)[0]
             key = prefix + array.metadata.encode_chunk_key(index)
             self.found.append(_Found(name, key, problem, plan.dims[0], rows.start, rows.stop))
-            plan.bad.append(regions[index])
+            plan.bad.append(_chunk_region(index, chunks, extent))
+            plan.bad_chunks.add(index)
 
-    def _variable(self, plan: _Plan) -> xr.Variable:
-        data = plan.data
-        if plan.bad and self.mask:
-            if data.dtype.kind in "iub":
-                data = data.astype(np.float64)
-            for region in plan.bad:
-                data[region] = _blank(data.dtype)
-        return xr.Variable(plan.dims, data, attrs=plan.attrs)
+    def _variable(self, name: str, plan: _Plan) -> xr.Variable:
+        masked = bool(plan.bad) and self.mask
+        dtype = plan.dtype
+        if masked and dtype.kind in "iub":
+            dtype = np.dtype(np.float64)
+        if plan.data is not None:  # a coordinate, in memory
+            data = plan.data.astype(dtype) if dtype != plan.dtype else plan.data
+            if masked:
+                for region in plan.bad:
+                    data[region] = _blank(dtype)
+            return xr.Variable(plan.dims, data, attrs=plan.attrs)
+        # dask chunks are the stored chunks: a selection reads only the chunks it needs
+        chunks = tuple(
+            min(c, w) if w else c for c, w in zip(plan.array.chunks, plan.want, strict=True)
+        )
+        source = _Chunks(
+            self.store, name, zarr.Array(plan.array), plan, dtype, masked, self.version
+        )
+        lazy = da.from_array(
+            source,
+            chunks=chunks,
+            asarray=False,
+            fancy=False,
+            lock=False,
+            name=f"open_run-{name}-{uuid.uuid4().hex}",
+            meta=np.empty((0,) * len(plan.want), dtype=dtype),
+        )
+        return xr.Variable(plan.dims, lazy, attrs=plan.attrs)
 
     def _describe(self, variables: Mapping[str, xr.Variable]) -> list[StoreDamage]:
         """The damage found, with the affected records as coordinate values where known."""
@@ -377,6 +423,118 @@ class _Reader:
             affected = _affected(f.dim, f.start, f.stop, values)
             out.append(StoreDamage(f.variable, f.key, f.problem, affected, f.dim, f.start, f.stop))
         return out
+
+
+def _chunk_region(
+    index: Sequence[int], chunks: Sequence[int], extent: Sequence[int]
+) -> tuple[slice, ...]:
+    """The region of chunk ``index`` inside ``extent``."""
+    return tuple(
+        slice(i * c, min((i + 1) * c, e)) for i, c, e in zip(index, chunks, extent, strict=True)
+    )
+
+
+class _Chunks:
+    """The lazy source of one data variable opened by :func:`open_run` (what dask reads).
+
+    Indexing it reads the chunks of the committed part that the region touches; the region
+    outside the array's stored part and every damaged part are the blank value (NaN in a
+    variable masked by ``on_damage="mask"``), and a damaged chunk is never read. A chunk that
+    fails to read now although it was verified when the run was opened raises
+    :class:`~geomkit.store.DamagedStoreError` naming it.
+    """
+
+    def __init__(
+        self,
+        store: Path,
+        name: str,
+        array: zarr.Array,
+        plan: _Plan,
+        dtype: np.dtype,
+        masked: bool,
+        version: int,
+    ) -> None:
+        self.store, self.name, self.array = store, name, array
+        self.shape, self.dtype, self.ndim = plan.want, dtype, len(plan.want)
+        self.extent, self.bad_chunks = plan.extent, frozenset(plan.bad_chunks)
+        # a region of damage not made of whole chunks spans the array (sizes disagree) or
+        # lies outside what it stores (read as blank anyway)
+        self.everything_bad = masked and any(
+            all(r == slice(None) for r in region) for region in plan.bad
+        )
+        self.version = version
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        key = key + (slice(None),) * (self.ndim - len(key))
+        ranges, picks, squeeze = [], [], []
+        for axis, (k, n) in enumerate(zip(key, self.shape, strict=True)):
+            if isinstance(k, slice):
+                index = np.arange(*k.indices(n))
+            else:  # an integer
+                index = np.array([int(k) % n if n else int(k)])
+                squeeze.append(axis)
+            low, high = (int(index.min()), int(index.max()) + 1) if index.size else (0, 0)
+            ranges.append((low, high))
+            picks.append(index - low)
+        out = np.full(tuple(b - a for a, b in ranges), _blank(self.dtype), dtype=self.dtype)
+        if not self.everything_bad:
+            self._fill(out, ranges)
+        if any(len(p) != b - a for p, (a, b) in zip(picks, ranges, strict=True)) or any(
+            p.size and p[0] != 0 for p in picks
+        ):  # a step other than 1
+            out = out[np.ix_(*picks)]
+        return out.squeeze(axis=tuple(squeeze)) if squeeze else out
+
+    def _fill(self, out: np.ndarray, ranges: list[tuple[int, int]]) -> None:
+        inner = [(a, min(b, e)) for (a, b), e in zip(ranges, self.extent, strict=True)]
+        if any(b <= a for a, b in inner):
+            return
+        chunks = self.array.chunks
+        touched = [range(a // c, (b - 1) // c + 1) for (a, b), c in zip(inner, chunks, strict=True)]
+        if self.bad_chunks and any(
+            index in self.bad_chunks for index in itertools.product(*touched)
+        ):
+            parts = [  # read chunk by chunk, skipping the damaged ones
+                tuple(
+                    (max(a, i * c), min(b, (i + 1) * c))
+                    for (a, b), i, c in zip(inner, index, chunks, strict=True)
+                )
+                for index in itertools.product(*touched)
+                if index not in self.bad_chunks
+            ]
+        else:
+            parts = [tuple(inner)]
+        for part in parts:
+            source = tuple(slice(a, b) for a, b in part)
+            target = tuple(
+                slice(a - r[0], b - r[0]) for (a, b), r in zip(part, ranges, strict=True)
+            )
+            try:
+                out[target] = self.array[source]
+            except Exception as error:
+                raise self._damage(part, error) from error
+
+    def _damage(self, part: tuple[tuple[int, int], ...], error: Exception) -> DamagedStoreError:
+        """The error for a read that failed after :func:`open_run` verified the store: the
+        first chunk of ``part`` that fails to read alone, or the whole part."""
+        chunks = self.array.chunks
+        key, rows = f"{self.name} chunks", part[0]
+        touched = [range(a // c, (b - 1) // c + 1) for (a, b), c in zip(part, chunks, strict=True)]
+        for index in itertools.product(*touched):
+            region = _chunk_region(index, chunks, self.extent)
+            try:
+                self.array[region]
+            except Exception as chunk_error:
+                key = f"{self.array.path}/{self.array.metadata.encode_chunk_key(index)}"
+                rows, error = (region[0].start, region[0].stop), chunk_error
+                break
+        problem = (
+            f"cannot be read ({_short(error)}) although open_run verified it: the store "
+            "changed after it was opened"
+        )
+        affected = f"{self.name} index {rows[0]}..{rows[1] - 1} along its first dimension"
+        return DamagedStoreError(self.store, [StoreDamage(self.name, key, problem, affected)])
 
 
 async def _open_all(store_path: Any, names: Sequence[str]) -> list[Any]:

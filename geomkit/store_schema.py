@@ -202,6 +202,26 @@ _GROWING = {
 }
 
 
+RECORD_CHUNK = 256
+"""Records per chunk of the per-record variables written by default
+(docs/schema.md#chunking-and-lazy-opening)."""
+TENSOR_CHUNK = 32
+"""Tensors per chunk of the per-record variables written by default: with
+:data:`RECORD_CHUNK`, reading one record (every tensor) and reading one tensor's history (every
+record) each touch a small fraction of a large run's chunks."""
+
+
+def record_chunks(
+    n_tensors: int, record_chunk: int | None = None, tensor_chunk: int | None = None
+) -> tuple[int, int]:
+    """``(records, tensors)`` per chunk of the per-record variables of a store of
+    ``n_tensors`` tensors: the given sizes, else :data:`RECORD_CHUNK` and
+    :data:`TENSOR_CHUNK` (every tensor in one chunk when there are fewer)."""
+    records = RECORD_CHUNK if record_chunk is None else record_chunk
+    tensors = TENSOR_CHUNK if tensor_chunk is None else tensor_chunk
+    return records, max(1, min(tensors, n_tensors))
+
+
 class SchemaError(ValueError):
     """A store that is not a geomkit run, or of another schema version."""
 

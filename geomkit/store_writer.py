@@ -19,6 +19,7 @@ import xarray as xr
 import zarr
 
 from geomkit._deprecation import renamed
+from geomkit._validation import check_integer
 from geomkit.layers import TensorLocation
 from geomkit.store_schema import (
     _EVALUATION_VARS,
@@ -35,6 +36,7 @@ from geomkit.store_schema import (
     _coordinate,
     _dims,
     _variable,
+    record_chunks,
 )
 
 
@@ -76,6 +78,11 @@ class RunWriter:
     resume_step : int, optional
         With ``mode="a"``: drop everything recorded at steps >= ``resume_step`` before
         appending (the steps after a checkpoint are recomputed on resume).
+    record_chunk, tensor_chunk : int, optional
+        Records and tensors per chunk of the per-record variables of a new store (default
+        :data:`~geomkit.store_schema.RECORD_CHUNK` and
+        :data:`~geomkit.store_schema.TENSOR_CHUNK`; docs/schema.md#chunking-and-lazy-opening).
+        A continued store keeps its own chunks.
 
     Raises
     ------
@@ -96,10 +103,14 @@ class RunWriter:
         *,
         mode: str = "w",
         resume_step: int | None = None,
-        record_chunk: int = 16,
+        record_chunk: int | None = None,
+        tensor_chunk: int | None = None,
     ) -> None:
         if mode not in ("w", "a"):
             raise ValueError(f"invalid mode={mode!r}: expected 'w' or 'a'")
+        for label, value in (("record_chunk", record_chunk), ("tensor_chunk", tensor_chunk)):
+            if value is not None:
+                check_integer(label, value, 1, error=ValueError)
         if len(tensors) != len(numel):
             raise ValueError(f"{len(tensors)} tensors but {len(numel)} numel values")
         if not strategies:
@@ -149,9 +160,10 @@ class RunWriter:
             },
             attrs={**self.attrs, **dict.fromkeys(_GROWING.values(), 0)},
         )
-        encoding = {name: {"chunks": _chunks(name, self, record_chunk)} for name in written}
+        chunking = record_chunks(self.n_tensors, record_chunk, tensor_chunk)
+        encoding = {name: {"chunks": _chunks(name, self, *chunking)} for name in written}
         encoding["step"] = {"chunks": (1024,)}
-        encoding["record"] = {"chunks": (max(record_chunk, 64),)}
+        encoding["record"] = {"chunks": (max(chunking[0], 64),)}
         encoding["evaluation"] = {"chunks": (256,)}
         for name in template.variables:  # version 2: every chunk checksummed
             encoding.setdefault(str(name), {})["compressors"] = (_compressor(),)
@@ -194,23 +206,31 @@ class RunWriter:
             ``"evaluation"`` (steps completed) and the evaluation variables (``forget_acc``,
             ``retain_acc``, ``general_acc``).
         """
-        counts = _committed(zarr.open_group(self.path, mode="r").attrs)
+        from zarr.core.sync import sync
+
+        group = zarr.open_group(self.path, mode="r+")
+        counts = _committed(group.attrs)
+        present = set(group.array_keys())
         blocks = {"step": (steps, _STEP_VARS), "record": (records, _RECORD_VARS)}
         blocks["evaluation"] = (evaluations, _EVALUATION_VARS)
+        arrays: dict[str, np.ndarray] = {}
         for dim, (block, names) in blocks.items():
             if block is not None and len(block[dim]):
-                counts[dim] += self._append_block(dim, block, names)
-        group = zarr.open_group(self.path, mode="r+")
+                arrays.update(self._block_arrays(dim, block, names, present))
+                counts[dim] += len(block[dim])
+        if arrays:  # every array at once: their chunks are written concurrently
+            sync(_append_all(group.store_path, arrays))
         group.attrs.update({_GROWING[dim]: n for dim, n in counts.items()})
 
-    def _append_block(self, dim: str, block: Mapping[str, np.ndarray], names: list[str]) -> int:
+    def _block_arrays(
+        self, dim: str, block: Mapping[str, np.ndarray], names: list[str], present: set[str]
+    ) -> dict[str, np.ndarray]:
+        """The arrays of one block, checked against the schema, by variable name."""
         missing = [n for n in [dim, *names] if n not in block]
         if missing:
             raise ValueError(f"append of {dim} block is missing {missing}")
         n = len(block[dim])
-        group = zarr.open_group(self.path, mode="r+")
         if dim == "record":  # optional; a store begun before verification has none
-            present = set(group.array_keys())
             block = {**block}
             for name in _VERIFY_VARS:
                 if name not in present:
@@ -227,9 +247,7 @@ class RunWriter:
             if data.shape != expected:
                 raise ValueError(f"{name} block has shape {data.shape}, expected {expected}")
             arrays[name] = data
-        for name, data in arrays.items():  # zarr appends directly: no Dataset round trip
-            group[name].with_config(_WRITE_CONFIG).append(data, axis=0)
-        return n
+        return arrays
 
     def _truncate(self, resume_step: int | None) -> None:
         """Cut the store back to its committed part, and to steps < ``resume_step``.
@@ -257,6 +275,23 @@ class RunWriter:
 _WRITE_CONFIG = {"write_empty_chunks": True}
 
 
+async def _append_all(store_path: Any, arrays: Mapping[str, np.ndarray]) -> None:
+    """Append each of ``arrays`` to the array of its name along the first axis, all at once
+    (zarr appends directly: no Dataset round trip)."""
+    import asyncio
+
+    from zarr.api.asynchronous import open_group
+
+    group = await open_group(store=store_path, mode="r+")
+    nodes = await asyncio.gather(*(group.getitem(name) for name in arrays))
+    await asyncio.gather(
+        *(
+            node.with_config(_WRITE_CONFIG).append(data, axis=0)
+            for node, data in zip(nodes, arrays.values(), strict=True)
+        )
+    )
+
+
 def _compressor() -> zarr.codecs.ZstdCodec:
     return zarr.codecs.ZstdCodec(level=0, checksum=True)
 
@@ -282,12 +317,12 @@ def _spec(name: str) -> dict[str, Any]:
     return VARIABLES[name] if name in VARIABLES else VERIFICATION_VARIABLES[name]
 
 
-def _chunks(name: str, writer: RunWriter, record_chunk: int) -> tuple[int, ...]:
+def _chunks(name: str, writer: RunWriter, record_chunk: int, tensor_chunk: int) -> tuple[int, ...]:
     sizes = {
         "step": 1024,
         "record": record_chunk,
         "evaluation": 256,
-        "tensor": max(writer.n_tensors, 1),
+        "tensor": tensor_chunk,
         "strategy": len(writer.strategies),
     }
     return tuple(sizes[d] for d in _spec(name)["dims"])

@@ -272,7 +272,9 @@ def test_group_metadata_lost_does_not_suggest_masking(tmp_path: Path) -> None:
         assert "on_damage" not in str(info.value)
 
 
-def test_audit_of_a_masked_store_leaves_the_damaged_records_out(tmp_path: Path) -> None:
+def test_audit_of_a_masked_store_leaves_the_damaged_records_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import torch
 
     from geomkit import theory
@@ -280,6 +282,7 @@ def test_audit_of_a_masked_store_leaves_the_damaged_records_out(tmp_path: Path) 
     from geomkit.store import DamagedStoreWarning, open_run
 
     store = tmp_path / "run" / STORE_NAME
+    monkeypatch.setattr("geomkit.store_schema.RECORD_CHUNK", 16)  # written 16 records a chunk
     recorder = Recorder(
         store,
         ["model.layers.0.mlp.up_proj.weight"],
