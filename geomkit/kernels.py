@@ -619,6 +619,22 @@ def _groups(forget: Sequence[Tensor]) -> dict[tuple[torch.device, torch.dtype], 
     return groups
 
 
+@contextlib.contextmanager
+def _one_thread(device: torch.device) -> Iterator[None]:
+    """Run the chunk operations of a CPU group on one thread: each touches a cache-sized chunk,
+    too little to gain from intra-op threads, and on a busy machine every parallel operation
+    would wait for a second thread to be scheduled."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _packed(
     kernel: Callable[..., Tensor],
     width: tuple[int, ...],
@@ -637,11 +653,12 @@ def _packed(
         group = [[ts[j] for j in members] for ts in tensors]
         total = torch.zeros(*width, len(members), dtype=torch.float64, device=device)
         extra = None if per_tensor is None else per_tensor[members].to(device)
-        for chunk in _chunks([t.numel() for t in group[0]], device):
-            ids = torch.tensor(chunk.row_ids, dtype=torch.long, device=device)
-            x = _pack(chunk, group)
-            rows = kernel(x, dtype, None if extra is None else extra[ids])
-            total.index_add_(len(width), ids, rows)
+        with _one_thread(device):
+            for chunk in _chunks([t.numel() for t in group[0]], device):
+                ids = torch.tensor(chunk.row_ids, dtype=torch.long, device=device)
+                x = _pack(chunk, group)
+                rows = kernel(x, dtype, None if extra is None else extra[ids])
+                total.index_add_(len(width), ids, rows)
         index = torch.tensor(members, dtype=torch.long, device=home)
         out.index_copy_(0, index, total.movedim(-1, 0).to(home))
     return out
