@@ -11,6 +11,12 @@ of a flattened tensor. Two backends run the same function:
     row so that they run in parallel). If compilation fails (no C++ compiler, no Triton), geomkit
     warns once and falls back to eager.
 
+Many tensors at once: :func:`gram_batch`, :func:`linear_moments_batch` and :func:`triple_batch`
+pack the tensors into row-aligned, zero-padded float64 chunks on the eager backend (the number
+of operations then grows with the number of elements, not of tensors; no tensor is copied
+whole) and add per-row sums up per tensor; on the compiled backend they run the per-tensor
+kernels.
+
 Element-wise kernels give identical results on both backends (the arithmetic is the same
 sequence of IEEE operations); reductions accumulate in float64 and agree to float64 rounding.
 
@@ -48,6 +54,9 @@ __all__ = [
     "dot_products",
     "gram",
     "linear_moments",
+    "gram_batch",
+    "linear_moments_batch",
+    "triple_batch",
     "compile_failed",
     "triple",
     "update_rounding",
@@ -541,3 +550,273 @@ def combine_select(
     if f.numel() == 0:
         return out
     return _elementwise(_k_combine_select, f, r, out, alpha, gamma, prefer_retain)
+
+
+# --------------------------------------------------------------------------------------------
+# Batched eager forms: many tensors packed into a few chunks.
+# --------------------------------------------------------------------------------------------
+
+_ROW: int = 256
+"""Row length of a packed chunk: every tensor piece starts on a row, the rest of its last row is
+zero (zeros add nothing to any statistic: they never conflict, are never both non-zero, never
+oppose, and add 0 to every sum)."""
+_CHUNK_ELEMENTS = {"cpu": 1 << 14}
+"""Elements per packed chunk: on the CPU small enough that the float64 temporaries of a chunk
+stay in the L2 cache; on accelerators (default) large enough to amortise kernel launches while
+keeping the temporaries far below a large tensor."""
+_CHUNK_DEFAULT = 1 << 22
+
+
+class _Chunk:
+    """Pieces of several tensors packed into one zero-padded ``[2, rows, _ROW]`` float64 block.
+
+    ``rows`` maps each row to the index (within the group) of the tensor it belongs to.
+    """
+
+    __slots__ = ("n_rows", "pieces", "row_ids")
+
+    def __init__(self) -> None:
+        self.pieces: list[tuple[int, int, int, int]] = []  # (tensor, start, stop, first row)
+        self.n_rows = 0
+        self.row_ids: list[int] = []
+
+
+def _chunks(numels: Sequence[int], device: torch.device) -> list[_Chunk]:
+    """Cut tensors of ``numels`` elements into row-aligned pieces packed into chunks."""
+    capacity = max(1, _CHUNK_ELEMENTS.get(device.type, _CHUNK_DEFAULT) // _ROW)
+    chunks = [_Chunk()]
+    for j, n in enumerate(numels):
+        start = 0
+        while start < n:
+            chunk = chunks[-1]
+            if chunk.n_rows == capacity:
+                chunk = _Chunk()
+                chunks.append(chunk)
+            rows = min(capacity - chunk.n_rows, -(-(n - start) // _ROW))
+            stop = min(n, start + rows * _ROW)
+            chunk.pieces.append((j, start, stop, chunk.n_rows))
+            chunk.row_ids += [j] * rows
+            chunk.n_rows += rows
+            start = stop
+    return [c for c in chunks if c.n_rows]
+
+
+def _pack(chunk: _Chunk, tensors: Sequence[Sequence[Tensor]]) -> Tensor:
+    """``[len(tensors), rows, _ROW]`` float64: the chunk's pieces of each list, zero-padded."""
+    first = tensors[0][0]
+    x = torch.zeros(len(tensors), chunk.n_rows * _ROW, dtype=torch.float64, device=first.device)
+    for j, start, stop, row in chunk.pieces:
+        at = row * _ROW
+        for k, ts in enumerate(tensors):
+            x[k, at : at + stop - start].copy_(ts[j].reshape(-1)[start:stop])
+    return x.view(len(tensors), chunk.n_rows, _ROW)
+
+
+def _groups(forget: Sequence[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[int]]:
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for j, f in enumerate(forget):
+        groups.setdefault((f.device, f.dtype), []).append(j)
+    return groups
+
+
+@contextlib.contextmanager
+def _one_thread(device: torch.device) -> Iterator[None]:
+    """Run the chunk operations of a CPU group on one thread: each touches a cache-sized chunk,
+    too little to gain from intra-op threads, and on a busy machine every parallel operation
+    would wait for a second thread to be scheduled."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _packed(
+    kernel: Callable[..., Tensor],
+    width: tuple[int, ...],
+    tensors: Sequence[Sequence[Tensor]],
+    per_tensor: Tensor | None = None,
+) -> Tensor:
+    """Run ``kernel(x, per_row)`` over packed chunks of every (device, dtype) group.
+
+    ``kernel`` returns per-row sums ``[*width, rows]``; they are added up per tensor. Returns
+    ``[n_tensors, *width]`` float64 on the first tensor's device. ``per_tensor`` (``[n_tensors,
+    ...]``) is gathered per row and handed to the kernel.
+    """
+    home = tensors[0][0].device
+    out = torch.zeros(len(tensors[0]), *width, dtype=torch.float64, device=home)
+    for (device, dtype), members in _groups(tensors[0]).items():
+        group = [[ts[j] for j in members] for ts in tensors]
+        total = torch.zeros(*width, len(members), dtype=torch.float64, device=device)
+        extra = None if per_tensor is None else per_tensor[members].to(device)
+        with _one_thread(device):
+            for chunk in _chunks([t.numel() for t in group[0]], device):
+                ids = torch.tensor(chunk.row_ids, dtype=torch.long, device=device)
+                x = _pack(chunk, group)
+                rows = kernel(x, dtype, None if extra is None else extra[ids])
+                total.index_add_(len(width), ids, rows)
+        index = torch.tensor(members, dtype=torch.long, device=home)
+        out.index_copy_(0, index, total.movedim(-1, 0).to(home))
+    return out
+
+
+def _p_gram(x: Tensor, dtype: torch.dtype, _: None) -> Tensor:
+    # x: [2, R, W] = (f, r). Per row: the GRAM_FIELDS sums. Masks are float64 0/1 (float
+    # element-wise operations vectorise; boolean ones do not).
+    f, r = x[0], x[1]
+    y = torch.empty(8, *f.shape, dtype=torch.float64, device=x.device)
+    torch.mul(x, x, out=y[:2])  # f^2, r^2 (exact for 16/32-bit inputs)
+    torch.mul(f, r, out=y[2])  # f r
+    if dtype == torch.float64:  # sign comparisons: a product may underflow
+        y[6] = ((f > 0) & (r < 0)) | ((f < 0) & (r > 0))
+        y[7] = (f != 0) & (r != 0)
+    else:  # the float64 product is exact: its sign is the sign test, non-zero iff both are
+        torch.sign(y[2], out=y[7])
+        torch.clamp(y[7], max=0.0, out=y[6]).neg_()  # 1 on C, 0 elsewhere
+        y[7].abs_()  # 1 where both are non-zero
+    # conflict parts, then agree parts (exact: x - x = 0, x - 0 = x). A non-finite value makes
+    # the row's sums NaN (inf * 0), as a non-finite gradient should.
+    torch.mul(y[:3], y[6], out=y[3:6])
+    y[:3].sub_(y[3:6])
+    sums = y.sum(-1)  # [8, R]: ff_A, rr_A, fr_A, ff_C, rr_C, fr_C, n_conflict, n_both_nonzero
+    return sums[[3, 0, 4, 1, 5, 2, 6, 7]]
+
+
+def _p_moments(x: Tensor, dtype: torch.dtype, coefficients: Tensor) -> Tensor:
+    # x: [2, R, W]; coefficients: [R, S, 2] float64 rows (a, b). Per row: [S, 5] moments.
+    f, r = x[0], x[1]
+    a = coefficients[..., 0].T.unsqueeze(-1)  # [S, R, 1]
+    b = coefficients[..., 1].T.unsqueeze(-1)
+    d = torch.mul(a, f)
+    d.addcmul_(b, r)  # [S, R, W]: d = a f + b r
+    if dtype == torch.float64:  # sign comparisons: a product may underflow
+        dr = d * r
+        opposed = ((d > 0) & (r < 0)) | ((d < 0) & (r > 0))
+        n_opposed = opposed.sum(-1, dtype=torch.float64)
+    else:  # d_i r_i = a f_i r_i + b r_i^2 from exact products: its sign is the exact test
+        dr = torch.mul(a, f * r)
+        dr.addcmul_(b, r * r)
+        n_opposed = dr.clamp(max=0.0).sign_().sum(-1).neg_()
+    moments = [
+        n_opposed,
+        torch.linalg.vecdot(d, d),
+        torch.linalg.vecdot(d, f),
+        dr.sum(-1),
+        dr.abs_().sum(-1),
+    ]
+    return torch.stack(moments, dim=1)  # [S, 5, R]
+
+
+def _p_triple(x: Tensor, dtype: torch.dtype, check: Tensor | None) -> Tensor:
+    # x: [3, R, W] = (f, r, d); check: [R, 8] per row (see triple()) or None. Per row: the
+    # TRIPLE_FIELDS sums.
+    f, r, d = x[0], x[1], x[2]
+    y = torch.empty(11, *f.shape, dtype=torch.float64, device=x.device)
+    torch.mul(x, x, out=y[:3])  # ff, rr, dd
+    torch.mul(f, r, out=y[3])
+    torch.mul(d, f, out=y[4])
+    torch.mul(d, r, out=y[5])
+    if dtype == torch.float64:  # sign comparisons: a product may underflow
+        conflict = ((f > 0) & (r < 0)) | ((f < 0) & (r > 0))
+        y[6] = conflict
+        y[7] = (f != 0) & (r != 0)
+        y[8] = ((d > 0) & (r < 0)) | ((d < 0) & (r > 0))
+    else:  # exact float64 products: their signs are the sign tests
+        torch.sign(y[3], out=y[7])
+        torch.clamp(y[7], max=0.0, out=y[6]).neg_()
+        y[7].abs_()
+        torch.sign(y[5], out=y[8]).clamp_(max=0.0).neg_()
+        conflict = None
+    torch.abs(y[5], out=y[9])
+    if check is None:
+        y[10].zero_()
+    else:
+        if conflict is None:
+            conflict = y[6] != 0
+        c = check.T.unsqueeze(-1)  # [8, R, 1]
+        ref = torch.where(conflict, c[0] * f + c[1] * r, c[2] * f + c[3] * r)
+        bound = c[4] * ref.abs() + c[5] * f.abs() + c[6] * r.abs() + c[7]
+        torch.le((d - ref).abs(), bound, out=conflict)  # within (NaN is not)
+        torch.logical_not(conflict, out=conflict)
+        y[10] = conflict
+    sums = y.sum(-1)  # [11, R]: ff, rr, dd, fr, df, dr, n_conflict, n_both_nonzero, ...
+    return sums[[0, 1, 3, 2, 4, 5, 6, 7, 8, 9, 10]]
+
+
+def _batched() -> bool:
+    """Whether the batched (packed) eager forms run: always unless compiled kernels do."""
+    return _backend != "compiled" or _compile_failed
+
+
+def gram_batch(forget: Sequence[Tensor], retain: Sequence[Tensor]) -> Tensor:
+    """:func:`gram` of every tensor pair at once: ``[n_tensors, len(GRAM_FIELDS)]`` float64 on
+    the first tensor's device.
+
+    On the eager backend the tensors are packed into a few chunks (pieces of large tensors,
+    many small tensors together), so that the number of operations does not grow with the
+    number of tensors; the compiled backend runs :func:`gram` per tensor.
+
+    >>> f = [torch.tensor([1.0, -2.0]), torch.tensor([3.0])]
+    >>> r = [torch.tensor([1.0, 1.0]), torch.tensor([-1.0])]
+    >>> torch.equal(gram_batch(f, r), torch.stack([gram(*p) for p in zip(f, r)]))
+    True
+    """
+    if not forget:
+        raise ValueError("forget is empty; expected at least one tensor")
+    if not _batched():
+        home = forget[0].device
+        return torch.stack([gram(f, r).to(home) for f, r in zip(forget, retain, strict=True)])
+    return _packed(_p_gram, (len(GRAM_FIELDS),), [forget, retain])
+
+
+def linear_moments_batch(
+    forget: Sequence[Tensor], retain: Sequence[Tensor], coefficients: Tensor
+) -> Tensor:
+    """:func:`linear_moments` of every tensor pair at once.
+
+    ``coefficients`` is ``[n_tensors, S, 2]`` float64 (rows ``(a, b)`` per tensor and rule);
+    returns ``[n_tensors, S, len(MOMENT_FIELDS)]`` float64 on the first tensor's device.
+    Packed like :func:`gram_batch` on the eager backend.
+    """
+    if not forget:
+        raise ValueError("forget is empty; expected at least one tensor")
+    if not _batched():
+        home = forget[0].device
+        return torch.stack(
+            [
+                linear_moments(f, r, c.to(f.device)).to(home)
+                for f, r, c in zip(forget, retain, coefficients, strict=True)
+            ]
+        )
+    width = (coefficients.shape[1], len(MOMENT_FIELDS))
+    return _packed(_p_moments, width, [forget, retain], coefficients)
+
+
+def triple_batch(
+    forget: Sequence[Tensor],
+    retain: Sequence[Tensor],
+    combined: Sequence[Tensor],
+    checks: Tensor | None = None,
+) -> Tensor:
+    """:func:`triple` of every (f, r, d) at once: ``[n_tensors, len(TRIPLE_FIELDS)]`` float64
+    on the first tensor's device.
+
+    ``checks`` is ``None`` or ``[n_tensors, 8]`` float64, one ``check`` vector of
+    :func:`triple` per tensor. Packed like :func:`gram_batch` on the eager backend.
+    """
+    if not forget:
+        raise ValueError("forget is empty; expected at least one tensor")
+    if not _batched():
+        home = forget[0].device
+        rows = [
+            triple(f, r, d, None if checks is None else checks[j]).to(home)
+            for j, (f, r, d) in enumerate(zip(forget, retain, combined, strict=True))
+        ]
+        return torch.stack(rows)
+    if checks is not None:
+        checks = checks.to(dtype=torch.float64)
+    return _packed(_p_triple, (len(TRIPLE_FIELDS),), [forget, retain, combined], checks)

@@ -137,13 +137,8 @@ def sufficient(
         raise invalid("pooled", f"{len(pooled)} vectors", f"{len(forget)}, one per tensor")
     if strategy is not None:
         checks, projected = _formula_checks(strategy, forget, retain, shard_sum, pooled)
-    rows = _stack_on(
-        [
-            kernels.triple(f, r, d, check)
-            for f, r, d, check in zip(forget, retain, combined, checks, strict=True)
-        ],
-        home,
-    )
+    stacked = None if strategy is None else _stack_on(checks, home)
+    rows = kernels.triple_batch(forget, retain, combined, stacked)
     sizes = _sizes(forget, home)
     rows = _sum_shards(rows, sizes, shard_sum)
     columns = dict(zip(kernels.TRIPLE_FIELDS, rows.unbind(1), strict=True))
@@ -264,7 +259,7 @@ def shadow(
                 "is neither"
             )
     home = forget[0].device
-    g = _stack_on([kernels.gram(f, r) for f, r in zip(forget, retain, strict=True)], home)
+    g = kernels.gram_batch(forget, retain)
     sizes = _sizes(forget, home)
     gram = dict(zip(kernels.GRAM_FIELDS, _sum_shards(g, sizes, shard_sum).unbind(1), strict=True))
     pair = {}  # each pair field: in the Gramian, or the sum of its C and A parts
@@ -296,11 +291,9 @@ def shadow(
     moments = torch.stack([closed[n] for n in kernels.MOMENT_FIELDS], dim=-1)  # [S, T, 4]
     uniform = [i for i, s in enumerate(strategies) if s.rule.uniform]
     if uniform:
-        direct = [
-            kernels.linear_moments(f, r, form[uniform, j, :2].to(f.device))
-            for j, (f, r) in enumerate(zip(forget, retain, strict=True))
-        ]  # T x [U, 4]
-        direct = _stack_on(direct, home).transpose(0, 1)  # [U, T, 4]
+        coefficients = form[uniform, :, :2].transpose(0, 1)  # [T, U, 2]
+        direct = kernels.linear_moments_batch(forget, retain, coefficients)  # [T, U, 5]
+        direct = direct.transpose(0, 1)  # [U, T, 5]
         if shard_sum is not None:
             direct = shard_sum(direct)
         moments[uniform] = direct
