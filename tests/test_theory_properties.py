@@ -192,13 +192,16 @@ def pcgrad_bounds(fs64, rs64, alpha, gamma, dtype, scope):
     # (1e-10 / (rr + 1e-10) first: gamma |fr| 1e-10 can underflow when |fr| is subnormal)
     residual = np.where(fr_c < 0, gamma * np.abs(fr_c) * (EPSILON / (rr_c + EPSILON)), 0.0)
     floor = 4 * np.finfo(np.float64).smallest_subnormal  # float64 sums resolve nothing below
+    # c itself is a float64 quotient: where it is subnormal (or underflows to 0, e.g. f = -5e-324,
+    # r = 5) it is off by up to half the subnormal spacing, and <d, r> by gamma that times ||r||^2
+    underflow = gamma * np.finfo(np.float64).smallest_subnormal / 2 * rr_j
     mat, closed = [], []
     for j, (f, r) in enumerate(zip(fs64, rs64, strict=True)):
         terms = gamma * abs(f) + gamma * abs(c[j] * r) + alpha * abs(r)
         scale = math.fsum(terms * abs(r))
         rounding_d = math.fsum((4 * eps * terms + 2 * tiny) * abs(r))
-        mat.append(rounding_d + 1e-12 * scale + floor)
-        closed.append(1e-12 * scale + floor)
+        mat.append(rounding_d + 1e-12 * scale + floor + underflow[j])
+        closed.append(1e-12 * scale + floor + underflow[j])
     return np.array(mat), np.array(closed), residual, fr_j, rr_j
 
 
