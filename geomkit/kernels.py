@@ -557,59 +557,82 @@ def combine_select(
 # --------------------------------------------------------------------------------------------
 
 _ROW: int = 256
-"""Row length of a packed chunk: every tensor piece starts on a row, the rest of its last row is
-zero (zeros add nothing to any statistic: they never conflict, are never both non-zero, never
-oppose, and add 0 to every sum)."""
-_CHUNK_ELEMENTS = {"cpu": 1 << 14}
-"""Elements per packed chunk: on the CPU small enough that the float64 temporaries of a chunk
-stay in the L2 cache; on accelerators (default) large enough to amortise kernel launches while
-keeping the temporaries far below a large tensor."""
+"""Row length of a packed chunk of small tensors: every tensor piece starts on a row, the rest of
+its last row is zero (zeros add nothing to any statistic: they never conflict, are never both
+non-zero, never oppose, and add 0 to every sum)."""
+_CHUNK_ELEMENTS = {"cpu": 1 << 16}
+"""Elements per chunk: on the CPU about a megabyte of float64 per row, so that the few rows a
+kernel writes stay in the last-level cache; on accelerators (default) large enough to amortise
+kernel launches while keeping the temporaries far below a large tensor."""
 _CHUNK_DEFAULT = 1 << 22
+_FLAT_MIN = 4 * _ROW
+"""Tensors with at least this many elements are cut into flat pieces, one per chunk (a single
+row as long as the piece: no padding, one matrix product per piece); smaller tensors are packed
+together, row-aligned, so that their number does not multiply the number of operations."""
 
 
 class _Chunk:
-    """Pieces of several tensors packed into one zero-padded ``[2, rows, _ROW]`` float64 block.
+    """Pieces of one or several tensors packed into a ``[k, rows, width]`` float64 block.
 
-    ``rows`` maps each row to the index (within the group) of the tensor it belongs to.
+    ``row_ids`` maps each row to the index (within the group) of the tensor it belongs to.
+    A flat chunk holds one piece of a large tensor as one row of ``width`` elements.
     """
 
-    __slots__ = ("n_rows", "pieces", "row_ids")
+    __slots__ = ("n_rows", "pieces", "row_ids", "width")
 
-    def __init__(self) -> None:
+    def __init__(self, width: int = _ROW) -> None:
         self.pieces: list[tuple[int, int, int, int]] = []  # (tensor, start, stop, first row)
         self.n_rows = 0
         self.row_ids: list[int] = []
+        self.width = width
 
 
 def _chunks(numels: Sequence[int], device: torch.device) -> list[_Chunk]:
-    """Cut tensors of ``numels`` elements into row-aligned pieces packed into chunks."""
-    capacity = max(1, _CHUNK_ELEMENTS.get(device.type, _CHUNK_DEFAULT) // _ROW)
-    chunks = [_Chunk()]
+    """Cut tensors of ``numels`` elements into chunks: flat pieces of large tensors, small
+    tensors packed row-aligned together."""
+    elements = _CHUNK_ELEMENTS.get(device.type, _CHUNK_DEFAULT)
+    capacity = max(1, elements // _ROW)
+    flat, packed = [], [_Chunk()]
     for j, n in enumerate(numels):
+        if n >= _FLAT_MIN:
+            pieces = -(-n // elements)
+            size = -(-n // pieces)  # equal pieces
+            for start in range(0, n, size):
+                stop = min(n, start + size)
+                chunk = _Chunk(stop - start)
+                chunk.pieces.append((j, start, stop, 0))
+                chunk.row_ids.append(j)
+                chunk.n_rows = 1
+                flat.append(chunk)
+            continue
         start = 0
         while start < n:
-            chunk = chunks[-1]
+            chunk = packed[-1]
             if chunk.n_rows == capacity:
                 chunk = _Chunk()
-                chunks.append(chunk)
+                packed.append(chunk)
             rows = min(capacity - chunk.n_rows, -(-(n - start) // _ROW))
             stop = min(n, start + rows * _ROW)
             chunk.pieces.append((j, start, stop, chunk.n_rows))
             chunk.row_ids += [j] * rows
             chunk.n_rows += rows
             start = stop
-    return [c for c in chunks if c.n_rows]
+    return flat + [c for c in packed if c.n_rows]
 
 
-def _pack(chunk: _Chunk, tensors: Sequence[Sequence[Tensor]]) -> Tensor:
-    """``[len(tensors), rows, _ROW]`` float64: the chunk's pieces of each list, zero-padded."""
+def _pack(chunk: _Chunk, tensors: Sequence[Sequence[Tensor]], rows: int) -> Tensor:
+    """``[rows, chunk rows, width]`` float64: the chunk's pieces of each list in the first
+    ``len(tensors)`` rows (zero-padded), the other rows left for the kernel to write."""
     first = tensors[0][0]
-    x = torch.zeros(len(tensors), chunk.n_rows * _ROW, dtype=torch.float64, device=first.device)
+    size = chunk.n_rows * chunk.width
+    x = torch.empty(rows, size, dtype=torch.float64, device=first.device)
+    if len(chunk.pieces) > 1 or chunk.pieces[0][2] - chunk.pieces[0][1] < size:
+        x[: len(tensors)].zero_()
     for j, start, stop, row in chunk.pieces:
-        at = row * _ROW
+        at = row * chunk.width
         for k, ts in enumerate(tensors):
             x[k, at : at + stop - start].copy_(ts[j].reshape(-1)[start:stop])
-    return x.view(len(tensors), chunk.n_rows, _ROW)
+    return x.view(rows, chunk.n_rows, chunk.width)
 
 
 def _groups(forget: Sequence[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[int]]:
@@ -619,33 +642,18 @@ def _groups(forget: Sequence[Tensor]) -> dict[tuple[torch.device, torch.dtype], 
     return groups
 
 
-@contextlib.contextmanager
-def _one_thread(device: torch.device) -> Iterator[None]:
-    """Run the chunk operations of a CPU group on one thread: each touches a cache-sized chunk,
-    too little to gain from intra-op threads, and on a busy machine every parallel operation
-    would wait for a second thread to be scheduled."""
-    threads = torch.get_num_threads()
-    if device.type != "cpu" or threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _packed(
     kernel: Callable[..., Tensor],
     width: tuple[int, ...],
     tensors: Sequence[Sequence[Tensor]],
     per_tensor: Tensor | None = None,
 ) -> Tensor:
-    """Run ``kernel(x, per_row)`` over packed chunks of every (device, dtype) group.
+    """Run ``kernel(x, dtype, per_row)`` over the chunks of every (device, dtype) group.
 
-    ``kernel`` returns per-row sums ``[*width, rows]``; they are added up per tensor. Returns
-    ``[n_tensors, *width]`` float64 on the first tensor's device. ``per_tensor`` (``[n_tensors,
-    ...]``) is gathered per row and handed to the kernel.
+    ``x`` is ``[kernel.rows(per_row), chunk rows, width]`` float64 with the inputs in its
+    first rows; ``kernel`` returns per-row sums ``[*width, rows]``, added up per tensor.
+    Returns ``[n_tensors, *width]`` float64 on the first tensor's device. ``per_tensor``
+    (``[n_tensors, ...]``) is gathered per row and handed to the kernel.
     """
     home = tensors[0][0].device
     out = torch.zeros(len(tensors[0]), *width, dtype=torch.float64, device=home)
@@ -653,98 +661,118 @@ def _packed(
         group = [[ts[j] for j in members] for ts in tensors]
         total = torch.zeros(*width, len(members), dtype=torch.float64, device=device)
         extra = None if per_tensor is None else per_tensor[members].to(device)
-        with _one_thread(device):
-            for chunk in _chunks([t.numel() for t in group[0]], device):
-                ids = torch.tensor(chunk.row_ids, dtype=torch.long, device=device)
-                x = _pack(chunk, group)
-                rows = kernel(x, dtype, None if extra is None else extra[ids])
-                total.index_add_(len(width), ids, rows)
+        for chunk in _chunks([t.numel() for t in group[0]], device):
+            ids = torch.tensor(chunk.row_ids, dtype=torch.long, device=device)
+            per_row = None if extra is None else extra[ids]
+            x = _pack(chunk, group, _SCRATCH[kernel](len(tensors), per_row))
+            rows = kernel(x, dtype, per_row)
+            total.index_add_(len(width), ids, rows)
         index = torch.tensor(members, dtype=torch.long, device=home)
         out.index_copy_(0, index, total.movedim(-1, 0).to(home))
     return out
 
 
-def _p_gram(x: Tensor, dtype: torch.dtype, _: None) -> Tensor:
-    # x: [2, R, W] = (f, r). Per row: the GRAM_FIELDS sums. Masks are float64 0/1 (float
-    # element-wise operations vectorise; boolean ones do not).
-    f, r = x[0], x[1]
-    y = torch.empty(8, *f.shape, dtype=torch.float64, device=x.device)
-    torch.mul(x, x, out=y[:2])  # f^2, r^2 (exact for 16/32-bit inputs)
-    torch.mul(f, r, out=y[2])  # f r
+def _gram_rows(x: Tensor, k: int) -> Tensor:
+    """``[R, k, k]``: the Gram matrix of the first ``k`` rows of ``x`` ``[.., R, W]``, per
+    chunk row (one matrix product)."""
+    y = x[:k].transpose(0, 1)
+    return torch.bmm(y, y.transpose(1, 2))
+
+
+def _signs(f: Tensor, r: Tensor, dtype: torch.dtype, s: Tensor, c: Tensor) -> None:
+    """Write ``s`` = 1 where f and r are both non-zero (else 0, up to sign) and ``c`` = -1 on C
+    (``sign(f_i) sign(r_i) < 0``), 0 elsewhere: ``sum s^2`` counts the coordinates where both
+    are non-zero and ``sum c^2`` the conflicting ones."""
     if dtype == torch.float64:  # sign comparisons: a product may underflow
-        y[6] = ((f > 0) & (r < 0)) | ((f < 0) & (r > 0))
-        y[7] = (f != 0) & (r != 0)
+        s.copy_((f != 0) & (r != 0))
+        c.copy_(((f > 0) & (r < 0)) | ((f < 0) & (r > 0))).neg_()
     else:  # the float64 product is exact: its sign is the sign test, non-zero iff both are
-        torch.sign(y[2], out=y[7])
-        torch.clamp(y[7], max=0.0, out=y[6]).neg_()  # 1 on C, 0 elsewhere
-        y[7].abs_()  # 1 where both are non-zero
-    # conflict parts, then agree parts (exact: x - x = 0, x - 0 = x). A non-finite value makes
-    # the row's sums NaN (inf * 0), as a non-finite gradient should.
-    torch.mul(y[:3], y[6], out=y[3:6])
-    y[:3].sub_(y[3:6])
-    sums = y.sum(-1)  # [8, R]: ff_A, rr_A, fr_A, ff_C, rr_C, fr_C, n_conflict, n_both_nonzero
-    return sums[[3, 0, 4, 1, 5, 2, 6, 7]]
+        torch.mul(f, r, out=s).sign_()
+        torch.clamp(s, max=0.0, out=c)
+
+
+def _opposed(d: Tensor, r: Tensor, dtype: torch.dtype, dr: Tensor) -> tuple[Tensor, Tensor]:
+    """``(n_opposed, negative sum)`` per row of ``d`` ``[..., W]`` against ``r`` ``[W]``:
+    the count of coordinates with ``d_i r_i < 0`` and ``sum min(d_i r_i, 0)``; ``dr`` is
+    scratch of ``d``'s shape."""
+    torch.mul(d, r, out=dr)
+    if dtype == torch.float64:  # sign comparisons: a product may underflow
+        opposed = ((d > 0) & (r < 0)) | ((d < 0) & (r > 0))
+        return opposed.sum(-1, dtype=torch.float64), dr.clamp_(max=0.0).sum(-1)
+    negative = dr.clamp_(max=0.0).sum(-1)
+    return dr.sign_().sum(-1).neg_(), negative
+
+
+_GRAM_INDEX = (
+    [2, 0, 3, 1, 2, 0, 5, 4],
+    [2, 0, 3, 1, 3, 1, 5, 4],
+)
+"""Where each :data:`GRAM_FIELDS` entry sits in the Gram matrix of ``(f_A, r_A, -f_C, -r_C, s,
+c)``."""
+
+
+def _p_gram(x: Tensor, dtype: torch.dtype, _: None) -> Tensor:
+    # x: [6, R, W] = (f, r, scratch x4). Per row: the GRAM_FIELDS sums, from the Gram matrix of
+    # (f_A, r_A, -f_C, -r_C, s, c) (see _signs): one matrix product per chunk. The split is
+    # exact (f - f = 0, f - 0 = f), so the parts on C and on A never cancel. A non-finite value
+    # makes the row's sums NaN, as a non-finite gradient should.
+    f, r = x[0], x[1]
+    _signs(f, r, dtype, x[4], x[5])
+    torch.mul(x[:2], x[5], out=x[2:4])  # -f_C, -r_C
+    x[:2].add_(x[2:4])  # f_A, r_A
+    g = _gram_rows(x, 6)
+    return g[:, _GRAM_INDEX[0], _GRAM_INDEX[1]].T
 
 
 def _p_moments(x: Tensor, dtype: torch.dtype, coefficients: Tensor) -> Tensor:
-    # x: [2, R, W]; coefficients: [R, S, 2] float64 rows (a, b). Per row: [S, 5] moments.
-    f, r = x[0], x[1]
+    # x: [2S + 2, R, W] = (f, r, scratch); coefficients: [R, S, 2] float64 rows (a, b). Per
+    # row: [S, 5] moments of d = a f + b r, formed in float64 and accumulated directly (no
+    # closed form, so no cancellation when d is small next to f and r).
+    n = coefficients.shape[1]
     a = coefficients[..., 0].T.unsqueeze(-1)  # [S, R, 1]
     b = coefficients[..., 1].T.unsqueeze(-1)
-    d = torch.mul(a, f)
-    d.addcmul_(b, r)  # [S, R, W]: d = a f + b r
-    if dtype == torch.float64:  # sign comparisons: a product may underflow
-        dr = d * r
-        opposed = ((d > 0) & (r < 0)) | ((d < 0) & (r > 0))
-        n_opposed = opposed.sum(-1, dtype=torch.float64)
-    else:  # d_i r_i = a f_i r_i + b r_i^2 from exact products: its sign is the exact test
-        dr = torch.mul(a, f * r)
-        dr.addcmul_(b, r * r)
-        n_opposed = dr.clamp(max=0.0).sign_().sum(-1).neg_()
-    moments = [
-        n_opposed,
-        torch.linalg.vecdot(d, d),
-        torch.linalg.vecdot(d, f),
-        dr.sum(-1),
-        dr.abs_().sum(-1),
-    ]
-    return torch.stack(moments, dim=1)  # [S, 5, R]
+    f, r, d = x[0], x[1], x[2 : n + 2]
+    torch.mul(a, f, out=d).addcmul_(b, r)
+    g = _gram_rows(x, n + 2)  # of (f, r, d_1..d_S): <d,d>, <d,f>, <d,r> in one product
+    n_opposed, negative = _opposed(d, r, dtype, x[n + 2 :])
+    rules = torch.arange(2, n + 2, device=x.device)
+    dd, df, dr = g[:, rules, rules], g[:, rules, 0], g[:, rules, 1]
+    # sum |d_i r_i| = sum d_i r_i - 2 sum min(d_i r_i, 0)
+    moments = [n_opposed.T, dd, df, dr, dr - 2 * negative.T]
+    return torch.stack(moments, dim=1).permute(2, 1, 0)  # [S, 5, R]
 
 
 def _p_triple(x: Tensor, dtype: torch.dtype, check: Tensor | None) -> Tensor:
-    # x: [3, R, W] = (f, r, d); check: [R, 8] per row (see triple()) or None. Per row: the
-    # TRIPLE_FIELDS sums.
+    # x: [6, R, W] = (f, r, d, scratch x3); check: [R, 8] per row (see triple()) or None. Per
+    # row: the TRIPLE_FIELDS sums; the inner products from one Gram matrix of (f, r, d).
     f, r, d = x[0], x[1], x[2]
-    y = torch.empty(11, *f.shape, dtype=torch.float64, device=x.device)
-    torch.mul(x, x, out=y[:3])  # ff, rr, dd
-    torch.mul(f, r, out=y[3])
-    torch.mul(d, f, out=y[4])
-    torch.mul(d, r, out=y[5])
-    if dtype == torch.float64:  # sign comparisons: a product may underflow
-        conflict = ((f > 0) & (r < 0)) | ((f < 0) & (r > 0))
-        y[6] = conflict
-        y[7] = (f != 0) & (r != 0)
-        y[8] = ((d > 0) & (r < 0)) | ((d < 0) & (r > 0))
-    else:  # exact float64 products: their signs are the sign tests
-        torch.sign(y[3], out=y[7])
-        torch.clamp(y[7], max=0.0, out=y[6]).neg_()
-        y[7].abs_()
-        torch.sign(y[5], out=y[8]).clamp_(max=0.0).neg_()
-        conflict = None
-    torch.abs(y[5], out=y[9])
+    g = _gram_rows(x, 3)  # ff rr dd / fr df dr
+    s, c = x[3], x[4]
+    _signs(f, r, dtype, s, c)
+    n_both = torch.linalg.vecdot(s, s)
+    n_conflict = torch.linalg.vecdot(c, c)
+    n_opposed, negative = _opposed(d, r, dtype, x[5])
+    dr = g[:, 1, 2]
     if check is None:
-        y[10].zero_()
+        n_off = torch.zeros_like(dr)
     else:
-        if conflict is None:
-            conflict = y[6] != 0
         c = check.T.unsqueeze(-1)  # [8, R, 1]
+        conflict = x[4] != 0
         ref = torch.where(conflict, c[0] * f + c[1] * r, c[2] * f + c[3] * r)
         bound = c[4] * ref.abs() + c[5] * f.abs() + c[6] * r.abs() + c[7]
-        torch.le((d - ref).abs(), bound, out=conflict)  # within (NaN is not)
-        torch.logical_not(conflict, out=conflict)
-        y[10] = conflict
-    sums = y.sum(-1)  # [11, R]: ff, rr, dd, fr, df, dr, n_conflict, n_both_nonzero, ...
-    return sums[[0, 1, 3, 2, 4, 5, 6, 7, 8, 9, 10]]
+        within = (d - ref).abs() <= bound  # NaN is not
+        n_off = (~within).sum(-1, dtype=torch.float64)
+    sums = [g[:, 0, 0], g[:, 1, 1], g[:, 0, 1], g[:, 2, 2], g[:, 0, 2], dr]
+    sums += [n_conflict, n_both, n_opposed, dr - 2 * negative, n_off]
+    return torch.stack(sums)
+
+
+_SCRATCH: dict[Callable, Callable[[int, Tensor | None], int]] = {
+    _p_gram: lambda k, _: 6,
+    _p_moments: lambda k, coefficients: 2 * coefficients.shape[1] + 2,
+    _p_triple: lambda k, _: 6,
+}
+"""Rows of the float64 block each packed kernel works in (inputs first)."""
 
 
 def _batched() -> bool:

@@ -36,10 +36,6 @@ from geomkit.strategies import Strategy
 __all__ = ["FIELDS", "sufficient", "shadow", "to_numpy"]
 
 
-def _stack_on(vectors: Sequence[Tensor], device: torch.device) -> Tensor:
-    return torch.stack([v.to(device) for v in vectors])
-
-
 _SHARDED_SIZES: tuple[str, ...] = tuple(n for n in SIZE_FIELDS if FIELD_TABLE[n].constant is None)
 """Size fields of which each shard holds a part (summed over processes); the others are
 constants per tensor."""
@@ -132,13 +128,12 @@ def sufficient(
     forget, retain = check_pair(forget, retain)
     _, combined = check_pair(forget, combined, names=("forget", "combined"))
     home = forget[0].device
-    checks, projected = [None] * len(forget), None
+    checks, projected = None, None
     if pooled is not None and len(pooled) != len(forget):
         raise invalid("pooled", f"{len(pooled)} vectors", f"{len(forget)}, one per tensor")
     if strategy is not None:
         checks, projected = _formula_checks(strategy, forget, retain, shard_sum, pooled)
-    stacked = None if strategy is None else _stack_on(checks, home)
-    rows = kernels.triple_batch(forget, retain, combined, stacked)
+    rows = kernels.triple_batch(forget, retain, combined, None if strategy is None else checks)
     sizes = _sizes(forget, home)
     rows = _sum_shards(rows, sizes, shard_sum)
     columns = dict(zip(kernels.TRIPLE_FIELDS, rows.unbind(1), strict=True))
@@ -153,27 +148,27 @@ def _formula_checks(
     retain: Sequence[Tensor],
     shard_sum: Callable[[Tensor], Tensor] | None,
     pooled: Sequence[Tensor] | None = None,
-) -> tuple[list[Tensor], Tensor]:
-    """Per tensor the ``check`` vector of :func:`geomkit.kernels.triple` (the strategy's float64
-    linear form from the same pooled dot products the strategy used, and the rounding bound of
-    :func:`geomkit.kernels.update_rounding`), and ``n_projected`` from those dot products."""
+) -> tuple[Tensor, Tensor]:
+    """Per tensor the ``check`` vector of :func:`geomkit.kernels.triple` (``[n_tensors, 8]``:
+    the strategy's float64 linear form from the same pooled dot products the strategy used, and
+    the rounding bound of :func:`geomkit.kernels.update_rounding`), and ``n_projected`` from
+    those dot products."""
     home = forget[0].device
-    if strategy.rule.reduces:
+    if not strategy.rule.reduces:
+        stacked = torch.zeros(len(forget), 3, dtype=torch.float64, device=home)
+    else:
         if pooled is None:
             pooled = strategy.pooled_dots(forget, retain, shard_sum)
-    else:
-        pooled = [torch.zeros(3, dtype=torch.float64, device=f.device) for f in forget]
+        stacked = torch.stack([d.to(home) for d in pooled])  # [T, 3]
     u, eta = kernels.update_rounding(forget[0].dtype)
     weights = strategy.alpha + strategy.gamma
-    checks = []
-    for dots in pooled:
-        form = strategy.linear_form(dots)  # [4] (a_C, b_C, a_A, b_A)
-        m_f = kernels.FORMULA_SLACK * (torch.maximum(form[0].abs(), form[2].abs()) + weights)
-        m_r = kernels.FORMULA_SLACK * (torch.maximum(form[1].abs(), form[3].abs()) + weights)
-        scalars = torch.tensor([u, eta], dtype=torch.float64, device=form.device)
-        checks.append(torch.cat([form, scalars[:1], m_f[None], m_r[None], scalars[1:]]))
+    form = strategy.linear_form(stacked)  # [T, 4] (a_C, b_C, a_A, b_A)
+    m_f = kernels.FORMULA_SLACK * (torch.maximum(form[:, 0].abs(), form[:, 2].abs()) + weights)
+    m_r = kernels.FORMULA_SLACK * (torch.maximum(form[:, 1].abs(), form[:, 3].abs()) + weights)
+    u_col, eta_col = torch.full_like(m_f, u), torch.full_like(m_f, eta)
+    checks = torch.stack([*form.unbind(1), u_col, m_f, m_r, eta_col], dim=1)  # [T, 8]
     if strategy.rule.reduces:
-        projected = strategy.projected(torch.stack([d.to(home) for d in pooled]))
+        projected = strategy.projected(stacked)
     else:
         projected = torch.zeros(len(forget), dtype=torch.float64, device=home)
     return checks, projected

@@ -183,7 +183,7 @@ def test_triple_batch_checks_equal_per_tensor(name, chunk):
     per = torch.stack(
         [kernels.triple(f, r, d, c) for f, r, d, c in zip(fs, rs, ds, checks, strict=True)]
     )
-    batch = kernels.triple_batch(fs, rs, ds, torch.stack(checks))
+    batch = kernels.triple_batch(fs, rs, ds, checks)
     unrounded = kernels.TRIPLE_FIELDS.index("n_unrounded")
     assert torch.equal(batch[:, unrounded], per[:, unrounded])
     assert batch[6, unrounded] > 0 and batch[[0, 1, 2, 3, 4, 5, 7], unrounded].sum() == 0
