@@ -57,6 +57,7 @@ __all__ = [
     "gram_batch",
     "linear_moments_batch",
     "triple_batch",
+    "near_zero_batch",
     "compile_failed",
     "triple",
     "update_rounding",
@@ -767,10 +768,26 @@ def _p_triple(x: Tensor, dtype: torch.dtype, check: Tensor | None) -> Tensor:
     return torch.stack(sums)
 
 
+def _p_near_zero(x: Tensor, dtype: torch.dtype, params: Tensor) -> Tensor:
+    # x: [2S + 4, R, W] = (f, r, scratch); params: [R, S, 5] float64 rows (a, b, c_f, c_r, s).
+    # Per row and rule: the count of coordinates with r_i != 0 and
+    # |a f_i + b r_i| <= c_f |f_i| + c_r |r_i| + s.
+    n = params.shape[1]
+    a, b, c_f, c_r, s = (params[..., i].T.unsqueeze(-1) for i in range(5))  # [S, R, 1]
+    f, r = x[0], x[1]
+    value, bound = x[2 : n + 2], x[n + 2 : 2 * n + 2]
+    torch.mul(a, f, out=value).addcmul_(b, r).abs_()
+    af, ar = torch.abs(f, out=x[2 * n + 2]), torch.abs(r, out=x[2 * n + 3])
+    torch.mul(c_f, af, out=bound).addcmul_(c_r, ar).add_(s)
+    near = torch.le(value, bound) & (r != 0)
+    return near.sum(-1, dtype=torch.float64)  # [S, R]
+
+
 _SCRATCH: dict[Callable, Callable[[int, Tensor | None], int]] = {
     _p_gram: lambda k, _: 6,
     _p_moments: lambda k, coefficients: 2 * coefficients.shape[1] + 2,
     _p_triple: lambda k, _: 6,
+    _p_near_zero: lambda k, params: 2 * params.shape[1] + 4,
 }
 """Rows of the float64 block each packed kernel works in (inputs first)."""
 
@@ -848,3 +865,22 @@ def triple_batch(
     if checks is not None:
         checks = checks.to(dtype=torch.float64)
     return _packed(_p_triple, (len(TRIPLE_FIELDS),), [forget, retain, combined], checks)
+
+
+def near_zero_batch(forget: Sequence[Tensor], retain: Sequence[Tensor], params: Tensor) -> Tensor:
+    """Per tensor and rule, the coordinates where ``d_i = a f_i + b r_i`` is too close to 0 for
+    the sign of ``d_i r_i`` to be certain.
+
+    ``params`` is ``[n_tensors, S, 5]`` float64 rows ``(a, b, c_f, c_r, s)``; a coordinate
+    counts where ``r_i != 0`` and ``|a f_i + b r_i| <= c_f |f_i| + c_r |r_i| + s`` (evaluated
+    in float64). Returns ``[n_tensors, S]`` float64 on the first tensor's device. Packed like
+    :func:`gram_batch` (on every backend: it runs at verified records only).
+
+    >>> f, r = [torch.tensor([1.0, -1.0, 2.0])], [torch.tensor([-1.0, 3.0, 0.0])]
+    >>> params = torch.tensor([[[1.0, 1.0, 0.0, 0.0, 0.0]]], dtype=torch.float64)
+    >>> near_zero_batch(f, r, params).tolist()  # d = f + r = (0, 2, 2); r_3 = 0 never counts
+    [[1.0]]
+    """
+    if not forget:
+        raise ValueError("forget is empty; expected at least one tensor")
+    return _packed(_p_near_zero, (params.shape[1],), [forget, retain], params)

@@ -40,7 +40,9 @@ import torch
 import zarr
 from torch import Tensor
 
+from geomkit import kernels
 from geomkit import statistics as gstats
+from geomkit import strategies as gstrategies
 from geomkit._deprecation import renamed
 from geomkit._validation import check_integer, check_out, invalid
 from geomkit.fields import FIELD_TABLE, FIELDS, INDEX, PAIR_FIELDS, SIZE_FIELDS, UPDATE_FIELDS
@@ -558,12 +560,16 @@ class Recorder:
         )  # [T, 3]: the dot products the closed forms were formed from
         rows = [k for k in range(1, len(self.strategies))] + ([0] if applied else [])
         columns = [INDEX[n] for n in VERIFIED_FIELDS]
-        for k in rows:  # the applied strategy last: it may write into forget
+        reduce = any(self.strategies[k].rule.reduces for k in rows)
+        raw = gstrategies.tensor_dots(forget, retain, self.shard_sum) if reduce else None
+        chosen = [self.strategies[k] for k in rows]
+        ambiguous = _ambiguous(chosen, forget, retain, closed_dots, raw, self.shard_sum)
+        for i, k in enumerate(rows):  # the applied strategy last: it may write into forget
             s = self.strategies[k]
-            ambiguous = _ambiguous(s, forget, retain, closed_dots, self.shard_sum)
-            stats = self._materialise(s, forget, retain, into=into if k == 0 else None)
+            dots = s.pooled_dots(forget, retain, dots=raw) if s.rule.reduces else None
+            stats = self._materialise(s, forget, retain, into=into if k == 0 else None, dots=dots)
             out[k, :, : len(VERIFIED_FIELDS)] = gstats.to_numpy(stats)[:, columns]
-            out[k, :, -1] = ambiguous
+            out[k, :, -1] = ambiguous[i]
         return out
 
     def _materialise(
@@ -572,31 +578,58 @@ class Recorder:
         forget: list[Tensor],
         retain: list[Tensor],
         into: Sequence[Tensor] | None = None,
+        dots: Sequence[Tensor] | None = None,
     ) -> Tensor:
-        """:func:`geomkit.statistics.sufficient` of ``strategy``'s update, formed one tensor at
-        a time into one reused temporary (per dtype and device) and copied into ``into`` when
-        given; ``[n_tensors, F]`` on the first tensor's device, summed over shards."""
-        dots = (
-            strategy.pooled_dots(forget, retain, self.shard_sum)
-            if strategy.rule.reduces
-            else [None] * len(forget)
-        )  # over every tensor, before anything is written (global scopes pool them all)
+        """:func:`geomkit.statistics.sufficient` of ``strategy``'s update, formed into one
+        reused temporary (per dtype and device) as large as the largest tensor, and copied into
+        ``into`` when given; ``[n_tensors, F]`` on the first tensor's device, summed over shards.
+
+        Consecutive tensors that fit in the temporary together are formed side by side and
+        measured in one call; ``dots`` are the strategy's pooled dot products (default:
+        computed here, over every tensor, before anything is written).
+        """
+        if dots is None:
+            dots = (
+                strategy.pooled_dots(forget, retain, self.shard_sum)
+                if strategy.rule.reduces
+                else [None] * len(forget)
+            )
         largest: dict[tuple[torch.dtype, torch.device], int] = {}
         for f in forget:
             key = (f.dtype, f.device)
             largest[key] = max(largest.get(key, 0), f.numel())
         temporary = {k: torch.empty(n, dtype=k[0], device=k[1]) for k, n in largest.items()}
         home = forget[0].device
-        rows = []
-        for j, (f, r, dot) in enumerate(zip(forget, retain, dots, strict=True)):
-            d = temporary[(f.dtype, f.device)][: f.numel()].view(f.shape)
-            strategy.combine_tensor(f, r, d, dot)
-            pooled = None if dot is None else [dot]
-            rows.append(gstats.sufficient([f], [r], [d], strategy=strategy, pooled=pooled)[0])
+        rows: list[Tensor] = []
+        group: list[int] = []
+        used = 0
+
+        def measure() -> None:
+            key = (forget[group[0]].dtype, forget[group[0]].device)
+            start, updates = 0, []
+            for j in group:
+                f = forget[j]
+                d = temporary[key][start : start + f.numel()].view(f.shape)
+                strategy.combine_tensor(f, retain[j], d, dots[j])
+                updates.append(d)
+                start += f.numel()
+            pooled = None if dots[group[0]] is None else [dots[j] for j in group]
+            fs, rs = [forget[j] for j in group], [retain[j] for j in group]
+            rows.append(gstats.sufficient(fs, rs, updates, strategy=strategy, pooled=pooled))
             if into is not None:
-                into[j].copy_(d)
-        del temporary
-        stats = torch.stack([row.to(home) for row in rows])
+                for j, d in zip(group, updates, strict=True):
+                    into[j].copy_(d)
+
+        for j, f in enumerate(forget):
+            key = (f.dtype, f.device)
+            same = bool(group) and (forget[group[0]].dtype, forget[group[0]].device) == key
+            if group and (not same or used + f.numel() > largest[key]):
+                measure()
+                group, used = [], 0
+            group.append(j)
+            used += f.numel()
+        measure()
+        stats = torch.cat([row.to(home) for row in rows])
         if self.shard_sum is not None:  # the shard-additive fields (n_projected is pooled)
             additive = [i for i, n in enumerate(FIELDS) if n not in _NOT_SHARD_ADDITIVE]
             stats[:, additive] = self.shard_sum(stats[:, additive])
@@ -727,69 +760,62 @@ _NOT_SHARD_ADDITIVE = frozenset(
 
 _U64 = 2.0**-53
 """Unit roundoff of float64."""
-_BLOCK = 1 << 22
-"""Elements per block of the ambiguity count (bounded float64 temporaries)."""
 
 
 def _ambiguous(
-    strategy: Strategy,
+    strategies: Sequence[Strategy],
     forget: Sequence[Tensor],
     retain: Sequence[Tensor],
     closed_dots: Tensor,
+    raw: Sequence[Tensor] | None,
     shard_sum: Callable[[Tensor], Tensor] | None,
 ) -> np.ndarray:
-    """Per tensor: coordinates where rounding can make the closed form's and the materialised
-    update's test ``d_i r_i < 0`` disagree (docs/theory.md#v1).
+    """Per strategy and tensor (``[len(strategies), n_tensors]``): coordinates where rounding
+    can make the closed form's and the materialised update's test ``d_i r_i < 0`` disagree
+    (docs/theory.md#v1).
 
     A sign rule forms ``d_i`` = ``alpha r_i`` or ``gamma f_i (+ alpha r_i)`` with
     ``f_i r_i >= 0``; rounding preserves signs (or gives 0), so ``d_i r_i < 0`` never holds
     and nothing is ambiguous. A uniform rule ``d = a f + b r`` (closed-form coefficients from
-    ``closed_dots``; the strategy's own ``(a', b')`` from its own dot products) is computed in
-    float64 and rounded once to the gradient dtype: a coordinate is ambiguous where ``r_i != 0``
-    and ``|a f_i + b r_i| <= |a'-a||f_i| + |b'-b||r_i| + 8 u64 ((gamma + |a|)|f_i| + (alpha +
-    |b|)|r_i|) + s``, the coefficient difference (summation order of the dot products), the
-    float64 arithmetic of both sides, and ``s`` the dtype's smallest subnormal (a value below
-    it may round to 0).
+    ``closed_dots``; the strategy's own ``(a', b')`` from its own dot products ``raw``, see
+    :func:`geomkit.strategies.tensor_dots`) is computed in float64 and rounded once to the
+    gradient dtype: a coordinate is ambiguous where ``r_i != 0`` and ``|a f_i + b r_i| <=
+    |a'-a||f_i| + |b'-b||r_i| + 8 u64 ((gamma + |a|)|f_i| + (alpha + |b|)|r_i|) + s``, the
+    coefficient difference (summation order of the dot products), the float64 arithmetic of
+    both sides, and ``s`` the dtype's smallest subnormal (a value below it may round to 0).
+    All uniform strategies are counted in one packed pass
+    (:func:`geomkit.kernels.near_zero_batch`).
     """
     n = len(forget)
-    if not strategy.rule.uniform:
-        return np.zeros(n)
+    out = np.zeros((len(strategies), n))
+    uniform = [i for i, s in enumerate(strategies) if s.rule.uniform]
+    if not uniform:
+        return out
     home = forget[0].device
-
-    def form(dots: Tensor) -> Tensor:  # [T, 4] (a_C, b_C, a_A, b_A); uniform: a_C = a_A
-        pooled = torch.stack(strategy.scope.pool(list(dots))) if strategy.rule.reduces else dots
-        return strategy.linear_form(pooled)
-
-    closed = form(closed_dots)
-    if strategy.rule.reduces:
-        own_dots = torch.stack(
-            [d.to(home) for d in strategy.pooled_dots(forget, retain, shard_sum)]
-        )
-        own = strategy.linear_form(own_dots)
-    else:
-        own = closed
-    alpha, gamma = strategy.alpha, strategy.gamma
-    counts = []
-    for j, (f, r) in enumerate(zip(forget, retain, strict=True)):
-        a, b = closed[j, 0].to(f.device), closed[j, 1].to(f.device)
-        da, db = (own[j, 0] - closed[j, 0]).abs(), (own[j, 1] - closed[j, 1]).abs()
-        da, db = da.to(f.device), db.to(f.device)
-        info = torch.finfo(f.dtype)
-        subnormal = info.tiny * info.eps
-        total = torch.zeros((), dtype=torch.float64, device=f.device)
-        flat_f, flat_r = f.reshape(-1), r.reshape(-1)
-        for start in range(0, flat_f.numel(), _BLOCK):
-            fb = flat_f[start : start + _BLOCK].double()
-            rb = flat_r[start : start + _BLOCK].double()
-            af, ar = fb.abs(), rb.abs()
-            slack = da * af + db * ar + 8 * _U64 * ((gamma + a.abs()) * af + (alpha + b.abs()) * ar)
-            near = ((a * fb + b * rb).abs() <= slack + subnormal) & (rb != 0)
-            total = total + near.sum(dtype=torch.float64)
-        counts.append(total.to(home))
-    stacked = torch.stack(counts)
+    subnormal = torch.tensor(
+        [torch.finfo(f.dtype).tiny * torch.finfo(f.dtype).eps for f in forget],
+        dtype=torch.float64,
+        device=home,
+    )
+    own_dots = None if raw is None else torch.stack([d.to(home) for d in raw])
+    params = []
+    for i in uniform:
+        s = strategies[i]
+        if s.rule.reduces:
+            closed = s.linear_form(torch.stack(s.scope.pool(list(closed_dots))))
+            own = s.linear_form(torch.stack(s.scope.pool(list(own_dots))))
+        else:
+            closed = own = s.linear_form(closed_dots)
+        a, b = closed[:, 0], closed[:, 1]
+        da, db = (own[:, 0] - a).abs(), (own[:, 1] - b).abs()
+        c_f = da + 8 * _U64 * (s.gamma + a.abs())
+        c_r = db + 8 * _U64 * (s.alpha + b.abs())
+        params.append(torch.stack([a, b, c_f, c_r, subnormal], dim=1))  # [T, 5]
+    counts = kernels.near_zero_batch(forget, retain, torch.stack(params, dim=1))  # [T, U]
     if shard_sum is not None:
-        stacked = shard_sum(stacked[:, None])[:, 0]
-    return gstats.to_numpy(stacked)
+        counts = shard_sum(counts)
+    out[uniform] = gstats.to_numpy(counts).T
+    return out
 
 
 def _append(

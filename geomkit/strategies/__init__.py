@@ -12,7 +12,7 @@
 ('sago', 'blur/per_tensor')
 """
 
-from geomkit.strategies.base import EPSILON, Global, PerTensor, Rule, Scope, Strategy
+from geomkit.strategies.base import EPSILON, Global, PerTensor, Rule, Scope, Strategy, tensor_dots
 from geomkit.strategies.registry import as_strategy, build, names, register, registered_name
 from geomkit.strategies.rules import BLUR, SAGO, PCGrad, SAGOPreferRetain, Sum
 
@@ -33,4 +33,5 @@ __all__ = [
     "names",
     "register",
     "registered_name",
+    "tensor_dots",
 ]

@@ -23,7 +23,7 @@ from torch import Tensor
 from geomkit import kernels
 from geomkit._validation import check_out, check_pair, check_weight, invalid, zero_d
 
-__all__ = ["Rule", "Scope", "PerTensor", "Global", "Strategy", "EPSILON"]
+__all__ = ["Rule", "Scope", "PerTensor", "Global", "Strategy", "EPSILON", "tensor_dots"]
 
 EPSILON: float = 1e-10
 """The constant added to squared norms in projection denominators (as in the released code)."""
@@ -88,6 +88,25 @@ class Global(Scope):
         home = dots[0].device
         total = torch.stack([d.to(home) for d in dots]).sum(0)
         return [total.to(d.device) for d in dots]
+
+
+def tensor_dots(
+    forget: Sequence[Tensor],
+    retain: Sequence[Tensor],
+    shard_sum: Callable[[Tensor], Tensor] | None = None,
+) -> list[Tensor]:
+    """Per-tensor ``[<f,f>, <r,r>, <f,r>]`` (float64, on each tensor's device), summed over
+    shards by ``shard_sum`` (see :meth:`Strategy.pooled_dots`), before any scope pools them.
+
+    >>> tensor_dots([torch.tensor([1.0, 2.0])], [torch.tensor([3.0, 0.0])])[0].tolist()
+    [5.0, 9.0, 3.0]
+    """
+    dots = [kernels.dot_products(f, r) for f, r in zip(forget, retain, strict=True)]
+    if shard_sum is not None:
+        home = dots[0].device
+        summed = shard_sum(torch.stack([d.to(home) for d in dots])).unbind(0)
+        dots = [d.to(t.device) for d, t in zip(summed, forget, strict=True)]
+    return dots
 
 
 # --------------------------------------------------------------------------------------------
@@ -232,27 +251,22 @@ class Strategy:
         forget: Sequence[Tensor],
         retain: Sequence[Tensor],
         shard_sum: Callable[[Tensor], Tensor] | None = None,
+        *,
+        dots: Sequence[Tensor] | None = None,
     ) -> list[Tensor]:
         """Per-tensor ``[<f,f>, <r,r>, <f,r>]`` (float64, on each tensor's device), pooled by
         the scope. Only defined for rules that reduce (projections).
 
         ``shard_sum`` turns shard-local sums into whole-tensor sums when each process holds a
         shard of every gradient (FSDP / ZeRO-3): it receives the ``[n_tensors, 3]`` stack and
-        must return its sum over processes (one all-reduce for all tensors).
+        must return its sum over processes (one all-reduce for all tensors). ``dots``: the
+        output of :func:`tensor_dots` for the same arguments, when already computed (several
+        strategies on the same gradients).
         """
         if not self.rule.reduces:
             raise ValueError(f"{self.rule!r} is coordinate-wise and pools no dot products")
-        dots = [kernels.dot_products(f, r) for f, r in zip(forget, retain, strict=True)]
-        if shard_sum is not None:
-            home = dots[0].device
-            dots = [
-                d.to(t.device)
-                for d, t in zip(
-                    shard_sum(torch.stack([d.to(home) for d in dots])).unbind(0),
-                    forget,
-                    strict=True,
-                )
-            ]
+        if dots is None:
+            dots = tensor_dots(forget, retain, shard_sum)
         return self.scope.pool(dots)
 
     @torch.no_grad()
