@@ -621,19 +621,19 @@ def _chunks(numels: Sequence[int], device: torch.device) -> list[_Chunk]:
     return flat + [c for c in packed if c.n_rows]
 
 
-def _pack(chunk: _Chunk, tensors: Sequence[Sequence[Tensor]], rows: int) -> Tensor:
-    """``[rows, chunk rows, width]`` float64: the chunk's pieces of each list in the first
-    ``len(tensors)`` rows (zero-padded), the other rows left for the kernel to write."""
-    first = tensors[0][0]
+def _pack(chunk: _Chunk, tensors: Sequence[Sequence[Tensor]], workspace: Tensor) -> Tensor:
+    """``[rows, chunk rows, width]`` float64 in ``workspace`` (``rows`` of at least the chunk's
+    size): the chunk's pieces of each list in the first ``len(tensors)`` rows (zero-padded),
+    the other rows left for the kernel to write."""
     size = chunk.n_rows * chunk.width
-    x = torch.empty(rows, size, dtype=torch.float64, device=first.device)
+    x = workspace[:, :size]
     if len(chunk.pieces) > 1 or chunk.pieces[0][2] - chunk.pieces[0][1] < size:
         x[: len(tensors)].zero_()
     for j, start, stop, row in chunk.pieces:
         at = row * chunk.width
         for k, ts in enumerate(tensors):
             x[k, at : at + stop - start].copy_(ts[j].reshape(-1)[start:stop])
-    return x.view(rows, chunk.n_rows, chunk.width)
+    return x.view(-1, chunk.n_rows, chunk.width)
 
 
 def _groups(forget: Sequence[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[int]]:
@@ -662,12 +662,15 @@ def _packed(
         group = [[ts[j] for j in members] for ts in tensors]
         total = torch.zeros(*width, len(members), dtype=torch.float64, device=device)
         extra = None if per_tensor is None else per_tensor[members].to(device)
-        for chunk in _chunks([t.numel() for t in group[0]], device):
+        chunks = _chunks([t.numel() for t in group[0]], device)
+        rows = _SCRATCH[kernel](len(tensors), per_tensor)
+        size = max(c.n_rows * c.width for c in chunks)
+        workspace = torch.empty(rows, size, dtype=torch.float64, device=device)  # reused
+        for chunk in chunks:
             ids = torch.tensor(chunk.row_ids, dtype=torch.long, device=device)
             per_row = None if extra is None else extra[ids]
-            x = _pack(chunk, group, _SCRATCH[kernel](len(tensors), per_row))
-            rows = kernel(x, dtype, per_row)
-            total.index_add_(len(width), ids, rows)
+            sums = kernel(_pack(chunk, group, workspace), dtype, per_row)
+            total.index_add_(len(width), ids, sums)
         index = torch.tensor(members, dtype=torch.long, device=home)
         out.index_copy_(0, index, total.movedim(-1, 0).to(home))
     return out
@@ -680,16 +683,18 @@ def _gram_rows(x: Tensor, k: int) -> Tensor:
     return torch.bmm(y, y.transpose(1, 2))
 
 
-def _signs(f: Tensor, r: Tensor, dtype: torch.dtype, s: Tensor, c: Tensor) -> None:
-    """Write ``s`` = 1 where f and r are both non-zero (else 0, up to sign) and ``c`` = -1 on C
-    (``sign(f_i) sign(r_i) < 0``), 0 elsewhere: ``sum s^2`` counts the coordinates where both
-    are non-zero and ``sum c^2`` the conflicting ones."""
+def _signs(f: Tensor, r: Tensor, dtype: torch.dtype, s: Tensor, c: Tensor) -> Tensor:
+    """Write ``s`` = 1 where f and r are both non-zero (else 0) and ``c`` = -1 on C
+    (``sign(f_i) sign(r_i) < 0``), 0 elsewhere; return the per-row counts ``[2, R]`` (both
+    non-zero, conflicting)."""
     if dtype == torch.float64:  # sign comparisons: a product may underflow
         s.copy_((f != 0) & (r != 0))
         c.copy_(((f > 0) & (r < 0)) | ((f < 0) & (r > 0))).neg_()
     else:  # the float64 product is exact: its sign is the sign test, non-zero iff both are
         torch.mul(f, r, out=s).sign_()
         torch.clamp(s, max=0.0, out=c)
+        s.abs_()
+    return torch.stack([s.sum(-1), c.sum(-1).neg_()])
 
 
 def _opposed(d: Tensor, r: Tensor, dtype: torch.dtype, dr: Tensor) -> tuple[Tensor, Tensor]:
@@ -700,29 +705,27 @@ def _opposed(d: Tensor, r: Tensor, dtype: torch.dtype, dr: Tensor) -> tuple[Tens
     if dtype == torch.float64:  # sign comparisons: a product may underflow
         opposed = ((d > 0) & (r < 0)) | ((d < 0) & (r > 0))
         return opposed.sum(-1, dtype=torch.float64), dr.clamp_(max=0.0).sum(-1)
-    negative = dr.clamp_(max=0.0).sum(-1)
-    return dr.sign_().sum(-1).neg_(), negative
+    negative = dr.clamp_(max=0.0)  # exact float64 products: non-zero iff d_i r_i < 0
+    total = negative.sum(-1)
+    return negative.sign_().sum(-1).neg_(), total
 
 
-_GRAM_INDEX = (
-    [2, 0, 3, 1, 2, 0, 5, 4],
-    [2, 0, 3, 1, 3, 1, 5, 4],
-)
-"""Where each :data:`GRAM_FIELDS` entry sits in the Gram matrix of ``(f_A, r_A, -f_C, -r_C, s,
-c)``."""
+_GRAM_INDEX = ([2, 0, 3, 1, 2, 0], [2, 0, 3, 1, 3, 1])
+"""Where the first six :data:`GRAM_FIELDS` sit in the Gram matrix of ``(f_A, r_A, -f_C,
+-r_C)``."""
 
 
 def _p_gram(x: Tensor, dtype: torch.dtype, _: None) -> Tensor:
     # x: [6, R, W] = (f, r, scratch x4). Per row: the GRAM_FIELDS sums, from the Gram matrix of
-    # (f_A, r_A, -f_C, -r_C, s, c) (see _signs): one matrix product per chunk. The split is
-    # exact (f - f = 0, f - 0 = f), so the parts on C and on A never cancel. A non-finite value
+    # (f_A, r_A, -f_C, -r_C) (see _signs): one matrix product per chunk. The split is exact
+    # (f - f = 0, f - 0 = f), so the parts on C and on A never cancel. A non-finite value
     # makes the row's sums NaN, as a non-finite gradient should.
     f, r = x[0], x[1]
-    _signs(f, r, dtype, x[4], x[5])
+    counts = _signs(f, r, dtype, x[4], x[5])  # [2, R]: both non-zero, conflicting
     torch.mul(x[:2], x[5], out=x[2:4])  # -f_C, -r_C
     x[:2].add_(x[2:4])  # f_A, r_A
-    g = _gram_rows(x, 6)
-    return g[:, _GRAM_INDEX[0], _GRAM_INDEX[1]].T
+    g = _gram_rows(x, 4)
+    return torch.cat([g[:, _GRAM_INDEX[0], _GRAM_INDEX[1]].T, counts.flip(0)])
 
 
 def _p_moments(x: Tensor, dtype: torch.dtype, coefficients: Tensor) -> Tensor:
@@ -749,9 +752,7 @@ def _p_triple(x: Tensor, dtype: torch.dtype, check: Tensor | None) -> Tensor:
     f, r, d = x[0], x[1], x[2]
     g = _gram_rows(x, 3)  # ff rr dd / fr df dr
     s, c = x[3], x[4]
-    _signs(f, r, dtype, s, c)
-    n_both = torch.linalg.vecdot(s, s)
-    n_conflict = torch.linalg.vecdot(c, c)
+    n_both, n_conflict = _signs(f, r, dtype, s, c)
     n_opposed, negative = _opposed(d, r, dtype, x[5])
     dr = g[:, 1, 2]
     if check is None:
@@ -785,11 +786,12 @@ def _p_near_zero(x: Tensor, dtype: torch.dtype, params: Tensor) -> Tensor:
 
 _SCRATCH: dict[Callable, Callable[[int, Tensor | None], int]] = {
     _p_gram: lambda k, _: 6,
-    _p_moments: lambda k, coefficients: 2 * coefficients.shape[1] + 2,
+    _p_moments: lambda k, coefficients: 2 * coefficients.shape[-2] + 2,
     _p_triple: lambda k, _: 6,
-    _p_near_zero: lambda k, params: 2 * params.shape[1] + 4,
+    _p_near_zero: lambda k, params: 2 * params.shape[-2] + 4,
 }
-"""Rows of the float64 block each packed kernel works in (inputs first)."""
+"""Rows of the float64 block each packed kernel works in (inputs first), from the number of
+inputs and the per-tensor parameters (``[n_tensors, S, ...]``: S rules)."""
 
 
 def _batched() -> bool:
