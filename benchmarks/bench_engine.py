@@ -6,8 +6,10 @@ record or flush every 10 steps count in (d)):
 
 (a) plain GradDiff: one summed backward of ``-NLL(forget) + NLL(retain)``, AdamW, no geomkit;
 (b) geomkit two-pass SAGO (``Unlearner``) without recording;
-(c) the same, recording every step with all six strategies (applied + five shadows);
-(d) the same, recording every 10 steps.
+(c) the same, recording every step with all six strategies (applied + five shadows), the closed
+    forms verified at the default schedule (the first record and every ``VERIFY_EVERY``-th);
+(d) the same, recording every 10 steps;
+(e) as (c), verifying every 10th record (the cost of a denser verification schedule).
 
 Peak memory is measured per configuration: the process's peak resident set (``ru_maxrss``) on
 the CPU, reported whole and as the growth over the resident set once the model and the data
@@ -47,6 +49,7 @@ CONFIGS = {
     "b": "geomkit two-pass SAGO, no recording",
     "c": "geomkit SAGO, recording every step, 6 strategies",
     "d": "geomkit SAGO, recording every 10 steps",
+    "e": "as (c), verifying every 10th record",
 }
 
 
@@ -111,9 +114,15 @@ def _child(args) -> None:
         from geomkit.engine import EngineConfig, Unlearner
         from geomkit.objectives import build_objective
 
-        record_every = {"b": 0, "c": 1, "d": 10}[args.config]
+        record_every = {"b": 0, "c": 1, "d": 10, "e": 1}[args.config]
+        verify = {"e": 10}.get(args.config, EngineConfig.verify_every)
         config = EngineConfig(
-            strategy="sago", lr=1e-5, steps=steps, record_every=record_every, flush_every=10
+            strategy="sago",
+            lr=1e-5,
+            steps=steps,
+            record_every=record_every,
+            flush_every=10,
+            verify_every=verify,
         )
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "run" if record_every else None

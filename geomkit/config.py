@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from geomkit._deprecation import rename_keys, renamed
 from geomkit._validation import ConfigError, check_choice, check_integer, check_real, invalid
+from geomkit.recorder import VERIFY_EVERY
 
 if TYPE_CHECKING:
     from geomkit.bench.model import ModelConfig, TrainConfig
@@ -60,7 +61,7 @@ class RunConfig:
     accumulation: int = 1
     seeds: list[int] = field(default_factory=lambda: [0])
     record_every: int = 1
-    verify_every: int = 10  # verify the shadows at the first record and every 10th (0: never)
+    verify_every: int = VERIFY_EVERY  # the first record and every 50th (0: never)
     eval_every: int = 5
     threshold: float = 0.1  # forget accuracy that counts as "forgotten" (matched forgetting)
     out: str = "runs"

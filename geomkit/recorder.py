@@ -62,9 +62,11 @@ __all__ = [
     "Recorder",
 ]
 
-VERIFY_EVERY: int = 10
+VERIFY_EVERY: int = 50
 """Default of ``verify_every``: the shadows are verified at the first geometry record and at
-every 10th after it (docs/theory.md#v1)."""
+every 50th after it (docs/theory.md#v1). A verified record forms and measures every strategy's
+update (about as long as one training step on a small model), so a denser schedule costs
+``1 / verify_every`` of that per record (README, engine benchmark (e))."""
 
 # ----------------------------------------------------------------------------------------------
 # Schedules
