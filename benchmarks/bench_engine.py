@@ -53,6 +53,16 @@ CONFIGS = {
 }
 
 
+PAIRED = {
+    "p50": "recording every other step, verifying the default every 50th record",
+    "p10": "recording every other step, verifying every 10th record",
+}
+"""Paired measurements in one process: recorded and unrecorded steps alternate, so that the
+drift of a shared machine (often +-10% between processes here) hits both alike; the ratio of
+their mean times is the cost of recording a step."""
+PAIRED_RECORDS = 50
+
+
 def _model(args):
     import torch
     import transformers
@@ -94,7 +104,8 @@ def _child(args) -> None:
     forget, retain = _batches(args, 1), _batches(args, 2)
     built_kib = _rss_kib()  # the model and the data, before any step
     steps = args.warmup + args.steps
-    times = []
+    times: list[float] = []
+    recorded: list[bool] = []
     if args.config == "a":
         params = [p for p in model.parameters()]
         optimizer = torch.optim.AdamW(params, lr=1e-5)
@@ -114,8 +125,10 @@ def _child(args) -> None:
         from geomkit.engine import EngineConfig, Unlearner
         from geomkit.objectives import build_objective
 
-        record_every = {"b": 0, "c": 1, "d": 10, "e": 1}[args.config]
-        verify = {"e": 10}.get(args.config, EngineConfig.verify_every)
+        record_every = {"b": 0, "c": 1, "d": 10, "e": 1}.get(args.config, 2)
+        verify = {"e": 10, "p10": 10}.get(args.config, EngineConfig.verify_every)
+        if args.config in PAIRED:  # 2 x 50 records: the verified ones in proportion
+            steps = args.warmup + 2 * PAIRED_RECORDS
         config = EngineConfig(
             strategy="sago",
             lr=1e-5,
@@ -130,9 +143,10 @@ def _child(args) -> None:
             device = next(model.parameters()).device
             for _ in range(steps):
                 start = time.perf_counter()
-                unlearner.step()
+                result = unlearner.step()
                 _sync(device)
                 times.append(time.perf_counter() - start)
+                recorded.append(result.recorded)
             if unlearner.recorder is not None:
                 unlearner.recorder.close()
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -141,10 +155,15 @@ def _child(args) -> None:
     if args.device == "cuda":
         cuda_peak = torch.cuda.max_memory_allocated() / 2**20
     n_params = sum(p.numel() for p in model.parameters())
+    timed = list(zip(times, recorded or [False] * len(times), strict=True))[args.warmup :]
+    on = [t for t, r in timed if r]
+    off = [t for t, r in timed if not r]
     print(
         json.dumps(
             {
                 "mean_ms": statistics.fmean(times[args.warmup :]) * 1e3,
+                "recorded_ms": statistics.fmean(on) * 1e3 if on else None,
+                "unrecorded_ms": statistics.fmean(off) * 1e3 if off else None,
                 "peak_rss_mib": peak_kib / 1024,
                 "step_peak_mib": (peak_kib - built_kib) / 1024,
                 "gradient_mib": gradient_mib,
@@ -174,7 +193,7 @@ def _sync(device) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", choices=list(CONFIGS), help=argparse.SUPPRESS)
+    parser.add_argument("--config", choices=[*CONFIGS, *PAIRED], help=argparse.SUPPRESS)
     parser.add_argument(
         "--params", choices=list(PRESETS), default="1M", help="model size preset (Llama shape)"
     )
@@ -198,13 +217,14 @@ def main() -> None:
         _child(args)
         return
     results: dict[str, dict] = {}
+    paired: dict[str, list[float]] = {}
     forwarded = [
         f"--{key}={value}"
         for key, value in vars(args).items()
         if key not in ("config", "repeats", "params") and value is not None
     ]
     for _ in range(args.repeats):  # interleave configs so drift hits them alike
-        for key in CONFIGS:
+        for key in [*CONFIGS, *PAIRED]:
             output = subprocess.run(
                 [sys.executable, __file__, "--config", key, *forwarded],
                 capture_output=True,
@@ -212,6 +232,9 @@ def main() -> None:
                 check=True,
             ).stdout
             run = json.loads(output.strip().splitlines()[-1])
+            if key in PAIRED:
+                paired.setdefault(key, []).append(run["recorded_ms"] / run["unrecorded_ms"])
+                continue
             best = results.get(key)
             if best is None or run["mean_ms"] < best["mean_ms"]:
                 results[key] = run
@@ -243,6 +266,14 @@ def main() -> None:
             f"{step / r['gradient_mib']:.2f} |"
         )
     print(f"\n# one gradient: {results['a']['gradient_mib']:.0f} MiB")
+    print(
+        f"\n# paired, in one process ({PAIRED_RECORDS} recorded steps alternating with "
+        f"{PAIRED_RECORDS} unrecorded ones, after {args.warmup}): recorded / unrecorded step, "
+        "per process"
+    )
+    for key, label in PAIRED.items():
+        ratios = ", ".join(f"{x:.3f}" for x in paired[key])
+        print(f"- {label}: median {statistics.median(paired[key]):.3f} ({ratios})")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """How the cost of recording scales with model size, on the CPU, and a projection to 8B on a GPU.
 
-For Llama-shaped models of about 1M, 10M, 50M and 100M parameters (one torch thread, float32,
-the eager backend unless ``--backend``), each configuration runs in a fresh process:
+For Llama-shaped models of about 1M, 10M, 34M (33.7M, 75 tensors), 50M and 100M parameters (one
+torch thread, float32, the eager backend unless ``--backend``), each configuration runs in a
+fresh process:
 
 ``plain``
     geomkit two-pass SAGO (``Unlearner``), no recording;
@@ -43,6 +44,7 @@ SIZES: dict[str, dict[str, int]] = {
     # Llama blocks: 16 d^2 per layer (q, k, v, o and a 4d-wide gated MLP) + 2 x vocab x d
     "1M": {"hidden": 128, "layers": 4, "vocab": 512},
     "10M": {"hidden": 256, "layers": 8, "vocab": 4096},
+    "34M": {"hidden": 512, "layers": 8, "vocab": 128},  # the issue's 33.7M, 75 tensors
     "50M": {"hidden": 512, "layers": 10, "vocab": 8192},
     "100M": {"hidden": 768, "layers": 10, "vocab": 4096},
 }
@@ -50,12 +52,14 @@ CONFIGS = ("plain", "recorded", "stats")
 
 # Projection assumptions (see --help): bytes each backend moves per gradient element at one
 # recorded step, counted from the kernels' operations (geomkit.kernels).
-FUSED_BYTES_PER_ELEMENT = 2 * 2 * 2 + 3 * 2 / 10
+FUSED_BYTES_PER_ELEMENT = 2 * 2 * 2 + 7 * 3 * 2 / 50
 """Compiled (fused) backend, bfloat16 gradients: two passes reading f and r (2 bytes each),
-plus the applied update measured every 10th record (f, r, d)."""
-EAGER_BYTES_PER_ELEMENT = 1200.0
-"""Eager backend: float64 temporaries of the packed kernels (about 350 bytes per element for the
-Gramian pass and 830 for the four uniform rules' moments), all through device memory."""
+plus the verified record every 50th (six updates formed and measured with f, r and d, and one
+pass of dot products)."""
+EAGER_BYTES_PER_ELEMENT = 700.0
+"""Eager backend, bfloat16 gradients: the float64 rows of the packed kernels, each operation
+reading and writing device memory (about 230 bytes per element for the Gramian pass, 440 for the
+four uniform rules' moments, and 30 for the verified record every 50th)."""
 
 
 def _model(size: dict[str, int], length: int):

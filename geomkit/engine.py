@@ -31,7 +31,7 @@ from torch.distributed.tensor import DTensor
 
 from geomkit._validation import ConfigError, check_choice, check_integer, check_real, invalid
 from geomkit.distributed import init_from_environment, rank_and_world, shard_sum
-from geomkit.objectives import NORMALISATIONS, Objective, _Loss
+from geomkit.objectives import Objective, _Loss, check_count
 from geomkit.recorder import VERIFY_EVERY, Every, Never, Recorder, Schedule
 from geomkit.strategies import Strategy, as_strategy
 
@@ -441,14 +441,14 @@ class Unlearner:
         device = _local(self.params[0]).device
         window = self.config.accumulation
         batches = [stream.next() for _ in range(window)]
-        count = int(_global_count(loss_fn, batches, device, self.world))  # a host sync
-        if not count:
-            unit = NORMALISATIONS.get(loss_fn.normalisation or "", "unit")
-            raise ValueError(
-                f"{type(loss_fn).__name__}: the {stream.name} data of step {self.step_index} "
-                f"({window} micro-batch(es) on {self.world} process(es)) hold no {unit}; "
-                "the loss would be NaN"
-            )
+        # counted on the host (the batches are moved to the device below); with several
+        # processes one small all-reduce per task and step
+        count = check_count(
+            int(_global_count(loss_fn, batches, device, self.world)),
+            loss_fn,
+            f"the {stream.name} data of step {self.step_index} ({window} micro-batch(es) on "
+            f"{self.world} process(es))",
+        )
         # FSDP2 divides the reduce-scattered gradient by the world size: scale it back
         scale = self.world if self.sharded else 1
         total = torch.zeros((), device=device, dtype=torch.float64)

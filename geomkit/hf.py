@@ -53,7 +53,7 @@ from geomkit._deprecation import renamed
 from geomkit._validation import invalid
 from geomkit.distributed import rank_and_world
 from geomkit.engine import _all_reduce_sum
-from geomkit.objectives import NORMALISATIONS, Objective
+from geomkit.objectives import Objective, check_count
 from geomkit.recorder import Recorder
 from geomkit.strategies import Strategy, as_strategy
 
@@ -186,14 +186,11 @@ class TwoTaskTrainer(transformers.Trainer):
             count = self._counts[index]
         else:
             count = int(loss_fn.count(batch)) * self._window * self.world
-        if not count:
-            unit = NORMALISATIONS.get(loss_fn.normalisation or "", "unit")
-            raise ValueError(
-                f"{type(loss_fn).__name__}: the {_TASKS[index]} micro-batches of step "
-                f"{self.state.global_step} on {self.world} process(es) hold no {unit}; the loss "
-                "would be NaN"
-            )
-        return count
+        data = (
+            f"the {_TASKS[index]} micro-batches of step {self.state.global_step} on "
+            f"{self.world} process(es)"
+        )
+        return check_count(count, loss_fn, data)
 
     def training_step(
         self,

@@ -710,22 +710,19 @@ def _opposed(d: Tensor, r: Tensor, dtype: torch.dtype, dr: Tensor) -> tuple[Tens
     return negative.sign_().sum(-1).neg_(), total
 
 
-_GRAM_INDEX = ([2, 0, 3, 1, 2, 0], [2, 0, 3, 1, 3, 1])
-"""Where the first six :data:`GRAM_FIELDS` sit in the Gram matrix of ``(f_A, r_A, -f_C,
--r_C)``."""
-
-
 def _p_gram(x: Tensor, dtype: torch.dtype, _: None) -> Tensor:
-    # x: [6, R, W] = (f, r, scratch x4). Per row: the GRAM_FIELDS sums, from the Gram matrix of
-    # (f_A, r_A, -f_C, -r_C) (see _signs): one matrix product per chunk. The split is exact
-    # (f - f = 0, f - 0 = f), so the parts on C and on A never cancel. A non-finite value
-    # makes the row's sums NaN, as a non-finite gradient should.
+    # x: [6, R, W] = (f, r, scratch x4). Per row: the GRAM_FIELDS sums, from the 2x2 Gram
+    # matrices of (f_A, r_A) and of (f_C, r_C) (see _signs), one matrix product each. The split
+    # is exact (f - f = 0, f - 0 = f), so the parts on C and on A never cancel. A non-finite
+    # value makes the row's sums NaN, as a non-finite gradient should.
     f, r = x[0], x[1]
     counts = _signs(f, r, dtype, x[4], x[5])  # [2, R]: both non-zero, conflicting
     torch.mul(x[:2], x[5], out=x[2:4])  # -f_C, -r_C
     x[:2].add_(x[2:4])  # f_A, r_A
-    g = _gram_rows(x, 4)
-    return torch.cat([g[:, _GRAM_INDEX[0], _GRAM_INDEX[1]].T, counts.flip(0)])
+    agree, conflict = _gram_rows(x[:2], 2), _gram_rows(x[2:4], 2)  # [R, 2, 2] each
+    sums = [conflict[:, 0, 0], agree[:, 0, 0], conflict[:, 1, 1], agree[:, 1, 1]]
+    sums += [conflict[:, 0, 1], agree[:, 0, 1], counts[1], counts[0]]
+    return torch.stack(sums)
 
 
 def _p_moments(x: Tensor, dtype: torch.dtype, coefficients: Tensor) -> Tensor:
@@ -737,10 +734,12 @@ def _p_moments(x: Tensor, dtype: torch.dtype, coefficients: Tensor) -> Tensor:
     b = coefficients[..., 1].T.unsqueeze(-1)
     f, r, d = x[0], x[1], x[2 : n + 2]
     torch.mul(a, f, out=d).addcmul_(b, r)
-    g = _gram_rows(x, n + 2)  # of (f, r, d_1..d_S): <d,d>, <d,f>, <d,r> in one product
+    # <d,f> and <d,r> of every rule in one matrix product; <d,d> = a <d,f> + b <d,r>, as
+    # accurate as summing d_i^2: forming d_i already rounds it by u64 (|a f_i| + |b r_i|)
+    g = torch.bmm(d.transpose(0, 1), x[:2].permute(1, 2, 0))  # [R, S, 2]
+    df, dr = g[..., 0], g[..., 1]
+    dd = coefficients[..., 0] * df + coefficients[..., 1] * dr
     n_opposed, negative = _opposed(d, r, dtype, x[n + 2 :])
-    rules = torch.arange(2, n + 2, device=x.device)
-    dd, df, dr = g[:, rules, rules], g[:, rules, 0], g[:, rules, 1]
     # sum |d_i r_i| = sum d_i r_i - 2 sum min(d_i r_i, 0)
     moments = [n_opposed.T, dd, df, dr, dr - 2 * negative.T]
     return torch.stack(moments, dim=1).permute(2, 1, 0)  # [S, 5, R]

@@ -54,6 +54,7 @@ from geomkit._validation import check_choice, check_integer, check_real, invalid
 __all__ = [
     "IGNORE_INDEX",
     "NORMALISATIONS",
+    "check_count",
     "OBJECTIVES",
     "RETAIN_KINDS",
     "ForgetLoss",
@@ -87,6 +88,25 @@ NORMALISATIONS: dict[str, str] = {
 """What a loss's :meth:`~ForgetLoss.count` counts, by ``normalisation``: the loss-carrying
 next-token positions (``labels[:, 1:] != -100``), the sequences with at least one of them, or
 the non-padded positions (``attention_mask != 0``)."""
+
+
+def check_count(count: int, loss: object, data: str) -> int:
+    """Return a step's normaliser ``count``; raise a clear ValueError when it is 0 (the data
+    hold nothing the loss ``normalisation`` counts, so its mean would be NaN).
+
+    ``data`` says which data (e.g. ``"the forget data of step 3 (2 micro-batch(es) on 1
+    process(es))"``).
+
+    >>> check_count(0, GA(), "the forget data of step 3")
+    Traceback (most recent call last):
+    ...
+    ValueError: GA: the forget data of step 3 hold no loss-carrying token; the loss would be NaN
+    """
+    if not count:
+        unit = NORMALISATIONS.get(getattr(loss, "normalisation", None) or "", "unit")
+        raise ValueError(f"{type(loss).__name__}: {data} hold no {unit}; the loss would be NaN")
+    return count
+
 
 RMU_DEFAULT_LAYER: int = 7
 """The RMU layer of the paper (Zephyr-7B); smaller models fall back to their last block."""
