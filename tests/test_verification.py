@@ -82,9 +82,9 @@ def test_first_record_and_every_kth_after_are_verified(tmp_path: Path) -> None:
 
 def test_default_verifies_the_first_record(tmp_path: Path) -> None:
     assert VERIFY_EVERY == RunConfig().verify_every == EngineConfig().verify_every == 50
-    ds = geomkit.open_run(record(tmp_path, steps=12))
+    ds = geomkit.open_run(record(tmp_path, steps=52))
     verified = np.isfinite(ds["verified_n_opposed"].values).any(axis=(1, 2))
-    assert np.flatnonzero(verified).tolist() == [0, 10]
+    assert np.flatnonzero(verified).tolist() == [0, 50]
 
 
 def test_verified_statistics_are_the_strategies_own(tmp_path: Path) -> None:
