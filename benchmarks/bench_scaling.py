@@ -4,14 +4,19 @@ For Llama-shaped models of about 1M, 10M, 34M (33.7M, 75 tensors), 50M and 100M 
 torch thread, float32, the eager backend unless ``--backend``), each configuration runs in a
 fresh process:
 
-``plain``
-    geomkit two-pass SAGO (``Unlearner``), no recording;
-``recorded``
-    the same, recording every step with all six strategies (applied + five shadows);
+``paired``
+    geomkit two-pass SAGO (``Unlearner``) recording every other step with all six strategies
+    (applied + five shadows), verification off: the recorded and the unrecorded steps of the
+    same process are averaged separately (the drift of a shared machine hits both alike);
 ``stats``
-    no training: the six-strategy shadow statistics (:func:`geomkit.statistics.shadow`) and the
-    applied-update statistics (:func:`geomkit.statistics.sufficient`) of random gradients of the
-    model's parameter shapes, timed directly (the per-element cost).
+    no training: on random gradients of the model's parameter shapes, the six-strategy shadow
+    statistics (:func:`geomkit.statistics.shadow`), the applied-update statistics
+    (:func:`geomkit.statistics.sufficient`) and one verified record (every strategy's update
+    formed and measured, :meth:`geomkit.recorder.Recorder.verify`), timed directly.
+
+The overhead of recording every step is ``recorded / unrecorded`` from ``paired``, and with the
+default verification (the first record and every 50th) ``(recorded + verify / 50) /
+unrecorded``.
 
 Repetitions are interleaved (size by size, config by config) so that drift of a shared machine
 hits every configuration alike; each row keeps the fastest process. The table gives the mean
@@ -40,6 +45,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from geomkit.recorder import VERIFY_EVERY
+
 SIZES: dict[str, dict[str, int]] = {
     # Llama blocks: 16 d^2 per layer (q, k, v, o and a 4d-wide gated MLP) + 2 x vocab x d
     "1M": {"hidden": 128, "layers": 4, "vocab": 512},
@@ -48,7 +55,7 @@ SIZES: dict[str, dict[str, int]] = {
     "50M": {"hidden": 512, "layers": 10, "vocab": 8192},
     "100M": {"hidden": 768, "layers": 10, "vocab": 4096},
 }
-CONFIGS = ("plain", "recorded", "stats")
+CONFIGS = ("paired", "stats")
 
 # Projection assumptions (see --help): bytes each backend moves per gradient element at one
 # recorded step, counted from the kernels' operations (geomkit.kernels).
@@ -120,7 +127,9 @@ def _child(args: argparse.Namespace) -> dict:
             best = float("inf")
             for _ in range(max(1, args.steps)):
                 start = time.perf_counter()
-                gstats.to_numpy(fn())
+                value = fn()
+                if isinstance(value, torch.Tensor):
+                    gstats.to_numpy(value)  # waits for the device
                 best = min(best, time.perf_counter() - start)
             return best * 1e3
 
@@ -128,28 +137,39 @@ def _child(args: argparse.Namespace) -> dict:
         result["sufficient_ms"] = timed(
             lambda: gstats.sufficient(forget, retain, update, strategy=sago)
         )
+        from geomkit.recorder import Recorder
+
+        with tempfile.TemporaryDirectory() as tmp:
+            names = [f"t{j}" for j in range(len(params))]
+            numel = [p.numel() for p in params]
+            recorder = Recorder(Path(tmp) / "g.zarr", names, numel, "sago", verify_every=1)
+            measured = recorder.measure(forget, retain)
+            result["verify_ms"] = timed(lambda: recorder.verify(forget, retain, measured))
+            recorder.close()
         return result
     from geomkit.engine import EngineConfig, Unlearner
     from geomkit.objectives import build_objective
 
     forget = _batches(size["vocab"], args.batch, args.length, 1)
     retain = _batches(size["vocab"], args.batch, args.length, 2)
-    record_every = 1 if args.config == "recorded" else 0
-    steps = args.warmup + args.steps
+    steps = args.warmup + 2 * args.steps
     config = EngineConfig(
-        strategy="sago", lr=1e-5, steps=steps, record_every=record_every, flush_every=10
+        strategy="sago", lr=1e-5, steps=steps, record_every=2, flush_every=10, verify_every=0
     )
-    times = []
+    times, recorded = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "run" if record_every else None
-        unlearner = Unlearner(model, build_objective("graddiff"), forget, retain, config, out)
+        unlearner = Unlearner(
+            model, build_objective("graddiff"), forget, retain, config, Path(tmp) / "run"
+        )
         for _ in range(steps):
             start = time.perf_counter()
-            unlearner.step()
+            done = unlearner.step()
             times.append(time.perf_counter() - start)
-        if unlearner.recorder is not None:
-            unlearner.recorder.close()
-    result["step_ms"] = statistics.fmean(times[args.warmup :]) * 1e3
+            recorded.append(done.recorded)
+        unlearner.recorder.close()
+    timed_steps = list(zip(times, recorded, strict=True))[args.warmup :]
+    result["recorded_ms"] = statistics.fmean(t for t, r in timed_steps if r) * 1e3
+    result["plain_ms"] = statistics.fmean(t for t, r in timed_steps if not r) * 1e3
     return result
 
 
@@ -181,12 +201,18 @@ def _plot(rows: list[dict], path: str) -> None:
 
     fig, ax = plt.subplots(figsize=(4.5, 3.0))
     x = [r["params"] for r in rows]
-    ax.plot(x, [r["recorded_ms"] / r["plain_ms"] for r in rows], "o-", label="measured")
+    ax.plot(x, [r["ratio"] for r in rows], "o-", label="recording every step")
+    ax.plot(
+        x,
+        [r["ratio_verified"] for r in rows],
+        "s--",
+        label=f"+ verification every {VERIFY_EVERY}th record",
+    )
     ax.axhline(1.05, color="grey", linestyle="--", linewidth=0.8, label="1.05x target")
     ax.set_xscale("log")
     ax.set_xlabel("parameters")
     ax.set_ylabel("recorded / unrecorded step")
-    ax.set_title("Recording every step, 6 strategies (CPU, 1 thread)", fontsize=9)
+    ax.set_title("Recording every step, 6 strategies (eager, CPU, 1 thread)", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=150)
@@ -217,48 +243,56 @@ def main() -> None:
         print(json.dumps(_child(args)))
         return
 
-    best: dict[tuple[str, str], dict] = {}
+    paired: dict[str, list[dict]] = {}
+    stats: dict[str, dict] = {}
     for _ in range(args.repeats):
         for size in args.sizes:
-            for config in CONFIGS:
-                run = _run(args, size, config)
-                key = "step_ms" if config != "stats" else "shadow_ms"
-                old = best.get((size, config))
-                if old is None or run[key] < old[key]:
-                    best[(size, config)] = run
+            paired.setdefault(size, []).append(_run(args, size, "paired"))
+            run = _run(args, size, "stats")
+            if size not in stats or run["shadow_ms"] < stats[size]["shadow_ms"]:
+                stats[size] = run
     rows = []
     for size in args.sizes:
-        plain, recorded, stats = (best[(size, c)] for c in CONFIGS)
-        n = plain["params"]
+        runs = paired[size]
+        ratios = [r["recorded_ms"] / r["plain_ms"] for r in runs]
+        middle = sorted(range(len(runs)), key=lambda i: ratios[i])[len(runs) // 2]
+        run, st = runs[middle], stats[size]
+        verified = (run["recorded_ms"] + st["verify_ms"] / VERIFY_EVERY) / run["plain_ms"]
         rows.append(
             {
                 "size": size,
-                "params": n,
-                "tensors": plain["tensors"],
-                "plain_ms": plain["step_ms"],
-                "recorded_ms": recorded["step_ms"],
-                "shadow_ms": stats["shadow_ms"],
-                "sufficient_ms": stats["sufficient_ms"],
+                "params": run["params"],
+                "tensors": run["tensors"],
+                "plain_ms": run["plain_ms"],
+                "recorded_ms": run["recorded_ms"],
+                "ratio": ratios[middle],
+                "ratios": ratios,
+                "ratio_verified": verified,
+                "shadow_ms": st["shadow_ms"],
+                "sufficient_ms": st["sufficient_ms"],
+                "verify_ms": st["verify_ms"],
             }
         )
     print(
         f"# geomkit recording overhead by model size: CPU, 1 thread, float32, {args.backend} "
-        f"backend, {args.batch} x {args.length} tokens per task; mean of {args.steps} steps "
-        f"after {args.warmup}, best of {args.repeats} interleaved processes"
+        f"backend, {args.batch} x {args.length} tokens per task; {args.steps} recorded steps "
+        f"alternating with {args.steps} unrecorded ones after {args.warmup}, in one process; "
+        f"the median of {args.repeats} processes"
     )
     print()
     print(
-        "| size | params | tensors | plain ms | recorded ms | ratio | recording ns/param "
-        "| shadow (6) ns/param | sufficient ns/param |"
+        "| size | params | tensors | unrecorded ms | recorded ms | ratio | ratio with "
+        f"verification every {VERIFY_EVERY}th | shadow (6) ns/param | sufficient ns/param | "
+        "verified record ms |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         n = r["params"]
         print(
             f"| {r['size']} | {n / 1e6:.1f}M | {r['tensors']} | {r['plain_ms']:.0f} | "
-            f"{r['recorded_ms']:.0f} | {r['recorded_ms'] / r['plain_ms']:.3f} | "
-            f"{(r['recorded_ms'] - r['plain_ms']) * 1e6 / n:.1f} | "
-            f"{r['shadow_ms'] * 1e6 / n:.1f} | {r['sufficient_ms'] * 1e6 / n:.1f} |"
+            f"{r['recorded_ms']:.0f} | {r['ratio']:.3f} | {r['ratio_verified']:.3f} | "
+            f"{r['shadow_ms'] * 1e6 / n:.1f} | {r['sufficient_ms'] * 1e6 / n:.1f} | "
+            f"{r['verify_ms']:.0f} |"
         )
     largest = max(rows, key=lambda r: r["params"])
     per_element = largest["shadow_ms"] * 1e6 / largest["params"]
