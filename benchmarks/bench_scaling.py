@@ -193,7 +193,7 @@ def _run(args: argparse.Namespace, size: str, config: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _plot(rows: list[dict], path: str) -> None:
+def _plot(rows: list[dict], path: str, tokens: str = "8 x 128") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -212,7 +212,11 @@ def _plot(rows: list[dict], path: str) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("parameters")
     ax.set_ylabel("recorded / unrecorded step")
-    ax.set_title("Recording every step, 6 strategies (eager, CPU, 1 thread)", fontsize=9)
+    ax.set_ylim(bottom=1.0)  # 1 = recording costs nothing
+    ax.set_title(
+        f"Recording every step, 6 strategies\n(eager, CPU, 1 thread, {tokens} tokens per task)",
+        fontsize=9,
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=150)
@@ -319,7 +323,7 @@ def main() -> None:
         "per record on one CPU core."
     )
     if args.plot:
-        _plot(rows, args.plot)
+        _plot(rows, args.plot, f"{args.batch} x {args.length}")
         print(f"\nplot: {args.plot}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))

@@ -12,10 +12,11 @@ of a flattened tensor. Two backends run the same function:
     warns once and falls back to eager.
 
 Many tensors at once: :func:`gram_batch`, :func:`linear_moments_batch` and :func:`triple_batch`
-pack the tensors into row-aligned, zero-padded float64 chunks on the eager backend (the number
-of operations then grows with the number of elements, not of tensors; no tensor is copied
-whole) and add per-row sums up per tensor; on the compiled backend they run the per-tensor
-kernels.
+cut large tensors into flat float64 chunks and pack small ones together into row-aligned,
+zero-padded chunks on the eager backend (the number of operations then grows with the number of
+elements, not of tensors; no tensor is copied whole), take each chunk's inner products from
+small matrix products and add the chunks' sums up per tensor (docs/method.md#shadow-strategies);
+on the compiled backend they run the per-tensor kernels.
 
 Element-wise kernels give identical results on both backends (the arithmetic is the same
 sequence of IEEE operations); reductions accumulate in float64 and agree to float64 rounding.
