@@ -664,6 +664,8 @@ def _packed(
         total = torch.zeros(*width, len(members), dtype=torch.float64, device=device)
         extra = None if per_tensor is None else per_tensor[members].to(device)
         chunks = _chunks([t.numel() for t in group[0]], device)
+        if not chunks:  # every tensor of the group is empty: its sums stay 0
+            continue
         rows = _SCRATCH[kernel](len(tensors), per_tensor)
         size = max(c.n_rows * c.width for c in chunks)
         workspace = torch.empty(rows, size, dtype=torch.float64, device=device)  # reused
@@ -706,7 +708,7 @@ def _opposed(d: Tensor, r: Tensor, dtype: torch.dtype, dr: Tensor) -> tuple[Tens
     if dtype == torch.float64:  # sign comparisons: a product may underflow
         opposed = ((d > 0) & (r < 0)) | ((d < 0) & (r > 0))
         return opposed.sum(-1, dtype=torch.float64), dr.clamp_(max=0.0).sum(-1)
-    negative = dr.clamp_(max=0.0)  # exact float64 products: non-zero iff d_i r_i < 0
+    negative = dr.clamp_(max=0.0)  # for <= 32-bit r, fl(d_i) r_i cannot underflow to 0
     total = negative.sum(-1)
     return negative.sign_().sum(-1).neg_(), total
 
@@ -714,12 +716,13 @@ def _opposed(d: Tensor, r: Tensor, dtype: torch.dtype, dr: Tensor) -> tuple[Tens
 def _p_gram(x: Tensor, dtype: torch.dtype, _: None) -> Tensor:
     # x: [6, R, W] = (f, r, scratch x4). Per row: the GRAM_FIELDS sums, from the 2x2 Gram
     # matrices of (f_A, r_A) and of (f_C, r_C) (see _signs), one matrix product each. The split
-    # is exact (f - f = 0, f - 0 = f), so the parts on C and on A never cancel. A non-finite
-    # value makes the row's sums NaN, as a non-finite gradient should.
+    # selects values (no arithmetic), so the parts on C and on A never cancel, and a non-finite
+    # value lands in its own part's sums only, as in gram().
     f, r = x[0], x[1]
     counts = _signs(f, r, dtype, x[4], x[5])  # [2, R]: both non-zero, conflicting
-    torch.mul(x[:2], x[5], out=x[2:4])  # -f_C, -r_C
-    x[:2].add_(x[2:4])  # f_A, r_A
+    on_c = x[5] < 0
+    torch.mul(x[:2], on_c, out=x[2:4]).masked_fill_(~on_c, 0.0)  # f_C, r_C (inf * 0 undone)
+    x[:2].masked_fill_(on_c, 0.0)  # f_A, r_A (selections: exact, and inf stays in its part)
     agree, conflict = _gram_rows(x[:2], 2), _gram_rows(x[2:4], 2)  # [R, 2, 2] each
     sums = [conflict[:, 0, 0], agree[:, 0, 0], conflict[:, 1, 1], agree[:, 1, 1]]
     sums += [conflict[:, 0, 1], agree[:, 0, 1], counts[1], counts[0]]
@@ -735,11 +738,11 @@ def _p_moments(x: Tensor, dtype: torch.dtype, coefficients: Tensor) -> Tensor:
     b = coefficients[..., 1].T.unsqueeze(-1)
     f, r, d = x[0], x[1], x[2 : n + 2]
     torch.mul(a, f, out=d).addcmul_(b, r)
-    # <d,f> and <d,r> of every rule in one matrix product; <d,d> = a <d,f> + b <d,r>, as
-    # accurate as summing d_i^2: forming d_i already rounds it by u64 (|a f_i| + |b r_i|)
-    g = torch.bmm(d.transpose(0, 1), x[:2].permute(1, 2, 0))  # [R, S, 2]
+    # <d,f>, <d,r> and <d,d> of every rule in one matrix product of the rules' d with the rows
+    # (f, r, d_1..d_S), all summed directly (<d,d> non-negative however much d cancels)
+    g = torch.bmm(d.transpose(0, 1), x[: n + 2].permute(1, 2, 0))  # [R, S, S + 2]
     df, dr = g[..., 0], g[..., 1]
-    dd = coefficients[..., 0] * df + coefficients[..., 1] * dr
+    dd = torch.diagonal(g[..., 2:], dim1=-2, dim2=-1)
     n_opposed, negative = _opposed(d, r, dtype, x[n + 2 :])
     # sum |d_i r_i| = sum d_i r_i - 2 sum min(d_i r_i, 0)
     moments = [n_opposed.T, dd, df, dr, dr - 2 * negative.T]

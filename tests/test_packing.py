@@ -236,3 +236,37 @@ def test_extreme_magnitudes_and_zeros(dtype, chunk):
 def test_empty_lists_are_rejected():
     with pytest.raises(ValueError, match="forget is empty"):
         kernels.gram_batch([], [])
+
+
+def test_cancelling_update_has_a_non_negative_exact_norm(chunk):
+    """PCGrad with alpha = 0 on f = 3 r leaves only rounding noise in d: <d,d> is summed
+    directly (never a difference of large sums), so it stays non-negative and equals the float64
+    sum of the same d_i^2."""
+    g = torch.Generator().manual_seed(11)
+    r = torch.randn(1500, generator=g, dtype=torch.float64) * 2.0**14
+    f = 3 * r
+    pcgrad = strategies.build("pcgrad", alpha=0.0)
+    rows = statistics.shadow([f], [r], [pcgrad]).numpy()
+    a, b = pcgrad.linear_form(torch.stack([f @ f, r @ r, f @ r]))[:2].tolist()
+    d = a * _as64(f) + b * _as64(r)  # the same float64 operations as the kernel
+    want = _fsum(d * d)
+    dd = rows[0, 0, statistics.FIELDS.index("dd")]
+    assert dd >= 0.0 and want > 0.0
+    _close([dd], [want], [want], "dd of a cancelling update")
+
+
+def test_empty_groups_give_zero_rows(chunk):
+    """A (device, dtype) group of empty tensors only (an empty shard) adds nothing."""
+    fs = [torch.zeros(0), torch.ones(3, dtype=torch.float16)]
+    rs = [torch.zeros(0), -torch.ones(3, dtype=torch.float16)]
+    assert torch.equal(kernels.gram_batch(fs, rs)[0], torch.zeros(len(kernels.GRAM_FIELDS)))
+    moments = kernels.linear_moments_batch(fs, rs, torch.ones(2, 1, 2, dtype=torch.float64))
+    assert torch.equal(moments[0], torch.zeros_like(moments[0]))
+    assert kernels.triple_batch(fs, rs, fs)[1, 6] == 3.0  # n_conflict of the float16 tensor
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_non_finite_values_stay_in_their_part(dtype, chunk):
+    f = [torch.tensor([1.0, float("inf"), -2.0, 0.5], dtype=dtype)]
+    r = [torch.tensor([1.0, 1.0, 1.0, -1.0], dtype=dtype)]
+    torch.testing.assert_close(kernels.gram_batch(f, r)[0], kernels.gram(f[0], r[0]))
