@@ -655,28 +655,55 @@ def _packed(
     ``x`` is ``[kernel.rows(per_row), chunk rows, width]`` float64 with the inputs in its
     first rows; ``kernel`` returns per-row sums ``[*width, rows]``, added up per tensor.
     Returns ``[n_tensors, *width]`` float64 on the first tensor's device. ``per_tensor``
-    (``[n_tensors, ...]``) is gathered per row and handed to the kernel.
+    (``[n_tensors, ...]``) is gathered per row and handed to the kernel. A kernel with an
+    entry in ``_EXACT`` is exact only on finite inputs: on devices in ``HOST_READ_FREE`` a
+    group whose sums come out non-finite is computed again with the exact kernel (one check
+    per group); elsewhere the exact kernel runs directly (a check would stall the stream).
     """
     home = tensors[0][0].device
     out = torch.zeros(len(tensors[0]), *width, dtype=torch.float64, device=home)
     for (device, dtype), members in _groups(tensors[0]).items():
         group = [[ts[j] for j in members] for ts in tensors]
-        total = torch.zeros(*width, len(members), dtype=torch.float64, device=device)
         extra = None if per_tensor is None else per_tensor[members].to(device)
         chunks = _chunks([t.numel() for t in group[0]], device)
         if not chunks:  # every tensor of the group is empty: its sums stay 0
             continue
-        rows = _SCRATCH[kernel](len(tensors), per_tensor)
-        size = max(c.n_rows * c.width for c in chunks)
-        workspace = torch.empty(rows, size, dtype=torch.float64, device=device)  # reused
-        for chunk in chunks:
-            ids = torch.tensor(chunk.row_ids, dtype=torch.long, device=device)
-            per_row = None if extra is None else extra[ids]
-            sums = kernel(_pack(chunk, group, workspace), dtype, per_row)
-            total.index_add_(len(width), ids, sums)
+        exact = _EXACT.get(kernel)
+        if exact is None or device.type not in HOST_READ_FREE:
+            total = _group_sums(exact or kernel, width, group, chunks, dtype, extra)
+        else:  # fast, then checked (a free host read here)
+            total = _group_sums(kernel, width, group, chunks, dtype, extra)
+            if not bool(torch.isfinite(total).all()):
+                total = _group_sums(exact, width, group, chunks, dtype, extra)
         index = torch.tensor(members, dtype=torch.long, device=home)
         out.index_copy_(0, index, total.movedim(-1, 0).to(home))
     return out
+
+
+def _group_sums(
+    kernel: Callable[..., Tensor],
+    width: tuple[int, ...],
+    group: Sequence[Sequence[Tensor]],
+    chunks: Sequence[_Chunk],
+    dtype: torch.dtype,
+    extra: Tensor | None,
+) -> Tensor:
+    """``[*width, n_members]``: the kernel's sums over the chunks of one group, in one reused
+    float64 workspace."""
+    device = group[0][0].device
+    total = torch.zeros(*width, len(group[0]), dtype=torch.float64, device=device)
+    rows = _SCRATCH[kernel](len(group), extra)
+    size = max(c.n_rows * c.width for c in chunks)
+    workspace = torch.empty(rows, size, dtype=torch.float64, device=device)  # reused
+    ids = torch.tensor([j for c in chunks for j in c.row_ids], dtype=torch.long, device=device)
+    first = 0
+    for chunk in chunks:
+        rows_of = ids[first : first + chunk.n_rows]  # one host-to-device copy per group
+        first += chunk.n_rows
+        per_row = None if extra is None else extra[rows_of]
+        sums = kernel(_pack(chunk, group, workspace), dtype, per_row)
+        total.index_add_(len(width), rows_of, sums)
+    return total
 
 
 def _gram_rows(x: Tensor, k: int) -> Tensor:
@@ -715,14 +742,32 @@ def _opposed(d: Tensor, r: Tensor, dtype: torch.dtype, dr: Tensor) -> tuple[Tens
 
 def _p_gram(x: Tensor, dtype: torch.dtype, _: None) -> Tensor:
     # x: [6, R, W] = (f, r, scratch x4). Per row: the GRAM_FIELDS sums, from the 2x2 Gram
-    # matrices of (f_A, r_A) and of (f_C, r_C) (see _signs), one matrix product each. The split
-    # selects values (no arithmetic), so the parts on C and on A never cancel, and a non-finite
-    # value lands in its own part's sums only, as in gram().
+    # matrices of (f_A, r_A) and of (f_C, r_C) (see _signs), one matrix product each. The
+    # split is arithmetic: with m = 1 on C and 0 elsewhere, f_C = f m and f_A = f - f_C, exact
+    # for finite values (x * 1, x * 0 and x - x are exact). A non-finite input turns some sums
+    # into NaN, and _packed then takes the group again with _p_gram_selected.
     f, r = x[0], x[1]
     counts = _signs(f, r, dtype, x[4], x[5])  # [2, R]: both non-zero, conflicting
+    on_c = x[5].neg_()  # 1.0 on C, 0.0 elsewhere
+    torch.mul(x[:2], on_c, out=x[2:4])  # f_C, r_C
+    x[:2].sub_(x[2:4])  # f_A, r_A
+    return _gram_sums(x, counts)
+
+
+def _p_gram_selected(x: Tensor, dtype: torch.dtype, _: None) -> Tensor:
+    # As _p_gram, the split by selection (no arithmetic): a non-finite value lands in its own
+    # part's sums only, as in gram(), and the counts come from comparisons (a NaN is non-zero,
+    # never conflicting). Slower on the CPU (masked_fill_), so there only the fallback.
+    f, r = x[0], x[1]
+    counts = _signs(f, r, torch.float64, x[4], x[5])
     on_c = x[5] < 0
     torch.mul(x[:2], on_c, out=x[2:4]).masked_fill_(~on_c, 0.0)  # f_C, r_C (inf * 0 undone)
-    x[:2].masked_fill_(on_c, 0.0)  # f_A, r_A (selections: exact, and inf stays in its part)
+    x[:2].masked_fill_(on_c, 0.0)  # f_A, r_A
+    return _gram_sums(x, counts)
+
+
+def _gram_sums(x: Tensor, counts: Tensor) -> Tensor:
+    """The GRAM_FIELDS rows from x = (f_A, r_A, f_C, r_C, ...) and the sign counts."""
     agree, conflict = _gram_rows(x[:2], 2), _gram_rows(x[2:4], 2)  # [R, 2, 2] each
     sums = [conflict[:, 0, 0], agree[:, 0, 0], conflict[:, 1, 1], agree[:, 1, 1]]
     sums += [conflict[:, 0, 1], agree[:, 0, 1], counts[1], counts[0]]
@@ -738,11 +783,11 @@ def _p_moments(x: Tensor, dtype: torch.dtype, coefficients: Tensor) -> Tensor:
     b = coefficients[..., 1].T.unsqueeze(-1)
     f, r, d = x[0], x[1], x[2 : n + 2]
     torch.mul(a, f, out=d).addcmul_(b, r)
-    # <d,f>, <d,r> and <d,d> of every rule in one matrix product of the rules' d with the rows
-    # (f, r, d_1..d_S), all summed directly (<d,d> non-negative however much d cancels)
-    g = torch.bmm(d.transpose(0, 1), x[: n + 2].permute(1, 2, 0))  # [R, S, S + 2]
+    # <d,f> and <d,r> of every rule in one matrix product of the rules' d with the rows (f, r);
+    # <d,d> summed directly too (non-negative however much d cancels)
+    g = torch.bmm(d.transpose(0, 1), x[:2].permute(1, 2, 0))  # [R, S, 2]
     df, dr = g[..., 0], g[..., 1]
-    dd = torch.diagonal(g[..., 2:], dim1=-2, dim2=-1)
+    dd = torch.linalg.vecdot(d, d).T  # [R, S]
     n_opposed, negative = _opposed(d, r, dtype, x[n + 2 :])
     # sum |d_i r_i| = sum d_i r_i - 2 sum min(d_i r_i, 0)
     moments = [n_opposed.T, dd, df, dr, dr - 2 * negative.T]
@@ -789,12 +834,20 @@ def _p_near_zero(x: Tensor, dtype: torch.dtype, params: Tensor) -> Tensor:
 
 _SCRATCH: dict[Callable, Callable[[int, Tensor | None], int]] = {
     _p_gram: lambda k, _: 6,
+    _p_gram_selected: lambda k, _: 6,
     _p_moments: lambda k, coefficients: 2 * coefficients.shape[-2] + 2,
     _p_triple: lambda k, _: 6,
     _p_near_zero: lambda k, params: 2 * params.shape[-2] + 4,
 }
 """Rows of the float64 block each packed kernel works in (inputs first), from the number of
 inputs and the per-tensor parameters (``[n_tensors, S, ...]``: S rules)."""
+_EXACT: dict[Callable, Callable] = {_p_gram: _p_gram_selected}
+"""Kernels exact on finite inputs only, and the kernel exact on every input that replaces
+them (on the CPU ``masked_fill_`` costs about ten times a multiplication; on GPUs both are
+memory-bound)."""
+HOST_READ_FREE: set[str] = {"cpu"}
+"""Device types whose results the host reads without a synchronisation cost: only there do the
+kernels check a result (finiteness) before going on."""
 
 
 def _batched() -> bool:

@@ -265,8 +265,28 @@ def test_empty_groups_give_zero_rows(chunk):
     assert kernels.triple_batch(fs, rs, fs)[1, 6] == 3.0  # n_conflict of the float16 tensor
 
 
+@pytest.mark.parametrize("checked", [True, False], ids=["cpu-fast-checked", "selection"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_non_finite_values_stay_in_their_part(dtype, chunk):
-    f = [torch.tensor([1.0, float("inf"), -2.0, 0.5], dtype=dtype)]
-    r = [torch.tensor([1.0, 1.0, 1.0, -1.0], dtype=dtype)]
-    torch.testing.assert_close(kernels.gram_batch(f, r)[0], kernels.gram(f[0], r[0]))
+def test_non_finite_values_stay_in_their_part(dtype, chunk, checked, monkeypatch):
+    """inf / NaN land in their own part's sums, as in gram(): through the CPU's arithmetic split
+    with its finiteness check, and through the selection that accelerators run directly."""
+    monkeypatch.setattr(kernels, "HOST_READ_FREE", {"cpu"} if checked else set())
+    inf, nan = float("inf"), float("nan")
+    small = ([1.0, inf, -2.0, 0.5], [1.0, 1.0, 1.0, -1.0])  # inf on A
+    cases = [small, ([1.0, -inf, 3.0], [2.0, 1.0, 0.0]), ([nan, 1.0, -1.0], [1.0, -inf, 2.0])]
+    for f_values, r_values in cases:
+        f = [torch.tensor(f_values, dtype=dtype)]
+        r = [torch.tensor(r_values, dtype=dtype)]
+        want = kernels.gram(f[0], r[0])
+        torch.testing.assert_close(kernels.gram_batch(f, r)[0], want, equal_nan=True)
+    # a flat (large) tensor next to a finite one: only its own row is affected
+    g = torch.Generator().manual_seed(3)
+    big_f, big_r = torch.randn(5000, generator=g), torch.randn(5000, generator=g)
+    big_f[[10, 4000]] = torch.tensor([inf, -inf])  # one on C or A each, whatever the signs
+    big_r[77] = nan
+    f = [big_f.to(dtype), torch.randn(300, generator=g).to(dtype)]
+    r = [big_r.to(dtype), torch.randn(300, generator=g).to(dtype)]
+    want = torch.stack([kernels.gram(a, b) for a, b in zip(f, r, strict=True)])
+    got = kernels.gram_batch(f, r)
+    torch.testing.assert_close(got, want, equal_nan=True, rtol=1e-12, atol=0.0)
+    assert torch.isfinite(got[1]).all()
