@@ -730,7 +730,7 @@ def _signs(f: Tensor, r: Tensor, dtype: torch.dtype, s: Tensor, c: Tensor) -> Te
 def _opposed(d: Tensor, r: Tensor, dtype: torch.dtype, dr: Tensor) -> tuple[Tensor, Tensor]:
     """``(n_opposed, negative sum)`` per row of ``d`` ``[..., W]`` against ``r`` ``[W]``:
     the count of coordinates with ``d_i r_i < 0`` and ``sum min(d_i r_i, 0)``; ``dr`` is
-    scratch of ``d``'s shape."""
+    scratch of ``d``'s shape (below float64 it may be ``d`` itself)."""
     torch.mul(d, r, out=dr)
     if dtype == torch.float64:  # sign comparisons: a product may underflow
         opposed = ((d > 0) & (r < 0)) | ((d < 0) & (r > 0))
@@ -787,8 +787,10 @@ def _p_moments(x: Tensor, dtype: torch.dtype, coefficients: Tensor) -> Tensor:
     # <d,d> summed directly too (non-negative however much d cancels)
     g = torch.bmm(d.transpose(0, 1), x[:2].permute(1, 2, 0))  # [R, S, 2]
     df, dr = g[..., 0], g[..., 1]
-    dd = torch.linalg.vecdot(d, d).T  # [R, S]
-    n_opposed, negative = _opposed(d, r, dtype, x[n + 2 :])
+    dd = torch.linalg.vector_norm(d, dim=-1).square_().T  # [R, S]: one fused pass
+    # below float64 the sign test reads the products only: d_i r_i overwrites d
+    scratch = x[n + 2 :] if dtype == torch.float64 else d
+    n_opposed, negative = _opposed(d, r, dtype, scratch)
     # sum |d_i r_i| = sum d_i r_i - 2 sum min(d_i r_i, 0)
     moments = [n_opposed.T, dd, df, dr, dr - 2 * negative.T]
     return torch.stack(moments, dim=1).permute(2, 1, 0)  # [S, 5, R]
