@@ -562,11 +562,16 @@ _ROW: int = 256
 """Row length of a packed chunk of small tensors: every tensor piece starts on a row, the rest of
 its last row is zero (zeros add nothing to any statistic: they never conflict, are never both
 non-zero, never oppose, and add 0 to every sum)."""
-_CHUNK_ELEMENTS = {"cpu": 1 << 16}
-"""Elements per chunk: on the CPU about a megabyte of float64 per row, so that the few rows a
-kernel writes stay in the last-level cache; on accelerators (default) large enough to amortise
-kernel launches while keeping the temporaries far below a large tensor."""
+_CHUNK_ELEMENTS: dict[str, int] = {}
+"""Elements per chunk by device type, overriding the defaults below (tests set it)."""
+_CPU_CHUNK_PER_THREAD = 1 << 16
+"""CPU chunk elements per torch thread (64K: half a megabyte of float64 per row and thread, so
+that the few rows a kernel writes stay near the cache; one thread per 64K keeps every
+element-wise operation parallel across threads), up to ``_CPU_CHUNK_MAX``."""
+_CPU_CHUNK_MAX = 1 << 19
 _CHUNK_DEFAULT = 1 << 22
+"""Elements per chunk on accelerators: large enough to amortise kernel launches while keeping
+the temporaries far below a large tensor."""
 _FLAT_MIN = 4 * _ROW
 """Tensors with at least this many elements are cut into flat pieces, one per chunk (a single
 row as long as the piece: no padding, one matrix product per piece); smaller tensors are packed
@@ -592,7 +597,11 @@ class _Chunk:
 def _chunks(numels: Sequence[int], device: torch.device) -> list[_Chunk]:
     """Cut tensors of ``numels`` elements into chunks: flat pieces of large tensors, small
     tensors packed row-aligned together."""
-    elements = _CHUNK_ELEMENTS.get(device.type, _CHUNK_DEFAULT)
+    elements = _CHUNK_ELEMENTS.get(device.type)
+    if elements is None and device.type == "cpu":
+        elements = min(_CPU_CHUNK_MAX, _CPU_CHUNK_PER_THREAD * torch.get_num_threads())
+    elif elements is None:
+        elements = _CHUNK_DEFAULT
     capacity = max(1, elements // _ROW)
     flat, packed = [], [_Chunk()]
     for j, n in enumerate(numels):
