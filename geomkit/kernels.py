@@ -736,17 +736,19 @@ def _signs(f: Tensor, r: Tensor, dtype: torch.dtype, s: Tensor, c: Tensor) -> Te
     return torch.stack([s.sum(-1), c.sum(-1).neg_()])
 
 
-def _opposed(d: Tensor, r: Tensor, dtype: torch.dtype, dr: Tensor) -> tuple[Tensor, Tensor]:
-    """``(n_opposed, negative sum)`` per row of ``d`` ``[..., W]`` against ``r`` ``[W]``:
-    the count of coordinates with ``d_i r_i < 0`` and ``sum min(d_i r_i, 0)``; ``dr`` is
-    scratch of ``d``'s shape (below float64 it may be ``d`` itself)."""
+def _opposed(d: Tensor, r: Tensor, dtype: torch.dtype, dr: Tensor) -> tuple[Tensor, ...]:
+    """``(n_opposed, negative sum, sum)`` per row of ``d`` ``[..., W]`` against ``r``
+    ``[W]``: the count of coordinates with ``d_i r_i < 0``, ``sum min(d_i r_i, 0)`` and
+    ``sum d_i r_i``; ``dr`` is scratch of ``d``'s shape (below float64 it may be ``d``
+    itself: the sign test then reads the products only)."""
     torch.mul(d, r, out=dr)
+    total = dr.sum(-1)
     if dtype == torch.float64:  # sign comparisons: a product may underflow
         opposed = ((d > 0) & (r < 0)) | ((d < 0) & (r > 0))
-        return opposed.sum(-1, dtype=torch.float64), dr.clamp_(max=0.0).sum(-1)
+        return opposed.sum(-1, dtype=torch.float64), dr.clamp_(max=0.0).sum(-1), total
     negative = dr.clamp_(max=0.0)  # for <= 32-bit r, fl(d_i) r_i cannot underflow to 0
-    total = negative.sum(-1)
-    return negative.sign_().sum(-1).neg_(), total
+    negative_sum = negative.sum(-1)
+    return negative.sign_().sum(-1).neg_(), negative_sum, total
 
 
 def _p_gram(x: Tensor, dtype: torch.dtype, _: None) -> Tensor:
@@ -792,17 +794,11 @@ def _p_moments(x: Tensor, dtype: torch.dtype, coefficients: Tensor) -> Tensor:
     b = coefficients[..., 1].T.unsqueeze(-1)
     f, r, d = x[0], x[1], x[2 : n + 2]
     torch.mul(a, f, out=d).addcmul_(b, r)
-    # <d,f> and <d,r> of every rule in one matrix product of the rules' d with the rows (f, r);
-    # <d,d> summed directly too (non-negative however much d cancels)
-    g = torch.bmm(d.transpose(0, 1), x[:2].permute(1, 2, 0))  # [R, S, 2]
-    df, dr = g[..., 0], g[..., 1]
-    dd = torch.linalg.vector_norm(d, dim=-1).square_().T  # [R, S]: one fused pass
-    # below float64 the sign test reads the products only: d_i r_i overwrites d
-    scratch = x[n + 2 :] if dtype == torch.float64 else d
-    n_opposed, negative = _opposed(d, r, dtype, scratch)
-    # sum |d_i r_i| = sum d_i r_i - 2 sum min(d_i r_i, 0)
-    moments = [n_opposed.T, dd, df, dr, dr - 2 * negative.T]
-    return torch.stack(moments, dim=1).permute(2, 1, 0)  # [S, 5, R]
+    df = torch.bmm(d.transpose(0, 1), f.unsqueeze(-1)).squeeze(-1).T  # [S, R]: one product
+    dd = torch.linalg.vector_norm(d, dim=-1).square_()  # one fused pass, never negative
+    n_opposed, negative, dr = _opposed(d, r, dtype, x[n + 2 :] if dtype == torch.float64 else d)
+    # sum |d_i r_i| = sum d_i r_i - 2 sum min(d_i r_i, 0), both summed directly
+    return torch.stack([n_opposed, dd, df, dr, dr - 2 * negative], dim=1)  # [S, 5, R]
 
 
 def _p_triple(x: Tensor, dtype: torch.dtype, check: Tensor | None) -> Tensor:
@@ -812,7 +808,7 @@ def _p_triple(x: Tensor, dtype: torch.dtype, check: Tensor | None) -> Tensor:
     g = _gram_rows(x, 3)  # ff rr dd / fr df dr
     s, c = x[3], x[4]
     n_both, n_conflict = _signs(f, r, dtype, s, c)
-    n_opposed, negative = _opposed(d, r, dtype, x[5])
+    n_opposed, negative, _ = _opposed(d, r, dtype, x[5])
     dr = g[:, 1, 2]
     if check is None:
         n_off = torch.zeros_like(dr)
