@@ -62,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
         "--strategy", dest="strategies", nargs="+", metavar="NAME", help="applied strategies"
     )
     run.add_argument("--lr", type=float, help="peak learning rate")
+    run.add_argument("--optimizer", metavar="NAME", help="adamw (default) or sgd")
     run.add_argument("--steps", type=int, help="optimizer steps per run")
     run.add_argument(
         "--epochs", type=int, help="passes over the forget data (sets the steps; RWKU presets)"

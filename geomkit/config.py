@@ -55,6 +55,7 @@ class RunConfig:
     alpha: float = 1.0
     gamma: float = 1.0
     lr: float = 3e-3  # the embedded default: the plain sum visibly hurts retention (README)
+    optimizer: str = "adamw"  # or "sgd" (geomkit.step.OPTIMIZERS)
     steps: int = 60
     epochs: int | None = None  # when set: steps = epochs x forget batches / accumulation
     batch_size: int = 16

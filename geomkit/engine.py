@@ -33,6 +33,7 @@ from geomkit._validation import ConfigError, check_choice, check_integer, check_
 from geomkit.distributed import init_from_environment, rank_and_world, shard_sum
 from geomkit.objectives import Objective, _Loss, check_count
 from geomkit.recorder import VERIFY_EVERY, Every, Never, Recorder, Schedule
+from geomkit.step import OPTIMIZERS, build_optimizer
 from geomkit.strategies import Strategy, as_strategy
 
 __all__ = [
@@ -65,7 +66,10 @@ class EngineConfig:
         Weights of the retain and forget gradients for a strategy given by name. A Strategy
         object carries its own weights; these must then be left at 1.0 or equal them.
     lr : float
-        Peak learning rate of AdamW.
+        Peak learning rate.
+    optimizer : {"adamw", "sgd"}
+        AdamW (PyTorch's defaults) or plain SGD (:data:`geomkit.step.OPTIMIZERS`). With SGD,
+        no clipping and no weight decay the parameter step is exactly ``lr * d``.
     steps : int
         Optimizer steps.
     accumulation : int
@@ -75,7 +79,7 @@ class EngineConfig:
     max_grad_norm : float or None
         Clip the combined update to this norm (None: no clipping).
     weight_decay : float
-        AdamW weight decay.
+        Weight decay (AdamW: decoupled; SGD: PyTorch's L2 term).
     trainable : str or None
         Regex: only parameters whose name matches train (None: the objective's default, else
         every parameter).
@@ -101,6 +105,7 @@ class EngineConfig:
     alpha: float = 1.0
     gamma: float = 1.0
     lr: float = 1e-5
+    optimizer: str = "adamw"
     steps: int = 100
     accumulation: int = 1
     warmup_ratio: float = 0.1
@@ -147,6 +152,7 @@ class EngineConfig:
         )
         check_real("weight_decay", self.weight_decay, 0.0, error=ConfigError)
         check_choice("nonfinite", self.nonfinite, ("error", "skip"), error=ConfigError)
+        check_choice("optimizer", self.optimizer, tuple(OPTIMIZERS), error=ConfigError)
         if self.trainable is not None:
             try:
                 re.compile(self.trainable)
@@ -363,8 +369,8 @@ class Unlearner:
         self.rank, self.world = rank_and_world()
         seed_everything(self.config.seed)
         self.strategy: Strategy = self.config.build_strategy()
-        self.optimizer = torch.optim.AdamW(
-            self.params, lr=self.config.lr, weight_decay=self.config.weight_decay
+        self.optimizer = build_optimizer(
+            self.config.optimizer, self.params, self.config.lr, self.config.weight_decay
         )
         warmup = int(self.config.warmup_ratio * self.config.steps)
         total = self.config.steps

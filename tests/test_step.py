@@ -104,3 +104,40 @@ def test_unsupported_optimizers_and_bad_input_are_named():
         gstep.next_step(torch.optim.SGD([p], lr=0.1), p, torch.zeros(2))
     with pytest.raises(ValueError, match="invalid optimizer='adam'"):
         gstep.build_optimizer("adam", [p], 0.1, 0.0)
+
+
+def test_engine_sgd_step_is_lr_times_the_update(tmp_path):
+    """EngineConfig(optimizer="sgd"), no clipping, no weight decay: theta moves by lr * d."""
+    from tiny import VOCAB, tiny_llama
+
+    from geomkit.engine import EngineConfig, Unlearner
+    from geomkit.objectives import build_objective
+
+    def batch(seed: int) -> dict:
+        ids = torch.randint(0, VOCAB, (4, 12), generator=torch.Generator().manual_seed(seed))
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+    model = tiny_llama(0)
+    config = EngineConfig(
+        strategy="sago", optimizer="sgd", lr=0.5, steps=1, max_grad_norm=None, record_every=0
+    )
+    unlearner = Unlearner(model, build_objective("graddiff"), [batch(1)], [batch(2)], config)
+    assert type(unlearner.optimizer) is torch.optim.SGD
+    captured = []
+    unlearner.optimizer.register_step_pre_hook(
+        lambda opt, args, kwargs: captured.append([p.grad.clone() for p in unlearner.params])
+    )
+    old = [p.detach().clone() for p in unlearner.params]
+    unlearner.step()
+    for o, p, d in zip(old, unlearner.params, captured[0], strict=True):
+        # PyTorch's add_(d, alpha=-lr): one rounding (or none, with a fused multiply-add)
+        want = o.double() - 0.5 * d.double()
+        assert torch.all((p.detach().double() - want).abs() <= EPS32 * want.abs())
+
+
+def test_engine_rejects_an_unknown_optimizer():
+    from geomkit.config import ConfigError
+    from geomkit.engine import EngineConfig
+
+    with pytest.raises(ConfigError, match="invalid optimizer='adam': expected one of adamw, sgd"):
+        EngineConfig(optimizer="adam").validate()
