@@ -14,7 +14,7 @@ its step is not modelled, so the step statistics are not recorded for it.
 
 The formulas are PyTorch's (``torch/optim/adamw.py``, ``sgd.py``) evaluated in float64; the step
 the optimizer then applies in the parameter dtype differs by its rounding (tests/test_step.py).
-Mathematics: ../shared/DESIGN.md §7 ("The step actually taken"); docs/method.md#the-step-taken.
+Mathematics: docs/method.md#the-step-taken.
 
 >>> import torch
 >>> p = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
