@@ -174,8 +174,8 @@ class RunConfig:
         """The :class:`~geomkit.engine.EngineConfig` of one run: ``strategy`` applied, ``seed``.
 
         Every engine setting this configuration also has (``shadows``, ``alpha``, ``gamma``,
-        ``lr``, ``steps``, ``accumulation``, ``record_every``, ``verify_every``) is taken from it
-        by name; the others keep the engine's defaults.
+        ``lr``, ``optimizer``, ``steps``, ``accumulation``, ``record_every``,
+        ``verify_every``) is taken from it by name; the others keep the engine's defaults.
         """
         from geomkit.engine import EngineConfig
 

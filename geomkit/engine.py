@@ -69,7 +69,8 @@ class EngineConfig:
         Peak learning rate.
     optimizer : {"adamw", "sgd"}
         AdamW (PyTorch's defaults) or plain SGD (:data:`geomkit.step.OPTIMIZERS`). With SGD,
-        no clipping and no weight decay the parameter step is exactly ``lr * d``.
+        no clipping and no weight decay the parameters move by the step's scheduled learning
+        rate times d (up to the rounding of the parameter update).
     steps : int
         Optimizer steps.
     accumulation : int
@@ -644,6 +645,14 @@ class Unlearner:
                 "resume_step",
                 self.resume_step,
                 f"{state['step']}, the step of checkpoint {path}",
+            )
+        saved = state.get("config", {}).get("optimizer", "adamw")  # older checkpoints: AdamW
+        if saved != self.config.optimizer:
+            raise invalid(
+                "optimizer",
+                self.config.optimizer,
+                f"{saved!r}, the optimizer of checkpoint {path} (its state cannot be resumed "
+                "by another optimizer)",
             )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])

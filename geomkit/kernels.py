@@ -562,13 +562,11 @@ _ROW: int = 256
 """Row length of a packed chunk of small tensors: every tensor piece starts on a row, the rest of
 its last row is zero (zeros add nothing to any statistic: they never conflict, are never both
 non-zero, never oppose, and add 0 to every sum)."""
-_CHUNK_ELEMENTS: dict[str, int] = {}
-"""Elements per chunk by device type, overriding the defaults below (tests set it)."""
-_CPU_CHUNK_PER_THREAD = 1 << 16
-"""CPU chunk elements per torch thread (64K: half a megabyte of float64 per row and thread, so
-that the few rows a kernel writes stay near the cache; one thread per 64K keeps every
-element-wise operation parallel across threads), up to ``_CPU_CHUNK_MAX``."""
-_CPU_CHUNK_MAX = 1 << 19
+_CHUNK_ELEMENTS: dict[str, int] = {"cpu": 1 << 16}
+"""Elements per chunk by device type (default for others: ``_CHUNK_DEFAULT``). On the CPU 64K:
+half a megabyte of float64 per row, so that the few rows a kernel writes stay near the cache.
+Fixed, not scaled with the thread count: the chunks set the order of the float64 sums, and the
+statistics must not change in their last bits with the number of threads."""
 _CHUNK_DEFAULT = 1 << 22
 """Elements per chunk on accelerators: large enough to amortise kernel launches while keeping
 the temporaries far below a large tensor."""
@@ -597,11 +595,7 @@ class _Chunk:
 def _chunks(numels: Sequence[int], device: torch.device) -> list[_Chunk]:
     """Cut tensors of ``numels`` elements into chunks: flat pieces of large tensors, small
     tensors packed row-aligned together."""
-    elements = _CHUNK_ELEMENTS.get(device.type)
-    if elements is None and device.type == "cpu":
-        elements = min(_CPU_CHUNK_MAX, _CPU_CHUNK_PER_THREAD * torch.get_num_threads())
-    elif elements is None:
-        elements = _CHUNK_DEFAULT
+    elements = _CHUNK_ELEMENTS.get(device.type, _CHUNK_DEFAULT)
     capacity = max(1, elements // _ROW)
     flat, packed = [], [_Chunk()]
     for j, n in enumerate(numels):

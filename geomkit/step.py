@@ -3,14 +3,15 @@
 The geometry of the combined update d is not that of the parameter change: the optimizer clips
 d, then AdamW normalises it per coordinate, adds weight decay and scales by the learning rate.
 This module predicts ``u`` for the *next* ``optimizer.step()`` from the optimizer's state, the
-parameters and the gradient it will read, so that its statistics against f, r and d can be taken
-before the forget gradient is overwritten (the engine holds two gradient buffers, not three), on
-any piece of a tensor (no tensor-sized temporary).
+parameters and the gradient it will read, on any piece of a tensor (no tensor-sized temporary).
+It is the model the step statistics will use (u against f, r and d, taken while the update is
+formed, before it overwrites the forget gradient; not recorded yet).
 
-Supported (``OPTIMIZERS``): ``torch.optim.AdamW`` and ``torch.optim.Adam`` (decoupled and L2
-weight decay; not ``amsgrad``, not ``maximize``) and ``torch.optim.SGD`` (momentum, dampening,
-Nesterov, weight decay; not ``maximize``). Any other optimizer raises a ``ValueError`` naming it:
-its step is not modelled, so the step statistics are not recorded for it.
+Supported: ``torch.optim.AdamW`` and ``torch.optim.Adam`` (decoupled and L2 weight decay; the
+single-tensor, foreach and fused implementations; not ``amsgrad``, not ``maximize``) and
+``torch.optim.SGD`` (momentum, dampening, Nesterov, weight decay; not ``maximize``). Any other
+optimizer raises a ``ValueError`` naming it: its step is not modelled. Nor is mixed precision
+with a ``GradScaler``, which unscales the gradient inside the step and may skip it.
 
 The formulas are PyTorch's (``torch/optim/adamw.py``, ``sgd.py``) evaluated in float64; the step
 the optimizer then applies in the parameter dtype differs by its rounding (tests/test_step.py).
@@ -52,8 +53,9 @@ OPTIMIZERS: dict[str, Callable[[list[Tensor], float, float], torch.optim.Optimiz
 """The engine's optimizers by name (``EngineConfig.optimizer``, ``--optimizer``): AdamW with
 PyTorch's defaults (betas 0.9, 0.999, eps 1e-8, decoupled weight decay), or plain SGD (no
 momentum; ``weight_decay`` is then PyTorch's L2 term ``grad + wd theta``). With SGD, no clipping
-and no weight decay the step is exactly ``u = lr d``, which separates what the combination rule
-does from what Adam does."""
+and no weight decay the step is ``u = lr d`` with the step's scheduled ``lr`` (up to the
+rounding of the parameter update), which separates what the combination rule does from what
+Adam does."""
 
 
 def build_optimizer(
@@ -84,7 +86,10 @@ def _group(optimizer: torch.optim.Optimizer, param: Tensor) -> _Group:
             lr = group["lr"]
             lr = float(lr) if not isinstance(lr, Tensor) else float(lr.item())
             return _Group(lr, float(group.get("weight_decay", 0.0)), group)
-    raise ValueError("invalid param: not one of the optimizer's parameters")
+    raise ValueError(
+        f"invalid param of shape {tuple(param.shape)} and dtype {param.dtype}: expected one of "
+        f"the {type(optimizer).__name__}'s parameters"
+    )
 
 
 def _piece(t: Tensor, index: slice) -> Tensor:
@@ -202,9 +207,14 @@ def next_step(
             f"{', '.join(sorted(c.__name__ for c in _STEPS))} only"
         )
     n = param.numel()
+    if not isinstance(index, slice):
+        raise TypeError(f"invalid index={index!r}: expected a slice of the flattened parameter")
     start, stop, stride = index.indices(n)
-    if stride != 1:
-        raise ValueError(f"invalid index={index!r}: expected a contiguous slice")
+    if stride != 1 or stop < start:
+        raise ValueError(
+            f"invalid index={index!r}: expected a contiguous, increasing slice of the "
+            f"{n} elements of the flattened parameter"
+        )
     if grad.numel() != stop - start:
         raise ValueError(
             f"invalid grad of {grad.numel()} elements: expected {stop - start}, the elements "

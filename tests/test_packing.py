@@ -120,7 +120,7 @@ def _tensors(seed: int, dtype: torch.dtype, sizes) -> tuple[list, list]:
     return fs, rs
 
 
-@pytest.fixture(params=[512, 1 << 14], ids=["small-chunks", "default-chunks"])
+@pytest.fixture(params=[512, 1 << 16], ids=["small-chunks", "default-chunks"])
 def chunk(request, monkeypatch):
     """Tiny chunks (two rows) so that tensors straddle chunks, or the CPU default."""
     monkeypatch.setitem(kernels._CHUNK_ELEMENTS, "cpu", request.param)
@@ -290,3 +290,22 @@ def test_non_finite_values_stay_in_their_part(dtype, chunk, checked, monkeypatch
     got = kernels.gram_batch(f, r)
     torch.testing.assert_close(got, want, equal_nan=True, rtol=1e-12, atol=0.0)
     assert torch.isfinite(got[1]).all()
+
+
+def test_sums_do_not_depend_on_the_thread_count():
+    """The chunks fix the order of the float64 sums: 1 and 2 threads agree to the last bit."""
+    g = torch.Generator().manual_seed(5)
+    f, r = [torch.randn(300_000, generator=g)], [torch.randn(300_000, generator=g)]
+    coefficients = torch.tensor([[[1.0, -0.3], [0.5, 2.0]]], dtype=torch.float64)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(
+                (kernels.gram_batch(f, r), kernels.linear_moments_batch(f, r, coefficients))
+            )
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*results, strict=True):
+        assert torch.equal(one, two)

@@ -98,7 +98,7 @@ def test_unsupported_optimizers_and_bad_input_are_named():
     with pytest.raises(ValueError, match=r"invalid SGD\(maximize=True\)"):
         gstep.next_step(torch.optim.SGD([p], lr=0.1, maximize=True), p, torch.zeros(3))
     other = torch.nn.Parameter(torch.zeros(3))
-    with pytest.raises(ValueError, match="not one of the optimizer's parameters"):
+    with pytest.raises(ValueError, match="expected one of the SGD's parameters"):
         gstep.next_step(torch.optim.SGD([p], lr=0.1), other, torch.zeros(3))
     with pytest.raises(ValueError, match="invalid grad of 2 elements: expected 3"):
         gstep.next_step(torch.optim.SGD([p], lr=0.1), p, torch.zeros(2))
@@ -141,3 +141,57 @@ def test_engine_rejects_an_unknown_optimizer():
 
     with pytest.raises(ConfigError, match="invalid optimizer='adam': expected one of adamw, sgd"):
         EngineConfig(optimizer="adam").validate()
+
+
+def test_engine_sgd_moves_by_the_scheduled_rate_and_resumes_only_as_sgd(tmp_path):
+    """With warm-up the step uses the scheduled rate (recorded as learning_rate), not the peak;
+    a checkpoint of one optimizer is not resumed by another."""
+    from tiny import VOCAB, tiny_llama
+
+    from geomkit.engine import EngineConfig, Unlearner
+    from geomkit.objectives import build_objective
+
+    def batch(seed: int) -> dict:
+        ids = torch.randint(0, VOCAB, (4, 12), generator=torch.Generator().manual_seed(seed))
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+    def unlearner(optimizer: str, **kw) -> Unlearner:
+        config = EngineConfig(
+            strategy="sum",
+            optimizer=optimizer,
+            lr=0.5,
+            steps=10,
+            warmup_ratio=0.3,
+            max_grad_norm=None,
+            record_every=0,
+        )
+        objective = build_objective("graddiff")
+        return Unlearner(tiny_llama(0), objective, [batch(1)], [batch(2)], config, **kw)
+
+    sgd = unlearner("sgd")
+    captured = []
+    sgd.optimizer.register_step_pre_hook(
+        lambda opt, args, kwargs: captured.append([p.grad.clone() for p in sgd.params])
+    )
+    old = [p.detach().clone() for p in sgd.params]
+    result = sgd.step()
+    assert result.learning_rate == pytest.approx(0.5 / 4)  # warm-up: (0 + 1) / (3 + 1)
+    for o, p, d in zip(old, sgd.params, captured[0], strict=True):
+        want = o.double() - result.learning_rate * d.double()
+        assert torch.all((p.detach().double() - want).abs() <= EPS32 * want.abs())
+    sgd.save(tmp_path / "sgd.pt")
+    with pytest.raises(
+        ValueError, match="invalid optimizer='adamw': expected 'sgd', the optimizer"
+    ):
+        unlearner("adamw", resume_step=1).load(tmp_path / "sgd.pt")
+
+
+def test_next_step_names_a_bad_piece():
+    p = torch.nn.Parameter(torch.zeros(6))
+    opt = torch.optim.SGD([p], lr=0.1)
+    with pytest.raises(ValueError, match=r"invalid index=slice\(5, 2, None\): expected a contig"):
+        gstep.next_step(opt, p, torch.zeros(0), slice(5, 2))
+    with pytest.raises(TypeError, match="invalid index=3: expected a slice"):
+        gstep.next_step(opt, p, torch.zeros(1), 3)
+    with pytest.raises(ValueError, match=r"invalid param of shape \(2,\) and dtype torch.float32"):
+        gstep.next_step(opt, torch.nn.Parameter(torch.zeros(2)), torch.zeros(2))
