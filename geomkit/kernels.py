@@ -740,7 +740,10 @@ def _opposed(d: Tensor, r: Tensor, dtype: torch.dtype, dr: Tensor) -> tuple[Tens
     if dtype == torch.float64:  # sign comparisons: a product may underflow
         opposed = ((d > 0) & (r < 0)) | ((d < 0) & (r > 0))
         return opposed.sum(-1, dtype=torch.float64), dr.clamp_(max=0.0).sum(-1), total
-    negative = dr.clamp_(max=0.0)  # for <= 32-bit r, fl(d_i) r_i cannot underflow to 0
+    # for <= 32-bit f, r (|x| >= 1.4e-45 when non-zero) the float64 product d_i r_i underflows
+    # only if |d_i| < 1e-278, which a non-zero a f_i + b r_i reaches only with coefficients
+    # below about 1e-200 (the registered rules' are the weights and alpha - <f,r>/<r,r>)
+    negative = dr.clamp_(max=0.0)
     negative_sum = negative.sum(-1)
     return negative.sign_().sum(-1).neg_(), negative_sum, total
 
