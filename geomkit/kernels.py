@@ -31,6 +31,7 @@ is a zero.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -748,6 +749,13 @@ def _opposed(d: Tensor, r: Tensor, dtype: torch.dtype, dr: Tensor) -> tuple[Tens
     return negative.sign_().sum(-1).neg_(), negative_sum, total
 
 
+def _abs_sum(total: Tensor, negative: Tensor) -> Tensor:
+    """``sum |x_i|`` from ``total = sum x_i`` and ``negative = sum min(x_i, 0)``: ``total - 2
+    negative``, and inf where ``negative`` is -inf (there ``total`` may be -inf or NaN from inf -
+    inf, while the sum of absolute values is inf, as in the per-tensor kernels)."""
+    return torch.where(negative == -math.inf, math.inf, total - 2 * negative)
+
+
 def _p_gram(x: Tensor, dtype: torch.dtype, _: None) -> Tensor:
     # x: [6, R, W] = (f, r, scratch x4). Per row: the GRAM_FIELDS sums, from the 2x2 Gram
     # matrices of (f_A, r_A) and of (f_C, r_C) (see _signs), one matrix product each. The
@@ -795,7 +803,7 @@ def _p_moments(x: Tensor, dtype: torch.dtype, coefficients: Tensor) -> Tensor:
     dd = torch.linalg.vector_norm(d, dim=-1).square_()  # one fused pass, never negative
     n_opposed, negative, dr = _opposed(d, r, dtype, x[n + 2 :] if dtype == torch.float64 else d)
     # sum |d_i r_i| = sum d_i r_i - 2 sum min(d_i r_i, 0), both summed directly
-    return torch.stack([n_opposed, dd, df, dr, dr - 2 * negative], dim=1)  # [S, 5, R]
+    return torch.stack([n_opposed, dd, df, dr, _abs_sum(dr, negative)], dim=1)  # [S, 5, R]
 
 
 def _p_triple(x: Tensor, dtype: torch.dtype, check: Tensor | None) -> Tensor:
@@ -817,7 +825,7 @@ def _p_triple(x: Tensor, dtype: torch.dtype, check: Tensor | None) -> Tensor:
         within = (d - ref).abs() <= bound  # NaN is not
         n_off = (~within).sum(-1, dtype=torch.float64)
     sums = [g[:, 0, 0], g[:, 1, 1], g[:, 0, 1], g[:, 2, 2], g[:, 0, 2], dr]
-    sums += [n_conflict, n_both, n_opposed, dr - 2 * negative, n_off]
+    sums += [n_conflict, n_both, n_opposed, _abs_sum(dr, negative), n_off]
     return torch.stack(sums)
 
 

@@ -309,3 +309,16 @@ def test_sums_do_not_depend_on_the_thread_count():
         torch.set_num_threads(threads)
     for one, two in zip(*results, strict=True):
         assert torch.equal(one, two)
+
+
+def test_overflowing_products_give_an_infinite_abs_sum_as_per_tensor(chunk):
+    """sum |d_i r_i| is inf, not inf - inf = NaN, when d_i r_i overflows to -inf (float64
+    gradients near 1e300): packed and per-tensor kernels agree."""
+    f = [torch.tensor([1e300, 1.0], dtype=torch.float64)]
+    r = [torch.tensor([-1e300, 2.0], dtype=torch.float64)]
+    coefficients = torch.tensor([[[1.0, 0.0]]], dtype=torch.float64)
+    packed = kernels.linear_moments_batch(f, r, coefficients)[0]
+    torch.testing.assert_close(packed, kernels.linear_moments(f[0], r[0], coefficients[0]))
+    assert packed[0, 4] == math.inf
+    triple = kernels.triple_batch(f, r, f)[0]
+    torch.testing.assert_close(triple, kernels.triple(f[0], r[0], f[0]))
