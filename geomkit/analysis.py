@@ -43,6 +43,7 @@ from geomkit.fields import (
     METRIC_TABLE,
     PAIR_FIELDS,
     SIZE_FIELDS,
+    STEP_FIELDS,
     UPDATE_FIELDS,
 )
 from geomkit.metrics import derive
@@ -57,8 +58,11 @@ GROUPINGS: tuple[str, ...] = ("tensor", "layer", "component", "module", "model")
 """Groupings accepted by ``by=``: per tensor, per layer index, per component, per module, or the
 whole model."""
 
-_PAIR_METRICS: tuple[str, ...] = tuple(n for n, m in METRIC_TABLE.items() if m.role == "pair")
-"""Metrics of the (f, r) pair alone: they carry no ``strategy`` dimension."""
+_PAIR_METRICS: tuple[str, ...] = tuple(
+    n for n, m in METRIC_TABLE.items() if m.role in ("pair", "step")
+)
+"""Metrics of the (f, r) pair alone, or of the step taken: they carry no ``strategy``
+dimension."""
 
 LONG_NAMES: dict[str, str] = {name: m.long_name for name, m in METRIC_TABLE.items()}
 """Short axis labels (``long_name``) of the derived metrics; the definition is ``description``."""
@@ -104,7 +108,8 @@ class GeometryAccessor:
         pieces = {}
         for name, spec in FIELD_TABLE.items():
             if spec.optional and name not in ds:  # a store written before the field existed
-                piece = xr.full_like(ds["dr"], np.nan, dtype=np.float64)
+                like = ds["dr"] if spec.role == "update" else ds["ff"]
+                piece = xr.full_like(like, np.nan, dtype=np.float64)
             elif spec.constant is None:  # a stored variable, or the numel coordinate
                 piece = ds[name].astype(np.float64)
             else:
@@ -115,7 +120,7 @@ class GeometryAccessor:
             pieces[name] = piece
         # broadcast by role, so that the dimension order (those of the pair fields, then
         # strategy) does not depend on the order of the fields
-        order = (*PAIR_FIELDS, *UPDATE_FIELDS, *SIZE_FIELDS)
+        order = (*PAIR_FIELDS, *UPDATE_FIELDS, *STEP_FIELDS, *SIZE_FIELDS)
         broadcast = dict(zip(order, xr.broadcast(*(pieces[n] for n in order)), strict=True))
         arrays = [broadcast[name] for name in FIELDS]
         stacked = xr.concat(arrays, dim=xr.Variable("field", list(FIELDS)), coords="minimal")
@@ -134,8 +139,9 @@ class GeometryAccessor:
     def metrics(self, by: str = "model") -> xr.Dataset:
         """Every metric of :data:`geomkit.metrics.METRICS` at the ``by`` grouping.
 
-        Pair metrics (``cos_fr``, norms of f and r, conflict rates) have no ``strategy``
-        dimension; update metrics (``cos_dr``, ``cos_df``, ``norm_d``, ``opposed_rate``,
+        Pair metrics (``cos_fr``, norms of f and r, conflict rates) and step metrics (``cos_ur``,
+        ``cos_uf``, ``cos_ud``, ``norm_u``, the rates where u opposes r or f, and the predicted
+        loss changes; NaN where the step was not measured) have no ``strategy`` dimension; update metrics (``cos_dr``, ``cos_df``, ``norm_d``, ``opposed_rate``,
         ``projected_fraction``) have one entry per applied or shadow strategy. Undefined values
         (zero norms) are NaN.
 

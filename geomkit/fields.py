@@ -8,6 +8,9 @@ lives:
     a statistic of the (f, r) pair alone, stored per ``(record, tensor)``;
 ``"update"``
     a statistic of a strategy's update d, stored per ``(record, strategy, tensor)``;
+``"step"``
+    a statistic of the step the optimizer took, ``u = theta_old - theta_new``, against f, r
+    and the applied update d (:mod:`geomkit.step`), stored per ``(record, tensor)``;
 ``"size"``
     the size of a tensor: the ``numel`` coordinate of the ``tensor`` dimension, or a constant
     per tensor that is not stored (``n_tensors``, 1 each).
@@ -39,6 +42,7 @@ __all__ = [
     "PAIR_FIELDS",
     "ROLES",
     "SIZE_FIELDS",
+    "STEP_FIELDS",
     "STORED_FIELDS",
     "UPDATE_FIELDS",
     "Field",
@@ -48,6 +52,7 @@ __all__ = [
 ROLES: dict[str, tuple[str, ...]] = {
     "pair": ("record", "tensor"),
     "update": ("record", "strategy", "tensor"),
+    "step": ("record", "tensor"),
     "size": ("tensor",),
 }
 """Role of a statistic -> the store dimensions it has."""
@@ -61,7 +66,7 @@ class Field:
     ----------
     name : str
         The store variable (or coordinate) name and the ``field`` label of ``ds.geom``.
-    role : {"pair", "update", "size"}
+    role : {"pair", "update", "step", "size"}
         What it describes (see the module docstring); fixes :attr:`dims`.
     dtype : str
         Its dtype in the store (statistics arrays are float64 throughout).
@@ -73,6 +78,9 @@ class Field:
         Added after stores of this schema version were first written: a store without it
         still opens (the variable is left out) and ``ds.geom.statistics`` reads it as NaN;
         the audit then falls back to a weaker bound and says so.
+    since : int
+        The store schema version that first writes it: a store of an older version lacks it
+        (and opens without it); one of this version or later must hold it.
     """
 
     name: str
@@ -83,12 +91,18 @@ class Field:
     description: str
     constant: float | None = None
     optional: bool = False
+    since: int = 1
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ValueError(f"invalid role={self.role!r} of field {self.name!r}: expected {ROLES}")
         if self.constant is not None and self.role != "size":
             raise ValueError(f"invalid constant for field {self.name!r}: only size fields have one")
+        if self.since > 1 and not self.optional:
+            raise ValueError(
+                f"invalid since={self.since} of field {self.name!r}: a field added in a later "
+                "schema version is optional (older stores lack it)"
+            )
 
     @property
     def dims(self) -> tuple[str, ...]:
@@ -221,6 +235,67 @@ FIELD_TABLE: dict[str, Field] = _table(
         "(docs/theory.md#r0); 0 for shadow strategies, whose d is never formed",
         optional=True,
     ),
+    *(
+        Field(name, "step", dtype, long_name, units, description, optional=True, since=3)
+        for name, dtype, long_name, units, description in (
+            (
+                "uu",
+                "float64",
+                "<u, u>",
+                "parameter^2",
+                "squared Euclidean norm of the step u = theta_old - theta_new the optimizer "
+                "took (after clipping, AdamW's normalisation, weight decay and the learning "
+                "rate), float64; NaN where the step was not measured (docs/method.md#the-step-taken)",
+            ),
+            (
+                "uf",
+                "float64",
+                "<u, f>",
+                "parameter gradient",
+                "inner product of the step with the forget gradient; -<u, f> is the step's "
+                "first-order change of the forget loss",
+            ),
+            (
+                "ur",
+                "float64",
+                "<u, r>",
+                "parameter gradient",
+                "inner product of the step with the retain gradient; -<u, r> is the step's "
+                "first-order change of the retain loss",
+            ),
+            (
+                "ud",
+                "float64",
+                "<u, d>",
+                "parameter gradient",
+                "inner product of the step with the applied update d as formed (before clipping)",
+            ),
+            (
+                "dd_step",
+                "float64",
+                "<d, d> of the applied update",
+                "gradient^2",
+                "squared norm of the applied update d as formed (before clipping), measured in "
+                "the same pass as <u, d>",
+            ),
+            (
+                "n_u_opposed_r",
+                "float64",  # NaN where the step was not measured
+                "coordinates where u opposes r",
+                "count",
+                "number of coordinates with u_i*r_i < 0 (the step raises the retain loss there, "
+                "to first order)",
+            ),
+            (
+                "n_u_opposed_f",
+                "float64",  # NaN where the step was not measured
+                "coordinates where u opposes f",
+                "count",
+                "number of coordinates with u_i*f_i < 0 (the step raises the forget loss there, "
+                "to first order)",
+            ),
+        )
+    ),
 )
 """Every additive statistic of one tensor, in the order of the last axis of statistics arrays."""
 
@@ -230,9 +305,10 @@ INDEX: dict[str, int] = {name: i for i, name in enumerate(FIELDS)}
 """Field name -> its index in the last axis of a statistics array."""
 PAIR_FIELDS: tuple[str, ...] = tuple(n for n, f in FIELD_TABLE.items() if f.role == "pair")
 UPDATE_FIELDS: tuple[str, ...] = tuple(n for n, f in FIELD_TABLE.items() if f.role == "update")
+STEP_FIELDS: tuple[str, ...] = tuple(n for n, f in FIELD_TABLE.items() if f.role == "step")
 SIZE_FIELDS: tuple[str, ...] = tuple(n for n, f in FIELD_TABLE.items() if f.role == "size")
-STORED_FIELDS: tuple[str, ...] = PAIR_FIELDS + UPDATE_FIELDS
-"""The fields stored as data variables (pair, then update), in store order."""
+STORED_FIELDS: tuple[str, ...] = PAIR_FIELDS + UPDATE_FIELDS + STEP_FIELDS
+"""The fields stored as data variables (pair, update, then step), in store order."""
 OPTIONAL_FIELDS: tuple[str, ...] = tuple(n for n, f in FIELD_TABLE.items() if f.optional)
 """Stored fields that stores written before they existed lack (read as NaN)."""
 
@@ -268,8 +344,9 @@ class Metric:
     ----------
     name : str
         Variable name in ``ds.geom.metrics()``.
-    role : {"pair", "update"}
-        ``"pair"`` metrics describe (f, r) alone and carry no ``strategy`` dimension.
+    role : {"pair", "update", "step"}
+        ``"pair"`` metrics describe (f, r) alone and ``"step"`` metrics the step the optimizer
+        took (against f, r and the applied d): neither carries a ``strategy`` dimension.
     long_name, units, description : str
         Axis label, units and definition.
     inputs : tuple of str
@@ -287,16 +364,19 @@ class Metric:
     formula: Callable[..., np.ndarray]
 
     def __post_init__(self) -> None:
-        if self.role not in ("pair", "update"):
+        if self.role not in ("pair", "update", "step"):
             raise ValueError(f"invalid role={self.role!r} of metric {self.name!r}")
         unknown = [n for n in self.inputs if n not in FIELD_TABLE]
         if unknown:
             raise ValueError(f"invalid inputs of metric {self.name!r}: unknown fields {unknown}")
         roles = {FIELD_TABLE[n].role for n in self.inputs}
-        if self.role == "pair" and "update" in roles:
-            raise ValueError(f"invalid role='pair' of metric {self.name!r}: it reads update fields")
-        if self.role == "update" and "update" not in roles:
-            raise ValueError(f"invalid role='update' of metric {self.name!r}: no update field")
+        for role in ("update", "step"):  # a metric reads the fields of its own role only
+            if role in roles and self.role != role:
+                raise ValueError(
+                    f"invalid role={self.role!r} of metric {self.name!r}: it reads {role} fields"
+                )
+            if self.role == role and role not in roles:
+                raise ValueError(f"invalid role={role!r} of metric {self.name!r}: no {role} field")
 
     @property
     def attrs(self) -> dict[str, str]:
@@ -383,6 +463,73 @@ METRIC_TABLE: dict[str, Metric] = _table(
         "fraction of tensors whose projection fired",
         ("n_projected", "n_tensors"),
         _ratio,
+    ),
+    Metric(
+        "cos_ur",
+        "step",
+        "cos(u, r)",
+        "1",
+        "cosine between the step the optimizer took and the retain gradient, <u,r>/(|u||r|)",
+        ("ur", "uu", "rr"),
+        _cosine,
+    ),
+    Metric(
+        "cos_uf",
+        "step",
+        "cos(u, f)",
+        "1",
+        "cosine between the step the optimizer took and the forget gradient, <u,f>/(|u||f|)",
+        ("uf", "uu", "ff"),
+        _cosine,
+    ),
+    Metric(
+        "cos_ud",
+        "step",
+        "cos(u, d)",
+        "1",
+        "cosine between the step and the applied update d: 1 for plain SGD without weight "
+        "decay, below 1 where clipping per group, AdamW or weight decay turn it",
+        ("ud", "uu", "dd_step"),
+        _cosine,
+    ),
+    Metric("norm_u", "step", "|u|", "1", "Euclidean norm of the step", ("uu",), np.sqrt),
+    Metric(
+        "u_opposes_r_rate",
+        "step",
+        "rate of coordinates where u opposes r",
+        "1",
+        "fraction of coordinates with u_i r_i < 0",
+        ("n_u_opposed_r", "numel"),
+        _ratio,
+    ),
+    Metric(
+        "u_opposes_f_rate",
+        "step",
+        "rate of coordinates where u opposes f",
+        "1",
+        "fraction of coordinates with u_i f_i < 0",
+        ("n_u_opposed_f", "numel"),
+        _ratio,
+    ),
+    Metric(
+        "pred_forget_change",
+        "step",
+        "predicted change of the forget loss",
+        "loss",
+        "first-order change of the forget loss caused by the step, -<u, f>; additive: the "
+        "shares of tensors, layers and components sum to the model's",
+        ("uf",),
+        np.negative,
+    ),
+    Metric(
+        "pred_retain_change",
+        "step",
+        "predicted change of the retain loss",
+        "loss",
+        "first-order change of the retain loss caused by the step, -<u, r>; additive like "
+        "pred_forget_change",
+        ("ur",),
+        np.negative,
     ),
 )
 """Every metric :func:`geomkit.metrics.derive` returns."""

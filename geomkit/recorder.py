@@ -45,7 +45,15 @@ from geomkit import statistics as gstats
 from geomkit import strategies as gstrategies
 from geomkit._deprecation import renamed
 from geomkit._validation import check_integer, check_out, invalid
-from geomkit.fields import FIELD_TABLE, FIELDS, INDEX, PAIR_FIELDS, SIZE_FIELDS, UPDATE_FIELDS
+from geomkit.fields import (
+    FIELD_TABLE,
+    FIELDS,
+    INDEX,
+    PAIR_FIELDS,
+    SIZE_FIELDS,
+    STEP_FIELDS,
+    UPDATE_FIELDS,
+)
 from geomkit.kernels import DOT_FIELDS
 from geomkit.layers import TensorLocation, locate_all
 from geomkit.store import EVALUATION_VARIABLES, VERIFIED_FIELDS, RunWriter
@@ -323,6 +331,8 @@ class Recorder:
         learning_rate: float = math.nan,
         grad_norm: float = math.nan,
         skipped: bool = False,
+        forget_loss_after: float = math.nan,
+        retain_loss_after: float = math.nan,
     ) -> None:
         """Record one optimizer step.
 
@@ -347,6 +357,10 @@ class Recorder:
             Step scalars (Python floats; pass ``tensor.item()`` values you already have).
         skipped : bool
             The step was skipped (e.g. a non-finite gradient); no geometry is recorded.
+        forget_loss_after, retain_loss_after : float
+            Both objectives on this step's own batches evaluated after the step (the realised
+            changes beside the predicted ``pred_forget_change``, ``pred_retain_change``); NaN
+            when not evaluated.
         """
         if self._last_step is not None and step <= self._last_step:
             raise invalid(
@@ -379,6 +393,8 @@ class Recorder:
                 "grad_norm": float(grad_norm),
                 "wall_time": time.perf_counter() - self._start,
                 "skipped": bool(skipped),
+                "forget_loss_after": float(forget_loss_after),
+                "retain_loss_after": float(retain_loss_after),
             }
         )
         if observation is not None:
@@ -673,6 +689,8 @@ class Recorder:
                     records[name] = stats[:, 0, :, INDEX[name]]
                 for name in UPDATE_FIELDS:
                     records[name] = stats[:, :, :, INDEX[name]]
+                for name in STEP_FIELDS:
+                    records[name] = stats[:, 0, :, INDEX[name]]
                 records.update(_verification_block(self._records, stats.shape[1:3]))
             evaluations = (
                 {k: np.array([e[k] for e in self._evaluations]) for k in self._evaluations[0]}

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from geomkit import kernels
 from geomkit._validation import check_pair, invalid
-from geomkit.fields import FIELD_TABLE, FIELDS, PAIR_FIELDS, SIZE_FIELDS
+from geomkit.fields import FIELD_TABLE, FIELDS, PAIR_FIELDS, SIZE_FIELDS, STEP_FIELDS
 from geomkit.strategies import Strategy
 
 __all__ = ["FIELDS", "sufficient", "shadow", "to_numpy"]
@@ -68,7 +68,11 @@ def _sum_shards(
 
 def _assemble(columns: Mapping[str, Tensor], shape: tuple[int, ...]) -> Tensor:
     """Stack named columns into a statistics tensor ``[*shape, len(FIELDS)]`` (layout
-    :data:`FIELDS`), broadcasting each column to ``shape``."""
+    :data:`FIELDS`), broadcasting each column to ``shape``; the step fields, which only the
+    optimizer's step fills (:func:`geomkit.step.step_statistics`), are NaN when not given."""
+    if any(n not in columns for n in STEP_FIELDS):
+        blank = torch.full((), float("nan"), dtype=torch.float64, device=_device(columns))
+        columns = {**dict.fromkeys(STEP_FIELDS, blank), **columns}
     missing = [n for n in FIELDS if n not in columns]
     if missing:
         raise RuntimeError(
@@ -76,6 +80,10 @@ def _assemble(columns: Mapping[str, Tensor], shape: tuple[int, ...]) -> Tensor:
             "geomkit.fields.FIELD_TABLE needs a source in geomkit.kernels"
         )
     return torch.stack([columns[n].expand(shape) for n in FIELDS], dim=-1)
+
+
+def _device(columns: Mapping[str, Tensor]) -> torch.device:
+    return next(iter(columns.values())).device
 
 
 @torch.no_grad()

@@ -23,11 +23,12 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from geomkit.fields import OPTIONAL_FIELDS
+from geomkit.fields import FIELD_TABLE, OPTIONAL_FIELDS
 from geomkit.store_schema import (
     _GROWING,
     COORDINATES,
     EVALUATION_VARIABLES,
+    SINCE,
     VARIABLES,
     VERIFICATION_VARIABLES,
     DamagedStoreError,
@@ -199,7 +200,11 @@ class _Reader:
         present = {k.split("/", 1)[0] for k in self.keys if "/" in k}
         # the verification variables are optional (older stores lack them); once written,
         # they are verified like the rest
-        required = [*COORDINATES, *VARIABLES, *(n for n in VERIFICATION_VARIABLES if n in present)]
+        required = [
+            *COORDINATES,
+            *(n for n in VARIABLES if SINCE.get(n, 1) <= self.version),  # older: without them
+            *(n for n in VERIFICATION_VARIABLES if n in present),
+        ]
         names = sorted(present | set(required), key=_schema_order)
         opened = sync(_open_all(self.group.store_path, names))
         arrays: dict[str, Any] = {}
@@ -216,8 +221,11 @@ class _Reader:
         if self.version == 1 and "evaluation" not in arrays:  # written before evaluations
             optional = {"evaluation", *EVALUATION_VARIABLES}
             self.found = [f for f in self.found if f.variable not in optional]
-        if not any(name in arrays for name in OPTIONAL_FIELDS):  # written before they existed
-            self.found = [f for f in self.found if f.variable not in OPTIONAL_FIELDS]
+        # the optional fields of version 2 were added within it: a version 2 store that lacks
+        # all of them was written before they existed (one that lacks some is damaged)
+        legacy = [n for n in OPTIONAL_FIELDS if FIELD_TABLE[n].since <= 2]
+        if self.version <= 2 and not any(name in arrays for name in legacy):
+            self.found = [f for f in self.found if f.variable not in legacy]
 
         sizes = self._sizes(arrays)
         plans = {name: self._plan(name, array, sizes) for name, array in arrays.items()}

@@ -21,11 +21,13 @@ import zarr
 from geomkit.fields import FIELD_TABLE, STORED_FIELDS
 
 SCHEMA = "geomkit.run"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """The layout written. Version 2 added the ``evaluation`` dimension, stores every chunk (also one
 holding only fill values) and checksums each (zstd), so that a missing or altered chunk is
-detectable."""
-READABLE_VERSIONS = (1, 2)
+detectable. Version 3 added the statistics of the step the optimizer took (the ``"step"`` fields
+of :data:`geomkit.fields.FIELD_TABLE`) and the losses after the step (``forget_loss_after``,
+``retain_loss_after``); older stores open without them (:data:`SINCE`)."""
+READABLE_VERSIONS = (1, 2, 3)
 """Versions :func:`open_run` reads. A version 1 store may lack the evaluation arrays (they open
 empty) and legitimately omits chunks holding only fill values, so a missing chunk of it cannot be
 told from damage and reads as the fill value; chunks that exist must still decode."""
@@ -77,6 +79,23 @@ VARIABLES: dict[str, dict[str, Any]] = {
         units="1",
         description="true when the step was skipped because a gradient was not finite",
     ),
+    "forget_loss_after": dict(
+        dims=("step",),
+        dtype="float64",
+        long_name="forget loss after the step",
+        units="1",
+        description="forget objective on the step's own batches, evaluated after the step "
+        "(record_realized); minus forget_loss it is the realised change that pred_forget_change "
+        "predicts to first order; NaN where not evaluated",
+    ),
+    "retain_loss_after": dict(
+        dims=("step",),
+        dtype="float64",
+        long_name="retain loss after the step",
+        units="1",
+        description="retain objective on the step's own batches, evaluated after the step "
+        "(record_realized); NaN where not evaluated",
+    ),
     # per evaluation (embedded benchmark; absent evaluations leave the dimension empty)
     "forget_acc": dict(
         dims=("evaluation",),
@@ -104,7 +123,16 @@ VARIABLES: dict[str, dict[str, Any]] = {
     # recorded step, strategy and tensor (role "update": statistics of the update d)
     **{name: FIELD_TABLE[name].spec() for name in STORED_FIELDS},
 }
-"""Every data variable of schema version 2, with its dims, dtype and CF-style attributes."""
+"""Every data variable of the schema version written, with its dims, dtype and CF-style
+attributes."""
+
+SINCE: dict[str, int] = {
+    **{name: FIELD_TABLE[name].since for name in STORED_FIELDS if FIELD_TABLE[name].since > 1},
+    "forget_loss_after": 3,
+    "retain_loss_after": 3,
+}
+"""Variables added after version 1 -> the schema version that first writes them: a store of an
+older version opens without them, a store of that version or later must hold them."""
 
 VERIFIED_FIELDS: tuple[str, ...] = (
     "dd",

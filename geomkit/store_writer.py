@@ -29,6 +29,7 @@ from geomkit.store_schema import (
     _VERIFY_VARS,
     SCHEMA,
     SCHEMA_VERSION,
+    SINCE,
     VARIABLES,
     VERIFICATION_VARIABLES,
     SchemaError,
@@ -226,6 +227,12 @@ class RunWriter:
         self, dim: str, block: Mapping[str, np.ndarray], names: list[str], present: set[str]
     ) -> dict[str, np.ndarray]:
         """The arrays of one block, checked against the schema, by variable name."""
+        n = len(block[dim]) if dim in block else 0
+        later = [name for name in names if name in SINCE and name not in block]
+        if later:  # variables of a later schema version, which older callers do not pass: NaN
+            block = {**block}
+            for name in later:
+                block[name] = np.full((n, *_empty_shape(name, self)[1:]), np.nan)
         missing = [n for n in [dim, *names] if n not in block]
         if missing:
             raise ValueError(f"append of {dim} block is missing {missing}")

@@ -27,6 +27,7 @@ from geomkit.fields import (
     PAIR_FIELDS,
     ROLES,
     SIZE_FIELDS,
+    STEP_FIELDS,
     STORED_FIELDS,
     UPDATE_FIELDS,
     Field,
@@ -52,7 +53,7 @@ def test_store_geometry_variables_are_generated_from_the_table() -> None:
 
 def test_every_field_has_one_role_and_index() -> None:
     assert FIELDS == metrics.FIELDS == tuple(FIELD_TABLE)
-    assert sorted(PAIR_FIELDS + UPDATE_FIELDS + SIZE_FIELDS) == sorted(FIELDS)
+    assert sorted(PAIR_FIELDS + UPDATE_FIELDS + STEP_FIELDS + SIZE_FIELDS) == sorted(FIELDS)
     assert [FIELDS[INDEX[n]] for n in FIELDS] == list(FIELDS)
     # size fields: the tensor's numel (a coordinate, summed over shards) or a constant
     assert FIELD_TABLE["numel"].dims == ("tensor",) and FIELD_TABLE["numel"].constant is None
@@ -61,12 +62,15 @@ def test_every_field_has_one_role_and_index() -> None:
 
 def test_geom_labels_come_from_the_metric_table() -> None:
     assert analysis.LONG_NAMES == {n: m.long_name for n, m in METRIC_TABLE.items()}
-    assert set(analysis._PAIR_METRICS) == {n for n, m in METRIC_TABLE.items() if m.role == "pair"}
+    no_strategy = {n for n, m in METRIC_TABLE.items() if m.role in ("pair", "step")}
+    assert set(analysis._PAIR_METRICS) == no_strategy
     assert metrics.METRICS == {n: m.description for n, m in METRIC_TABLE.items()}
-    # a pair metric reads no update field; an update metric reads at least one
+    # a pair metric reads no update or step field; an update (step) metric reads at least one
+    # update (step) field
     for metric in METRIC_TABLE.values():
         roles = {FIELD_TABLE[n].role for n in metric.inputs}
         assert ("update" in roles) == (metric.role == "update"), metric.name
+        assert ("step" in roles) == (metric.role == "step"), metric.name
 
 
 def test_derive_evaluates_each_formula_on_its_named_fields() -> None:
@@ -103,6 +107,16 @@ def test_metric_rejects_unknown_inputs_and_a_wrong_role() -> None:
         Metric("m", "update", "m", "1", "m", ("ff",), np.sqrt)
     with pytest.raises(ValueError, match="invalid role='model'"):
         Metric("m", "model", "m", "1", "m", ("ff",), np.sqrt)
+    with pytest.raises(ValueError, match="invalid role='update' of metric 'm': it reads step"):
+        Metric("m", "update", "m", "1", "m", ("dd", "uu"), np.add)
+    with pytest.raises(ValueError, match="invalid role='step' of metric 'm': no step"):
+        Metric("m", "step", "m", "1", "m", ("ff",), np.sqrt)
+
+
+def test_a_field_of_a_later_schema_version_must_be_optional() -> None:
+    with pytest.raises(ValueError, match="invalid since=3 of field 'x'"):
+        Field("x", "step", "float64", "x", "1", "x", since=3)
+    assert all(FIELD_TABLE[n].optional and FIELD_TABLE[n].since == 3 for n in STEP_FIELDS)
 
 
 # ----------------------------------------------------------------------------------------------

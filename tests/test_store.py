@@ -39,6 +39,7 @@ from geomkit.store import (
     COORDINATES,
     EVALUATION_VARIABLES,
     SCHEMA_VERSION,
+    SINCE,
     VARIABLES,
     DamagedStoreError,
     DamagedStoreWarning,
@@ -179,7 +180,7 @@ def test_round_trip_values_coordinates_and_attributes(tmp_path: Path) -> None:
         assert ds[name].dims == ("tensor",)
 
     # attributes: the user's, plus the schema's; the commit counters stay private
-    assert ds.attrs["schema_version"] == SCHEMA_VERSION == 2
+    assert ds.attrs["schema_version"] == SCHEMA_VERSION == 3
     assert ds.attrs["geomkit_schema"] == "geomkit.run"
     assert ds.attrs["applied_strategy"] == "sago"
     assert ds.attrs["model"] == "TinyLlama"
@@ -800,7 +801,7 @@ def test_appending_to_a_version_1_store_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "run.zarr"
     write_blocks(path, PATTERN)
     _as_version_1(path, without_evaluations=True)
-    with pytest.raises(SchemaError, match="schema version 1 and this geomkit writes version 2"):
+    with pytest.raises(SchemaError, match="schema version 1 and this geomkit writes version 3"):
         new_writer(path, mode="a", resume_step=3)
     assert open_run(path).sizes["step"] == 9  # untouched
 
@@ -841,3 +842,31 @@ def test_run_layer_passes_on_damage_through(tmp_path: Path) -> None:
         (run,) = load(path, on_damage="mask")
     assert run.ds.attrs["damaged"] and np.isnan(run.ds["ff"].values[8:16]).all()
     assert run.ds.sizes["record"] == len(records["record"])  # masked records are not padding
+
+
+def _as_version_2(path: Path) -> None:
+    """Rewrite a store as geomkit left it before version 3: no step statistics, no losses
+    after the step."""
+    group = zarr.open_group(path, mode="r+")
+    group.attrs["schema_version"] = 2
+    for name in SINCE:
+        del group[name]
+
+
+def test_version_2_store_opens_without_the_step_variables(tmp_path: Path) -> None:
+    path = tmp_path / "run.zarr"
+    _, steps, records = write_blocks(path, PATTERN)
+    _as_version_2(path)
+    ds = open_run(path)
+    assert ds.attrs["schema_version"] == 2
+    assert not set(SINCE) & set(ds.data_vars)
+    np.testing.assert_array_equal(ds["ff"].values, records["ff"])
+    metrics = ds.geom.metrics(by="layer")
+    assert metrics["cos_ur"].dims == ("record", "layer")  # no strategy dimension
+    assert np.isnan(metrics["cos_ur"].values).all() and np.isfinite(metrics["cos_fr"].values).all()
+    # a version 3 store must hold them: one lost is damage
+    path3 = tmp_path / "run3.zarr"
+    write_blocks(path3, PATTERN)
+    del zarr.open_group(path3, mode="r+")["uu"]
+    with pytest.raises(DamagedStoreError, match="uu"):
+        open_run(path3)

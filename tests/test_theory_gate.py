@@ -14,11 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import zarr
 
 import geomkit
 from geomkit import statistics as gstats
 from geomkit import theory
 from geomkit.metrics import field
+from geomkit.store import SINCE
 from geomkit.strategies import EPSILON, PCGrad, PerTensor, Strategy, build
 from geomkit.strategies.base import Global
 from geomkit.theory.samplers import Gaussian
@@ -239,8 +241,9 @@ def test_planted_cosine_in_a_synthetic_implementation_gates(dtype):
 
 def test_stores_without_the_new_fields_still_audit(tmp_path):
     path = write(tmp_path / "old", sample(torch.bfloat16, n=2), "pcgrad")
-    for name in ("dr_abs", "n_unrounded"):  # as written before these fields existed
+    for name in ("dr_abs", "n_unrounded", *SINCE):  # a version 2 store before these fields
         shutil.rmtree(path / name)
+    zarr.open_group(path, mode="r+").attrs["schema_version"] = 2
     ds = geomkit.open_run(path)
     assert "dr_abs" not in ds and "n_unrounded" not in ds
     audit = theory.audit(ds)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from geomkit._validation import check_choice, check_integer, check_weight, invalid
-from geomkit.fields import FIELD_TABLE, FIELDS, SIZE_FIELDS
+from geomkit.fields import FIELD_TABLE, FIELDS, SIZE_FIELDS, STEP_FIELDS
 from geomkit.kernels import FORMULA_SLACK, UNIT_ROUNDOFF_64, update_rounding
 from geomkit.strategies import EPSILON, build
 from geomkit.theory.cases import Cases, build_cases
@@ -144,6 +144,8 @@ def _statistics(
         constant = FIELD_TABLE[name].constant
         size = numel if constant is None else np.full(numel.shape, constant)
         values[name] = np.broadcast_to(size, fr.shape)
+    for name in STEP_FIELDS:  # no optimizer steps synthetic gradients
+        values[name] = np.full(fr.shape, np.nan)
     return np.stack([values[k] for k in FIELDS], axis=-1)
 
 
