@@ -141,7 +141,8 @@ class GeometryAccessor:
 
         Pair metrics (``cos_fr``, norms of f and r, conflict rates) and step metrics (``cos_ur``,
         ``cos_uf``, ``cos_ud``, ``norm_u``, the rates where u opposes r or f, and the predicted
-        loss changes; NaN where the step was not measured) have no ``strategy`` dimension; update metrics (``cos_dr``, ``cos_df``, ``norm_d``, ``opposed_rate``,
+        loss changes; NaN where the step was not measured) have no ``strategy`` dimension;
+        update metrics (``cos_dr``, ``cos_df``, ``norm_d``, ``opposed_rate``,
         ``projected_fraction``) have one entry per applied or shadow strategy. Undefined values
         (zero norms) are NaN.
 

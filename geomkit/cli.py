@@ -74,6 +74,17 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         help="materialise and verify the shadows at the first record and every N-th (0: never)",
     )
+    run.add_argument(
+        "--no-record-step",
+        dest="record_step",
+        action="store_false",
+        help="do not record the statistics of the optimizer's step u (cos(u, r), attribution)",
+    )
+    run.add_argument(
+        "--record-realized",
+        action="store_true",
+        help="evaluate both losses again after each recorded step (two forward passes)",
+    )
     run.add_argument("--eval-every", type=int, help="evaluate every N steps (embedded only)")
     run.add_argument("--batch-size", type=int, help="sequences per micro-batch")
     run.add_argument("--accumulation", type=int, help="micro-batches per optimizer step")

@@ -63,6 +63,8 @@ class RunConfig:
     seeds: list[int] = field(default_factory=lambda: [0])
     record_every: int = 1
     verify_every: int = VERIFY_EVERY  # the first record and every 50th (0: never)
+    record_step: bool = True  # statistics of the optimizer's step u at each record
+    record_realized: bool = False  # both losses again after each recorded step
     eval_every: int = 5
     threshold: float = 0.1  # forget accuracy that counts as "forgotten" (matched forgetting)
     out: str = "runs"
@@ -175,7 +177,8 @@ class RunConfig:
 
         Every engine setting this configuration also has (``shadows``, ``alpha``, ``gamma``,
         ``lr``, ``optimizer``, ``steps``, ``accumulation``, ``record_every``,
-        ``verify_every``) is taken from it by name; the others keep the engine's defaults.
+        ``verify_every``, ``record_step``, ``record_realized``) is taken from it by name; the
+        others keep the engine's defaults.
         """
         from geomkit.engine import EngineConfig
 

@@ -33,7 +33,7 @@ from geomkit._validation import ConfigError, check_choice, check_integer, check_
 from geomkit.distributed import init_from_environment, rank_and_world, shard_sum
 from geomkit.objectives import Objective, _Loss, check_count
 from geomkit.recorder import VERIFY_EVERY, Every, Never, Recorder, Schedule
-from geomkit.step import OPTIMIZERS, build_optimizer
+from geomkit.step import OPTIMIZERS, StepModel, build_optimizer
 from geomkit.strategies import Strategy, as_strategy
 
 __all__ = [
@@ -92,6 +92,14 @@ class EngineConfig:
         materialised with its own code one tensor at a time and measured
         (:meth:`geomkit.recorder.Recorder.verify`, claims V1 and R0); the applied one is then
         the update applied.
+    record_step : bool
+        At each geometry record, also record the statistics of the step the optimizer takes
+        (u against f, r and d, after clipping and AdamW; :class:`geomkit.step.StepModel`,
+        docs/method.md#the-step-taken).
+    record_realized : bool
+        At each geometry record, evaluate both objectives again on the step's own batches
+        after the step (two forward passes, no backward): the realised loss changes beside the
+        first-order predictions ``pred_forget_change`` and ``pred_retain_change``.
     flush_every : int
         Append to the store every this many steps.
     nonfinite : {"error", "skip"}
@@ -115,6 +123,8 @@ class EngineConfig:
     trainable: str | None = None
     record_every: int = 1
     verify_every: int = VERIFY_EVERY
+    record_step: bool = True
+    record_realized: bool = False
     flush_every: int = 10
     nonfinite: str = "error"
     seed: int = 0
@@ -154,6 +164,9 @@ class EngineConfig:
         check_real("weight_decay", self.weight_decay, 0.0, error=ConfigError)
         check_choice("nonfinite", self.nonfinite, ("error", "skip"), error=ConfigError)
         check_choice("optimizer", self.optimizer, tuple(OPTIMIZERS), error=ConfigError)
+        for name in ("record_step", "record_realized"):
+            if not isinstance(getattr(self, name), bool):
+                raise invalid(name, getattr(self, name), "True or False", error=ConfigError)
         if self.trainable is not None:
             try:
                 re.compile(self.trainable)
@@ -398,6 +411,12 @@ class Unlearner:
         self._r = [torch.zeros_like(_local(p)) for p in self.params]
         self._grads()
         self.recorder = self._make_recorder()
+        self._step_model = (
+            StepModel(self.optimizer, self.params, self.config.max_grad_norm)
+            if self.recorder is not None and self.config.record_step
+            else None
+        )
+        self._windows: dict[str, tuple[list[Mapping[str, Tensor]], int]] = {}
 
     def _make_recorder(self) -> Recorder | None:
         if self.out is None:
@@ -456,6 +475,7 @@ class Unlearner:
             f"the {stream.name} data of step {self.step_index} ({window} micro-batch(es) on "
             f"{self.world} process(es))",
         )
+        self._windows[stream.name] = (batches, count)  # for the losses after the step
         # FSDP2 divides the reduce-scattered gradient by the world size: scale it back
         scale = self.world if self.sharded else 1
         total = torch.zeros((), device=device, dtype=torch.float64)
@@ -574,7 +594,9 @@ class Unlearner:
         recorded = self.recorder is not None and self.recorder.wants(step)
         observation = None
         if recorded:  # statistics from (f, r) first, then the update is formed into f
-            observation = self.recorder.observe(self._f, self._r, into=grads)
+            observation = self.recorder.observe(
+                self._f, self._r, into=grads, step_model=self._step_model
+            )
         else:
             self.strategy(self._f, self._r, out=grads, shard_sum=self._shard_sum)
         norm = self._norm(grads)
@@ -587,6 +609,11 @@ class Unlearner:
             False,
             recorded,
         )
+        self._clip(grads, norm)
+        self.optimizer.step()  # no zero_grad: the next accumulation overwrites both buffers
+        after = (math.nan, math.nan)
+        if recorded and self.config.record_realized:
+            after = self._losses_after()
         if self.recorder is not None:  # the update as formed, before clipping rescales it
             self.recorder.record(
                 step,
@@ -595,12 +622,34 @@ class Unlearner:
                 retain_loss=result.retain_loss,
                 learning_rate=learning_rate,
                 grad_norm=result.grad_norm,
+                forget_loss_after=after[0],
+                retain_loss_after=after[1],
             )
-        self._clip(grads, norm)
-        self.optimizer.step()  # no zero_grad: the next accumulation overwrites both buffers
         self.scheduler.step()
         self.step_index += 1
         return result
+
+    @torch.no_grad()
+    def _losses_after(self) -> tuple[float, float]:
+        """Both objectives on this step's own batches, with the parameters after the step
+        (the same global normalisation as :meth:`_accumulate`; no backward)."""
+        device = _local(self.params[0]).device
+        losses = []
+        for loss_fn, stream in (
+            (self.objective.forget, self._forget),
+            (self.objective.retain, self._retain),
+        ):
+            if loss_fn is None or stream is None:
+                losses.append(math.nan)
+                continue
+            batches, count = self._windows[stream.name]
+            total = torch.zeros((), device=device, dtype=torch.float64)
+            for batch in batches:
+                total += loss_fn.total(self.model, _move(batch, device), self.reference).double()
+            if self.world > 1:
+                dist.all_reduce(total)
+            losses.append(float(total / count))
+        return losses[0], losses[1]
 
     def run(self, callback: Callable[[StepResult], None] | None = None) -> list[StepResult]:
         """Run the remaining steps; ``callback`` sees each step's result (e.g. a progress bar)."""

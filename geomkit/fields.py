@@ -245,7 +245,8 @@ FIELD_TABLE: dict[str, Field] = _table(
                 "parameter^2",
                 "squared Euclidean norm of the step u = theta_old - theta_new the optimizer "
                 "took (after clipping, AdamW's normalisation, weight decay and the learning "
-                "rate), float64; NaN where the step was not measured (docs/method.md#the-step-taken)",
+                "rate), float64; NaN where the step was not measured "
+                "(docs/method.md#the-step-taken)",
             ),
             (
                 "uf",

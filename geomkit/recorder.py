@@ -56,6 +56,7 @@ from geomkit.fields import (
 )
 from geomkit.kernels import DOT_FIELDS
 from geomkit.layers import TensorLocation, locate_all
+from geomkit.step import STEP_STATISTICS, StepModel
 from geomkit.store import EVALUATION_VARIABLES, VERIFIED_FIELDS, RunWriter
 from geomkit.strategies import Strategy, as_strategy, names
 
@@ -333,6 +334,7 @@ class Recorder:
         skipped: bool = False,
         forget_loss_after: float = math.nan,
         retain_loss_after: float = math.nan,
+        step_model: StepModel | None = None,
     ) -> None:
         """Record one optimizer step.
 
@@ -361,6 +363,10 @@ class Recorder:
             Both objectives on this step's own batches evaluated after the step (the realised
             changes beside the predicted ``pred_forget_change``, ``pred_retain_change``); NaN
             when not evaluated.
+        step_model : StepModel, optional
+            The optimizer about to step (:class:`geomkit.step.StepModel`): the statistics of
+            the step it will take are recorded too (:meth:`observe`). Call :meth:`record`
+            before ``optimizer.step()``.
         """
         if self._last_step is not None and step <= self._last_step:
             raise invalid(
@@ -375,7 +381,9 @@ class Recorder:
                 raise ValueError(
                     f"step {step} is scheduled for recording; pass the forget and retain gradients"
                 )
-            observation = self.observe(forget, retain, combined)  # may raise: nothing kept yet
+            observation = self.observe(  # may raise: nothing kept yet
+                forget, retain, combined, step_model=step_model
+            )
         if observation is not None:
             if skipped or not self.schedule(step):
                 raise invalid(
@@ -430,6 +438,7 @@ class Recorder:
         combined: Sequence[Tensor] | None = None,
         *,
         into: Sequence[Tensor] | None = None,
+        step_model: StepModel | None = None,
     ) -> Observation:
         """Take the geometry of the next geometry record; optionally form the applied update.
 
@@ -453,6 +462,11 @@ class Recorder:
             retain, out=into)``; may be ``forget`` itself (the engine's forget buffer, which
             the optimizer reads): it is written after everything else was measured. Not with
             ``combined``.
+        step_model : StepModel, optional
+            The optimizer about to take this step (:class:`geomkit.step.StepModel`): the step
+            statistics (the ``"step"`` fields: u against f, r and the applied d) are taken from
+            each tensor's f, r and applied update while that update is formed (into ``into``,
+            else into one reused temporary), before it can overwrite f; else they are NaN.
 
         Returns
         -------
@@ -476,10 +490,27 @@ class Recorder:
         statistics = self.measure(forget, retain, combined)
         mode = "closed_form" if closed else "measured"
         verified = None
+        probe = None
+        if step_model is not None:
+            step_model.begin(float(statistics[0, :, INDEX["dd"]].sum()))
+            probe = _StepProbe(step_model, len(forget))
+            if combined is not None:  # the update is formed: measure the step on it
+                probe(range(len(forget)), forget, retain, list(combined))
+        formed = probe if combined is None else None
         if self.verifies(self._n_records) and (closed or self.shadows):
-            verified = self.verify(forget, retain, statistics, applied=closed, into=into)
+            verified = self.verify(
+                forget, retain, statistics, applied=closed, into=into, on_formed=formed
+            )
+        elif formed is not None:  # the update formed tensor by tensor, the step measured on it
+            self._materialise(
+                self.applied, forget, retain, into=into, on_formed=formed, measure=False
+            )
         elif into is not None:  # not verified: the strategy forms the update directly
             self.applied(forget, retain, out=into, shard_sum=self.shard_sum)
+        if probe is not None:
+            step = probe.result(self.shard_sum)
+            for name in STEP_FIELDS:
+                statistics[:, :, INDEX[name]] = step[name]
         return Observation(statistics, verified, mode)
 
     @property
@@ -537,6 +568,8 @@ class Recorder:
         *,
         applied: bool = False,
         into: Sequence[Tensor] | None = None,
+        on_formed: Callable[[Sequence[int], list[Tensor], list[Tensor], list[Tensor]], None]
+        | None = None,
     ) -> np.ndarray:
         """Materialise each strategy's update with its own code and measure it.
 
@@ -559,6 +592,10 @@ class Recorder:
         into : sequence of Tensor, optional
             With ``applied``: each tensor of the applied update is copied there once measured
             (``into`` may be ``forget``: every other measurement is taken before).
+        on_formed : callable, optional
+            With ``applied``: called as ``on_formed(indices, forget, retain, updates)`` on each
+            group of tensors of the applied update once formed, before it is copied into
+            ``into`` (how the step statistics see f, r and d together).
 
         Returns
         -------
@@ -585,7 +622,14 @@ class Recorder:
         for i, k in enumerate(rows):  # the applied strategy last: it may write into forget
             s = self.strategies[k]
             dots = s.pooled_dots(forget, retain, dots=raw) if s.rule.reduces else None
-            stats = self._materialise(s, forget, retain, into=into if k == 0 else None, dots=dots)
+            stats = self._materialise(
+                s,
+                forget,
+                retain,
+                into=into if k == 0 else None,
+                dots=dots,
+                on_formed=on_formed if k == 0 else None,
+            )
             out[k, :, : len(VERIFIED_FIELDS)] = gstats.to_numpy(stats)[:, columns]
             out[k, :, -1] = ambiguous[i]
         return out
@@ -597,14 +641,19 @@ class Recorder:
         retain: list[Tensor],
         into: Sequence[Tensor] | None = None,
         dots: Sequence[Tensor] | None = None,
-    ) -> Tensor:
+        on_formed: Callable[[Sequence[int], list[Tensor], list[Tensor], list[Tensor]], None]
+        | None = None,
+        measure: bool = True,
+    ) -> Tensor | None:
         """:func:`geomkit.statistics.sufficient` of ``strategy``'s update, formed into one
         reused temporary (per dtype and device) as large as the largest tensor, and copied into
         ``into`` when given; ``[n_tensors, F]`` on the first tensor's device, summed over shards.
 
         Consecutive tensors that fit in the temporary together are formed side by side and
         measured in one call; ``dots`` are the strategy's pooled dot products (default:
-        computed here, over every tensor, before anything is written).
+        computed here, over every tensor, before anything is written). ``on_formed(indices,
+        forget, retain, updates)`` sees each group once formed, before it is copied into
+        ``into``; with ``measure=False`` nothing else is measured (returns None).
         """
         if dots is None:
             dots = (
@@ -622,7 +671,7 @@ class Recorder:
         group: list[int] = []
         used = 0
 
-        def measure() -> None:
+        def form_group() -> None:
             key = (forget[group[0]].dtype, forget[group[0]].device)
             start, updates = 0, []
             for j in group:
@@ -633,7 +682,10 @@ class Recorder:
                 start += f.numel()
             pooled = None if dots[group[0]] is None else [dots[j] for j in group]
             fs, rs = [forget[j] for j in group], [retain[j] for j in group]
-            rows.append(gstats.sufficient(fs, rs, updates, strategy=strategy, pooled=pooled))
+            if measure:
+                rows.append(gstats.sufficient(fs, rs, updates, strategy=strategy, pooled=pooled))
+            if on_formed is not None:
+                on_formed(group, fs, rs, updates)
             if into is not None:
                 for j, d in zip(group, updates, strict=True):
                     into[j].copy_(d)
@@ -642,11 +694,13 @@ class Recorder:
             key = (f.dtype, f.device)
             same = bool(group) and (forget[group[0]].dtype, forget[group[0]].device) == key
             if group and (not same or used + f.numel() > largest[key]):
-                measure()
+                form_group()
                 group, used = [], 0
             group.append(j)
             used += f.numel()
-        measure()
+        form_group()
+        if not rows:
+            return None
         stats = torch.cat([row.to(home) for row in rows])
         if self.shard_sum is not None:  # the shard-additive fields (n_projected is pooled)
             additive = [i for i, n in enumerate(FIELDS) if n not in _NOT_SHARD_ADDITIVE]
@@ -762,6 +816,36 @@ class Observation:
     statistics: np.ndarray
     verified: np.ndarray | None
     applied_statistics: str
+
+
+class _StepProbe:
+    """Collects :meth:`StepModel.statistics` of each tensor as the applied update is formed."""
+
+    def __init__(self, model: StepModel, n_tensors: int) -> None:
+        self.model = model
+        self.rows: list[Tensor | None] = [None] * n_tensors
+
+    def __call__(
+        self,
+        indices: Sequence[int],
+        forget: Sequence[Tensor],
+        retain: Sequence[Tensor],
+        updates: Sequence[Tensor],
+    ) -> None:
+        for j, f, r, d in zip(indices, forget, retain, updates, strict=True):
+            self.rows[j] = self.model.statistics(j, f, r, d)
+
+    def result(self, shard_sum: Callable[[Tensor], Tensor] | None) -> dict[str, np.ndarray]:
+        """Each step field, ``[n_tensors]``, summed over shards; one host transfer."""
+        missing = [j for j, row in enumerate(self.rows) if row is None]
+        if missing:
+            raise RuntimeError(f"the step statistics of tensors {missing} were not taken")
+        home = self.rows[0].device
+        table = torch.stack([row.to(home) for row in self.rows])  # [T, 7]
+        if shard_sum is not None:
+            table = shard_sum(table)
+        values = gstats.to_numpy(table)
+        return {name: values[:, i] for i, name in enumerate(STEP_STATISTICS)}
 
 
 APPLIED_STATISTICS: tuple[str, ...] = ("measured", "closed_form")

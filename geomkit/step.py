@@ -4,8 +4,10 @@ The geometry of the combined update d is not that of the parameter change: the o
 d, then AdamW normalises it per coordinate, adds weight decay and scales by the learning rate.
 This module predicts ``u`` for the *next* ``optimizer.step()`` from the optimizer's state, the
 parameters and the gradient it will read, on any piece of a tensor (no tensor-sized temporary).
-It is the model the step statistics will use (u against f, r and d, taken while the update is
-formed, before it overwrites the forget gradient; not recorded yet).
+:class:`StepModel` reduces u against f, r and the applied update d to the step statistics (the
+``"step"`` fields of :data:`geomkit.fields.FIELD_TABLE`) while the update is formed, before it
+overwrites the forget gradient, one piece of :data:`STEP_CHUNK` elements at a time
+(:meth:`geomkit.recorder.Recorder.observe`, ``step_model=``).
 
 Supported: ``torch.optim.AdamW`` and ``torch.optim.Adam`` (decoupled and L2 weight decay; the
 single-tensor, foreach and fused implementations; not ``amsgrad``, not ``maximize``) and
@@ -27,7 +29,7 @@ Mathematics: docs/method.md#the-step-taken.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +37,7 @@ from torch import Tensor
 
 from geomkit._validation import check_choice
 
-__all__ = ["OPTIMIZERS", "build_optimizer", "next_step"]
+__all__ = ["OPTIMIZERS", "STEP_CHUNK", "StepModel", "build_optimizer", "next_step"]
 
 
 def _adamw(params: list[Tensor], lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -73,33 +75,45 @@ def build_optimizer(
 
 @dataclass(frozen=True)
 class _Group:
-    """The hyperparameters of a parameter's group, as floats."""
+    """What one parameter's step reads besides its tensors, as floats: its group's
+    hyperparameters and the number of steps its state has taken."""
 
     lr: float
     weight_decay: float
     options: dict
+    done: float
+
+
+def _host(value: object) -> float:
+    return float(value.item()) if isinstance(value, Tensor) else float(value)
 
 
 def _group(optimizer: torch.optim.Optimizer, param: Tensor) -> _Group:
     for group in optimizer.param_groups:
         if any(p is param for p in group["params"]):
-            lr = group["lr"]
-            lr = float(lr) if not isinstance(lr, Tensor) else float(lr.item())
-            return _Group(lr, float(group.get("weight_decay", 0.0)), group)
+            done = optimizer.state.get(param, {}).get("step", 0.0)
+            return _Group(
+                _host(group["lr"]), float(group.get("weight_decay", 0.0)), group, _host(done)
+            )
     raise ValueError(
         f"invalid param of shape {tuple(param.shape)} and dtype {param.dtype}: expected one of "
         f"the {type(optimizer).__name__}'s parameters"
     )
 
 
+def _flat(t: Tensor) -> Tensor:
+    """``t`` flattened, the process-local shard of a DTensor."""
+    local = t.to_local() if hasattr(t, "to_local") else t
+    return local.reshape(-1)
+
+
 def _piece(t: Tensor, index: slice) -> Tensor:
-    return t.reshape(-1)[index].double()
+    return _flat(t)[index].double()
 
 
 def _adam_step(
-    optimizer: torch.optim.Optimizer, param: Tensor, grad: Tensor, index: slice
+    optimizer: torch.optim.Optimizer, param: Tensor, grad: Tensor, index: slice, g: _Group
 ) -> Tensor:
-    g = _group(optimizer, param)
     options = g.options
     for flag in ("amsgrad", "maximize"):
         if options.get(flag, False):
@@ -119,10 +133,9 @@ def _adam_step(
         d = d + g.weight_decay * theta
     if "exp_avg" in state:
         m, v = _piece(state["exp_avg"], index), _piece(state["exp_avg_sq"], index)
-        done = float(state["step"])
     else:  # before the first step the state is created as zeros
-        m, v, done = torch.zeros_like(d), torch.zeros_like(d), 0.0
-    t = done + 1.0
+        m, v = torch.zeros_like(d), torch.zeros_like(d)
+    t = g.done + 1.0
     m = m + (1.0 - beta1) * (d - m)
     v = beta2 * v + (1.0 - beta2) * d * d
     step_size = g.lr / (1.0 - beta1**t)
@@ -134,9 +147,8 @@ def _adam_step(
 
 
 def _sgd_step(
-    optimizer: torch.optim.Optimizer, param: Tensor, grad: Tensor, index: slice
+    optimizer: torch.optim.Optimizer, param: Tensor, grad: Tensor, index: slice, g: _Group
 ) -> Tensor:
-    g = _group(optimizer, param)
     options = g.options
     if options.get("maximize", False):
         raise ValueError(
@@ -156,12 +168,24 @@ def _sgd_step(
     return g.lr * d
 
 
-_STEPS: dict[type, Callable[[torch.optim.Optimizer, Tensor, Tensor, slice], Tensor]] = {
+_STEPS: dict[type, Callable[[torch.optim.Optimizer, Tensor, Tensor, slice, _Group], Tensor]] = {
     torch.optim.AdamW: _adam_step,
     torch.optim.Adam: _adam_step,
     torch.optim.SGD: _sgd_step,
 }
 """How each supported optimizer class steps (one entry per optimizer)."""
+
+
+def _stepper(
+    optimizer: torch.optim.Optimizer,
+) -> Callable[[torch.optim.Optimizer, Tensor, Tensor, slice, _Group], Tensor]:
+    step = _STEPS.get(type(optimizer))
+    if step is None:
+        raise ValueError(
+            f"invalid optimizer {type(optimizer).__name__}: the step statistics model "
+            f"{', '.join(sorted(c.__name__ for c in _STEPS))} only"
+        )
+    return step
 
 
 def next_step(
@@ -200,12 +224,7 @@ def next_step(
     >>> [round(x, 6) for x in u.tolist()]  # Adam's first step: lr * sign(grad)
     [0.1, -0.1]
     """
-    step = _STEPS.get(type(optimizer))
-    if step is None:
-        raise ValueError(
-            f"invalid optimizer {type(optimizer).__name__}: the step statistics model "
-            f"{', '.join(sorted(c.__name__ for c in _STEPS))} only"
-        )
+    step = _stepper(optimizer)
     n = param.numel()
     if not isinstance(index, slice):
         raise TypeError(f"invalid index={index!r}: expected a slice of the flattened parameter")
@@ -220,4 +239,129 @@ def next_step(
             f"invalid grad of {grad.numel()} elements: expected {stop - start}, the elements "
             f"{start}:{stop} of the parameter"
         )
-    return step(optimizer, param, grad, slice(start, stop))
+    return step(optimizer, param, grad, slice(start, stop), _group(optimizer, param))
+
+
+STEP_CHUNK: int = 1 << 18
+"""Elements of a tensor whose step is modelled at once by :class:`StepModel` (its float64
+temporaries are a few chunks, never a tensor)."""
+
+STEP_STATISTICS: tuple[str, ...] = (
+    "uu",
+    "uf",
+    "ur",
+    "ud",
+    "dd_step",
+    "n_u_opposed_r",
+    "n_u_opposed_f",
+)
+"""The fields :meth:`StepModel.statistics` returns, in its order (the ``"step"`` fields of the
+field table)."""
+
+
+class StepModel:
+    """The next optimizer step of some parameters, reduced to the step statistics.
+
+    The optimizer will clip the applied update d to ``max_grad_norm`` (scale ``min(1,
+    max_grad_norm / (|d| + 1e-6))``, as ``torch.nn.utils.clip_grad_norm_``), then step; the
+    step is ``u = theta_old - theta_new`` (:func:`next_step`). Per tensor, :meth:`statistics`
+    returns ``<u,u>, <u,f>, <u,r>, <u,d>, <d,d>`` and the counts of coordinates where u opposes
+    r and where it opposes f, in float64, from f, r and d, before the step is taken.
+
+    Parameters
+    ----------
+    optimizer : torch.optim.Optimizer
+        AdamW, Adam or SGD (see the module docstring); read, never written.
+    params : sequence of Tensor
+        The parameters whose gradients are recorded, in the recorder's tensor order.
+    max_grad_norm : float, optional
+        The clipping norm of the whole update (None: no clipping).
+
+    Examples
+    --------
+    >>> p = torch.nn.Parameter(torch.zeros(3))
+    >>> model = StepModel(torch.optim.SGD([p], lr=0.5), [p])
+    >>> model.begin(dd=14.0)  # |d|^2 of the whole update: fixes the clip scale (none here)
+    >>> f, r, d = torch.tensor([1.0, 0, 0]), torch.tensor([0, 1.0, -1]), torch.tensor([1.0, 2, 3])
+    >>> stats = model.statistics(0, f, r, d)  # u = 0.5 d
+    >>> dict(zip(STEP_STATISTICS, stats.tolist()))["ur"], stats[-2].item()  # <u,r>, u opposes r
+    (-0.5, 1.0)
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        params: Sequence[Tensor],
+        max_grad_norm: float | None = None,
+    ) -> None:
+        self._step = _stepper(optimizer)
+        if max_grad_norm is not None and not (
+            isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0
+        ):
+            raise ValueError(
+                f"invalid max_grad_norm={max_grad_norm!r}: expected a positive number or None"
+            )
+        self.optimizer = optimizer
+        self.params = list(params)
+        self.max_grad_norm = max_grad_norm
+        owner = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+        for i, p in enumerate(self.params):
+            if id(p) not in owner:
+                raise ValueError(
+                    f"invalid params[{i}] of shape {tuple(p.shape)}: expected one of the "
+                    f"{type(optimizer).__name__}'s parameters"
+                )
+        self._owner = [owner[id(p)] for p in self.params]
+        self._groups: list[_Group] | None = None
+        self.scale = 1.0
+
+    def begin(self, dd: float) -> None:
+        """Fix the clip scale from ``dd = <d, d>`` of the whole update, and read each group's
+        learning rate and each parameter's step count once (host values) for this step."""
+        if self.max_grad_norm is not None and math.isfinite(dd):
+            self.scale = min(1.0, self.max_grad_norm / (math.sqrt(max(dd, 0.0)) + 1e-6))
+        else:
+            self.scale = 1.0
+        self._groups = [
+            _Group(
+                _host(group["lr"]),
+                float(group.get("weight_decay", 0.0)),
+                group,
+                _host(self.optimizer.state.get(p, {}).get("step", 0.0)),
+            )
+            for p, group in zip(self.params, self._owner, strict=True)
+        ]
+
+    def statistics(self, index: int, forget: Tensor, retain: Tensor, update: Tensor) -> Tensor:
+        """The step statistics of tensor ``index`` (:data:`STEP_STATISTICS`, float64 ``[7]`` on
+        its device) from its forget and retain gradients and the applied update (before
+        clipping), all of the parameter's (local) shape; call :meth:`begin` first."""
+        if self._groups is None:
+            raise RuntimeError("StepModel.statistics before begin(): the clip scale is unknown")
+        param, g = self.params[index], self._groups[index]
+        f, r, d = forget.reshape(-1), retain.reshape(-1), update.reshape(-1)
+        n = d.numel()
+        if not (f.numel() == r.numel() == n == _flat(param.detach()).numel()):
+            raise ValueError(
+                f"invalid tensors for params[{index}] of {_flat(param.detach()).numel()} "
+                f"elements: forget, retain and update have {f.numel()}, {r.numel()}, {n}"
+            )
+        total = torch.zeros(len(STEP_STATISTICS), dtype=torch.float64, device=d.device)
+        for start in range(0, n, STEP_CHUNK):
+            piece = slice(start, min(start + STEP_CHUNK, n))
+            d_c = d[piece].double()
+            u = self._step(self.optimizer, param, d_c * self.scale, piece, g)
+            f_c, r_c = f[piece].double(), r[piece].double()
+            sign_u = u.sign()
+            total += torch.stack(
+                [
+                    torch.linalg.vector_norm(u).square(),
+                    torch.dot(u, f_c),
+                    torch.dot(u, r_c),
+                    torch.dot(u, d_c),
+                    torch.linalg.vector_norm(d_c).square(),
+                    (sign_u * r_c.sign() < 0).sum(dtype=torch.float64),
+                    (sign_u * f_c.sign() < 0).sum(dtype=torch.float64),
+                ]
+            )
+        return total

@@ -855,7 +855,7 @@ def _as_version_2(path: Path) -> None:
 
 def test_version_2_store_opens_without_the_step_variables(tmp_path: Path) -> None:
     path = tmp_path / "run.zarr"
-    _, steps, records = write_blocks(path, PATTERN)
+    _, _, records = write_blocks(path, PATTERN)
     _as_version_2(path)
     ds = open_run(path)
     assert ds.attrs["schema_version"] == 2
