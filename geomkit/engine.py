@@ -475,7 +475,8 @@ class Unlearner:
             f"the {stream.name} data of step {self.step_index} ({window} micro-batch(es) on "
             f"{self.world} process(es))",
         )
-        self._windows[stream.name] = (batches, count)  # for the losses after the step
+        if self.config.record_realized:  # kept for the losses after the step
+            self._windows[stream.name] = (batches, count)
         # FSDP2 divides the reduce-scattered gradient by the world size: scale it back
         scale = self.world if self.sharded else 1
         total = torch.zeros((), device=device, dtype=torch.float64)
