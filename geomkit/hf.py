@@ -41,6 +41,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -55,6 +56,7 @@ from geomkit.distributed import rank_and_world
 from geomkit.engine import _all_reduce_sum
 from geomkit.objectives import Objective, check_count
 from geomkit.recorder import Recorder
+from geomkit.step import StepModel
 from geomkit.strategies import Strategy, as_strategy
 
 __all__ = ["TwoTaskTrainer", "pair_collator"]
@@ -264,11 +266,28 @@ class TwoTaskTrainer(transformers.Trainer):
                 self._f,
                 self._r,
                 grads,
+                step_model=self._step_model(),
                 forget_loss=forget_loss,
                 retain_loss=retain_loss if self.objective.retain is not None else math.nan,
                 learning_rate=float(self._get_learning_rate()) if self.lr_scheduler else math.nan,
                 grad_norm=float(torch.nn.utils.get_total_norm(grads)),
             )
+
+    def _step_model(self) -> StepModel | None:
+        """The Trainer's optimizer as a :class:`~geomkit.step.StepModel` (the step statistics of
+        this record), or None, with one warning, for an optimizer geomkit does not model."""
+        if getattr(self, "_step_model_failed", False) or self.optimizer is None:
+            return None
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate's wrapper
+        clip = self.args.max_grad_norm if self.args.max_grad_norm else None
+        try:
+            return StepModel(optimizer, self._params, clip)
+        except ValueError as error:
+            self._step_model_failed = True
+            warnings.warn(
+                f"the step statistics are not recorded: {error}", RuntimeWarning, stacklevel=2
+            )
+            return None
 
     def train(self, *args: Any, **kwargs: Any):
         """Train as ``transformers.Trainer.train`` does, then flush the geometry record."""

@@ -69,7 +69,7 @@ def _sum_shards(
 def _assemble(columns: Mapping[str, Tensor], shape: tuple[int, ...]) -> Tensor:
     """Stack named columns into a statistics tensor ``[*shape, len(FIELDS)]`` (layout
     :data:`FIELDS`), broadcasting each column to ``shape``; the step fields, which only the
-    optimizer's step fills (:func:`geomkit.step.step_statistics`), are NaN when not given."""
+    optimizer's step fills (:class:`geomkit.step.StepModel`), are NaN when not given."""
     if any(n not in columns for n in STEP_FIELDS):
         blank = torch.full((), float("nan"), dtype=torch.float64, device=_device(columns))
         columns = {**dict.fromkeys(STEP_FIELDS, blank), **columns}

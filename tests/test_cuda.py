@@ -43,6 +43,7 @@ from test_strategies import (
 
 import geomkit
 from geomkit import kernels, statistics, theory
+from geomkit.fields import STEP_FIELDS
 from geomkit.strategies import build
 
 pytestmark = pytest.mark.cuda
@@ -258,10 +259,39 @@ def test_engine_bf16_on_cuda_records_every_step_and_audits_clean(tmp_path):
     recorded_norm = np.sqrt(applied["dd"].sum("tensor").values)
     np.testing.assert_allclose(recorded_norm, [r.grad_norm for r in results], rtol=1e-2)
 
+    for key in STEP_FIELDS:  # the step of AdamW, modelled on the GPU at every record
+        assert np.isfinite(ds[key].values).all(), key
+    assert (ds["uu"].values > 0).all()
+
     audit = theory.audit(ds)
     assert not audit.bug_detected, [str(f) for f in audit.failures]
     v1 = [res for res in audit if res.claim == "V1" and res.cases > 0]
     assert v1, "the shadows were not verified (claim V1 evaluated no case)"
+
+
+def test_step_model_on_cuda_matches_cpu():
+    """The step statistics of AdamW on CUDA equal the CPU's to float64 rounding (the same
+    float64 formulas; the sums' order may differ), counts exactly."""
+    from geomkit.step import STEP_STATISTICS, StepModel
+
+    g = torch.Generator().manual_seed(0)
+    values = {}
+    for device in ("cpu", "cuda"):
+        p = torch.nn.Parameter(torch.randn(3000, generator=torch.Generator().manual_seed(1)))
+        p = torch.nn.Parameter(p.detach().to(device))
+        optimizer = torch.optim.AdamW([p], lr=1e-3, weight_decay=0.01)
+        p.grad = torch.randn(3000, generator=torch.Generator().manual_seed(2)).to(device)
+        optimizer.step()
+        f, r, d = (torch.randn(3000, generator=g.manual_seed(k)).to(device) for k in (3, 4, 5))
+        model = StepModel(optimizer, [p], max_grad_norm=1.0)
+        model.begin(float((d.double() ** 2).sum()))
+        values[device] = model.statistics(0, f, r, d).cpu()
+    scale = values["cpu"].abs().max()
+    for i, name in enumerate(STEP_STATISTICS):
+        if name.startswith("n_"):
+            assert values["cuda"][i] == values["cpu"][i], name
+        else:
+            assert abs(values["cuda"][i] - values["cpu"][i]) <= 1e-12 * scale, name
 
 
 def test_engine_bf16_on_cuda_matches_float32_reference(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -119,6 +120,10 @@ def test_trainer_writes_strategy_of_separately_accumulated_gradients(tmp_path, s
     assert ds.attrs["applied_strategy"] == label
     assert str(ds.strategy.values[0]) == label
     assert ds.attrs["alpha"] == as_strategy(strategy).alpha
+    # the step of the Trainer's AdamW is recorded too (the inner optimizer of accelerate's wrapper)
+    m = ds.geom.metrics(by="model")
+    assert (m["norm_u"] > 0).all() and np.isfinite(m["cos_ur"]).all()
+    assert ((m["cos_ud"] > 0) & (m["cos_ud"] <= 1)).all()
 
 
 def test_trainer_rejects_batches_without_forget_part(tmp_path):
