@@ -322,14 +322,19 @@ class StepModel:
             self.scale = min(1.0, self.max_grad_norm / (math.sqrt(max(dd, 0.0)) + 1e-6))
         else:
             self.scale = 1.0
+        counts = [self.optimizer.state.get(p, {}).get("step", 0.0) for p in self.params]
+        on_device = [i for i, c in enumerate(counts) if isinstance(c, Tensor)]
+        by_device: dict[torch.device, list[int]] = {}
+        for i in on_device:  # one host read per device (fused or capturable AdamW: on the GPU)
+            by_device.setdefault(counts[i].device, []).append(i)
+        for indices in by_device.values():
+            values = torch.stack([counts[i].detach().double() for i in indices]).tolist()
+            for i, value in zip(indices, values, strict=True):
+                counts[i] = value
+        lrs = {id(group): _host(group["lr"]) for group in self.optimizer.param_groups}
         self._groups = [
-            _Group(
-                _host(group["lr"]),
-                float(group.get("weight_decay", 0.0)),
-                group,
-                _host(self.optimizer.state.get(p, {}).get("step", 0.0)),
-            )
-            for p, group in zip(self.params, self._owner, strict=True)
+            _Group(lrs[id(group)], float(group.get("weight_decay", 0.0)), group, float(done))
+            for group, done in zip(self._owner, counts, strict=True)
         ]
 
     def statistics(self, index: int, forget: Tensor, retain: Tensor, update: Tensor) -> Tensor:
