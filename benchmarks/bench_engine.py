@@ -191,9 +191,8 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", choices=[*CONFIGS, *PAIRED], help=argparse.SUPPRESS)
+def model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model, data and hardware flags shared with ``bench_step.py``."""
     parser.add_argument(
         "--params", choices=list(PRESETS), default="1M", help="model size preset (Llama shape)"
     )
@@ -202,17 +201,28 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=None)
     parser.add_argument("--batch", type=int, default=32, help="sequences per task (paper: 32)")
     parser.add_argument("--length", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3, help="fresh processes per config")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--backend", default="eager", choices=["eager", "compiled"])
-    args = parser.parse_args()
+
+
+def resolve(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the shape flags left unset from the ``--params`` preset."""
     for key, value in PRESETS[args.params].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    return args
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", choices=[*CONFIGS, *PAIRED], help=argparse.SUPPRESS)
+    model_arguments(parser)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3, help="fresh processes per config")
+    args = resolve(parser.parse_args())
     if args.config:
         _child(args)
         return

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_engine import PRESETS, _batches, _model, _sync  # noqa: E402
+from bench_engine import _batches, _model, _sync, model_arguments, resolve
 
 
 def _child(args: argparse.Namespace) -> dict:
@@ -70,23 +70,11 @@ def _child(args: argparse.Namespace) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--params", choices=list(PRESETS), default="1M")
-    parser.add_argument("--hidden", type=int, default=None)
-    parser.add_argument("--layers", type=int, default=None)
-    parser.add_argument("--vocab", type=int, default=None)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--length", type=int, default=64)
+    model_arguments(parser)
     parser.add_argument("--steps", type=int, default=40, help="recorded steps of each kind")
     parser.add_argument("--warmup", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3, help="fresh processes")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--backend", default="eager", choices=["eager", "compiled"])
-    args = parser.parse_args()
-    for key, value in PRESETS[args.params].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    args = resolve(parser.parse_args())
     if args.child:
         print(json.dumps(_child(args)))
         return
