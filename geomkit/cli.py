@@ -111,10 +111,12 @@ def _parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser(
         "check",
-        help="audit recorded runs against the claims R1-R9 and V1 of docs/theory.md",
+        help="audit recorded runs against the claims R0-R9, V1, S1 and S2 of docs/theory.md",
         description="Exit status 1 only when a proven claim (R1, R2, R2b globally, R6 for "
         "SAGO, R9, V1: the shadows' closed forms against their materialised updates) is "
-        "violated beyond tolerance, which would mean a bug; never because R4 fails.",
+        "violated beyond tolerance, which would mean a bug; never because R4 fails, nor "
+        "because of the step claims S1 and S2 (open, measured: the optimizer's step against "
+        "the retain gradient).",
     )
     check.add_argument(
         "runs", nargs="+", metavar="RUN", help="run directories or directories of runs"

@@ -91,7 +91,8 @@ def audit_runs(source: Any) -> Any:
 
 
 def audit_summary(audit: Any) -> str:
-    """A few lines for the terminal: the verdict and R4 measured, pooled over the runs."""
+    """A few lines for the terminal: the verdict, R4 measured and the step claims S1 (per
+    applied strategy) and S2 (open, never gated), pooled over the runs."""
     verdict = (
         "a proven claim is VIOLATED (a bug)" if audit.bug_detected else "no proven claim violated"
     )
@@ -105,6 +106,18 @@ def audit_summary(audit: Any) -> str:
                 f"  R4 (false as stated) {strategy} at {granularity} level: "
                 f"fails in {violations} of {cases} cases ({violations / cases:.0%})"
             )
+    labels = {"S1": "cos(u, r) >= 0, the step of", "S2": "step ordering"}
+    for claim in ("S1", "S2"):
+        rows = frame[frame["claim"] == claim]
+        for (strategy, granularity), group in rows.groupby(["strategy", "granularity"], sort=False):
+            cases, violations = int(group["cases"].sum()), int(group["violations"].sum())
+            if cases:
+                worst = float(group["worst_margin"].min())
+                rate = f"{violations} of {cases} cases ({violations / cases:.0%})"
+                lines.append(
+                    f"  {claim} (open) {labels[claim]} {strategy} at {granularity} level: fails "
+                    f"in {rate}, worst {worst:.3g}"
+                )
     return "\n".join(lines)
 
 

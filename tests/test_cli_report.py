@@ -19,7 +19,13 @@ def test_run_writes_audit_and_figures(smoke_runs):
     assert status == 0
     report = json.loads((out / "audit.json").read_text())
     claims = {r["claim"] for r in report["results"]}
-    assert claims == {f"R{i}" for i in range(10)} | {"R2b", "R3b", "V1"}
+    assert claims == {f"R{i}" for i in range(10)} | {"R2b", "R3b", "V1", "S1", "S2"}
+    # the step claims: measured on every run (the smoke preset records the step), never gated
+    s1 = [r for r in report["results"] if r["claim"] == "S1"]
+    assert {r["source"] for r in s1} == {f"graddiff-{s}-seed0" for s in ("sum", "pcgrad", "sago")}
+    assert all(r["cases"] > 0 and not r["gates"] and r["verdict"] != "BUG" for r in s1)
+    s2 = [r for r in report["results"] if r["claim"] == "S2" and r["cases"] > 0]
+    assert {(r["strategy"], r["source"]) for r in s2} == {("sago>=pcgrad", "graddiff-sago-seed0")}
     # geomkit run verifies the shadows by default (docs/theory.md#v1)
     v1 = [r for r in report["results"] if r["claim"] == "V1"]
     assert v1 and all(r["cases"] > 0 and r["verdict"] == "ok" for r in v1)

@@ -74,12 +74,14 @@ def one(audit: Audit, claim: str, granularity: str, strategy: str) -> CheckResul
 
 def test_claim_table_statuses_follow_theory_md():
     ids = ["R0", "R1", "R2", "R2b", "R3", "R3b", "R4", "R5", "R6", "R7", "R8", "R9", "V1"]
+    ids += ["S1", "S2"]  # the step the optimizer took (open; tests/test_step_claims.py)
     assert list(theory.CLAIMS) == ids
     status = {cid: c.status for cid, c in theory.CLAIMS.items()}
     assert status["R0"] == status["R1"] == status["R2"] == status["R9"] == "proven"
     assert status["R3b"] == "proven"
     assert status["R4"] == status["R5"] == "false"
     assert status["R3"] == status["R7"] == status["R8"] == "open"
+    assert status["S1"] == status["S2"] == "open"
     r3 = theory.get_claim("R3")  # proven (and gated) only on the vector that was projected
     assert r3.gates("pcgrad", "tensor") and r3.gates("pcgrad_global", "model")
     assert not r3.evaluated_at("pcgrad_global", "tensor")

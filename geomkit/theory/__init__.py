@@ -1,4 +1,4 @@
-"""Executable checks of the SAGO paper's alignment claims (docs/theory.md, R1-R9).
+"""Executable checks of the SAGO paper's alignment claims (docs/theory.md, R1-R9, S1, S2).
 
 Xiao et al., "SAGO", ACL 2026 (arXiv 2604.14808) state that PCGrad and SAGO both keep a
 non-negative cosine with the retain gradient and that SAGO aligns "strictly tighter".
@@ -32,7 +32,8 @@ Modules: :mod:`~geomkit.theory.claims` (the claim table), :mod:`~geomkit.theory.
 (synthetic pairs, the R4 counterexamples), :mod:`~geomkit.theory.checks` and
 :mod:`~geomkit.theory.coordinates` (one check per claim), :mod:`~geomkit.theory.synthetic` and
 :mod:`~geomkit.theory.recorded` (audits), :mod:`~geomkit.theory.breakdown` (R4 measured and
-decomposed), :mod:`~geomkit.theory.report` (result types).
+decomposed), :mod:`~geomkit.theory.steps` (S1, S2: the step the optimizer took, open and never
+gated), :mod:`~geomkit.theory.report` (result types).
 """
 
 from geomkit.theory.breakdown import (

@@ -1,4 +1,5 @@
-"""The claim table: docs/theory.md R0-R9, each with its statement and what actually holds.
+"""The claim table: docs/theory.md R0-R9, V1, S1 and S2, each with its statement and what
+actually holds.
 
 The SAGO paper (Xiao et al., ACL 2026, arXiv 2604.14808) states that PCGrad and SAGO both keep a
 non-negative cosine with the retain gradient and that SAGO "achieves strictly tighter alignment".
@@ -24,6 +25,12 @@ and ``sago_prefer_retain``, and R9. R7 against global PCGrad for the model is pr
 (docs/theory.md#r7 gives a proof) but is outside the gate: it is reported with status ``"proven"``
 and verdict ``ok`` / ``violated``, never ``BUG``. Tolerances: docs/theory.md#tolerances and
 :mod:`geomkit.theory.cases`.
+
+S1 and S2 (open, measured on recorded runs only, never gated) carry the d-level claims over to
+the step the optimizer took, ``u = theta_old - theta_new`` (the store's step fields,
+docs/method.md#the-step-taken): S1 ``cos(u, r) >= 0`` for a run's applied strategy, S2 the
+SAGO-vs-PCGrad ordering of ``cos(u, r)`` between a SAGO run and a PCGrad run
+(:mod:`geomkit.theory.steps`).
 
 Scope: a comparison with global PCGrad (R7, R8) is about the model-level vector the projection
 was made on; a tensor or layer slice of it is outside the claim, so those comparisons are
@@ -106,7 +113,8 @@ class Claim:
     Parameters
     ----------
     id : str
-        Claim id in docs/theory.md (``"R0"`` ... ``"R9"``, ``"R2b"``, ``"R3b"``).
+        Claim id in docs/theory.md (``"R0"`` ... ``"R9"``, ``"R2b"``, ``"R3b"``, ``"V1"``, ``"S1"``,
+        ``"S2"``).
     statement : str
         The claim, as a formula.
     status : str
@@ -333,10 +341,36 @@ _TABLE = (
         "gradient dtype, the closed form is float64 (docs/theory.md#v1); counts match exactly "
         "except at coordinates where rounding can flip a sign (stored, verified_n_ambiguous)",
     ),
+    Claim(
+        "S1",
+        "the step the optimizer took keeps a non-negative cosine with the retain gradient: "
+        "cos(u, r) >= 0, u = theta_old - theta_new of the run's applied strategy",
+        "open",
+        _ALL_STRATEGIES,
+        ("tensor", "layer", "model"),
+        "measured on recorded runs (step fields uu, ur, rr), never gated: the d-level "
+        "statement is proven for SAGO (R1), per-tensor PCGrad (R2), global PCGrad for the model "
+        "(R2b), but clipping is harmless only globally, and AdamW's per-coordinate "
+        "normalisation, momentum and weight decay can turn u away from r; with SGD, no "
+        "clipping and no weight decay u = lr d and S1 is the d-level claim",
+    ),
+    Claim(
+        "S2",
+        "the SAGO-vs-PCGrad ordering survives the optimizer: cos(u_SAGO, r) >= cos(u_PCGrad, r), "
+        "a run with SAGO applied against a run with PCGrad applied (same objective, seed and "
+        "weights) at the same record step",
+        "open",
+        (Comparison("sago", "pcgrad"), Comparison("sago", "pcgrad_global")),
+        ("tensor", "layer", "model"),
+        "measured, never gated; the two runs share the gradients only at the first step, "
+        "afterwards each follows its own trajectory, so the gap mixes the rule with the "
+        "trajectory; the d-level ordering (R4, false) at the same records is reported beside it",
+    ),
 )
 
 CLAIMS: Mapping[str, Claim] = MappingProxyType({c.id: c for c in _TABLE})
-"""Every claim of docs/theory.md by id, in order R0, R1, R2, R2b, R3, R3b, R4, ..., R9."""
+"""Every claim of docs/theory.md by id, in order R0, R1, R2, R2b, R3, R3b, R4, ..., R9, V1, S1,
+S2."""
 
 
 def get_claim(claim_id: str) -> Claim:

@@ -17,7 +17,9 @@ coordinate granularity where the statistics allow it:
   of the update to the gradient dtype (docs/theory.md#v1); a store without verification
   variables is reported as not verified;
 * R9 needs the gradients themselves at coordinate granularity (``cases = 0``, with a note); its
-  additive consequence is checked at tensor, layer and model granularity.
+  additive consequence is checked at tensor, layer and model granularity;
+* S1 and S2 (open, never gated) from the step fields of the applied strategy
+  (:mod:`geomkit.theory.steps`): S1 per run, S2 between a SAGO run and a PCGrad run.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from geomkit.theory.cases import Cases, build_cases
 from geomkit.theory.checks import ADDITIVE_CHECKS, check_r0, not_evaluated, summarise
 from geomkit.theory.coordinates import coordinate_result, opposed_counts
 from geomkit.theory.report import Audit, CheckResult
+from geomkit.theory.steps import StepRun, check_s1, check_s2, step_run
 from geomkit.theory.synthetic import STRATEGIES, check_claims, sort_results
 
 __all__ = ["audit", "check_r0_verified", "check_v1", "closed_form", "run_cases", "verified_run"]
@@ -488,11 +491,16 @@ def audit(
     Notes
     -----
     Claims from Xiao et al., "SAGO", ACL 2026 (arXiv 2604.14808), as read in docs/theory.md. R4
-    (false) is measured at the run's own alpha and gamma, stated in each result's note.
+    (false) is measured at the run's own alpha and gamma, stated in each result's note. S1 and
+    S2 (open, never gated) are about the step the optimizer took (:mod:`geomkit.theory.steps`):
+    S1 per run, S2 across the runs given (a SAGO run against a PCGrad run of the same
+    objective, seed and weights); a store without step statistics gives results with nothing
+    evaluated.
     """
     claims = check_claims(claims)
     runs = load(source)
     results: list[CheckResult] = []
+    steps: list[StepRun] = []
     for run in runs:
         missing = [name for name in _STATISTICS if name not in run.ds]
         if missing:
@@ -511,5 +519,11 @@ def audit(
             for claim in claims:
                 if claim in ADDITIVE_CHECKS:
                     results.extend(ADDITIVE_CHECKS[claim](cases[granularity]))
+        if "S1" in claims or "S2" in claims:  # the step taken (open, never gated)
+            steps.append(step_run(run, cases))
+        if "S1" in claims:
+            results.extend(check_s1(steps[-1], g) for g in ("tensor", "layer", "model"))
+    if "S2" in claims:  # across runs: a SAGO run against a PCGrad run
+        results.extend(check_s2(steps))
     attrs = {"kind": "recorded", "runs": [run.label for run in runs]}
     return Audit(sort_results(results), attrs)
