@@ -314,5 +314,29 @@ class GeometryPlots:
 
         return tradeoff(self._ds, **kwargs)
 
+    def step_alignment(self, **kwargs: Any) -> PlotResult:
+        """cos(u, r) of the step taken against cos(d, r) of the update, panels per objective:
+        :func:`geomkit.plot.step_alignment`."""
+        from geomkit.plot import step_alignment
+
+        return step_alignment(self._ds, **kwargs)
+
+    def attribution(self, **kwargs: Any) -> PlotResult:
+        """Each layer's share of the step's predicted loss changes over steps:
+        :func:`geomkit.plot.attribution`."""
+        from geomkit.plot import attribution
+
+        return attribution(self._ds, **kwargs)
+
+    def predicted_vs_realized(self, **kwargs: Any) -> PlotResult:
+        """Realised against predicted change of each loss per recorded step:
+        :func:`geomkit.plot.predicted_vs_realized`."""
+        from geomkit.plot import predicted_vs_realized
+
+        return predicted_vs_realized(self._ds, **kwargs)
+
     def __repr__(self) -> str:
-        return "<ds.geom.plot: alignment, by_layer, heatmap, losses, tradeoff>"
+        return (
+            "<ds.geom.plot: alignment, by_layer, heatmap, losses, tradeoff, step_alignment, "
+            "attribution, predicted_vs_realized>"
+        )

@@ -21,6 +21,7 @@ from geomkit._deprecation import GeomkitDeprecationWarning
 from geomkit.store import stack_runs
 
 STRATEGIES = ("sum", "pcgrad", "sago")
+STEP_STATISTICS = ("uu", "uf", "ur", "ud", "dd_step", "n_u_opposed_r", "n_u_opposed_f")
 LAYERS = 3
 RECORDS = 6
 EVALUATIONS = (0, 2, 4, 6)
@@ -60,8 +61,15 @@ def make_run(
     shadows: tuple[str, ...] = STRATEGIES,
     evaluations: tuple[int, ...] | None = EVALUATIONS,
     steps: int = RECORDS,
+    step_fields: bool = True,
+    realized: bool = True,
 ) -> xr.Dataset:
-    """One run as geomkit.open_run returns it, with the applied strategy first."""
+    """One run as geomkit.open_run returns it, with the applied strategy first.
+
+    ``step_fields``: the statistics of a step u (an AdamW-like turn of the applied d,
+    u = 0.01 sign(d) sqrt|d|) as schema version 3 stores them; ``realized``: the losses after
+    each recorded step (the first-order prediction plus a small second-order term).
+    """
     rng = np.random.default_rng(seed * 100 + sum(map(ord, applied)))
     strategies = [applied] + [s for s in shadows if s != applied]
     tensors = _tensors()
@@ -70,6 +78,7 @@ def make_run(
     upd = {k: np.zeros((RECORDS, len(strategies), len(tensors))) for k in ("dd", "df", "dr")}
     opp = np.zeros((RECORDS, len(strategies), len(tensors)), np.int64)
     proj = np.zeros_like(opp)
+    moved = {k: np.zeros((RECORDS, len(tensors))) for k in STEP_STATISTICS}
     for t in range(RECORDS):
         for j, (_, _, _, _, n) in enumerate(tensors):
             r = rng.normal(size=n)
@@ -83,6 +92,18 @@ def make_run(
                 upd["dd"][t, k, j], upd["df"][t, k, j], upd["dr"][t, k, j] = d @ d, d @ f, d @ r
                 opp[t, k, j] = int(np.sum(d * r < 0))
                 proj[t, k, j] = fired
+                if k == 0:  # the applied strategy: the step it took (no random draw)
+                    u = 0.01 * np.sign(d) * np.sqrt(np.abs(d))
+                    for key, value in (
+                        ("uu", u @ u),
+                        ("uf", u @ f),
+                        ("ur", u @ r),
+                        ("ud", u @ d),
+                        ("dd_step", d @ d),
+                        ("n_u_opposed_r", np.sum(u * r < 0)),
+                        ("n_u_opposed_f", np.sum(u * f < 0)),
+                    ):
+                        moved[key][t, j] = value
     step = np.arange(steps)
     shrink = {"sum": 1.0, "pcgrad": 0.6, "sago": 0.3}.get(applied, 0.5)
     attrs = lambda long, units="1": {"long_name": long, "units": units, "description": long}  # noqa: E731
@@ -115,6 +136,17 @@ def make_run(
         "module": ("tensor", np.array([t[3] for t in tensors], object), attrs("module")),
         "numel": ("tensor", np.array([t[4] for t in tensors]), attrs("coordinates", "count")),
     }
+    if step_fields:
+        for key, values in moved.items():
+            data[key] = (("record", "tensor"), values, attrs(f"step statistic {key}"))
+        if realized:
+            after = {"forget_loss": moved["uf"].sum(1), "retain_loss": moved["ur"].sum(1)}
+            for loss, inner in after.items():
+                before = data[loss][1]
+                value = np.full(steps, np.nan)
+                n = min(steps, RECORDS)
+                value[:n] = before[:n] - inner[:n] + 0.5 * inner[:n] ** 2  # -<u, g> + O(u^2)
+                data[f"{loss}_after"] = (("step",), value, attrs(f"{loss} after the step"))
     if evaluations is not None:
         ev = np.asarray(evaluations)
         progress = ev / max(ev.max(), 1)
@@ -646,6 +678,7 @@ def test_write_figures_writes_every_figure(tmp_path, runs) -> None:
         *("tradeoff_retain", "tradeoff_general"),
         *("tradeoff_trajectories_retain", "tradeoff_trajectories_general"),
         *("sago_vs_pcgrad", "violation_rates", "geometry_table", "geometry_table_own"),
+        *("attribution", "step_alignment", "predicted_vs_realized"),
     }
     for name, paths in results.items():
         if not name.startswith("geometry_table"):
@@ -850,7 +883,11 @@ def test_real_run_figure_set(plot_smoke_runs, tmp_path, monkeypatch) -> None:
     skipped = {k for k, v in results.items() if isinstance(v, str)}
     evaluated = "forget_acc" in stacked and stacked.sizes.get("evaluation", 0) > 0
     allowed = {"violation_rates"} | (set() if evaluated else {n for n in results if "trade" in n})
+    # the smoke runs record the step but not the losses after it (no --record-realized)
+    allowed.add("predicted_vs_realized")
+    assert "record_realized" in results["predicted_vs_realized"]
     assert skipped <= allowed, {k: results[k] for k in skipped - allowed}
+    assert {"step_alignment", f"{stacked['run'].values[0]}/attribution"} <= set(results)
     for run_label in stacked["run"].values:
         assert (tmp_path / str(run_label) / "cos_fr_heatmap.png").exists()
         assert f"{run_label}/alignment" in results
@@ -894,3 +931,257 @@ def test_gallery_shows_every_figure() -> None:
         assert f"](../figures/{name}.png)" in text, name
     for name in RUN_FIGURES:
         assert f"](../figures/graddiff-sago-seed0/{name}.png)" in text, name
+
+
+# --------------------------------------------------------------------------------------------
+# The step the optimizer took (schema version 3): step_alignment, attribution,
+# predicted_vs_realized, on tiny engine runs and on synthetic and old stores
+# --------------------------------------------------------------------------------------------
+
+STEP_RECORDS = 3
+
+
+def _step_run(out, strategy: str, **config) -> xr.Dataset:
+    """A tiny GradDiff run of the engine (AdamW), every step recorded; opened."""
+    import torch
+    from tiny import VOCAB, tiny_llama
+
+    import geomkit
+    from geomkit.engine import EngineConfig, Unlearner
+    from geomkit.objectives import build_objective
+
+    def batches(seed: int) -> list[dict]:
+        g = torch.Generator().manual_seed(seed)
+        ids = [torch.randint(0, VOCAB, (4, 12), generator=g) for _ in range(2)]
+        return [{"input_ids": i, "attention_mask": torch.ones_like(i), "labels": i} for i in ids]
+
+    settings = dict(
+        strategy=strategy, steps=STEP_RECORDS, lr=1e-3, warmup_ratio=0.0, record_every=1
+    )
+    settings.update(config)
+    Unlearner(
+        tiny_llama(0),
+        build_objective("graddiff"),
+        batches(1),
+        batches(2),
+        EngineConfig(**settings),
+        out,
+    ).run()
+    return geomkit.open_run(out)
+
+
+@pytest.fixture(scope="module")
+def step_runs(tmp_path_factory) -> list[xr.Dataset]:
+    """sum, PCGrad and SAGO applied, with the step and the losses after it recorded."""
+    root = tmp_path_factory.mktemp("step_runs")
+    return [_step_run(root / s, s, record_realized=True) for s in STRATEGIES]
+
+
+@pytest.fixture(scope="module")
+def stepless_run(tmp_path_factory) -> xr.Dataset:
+    """A run recorded with record_step=False: the step fields are NaN."""
+    return _step_run(tmp_path_factory.mktemp("stepless") / "run", "sago", record_step=False)
+
+
+def _old_store(ds: xr.Dataset) -> xr.Dataset:
+    """``ds`` as a store of schema version 2 opens: no step fields, no losses after the step."""
+    names = [*STEP_STATISTICS, "forget_loss_after", "retain_loss_after"]
+    return ds.drop_vars([n for n in names if n in ds]).assign_attrs(schema_version=2)
+
+
+STEP_FIGURES = ("step_alignment", "attribution", "predicted_vs_realized")
+
+
+def test_step_runs_have_the_step_fields(step_runs) -> None:
+    for ds in step_runs:
+        assert ds.sizes["record"] == STEP_RECORDS
+        assert np.isfinite(ds["uu"].values).all() and np.isfinite(ds["forget_loss_after"]).all()
+
+
+def test_step_alignment_one_point_per_record_and_strategy(step_runs) -> None:
+    result = gp.step_alignment(step_runs)
+    assert len(result.axes) == 2  # one objective: the r and the f panel
+    assert set(result.extras["panels"]) == {("graddiff", "r"), ("graddiff", "f")}
+    for ds in step_runs:
+        applied = ds.attrs["applied_strategy"]
+        model = ds.geom.metrics(by="model")
+        for pair, (of_d, of_u) in {"r": ("cos_dr", "cos_ur"), "f": ("cos_df", "cos_uf")}.items():
+            line = result.artists[("graddiff", pair, applied)]
+            # one point per recorded step: cos(d, .) of the applied strategy, cos(u, .)
+            np.testing.assert_allclose(line.get_xdata(), model[of_d].sel(strategy=applied))
+            np.testing.assert_allclose(line.get_ydata(), model[of_u])
+            assert len(line.get_xdata()) == STEP_RECORDS
+            style = gp.strategy_style(applied)
+            assert line.get_marker() == style.marker and line.get_linestyle() == "None"
+            assert line.get_color() == style.color
+            assert (
+                line.get_label() == style.label
+                and line.axes is result.extras["panels"][("graddiff", pair)]
+            )
+    for pair in ("r", "f"):
+        panel = result.extras["panels"][("graddiff", pair)]
+        diagonal = result.artists[("graddiff", pair, "diagonal")]
+        assert diagonal.get_label() == "y = x" and diagonal._slope == 1.0
+        # square panel with the zero lines (the horizontal and vertical axis lines)
+        assert panel.get_xlim() == panel.get_ylim()
+        flat = [ln for ln in panel.get_lines() if len(ln.get_xdata()) == 2]
+        assert {tuple(ln.get_ydata()) for ln in flat} >= {(0.0, 0.0)}
+        assert {tuple(ln.get_xdata()) for ln in flat} >= {(0.0, 0.0)}
+        assert panel.get_ylabel() == f"cos(u, {pair}) of the step u"
+    points = result.extras["points"]
+    assert len(points) == 2 * STEP_RECORDS * len(step_runs) and result.extras["left_out"] == []
+    legend = [t.get_text() for t in result.extras["legend"].get_texts()]
+    assert legend == ["sum", "PCGrad", "SAGO", "y = x"]
+    plt.close(result.figure)
+
+
+def test_step_alignment_per_layer_points_and_panels_per_objective(step_runs) -> None:
+    layered = gp.step_alignment(step_runs[:1], pairs=("r",), layers=True)
+    layers = step_runs[0].geom.metrics(by="layer")
+    small = layered.artists[("graddiff", "r", "sum", "layers")]
+    assert len(small.get_xdata()) == STEP_RECORDS * layers.sizes["layer"]
+    np.testing.assert_allclose(np.sort(small.get_ydata()), np.sort(layers["cos_ur"].values.ravel()))
+    assert len(layered.axes) == 1
+    plt.close(layered.figure)
+    runs = [make_run(s, objective=o) for o in ("simnpo", "graddiff") for s in STRATEGIES]
+    fig, axes = plt.subplots(2, 2)
+    result = gp.step_alignment(runs, ax=axes)
+    assert list(result.extras["panels"]) == [
+        ("graddiff", "r"),
+        ("graddiff", "f"),
+        ("simnpo", "r"),
+        ("simnpo", "f"),
+    ]
+    assert result.extras["panels"][("simnpo", "f")] is axes[1, 1]
+    assert len(result.artists[("simnpo", "f", "pcgrad")].get_xdata()) == RECORDS
+    plt.close(fig)
+    with pytest.raises(ValueError, match="invalid pairs='d'"):
+        gp.step_alignment(runs, pairs=("d",))
+
+
+def test_attribution_shares_sum_to_one(step_runs) -> None:
+    ds = step_runs[2]  # SAGO applied
+    result = gp.attribution(ds)
+    shares = result.extras["shares"]
+    layers = ds.geom.metrics(by="layer")
+    model = ds.geom.metrics(by="model")
+    assert shares["forget"].dims == ("layer", "record")
+    for loss, metric in (("forget", "pred_forget_change"), ("retain", "pred_retain_change")):
+        total = model[metric].values
+        assert (np.abs(total) > 0).all()
+        # exact and additive: the shares of the layers sum to 1 at every step
+        np.testing.assert_allclose(shares[loss].sum("layer").values, 1.0, rtol=1e-9)
+        np.testing.assert_allclose(
+            shares[loss].values, (layers[metric] / model[metric]).transpose().values
+        )
+        mesh = result.artists[loss]
+        assert mesh.get_array().shape == (layers.sizes["layer"], STEP_RECORDS)
+        np.testing.assert_allclose(mesh.get_array(), shares[loss].values)
+        # the model's change drawn above, in the applied strategy's style
+        line = result.artists[(loss, "total")]
+        np.testing.assert_allclose(line.get_ydata(), total)
+        assert line.get_marker() == gp.strategy_style("sago").marker
+    low, high = result.extras["scale"]
+    assert low == -high > -np.inf and result.artists["forget"].norm.vmin == low
+    assert result.artists["retain"].norm is result.artists["forget"].norm
+    heat = result.axes[0]
+    assert [t.get_text() for t in heat.get_yticklabels()] == ["outside blocks", "0", "1"]
+    label = result.extras["colorbar"].ax.get_xlabel()
+    assert "each column sums to 1" in label and "< 0 (blue): against it" in label
+    assert len(result.axes) == 4  # two heatmaps, two model-total strips
+    plt.close(result.figure)
+
+
+def test_attribution_nan_where_the_model_change_is_zero_and_hatches_tiny_ones() -> None:
+    ds = make_run("sago")
+    uf = ds["uf"].values.copy()
+    uf[0] = [0.5, -0.5, 0.0, 0.0, 0.0]  # the model's -<u, f> is 0 at record 0
+    uf[1] *= 1e-6 / abs(uf[1].sum())  # ... and tiny at record 1
+    ds = ds.assign(uf=(("record", "tensor"), uf))
+    shares = gp.step_shares(ds)
+    assert np.isnan(shares["forget"].sel(record=0)).all()
+    finite = shares["forget"].isel(record=slice(1, None))
+    np.testing.assert_allclose(finite.sum("layer"), 1.0, rtol=1e-9)
+    np.testing.assert_allclose(shares["retain"].sum("layer"), 1.0, rtol=1e-9)
+    fig, axes = plt.subplots(1, 2)
+    result = gp.attribution(ds, ax=axes, vmax=0.5)
+    assert result.extras["scale"] == (-0.5, 0.5)
+    assert list(result.extras["unstable"]["forget"]) == [1]
+    assert list(result.extras["unstable"]["retain"]) == []
+    hatched = [p for p in axes[0].patches if p.get_hatch()]
+    assert len(hatched) == 1 and "hatched" in result.extras["colorbar"].ax.get_xlabel()
+    assert result.axes == list(axes)  # given axes: no model-total strips
+    plt.close(fig)
+
+
+def test_predicted_vs_realized_points(step_runs) -> None:
+    result = gp.predicted_vs_realized(step_runs)
+    assert len(result.axes) == 2
+    for ds in step_runs:
+        applied = ds.attrs["applied_strategy"]
+        model = ds.geom.metrics(by="model")
+        steps = ds["record"].values
+        for loss in ("forget", "retain"):
+            line = result.artists[("graddiff", loss, applied)]
+            realised = (ds[f"{loss}_loss_after"] - ds[f"{loss}_loss"]).sel(step=steps)
+            np.testing.assert_allclose(line.get_xdata(), model[f"pred_{loss}_change"])
+            np.testing.assert_allclose(line.get_ydata(), realised)
+            assert len(line.get_xdata()) == STEP_RECORDS
+            assert line.get_marker() == gp.strategy_style(applied).marker
+            # first order: the same sign, close to the prediction at lr 1e-3
+            assert (np.sign(line.get_xdata()) == np.sign(line.get_ydata())).all()
+        assert result.artists[("graddiff", "forget", "diagonal")].get_label() == "y = x"
+    panel = result.extras["panels"][("graddiff", "forget")]
+    assert panel.get_xlim() == panel.get_ylim()
+    assert "-<u, f>" in panel.get_xlabel() and "after - before" in panel.get_ylabel()
+    plt.close(result.figure)
+
+
+@pytest.mark.parametrize("figure", STEP_FIGURES)
+def test_step_figures_skip_old_stores_with_a_reason(figure, stepless_run) -> None:
+    old = _old_store(make_run("sago"))
+    with pytest.raises(gp.MissingVariable, match=r"schema version < 3") as missing:
+        getattr(gp, figure)(old)
+    assert missing.value.variable == "uu"
+    with pytest.raises(gp.PlotSkipped, match=r"record_step=False") as nan:
+        getattr(gp, figure)(stepless_run)
+    assert not isinstance(nan.value, gp.MissingVariable)  # present, all NaN
+    assert plt.get_fignums() == []
+
+
+def test_predicted_vs_realized_skips_without_realised_losses(step_runs) -> None:
+    without = make_run("sum", realized=False)
+    reason = r"no losses evaluated after the steps of run 'graddiff-sum-seed0'"
+    with pytest.raises(gp.PlotSkipped, match=reason):
+        gp.predicted_vs_realized(without)
+    # a run without them is left out beside runs with them
+    result = gp.predicted_vs_realized([*step_runs, without])
+    assert result.extras["left_out"] == [without.attrs["run"]]
+    assert len(result.extras["points"]) == 2 * STEP_RECORDS * len(step_runs)
+    plt.close(result.figure)
+
+
+def test_write_figures_skips_the_step_figures_of_old_stores(tmp_path) -> None:
+    results = gp.write_figures(_old_store(make_run("sago")), tmp_path, formats=("png",), dpi=30)
+    for name in STEP_FIGURES:
+        assert results[name].startswith(f"skipped: {name}: no step statistics"), results[name]
+        assert not (tmp_path / f"{name}.png").exists()
+    assert [p.name for p in results["alignment"]] == ["alignment.png"]
+
+
+def test_write_figures_draws_the_step_figures(tmp_path, step_runs) -> None:
+    results = gp.write_figures(step_runs, tmp_path, formats=("png",), dpi=30, per_run=["sago"])
+    for name in ("step_alignment", "predicted_vs_realized"):  # the whole set, in the top folder
+        assert [p.name for p in results[name]] == [f"{name}.png"]
+    # per run, in the run's folder (the run's label is its directory's name)
+    assert results["sago/attribution"] == [tmp_path / "sago" / "attribution.png"]
+
+
+@pytest.mark.parametrize("method", STEP_FIGURES)
+def test_geom_plot_step_shortcuts(method, step_runs) -> None:
+    ds = step_runs[0]
+    result = getattr(ds.geom.plot, method)()
+    direct = getattr(gp, method)(ds)
+    assert list(result.artists) == list(direct.artists) and result.artists
+    assert method in repr(ds.geom.plot)
+    plt.close("all")

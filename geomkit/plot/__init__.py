@@ -8,7 +8,9 @@ and never calls ``plt.show``. A figure whose data is missing raises :class:`Plot
 (:class:`MissingVariable` for an absent variable or strategy) with the reason.
 :func:`write_figures` writes the whole set. Figures mirror the SAGO paper (Xiao et al., ACL 2026,
 arXiv 2604.14808) where it has them: Fig. 1 (:func:`loss_dynamics`), Fig. 3 (:func:`tradeoff`),
-the geometry table of section 5.4 (:func:`geometry_table`).
+the geometry table of section 5.4 (:func:`geometry_table`). The step the optimizer took (store
+schema version 3) has its own figures: :func:`step_alignment`, :func:`attribution`,
+:func:`predicted_vs_realized`.
 
 >>> import tempfile, torch, geomkit, geomkit.plot as gp
 >>> tmp = tempfile.TemporaryDirectory()                  # a tiny GradDiff + SAGO run, 4 steps
@@ -34,6 +36,7 @@ from geomkit.plot.alignment import (
 from geomkit.plot.dynamics import loss_dynamics
 from geomkit.plot.figureset import write_figures
 from geomkit.plot.heatmaps import conflict_heatmap, cos_fr_heatmap, layer_heatmap
+from geomkit.plot.steps import attribution, predicted_vs_realized, step_alignment, step_shares
 from geomkit.plot.style import (
     DOUBLE_COLUMN,
     MIN_FONT_SIZE,
@@ -69,6 +72,7 @@ __all__ = [
     "alignment_distributions",
     "alignment_over_steps",
     "apply_style",
+    "attribution",
     "axis_label",
     "conflict_heatmap",
     "cos_fr_heatmap",
@@ -79,8 +83,11 @@ __all__ = [
     "layer_label",
     "loss_dynamics",
     "paper_style",
+    "predicted_vs_realized",
     "sago_vs_pcgrad",
     "save",
+    "step_alignment",
+    "step_shares",
     "strategy_style",
     "tradeoff",
     "tradeoff_trajectories",

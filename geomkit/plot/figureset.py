@@ -15,6 +15,7 @@ from geomkit.plot._data import Run, Source
 from geomkit.plot.alignment import alignment_by_layer, alignment_distributions, alignment_over_steps
 from geomkit.plot.dynamics import loss_dynamics
 from geomkit.plot.heatmaps import conflict_heatmap, cos_fr_heatmap
+from geomkit.plot.steps import attribution, predicted_vs_realized, step_alignment
 from geomkit.plot.style import PlotResult, PlotSkipped, detached_figures, paper_style, save
 from geomkit.plot.tables import geometry_table, geometry_table_markdown
 from geomkit.plot.theorem import sago_vs_pcgrad, violation_rates
@@ -33,6 +34,7 @@ RUN_FIGURES: dict[str, Callable[[Run], PlotResult]] = {
     "alignment_layers_cos_df": lambda run: alignment_by_layer(run, "cos_df"),
     "distribution_cos_dr": lambda run: alignment_distributions(run, "cos_dr"),
     "distribution_cos_df": lambda run: alignment_distributions(run, "cos_df"),
+    "attribution": lambda run: attribution(run),
 }
 """Figures drawn for each run (in a subdirectory per run when there are several)."""
 
@@ -43,6 +45,8 @@ SET_FIGURES: dict[str, Callable[[list[Run]], PlotResult]] = {
     "tradeoff_trajectories_retain": lambda runs: tradeoff_trajectories(runs, y="retain_acc"),
     "tradeoff_trajectories_general": lambda runs: tradeoff_trajectories(runs, y="general_acc"),
     "sago_vs_pcgrad": sago_vs_pcgrad,
+    "step_alignment": step_alignment,
+    "predicted_vs_realized": predicted_vs_realized,
 }
 """Figures drawn once for all runs together."""
 
