@@ -192,7 +192,9 @@ class GeometryAccessor:
     @property
     def plot(self) -> GeometryPlots:
         """Plotting shortcuts: ``ds.geom.plot.alignment()``, ``.by_layer()``, ``.heatmap()``,
-        ``.losses()``, ``.tradeoff()`` (:mod:`geomkit.plot`, imported on first use)."""
+        ``.losses()``, ``.tradeoff()``, and of the step taken ``.step_alignment()``,
+        ``.attribution()``, ``.predicted_vs_realized()`` (:mod:`geomkit.plot`, imported on first
+        use)."""
         return GeometryPlots(self._ds)
 
 
