@@ -257,6 +257,19 @@ def _local(t: Tensor) -> Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    """The CPU random state, and the device's when it is a GPU."""
+    return torch.get_rng_state(), (
+        torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    )
+
+
+def _set_rng_state(state: tuple[Tensor, Tensor | None], device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
 def _move(batch: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:
     return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
@@ -416,7 +429,7 @@ class Unlearner:
             if self.recorder is not None and self.config.record_step
             else None
         )
-        self._windows: dict[str, tuple[list[Mapping[str, Tensor]], int]] = {}
+        self._windows: dict[str, tuple[list[Mapping[str, Tensor]], int, Any]] = {}
 
     def _make_recorder(self) -> Recorder | None:
         if self.out is None:
@@ -475,8 +488,9 @@ class Unlearner:
             f"the {stream.name} data of step {self.step_index} ({window} micro-batch(es) on "
             f"{self.world} process(es))",
         )
-        if self.config.record_realized:  # kept for the losses after the step
-            self._windows[stream.name] = (batches, count)
+        if self.config.record_realized:  # kept for the losses after the step, with the random
+            # state the forwards start from (the same dropout masks after the step)
+            self._windows[stream.name] = (batches, count, _rng_state(device))
         # FSDP2 divides the reduce-scattered gradient by the world size: scale it back
         scale = self.world if self.sharded else 1
         total = torch.zeros((), device=device, dtype=torch.float64)
@@ -633,7 +647,10 @@ class Unlearner:
     @torch.no_grad()
     def _losses_after(self) -> tuple[float, float]:
         """Both objectives on this step's own batches, with the parameters after the step
-        (the same global normalisation as :meth:`_accumulate`; no backward)."""
+        (the same global normalisation as :meth:`_accumulate`; no backward). Each pass starts
+        from the random state its task's forwards started from, so that dropout draws the same
+        masks, and the random state of training is left as it was (recording never changes the
+        trajectory)."""
         device = _local(self.params[0]).device
         losses = []
         for loss_fn, stream in (
@@ -643,10 +660,14 @@ class Unlearner:
             if loss_fn is None or stream is None:
                 losses.append(math.nan)
                 continue
-            batches, count = self._windows[stream.name]
+            batches, count, state = self._windows[stream.name]
             total = torch.zeros((), device=device, dtype=torch.float64)
-            for batch in batches:
-                total += loss_fn.total(self.model, _move(batch, device), self.reference).double()
+            devices = [device] if device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                _set_rng_state(state, device)
+                for batch in batches:
+                    part = loss_fn.total(self.model, _move(batch, device), self.reference)
+                    total += part.double()
             if self.world > 1:
                 dist.all_reduce(total)
             losses.append(float(total / count))

@@ -42,6 +42,7 @@ from torch import Tensor
 
 from geomkit import kernels
 from geomkit import statistics as gstats
+from geomkit import step as gstep
 from geomkit import strategies as gstrategies
 from geomkit._deprecation import renamed
 from geomkit._validation import check_integer, check_out, invalid
@@ -496,17 +497,22 @@ class Recorder:
             probe = _StepProbe(step_model, len(forget))
             if combined is not None:  # the update is formed: measure the step on it
                 probe(range(len(forget)), forget, retain, list(combined))
-        formed = probe if combined is None else None
+        formed = False  # whether the applied update was formed (into ``into``) by verify
         if self.verifies(self._n_records) and (closed or self.shadows):
             verified = self.verify(
-                forget, retain, statistics, applied=closed, into=into, on_formed=formed
+                forget,
+                retain,
+                statistics,
+                applied=closed,
+                into=into if closed else None,
+                on_formed=probe if closed else None,
             )
-        elif formed is not None:  # the update formed tensor by tensor, the step measured on it
-            self._materialise(
-                self.applied, forget, retain, into=into, on_formed=formed, measure=False
-            )
-        elif into is not None:  # not verified: the strategy forms the update directly
-            self.applied(forget, retain, out=into, shard_sum=self.shard_sum)
+            formed = closed
+        if not formed and combined is None:
+            if probe is not None:  # formed piece by piece, the step measured on each piece
+                self._form_stepwise(forget, retain, into, probe)
+            elif into is not None:  # the strategy forms the update directly
+                self.applied(forget, retain, out=into, shard_sum=self.shard_sum)
         if probe is not None:
             step = probe.result(self.shard_sum)
             for name in STEP_FIELDS:
@@ -706,6 +712,53 @@ class Recorder:
             additive = [i for i, n in enumerate(FIELDS) if n not in _NOT_SHARD_ADDITIVE]
             stats[:, additive] = self.shard_sum(stats[:, additive])
         return stats
+
+    def _form_stepwise(
+        self,
+        forget: list[Tensor],
+        retain: list[Tensor],
+        into: Sequence[Tensor] | None,
+        probe: _StepProbe,
+    ) -> None:
+        """Form the applied update one piece of :data:`geomkit.step.STEP_CHUNK` elements at a
+        time into a piece-sized temporary, take the step statistics of each piece, and copy it
+        into ``into`` (bit-identical to ``strategy(forget, retain, out=into)``: every rule is
+        coordinate-wise given its pooled dot products). ``into`` may be ``forget``: a piece is
+        written only once its own f was read. No tensor-sized temporary."""
+        strategy = self.applied
+        dots = (
+            strategy.pooled_dots(forget, retain, self.shard_sum)
+            if strategy.rule.reduces
+            else [None] * len(forget)
+        )
+        chunk = gstep.STEP_CHUNK
+        scratch: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+        for j, (f, r) in enumerate(zip(forget, retain, strict=True)):
+            flat_f, flat_r, n = f.reshape(-1), r.reshape(-1), f.numel()
+            target = None
+            if into is not None:
+                if not into[j].is_contiguous():  # a view could not write it back
+                    raise ValueError(
+                        f"invalid into[{j}]: expected a contiguous tensor (the update is "
+                        "written into it piece by piece)"
+                    )
+                target = into[j].view(-1)
+            key = (f.dtype, f.device)
+            if key not in scratch or scratch[key].numel() < min(n, chunk):
+                scratch[key] = torch.empty(min(n, chunk), dtype=f.dtype, device=f.device)
+            rows = []
+            for start in range(0, n, chunk):
+                stop = min(start + chunk, n)
+                d = scratch[key][: stop - start]
+                strategy.combine_tensor(flat_f[start:stop], flat_r[start:stop], d, dots[j])
+                rows.append(
+                    probe.model.statistics(
+                        j, flat_f[start:stop], flat_r[start:stop], d, offset=start
+                    )
+                )
+                if target is not None:
+                    target[start:stop].copy_(d)
+            probe.rows[j] = rows[0] if len(rows) == 1 else torch.stack(rows).sum(0)
 
     def _check_mode(self, mode: str) -> None:
         """Fix the run's ``applied_statistics`` at its first record; a record of the other

@@ -242,6 +242,21 @@ def next_step(
     return step(optimizer, param, grad, slice(start, stop), _group(optimizer, param))
 
 
+_ADAM_FLAGS = ("amsgrad", "maximize")
+
+
+def _positive(value: object) -> float | None:
+    """``value`` as a positive finite float (a real number or a 0-d tensor, not a bool), else
+    None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    return number if math.isfinite(number) and number > 0 else None
+
+
 STEP_CHUNK: int = 1 << 18
 """Elements of a tensor whose step is modelled at once by :class:`StepModel` (its float64
 temporaries are a few chunks, never a tensor)."""
@@ -295,15 +310,26 @@ class StepModel:
         max_grad_norm: float | None = None,
     ) -> None:
         self._step = _stepper(optimizer)
-        if max_grad_norm is not None and not (
-            isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0
-        ):
-            raise ValueError(
-                f"invalid max_grad_norm={max_grad_norm!r}: expected a positive number or None"
-            )
+        if max_grad_norm is not None:
+            value = _positive(max_grad_norm)
+            if value is None:
+                raise ValueError(
+                    f"invalid max_grad_norm={max_grad_norm!r}: expected a positive finite "
+                    "number or None"
+                )
+            max_grad_norm = value
         self.optimizer = optimizer
         self.params = list(params)
         self.max_grad_norm = max_grad_norm
+        self._owners()  # raised here, not at the first record
+        self._groups: list[_Group] | None = None
+        self.scale = 1.0
+
+    def _owners(self) -> list[dict]:
+        """The optimizer's group of each parameter, looked up anew (``load_state_dict``
+        replaces the groups); raises for a parameter it does not hold or an option it does
+        not model."""
+        optimizer = self.optimizer
         owner = {id(p): group for group in optimizer.param_groups for p in group["params"]}
         for i, p in enumerate(self.params):
             if id(p) not in owner:
@@ -311,9 +337,15 @@ class StepModel:
                     f"invalid params[{i}] of shape {tuple(p.shape)}: expected one of the "
                     f"{type(optimizer).__name__}'s parameters"
                 )
-        self._owner = [owner[id(p)] for p in self.params]
-        self._groups: list[_Group] | None = None
-        self.scale = 1.0
+        flags = ("maximize",) if isinstance(optimizer, torch.optim.SGD) else _ADAM_FLAGS
+        for group in optimizer.param_groups:
+            for flag in flags:
+                if group.get(flag, False):
+                    raise ValueError(
+                        f"invalid {type(optimizer).__name__}({flag}=True): the step statistics "
+                        f"model {type(optimizer).__name__} with {flag}=False only"
+                    )
+        return [owner[id(p)] for p in self.params]
 
     def begin(self, dd: float) -> None:
         """Fix the clip scale from ``dd = <d, d>`` of the whole update, and read each group's
@@ -334,28 +366,41 @@ class StepModel:
         lrs = {id(group): _host(group["lr"]) for group in self.optimizer.param_groups}
         self._groups = [
             _Group(lrs[id(group)], float(group.get("weight_decay", 0.0)), group, float(done))
-            for group, done in zip(self._owner, counts, strict=True)
+            for group, done in zip(self._owners(), counts, strict=True)
         ]
 
-    def statistics(self, index: int, forget: Tensor, retain: Tensor, update: Tensor) -> Tensor:
+    def statistics(
+        self, index: int, forget: Tensor, retain: Tensor, update: Tensor, offset: int = 0
+    ) -> Tensor:
         """The step statistics of tensor ``index`` (:data:`STEP_STATISTICS`, float64 ``[7]`` on
         its device) from its forget and retain gradients and the applied update (before
-        clipping), all of the parameter's (local) shape; call :meth:`begin` first."""
+        clipping); call :meth:`begin` first.
+
+        The three tensors hold the parameter's (local) elements ``offset`` onwards of its
+        flattened form: the whole tensor by default, or a piece of it, whose statistics then
+        add up to the tensor's.
+        """
         if self._groups is None:
             raise RuntimeError("StepModel.statistics before begin(): the clip scale is unknown")
+        if not 0 <= index < len(self.params):
+            raise IndexError(
+                f"invalid index={index!r}: expected 0 <= index < {len(self.params)}, one of "
+                "the StepModel's parameters"
+            )
         param, g = self.params[index], self._groups[index]
         f, r, d = forget.reshape(-1), retain.reshape(-1), update.reshape(-1)
-        n = d.numel()
-        if not (f.numel() == r.numel() == n == _flat(param.detach()).numel()):
+        n, size = d.numel(), _flat(param.detach()).numel()
+        if not (f.numel() == r.numel() == n and 0 <= offset and offset + n <= size):
             raise ValueError(
-                f"invalid tensors for params[{index}] of {_flat(param.detach()).numel()} "
-                f"elements: forget, retain and update have {f.numel()}, {r.numel()}, {n}"
+                f"invalid tensors for params[{index}] of {size} elements at offset={offset}: "
+                f"forget, retain and update have {f.numel()}, {r.numel()}, {n}"
             )
         total = torch.zeros(len(STEP_STATISTICS), dtype=torch.float64, device=d.device)
         for start in range(0, n, STEP_CHUNK):
             piece = slice(start, min(start + STEP_CHUNK, n))
             d_c = d[piece].double()
-            u = self._step(self.optimizer, param, d_c * self.scale, piece, g)
+            where = slice(offset + piece.start, offset + piece.stop)
+            u = self._step(self.optimizer, param, d_c * self.scale, where, g)
             f_c, r_c = f[piece].double(), r[piece].double()
             sign_u = u.sign()
             total += torch.stack(

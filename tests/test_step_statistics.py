@@ -264,3 +264,103 @@ def test_step_statistics_of_pieces_equal_the_whole(monkeypatch) -> None:
     cs = float(u.norm() * r.double().norm())  # <u, r> may cancel: its Cauchy-Schwarz scale
     assert abs(want["ur"] - float((u * r.double()).sum())) <= 1e-13 * cs
     assert want["n_u_opposed_f"] == float(((u * f.double()) < 0).sum())
+
+
+def test_realised_losses_keep_the_trajectory_and_the_dropout_masks(tmp_path: Path) -> None:
+    """With dropout, the passes after the step draw the masks the step's own forwards drew
+    (so realised - predicted has no dropout noise), and training's random state is untouched."""
+
+    def run(out, **config):
+        model = tiny_llama(0)
+        model.config.attention_dropout = 0.3
+        for layer in model.model.layers:
+            layer.self_attn.attention_dropout = 0.3
+        settings = dict(strategy="pcgrad", steps=3, lr=1e-3, warmup_ratio=0.0)
+        settings.update(config)
+        unlearner = Unlearner(
+            model,
+            build_objective("graddiff"),
+            _batches(1),
+            _batches(2),
+            EngineConfig(**settings),
+            out,
+        )
+        unlearner.run()
+        return unlearner
+
+    plain = run(None)
+    realised = run(tmp_path / "run", record_realized=True, optimizer="sgd", lr=1e-6)
+    reference = run(None, optimizer="sgd", lr=1e-6)
+    for a, b in zip(plain.params, run(tmp_path / "r2", record_realized=True).params, strict=True):
+        assert torch.equal(a, b)  # the recorded run took the very same steps
+    ds = geomkit.open_run(tmp_path / "run")
+    steps = ds["record"].values
+    change = (ds["forget_loss_after"] - ds["forget_loss"]).sel(step=steps).values
+    predicted = ds.geom.metrics(by="model")["pred_forget_change"].values
+    # lr 1e-6: the change is first order and tiny; with other masks it would be dropout noise
+    # of the size of the loss differences between masks (~1e-2)
+    assert np.all(np.abs(change - predicted) <= 1e-5), (change, predicted)
+    for a, b in zip(realised.params, reference.params, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_pieces_form_the_same_update_and_step(tmp_path: Path, monkeypatch) -> None:
+    """Records without verification form the update piece by piece (no tensor-sized
+    temporary): the parameters are bit-identical to whole tensors, the sums agree."""
+    import geomkit.step as gstep
+
+    whole = _engine(tmp_path / "whole", strategy="pcgrad", verify_every=0, record_every=1)
+    whole.run()
+    monkeypatch.setattr(gstep, "STEP_CHUNK", 37)
+    pieces = _engine(tmp_path / "pieces", strategy="pcgrad", verify_every=0, record_every=1)
+    pieces.run()
+    for a, b in zip(whole.params, pieces.params, strict=True):
+        assert torch.equal(a, b)
+    a, b = geomkit.open_run(tmp_path / "whole"), geomkit.open_run(tmp_path / "pieces")
+    for name in ("uu", "dd_step"):
+        np.testing.assert_allclose(a[name].values, b[name].values, rtol=1e-12)
+    for name in ("n_u_opposed_r", "n_u_opposed_f"):
+        np.testing.assert_array_equal(a[name].values, b[name].values)
+
+
+def test_a_rule_without_closed_forms_records_its_step(tmp_path: Path) -> None:
+    """A user rule that is neither uniform nor never opposing r: its update is measured, the
+    shadows verified, and the step taken from the update formed into ``into``."""
+    from geomkit.strategies import SAGO, Strategy
+
+    class Odd(SAGO):
+        never_opposes = False
+
+    odd = Strategy(Odd(), name="odd")
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(6, 5)), torch.nn.Parameter(torch.randn(9))]
+    names = ["model.layers.0.mlp.up_proj.weight", "model.layers.1.mlp.up_proj.weight"]
+    optimizer = torch.optim.SGD(params, lr=0.5)
+    rec = Recorder(tmp_path / "g.zarr", names, [30, 9], odd, shadows=["sum"], verify_every=1)
+    for step in range(2):
+        f = [torch.randn_like(p) for p in params]
+        r = [torch.randn_like(p) for p in params]
+        want = odd(f, r)
+        into = [x.clone() for x in f]
+        observation = rec.observe(f, r, into=into, step_model=StepModel(optimizer, params))
+        rec.record(step, observation=observation)
+        for got, expected in zip(into, want, strict=True):
+            assert torch.equal(got, expected)
+    rec.close()
+    m = geomkit.open_run(tmp_path / "g.zarr").geom.metrics(by="tensor")
+    np.testing.assert_allclose(m["cos_ud"], 1.0, atol=1e-12)
+
+
+def test_unmodelled_options_are_refused_when_the_model_is_built() -> None:
+    p = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match=r"invalid AdamW\(amsgrad=True\)"):
+        StepModel(torch.optim.AdamW([p], amsgrad=True), [p])
+    with pytest.raises(ValueError, match=r"invalid SGD\(maximize=True\)"):
+        StepModel(torch.optim.SGD([p], lr=0.1, maximize=True), [p])
+    with pytest.raises(ValueError, match="invalid max_grad_norm=True"):
+        StepModel(torch.optim.SGD([p], lr=0.1), [p], max_grad_norm=True)
+    model = StepModel(torch.optim.SGD([p], lr=0.1), [p], max_grad_norm=np.float32(1.0))
+    assert model.max_grad_norm == 1.0
+    model.begin(dd=1.0)
+    with pytest.raises(IndexError, match="invalid index=1: expected 0 <= index < 1"):
+        model.statistics(1, p.detach(), p.detach(), p.detach())
