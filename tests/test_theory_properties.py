@@ -192,9 +192,17 @@ def pcgrad_bounds(fs64, rs64, alpha, gamma, dtype, scope):
     # (1e-10 / (rr + 1e-10) first: gamma |fr| 1e-10 can underflow when |fr| is subnormal)
     residual = np.where(fr_c < 0, gamma * np.abs(fr_c) * (EPSILON / (rr_c + EPSILON)), 0.0)
     floor = 4 * np.finfo(np.float64).smallest_subnormal  # float64 sums resolve nothing below
-    # c itself is a float64 quotient: where it is subnormal (or underflows to 0, e.g. f = -5e-324,
-    # r = 5) it is off by up to half the subnormal spacing, and <d, r> by gamma that times ||r||^2
-    underflow = gamma * np.finfo(np.float64).smallest_subnormal / 2 * rr_j
+    # c, and the coefficients a = gamma, b = alpha - gamma c the shadow forms from it, are float64
+    # numbers: where one is subnormal (gamma = 5e-324, or f = -5e-324 against r = 5) it is off by
+    # up to half the subnormal spacing, so <d, r> is off by that times sum |f r| + ||r||^2, and
+    # each coordinate of d = a f + b r (subnormal too) by half a spacing, times sum |r|
+    sub = np.finfo(np.float64).smallest_subnormal
+    underflow = np.array(
+        [
+            sub * (math.fsum(abs(f * r)) + math.fsum(r * r) + math.fsum(abs(r)))
+            for f, r in zip(fs64, rs64, strict=True)
+        ]
+    )
     mat, closed = [], []
     for j, (f, r) in enumerate(zip(fs64, rs64, strict=True)):
         terms = gamma * abs(f) + gamma * abs(c[j] * r) + alpha * abs(r)
