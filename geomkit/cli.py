@@ -53,60 +53,30 @@ def _parser() -> argparse.ArgumentParser:
         description="Flags given explicitly override the preset and the --config file.",
         argument_default=argparse.SUPPRESS,  # absent flags leave the configuration alone
     )
-    run.add_argument("--config", default=None, help="JSON or TOML file of settings")
-    run.add_argument("--preset", default=None, help="one of: " + ", ".join(PRESETS))
-    # every other flag's dest is the RunConfig field it sets (given flags become overrides)
-    run.add_argument("--objective", help="ga, graddiff, npo, simnpo or rmu")
-    run.add_argument("--retain-loss", metavar="KIND", help="nll, kl or none (retain loss kind)")
-    run.add_argument(
-        "--strategy", dest="strategies", nargs="+", metavar="NAME", help="applied strategies"
+    _run_flags(run)
+
+    sweep = commands.add_parser(
+        "sweep",
+        help="a grid of runs on parallel workers, resumable, and its comparison tables",
+        description="objective x strategy x learning rate x steps x seed, one run per "
+        "combination under --out (finished runs are skipped, half-written ones redone), then "
+        "the tables at matched forgetting with bootstrap intervals (docs/study.md). Flags "
+        "given explicitly override the preset and the --config file.",
+        argument_default=argparse.SUPPRESS,
     )
-    run.add_argument("--lr", type=float, help="peak learning rate")
-    run.add_argument("--optimizer", metavar="NAME", help="adamw (default) or sgd")
-    run.add_argument("--steps", type=int, help="optimizer steps per run")
-    run.add_argument(
-        "--epochs", type=int, help="passes over the forget data (sets the steps; RWKU presets)"
+    _run_flags(sweep, sweep=True)
+    sweep.add_argument(
+        "--jobs", type=int, help="worker processes, one torch thread each (default: the cores)"
     )
-    run.add_argument("--seed", dest="seeds", nargs="+", type=int, metavar="N", help="seeds")
-    run.add_argument("--record-every", type=int, help="record geometry every N steps (0: never)")
-    run.add_argument(
-        "--verify-every",
-        type=int,
-        help="materialise and verify the shadows at the first record and every N-th (0: never)",
+    sweep.add_argument(
+        "--targets", nargs="+", type=float, metavar="F", help="forget accuracies to match at"
     )
-    run.add_argument(
-        "--no-record-step",
-        dest="record_step",
-        action="store_false",
-        help="do not record the statistics of the optimizer's step u (cos(u, r), attribution)",
+    sweep.add_argument("--folds", type=int, help="cross-fitting folds of the seeds (default 2)")
+    sweep.add_argument(
+        "--dry-run", action="store_true", help="print one `geomkit run` command per pending run"
     )
-    run.add_argument(
-        "--record-realized",
-        action="store_true",
-        help="evaluate both losses again after each recorded step (two forward passes)",
-    )
-    run.add_argument("--eval-every", type=int, help="evaluate every N steps (embedded only)")
-    run.add_argument("--batch-size", type=int, help="sequences per micro-batch")
-    run.add_argument("--accumulation", type=int, help="micro-batches per optimizer step")
-    run.add_argument("--beta", type=float, help="NPO / SimNPO beta")
-    run.add_argument("--delta", type=float, help="SimNPO delta")
-    run.add_argument("--alpha", type=float, help="retain weight")
-    run.add_argument("--gamma", type=float, help="forget weight")
-    run.add_argument("--out", metavar="DIR", help="directory receiving one folder per run")
-    run.add_argument("--model", metavar="PATH", help="local Hugging Face model directory")
-    run.add_argument("--forget-data", metavar="FILE", help="forget corpus (JSONL 'text' or text)")
-    run.add_argument("--retain-data", metavar="FILE", help="retain corpus (JSONL 'text' or text)")
-    for old, dest in (("--forget", "forget_data"), ("--retain", "retain_data")):
-        new = "--" + dest.replace("_", "-")  # deprecated spellings: warn, then set the field
-        run.add_argument(old, dest=dest, action=DeprecatedFlag, new=new, help=argparse.SUPPRESS)
-    run.add_argument("--device", metavar="D", help="cpu, cuda, cuda:N or mps")
-    run.add_argument("--dtype", metavar="T", help="float32, bfloat16 or float16")
-    run.add_argument("--threads", type=int, help="torch CPU threads")
-    run.add_argument("--cache-dir", metavar="DIR", help="cache of pretrained benchmark models")
-    run.add_argument(
-        "--no-report",
-        action="store_true",
-        help="skip the theorem audit and the figure set written after the runs",
+    sweep.add_argument(
+        "--report-only", action="store_true", help="only write the tables of the runs in --out"
     )
 
     check = commands.add_parser(
@@ -162,13 +132,86 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run_flags(parser: argparse.ArgumentParser, *, sweep: bool = False) -> None:
+    """The flags of ``geomkit run``; for ``sweep`` the grid axes take several values and the
+    single-run flags (``--name``, ``--no-report``) are left out."""
+    parser.add_argument("--config", default=None, help="JSON or TOML file of settings")
+    parser.add_argument("--preset", default=None, help="one of: " + ", ".join(PRESETS))
+    # every other flag's dest is the RunConfig field it sets (given flags become overrides)
+    many = {"nargs": "+"} if sweep else {}  # the grid's axes
+    parser.add_argument("--objective", **many, help="ga, graddiff, npo, simnpo or rmu")
+    parser.add_argument("--retain-loss", metavar="KIND", help="nll, kl or none (retain loss kind)")
+    parser.add_argument(
+        "--strategy", dest="strategies", nargs="+", metavar="NAME", help="applied strategies"
+    )
+    parser.add_argument("--lr", type=float, **many, help="peak learning rate")
+    parser.add_argument("--optimizer", metavar="NAME", help="adamw (default) or sgd")
+    parser.add_argument("--steps", type=int, **many, help="optimizer steps per run")
+    parser.add_argument(
+        "--epochs", type=int, help="passes over the forget data (sets the steps; RWKU presets)"
+    )
+    parser.add_argument("--seed", dest="seeds", nargs="+", type=int, metavar="N", help="seeds")
+    parser.add_argument("--record-every", type=int, help="record geometry every N steps (0: never)")
+    parser.add_argument(
+        "--verify-every",
+        type=int,
+        help="materialise and verify the shadows at the first record and every N-th (0: never)",
+    )
+    parser.add_argument(
+        "--no-record-step",
+        dest="record_step",
+        action="store_false",
+        help="do not record the statistics of the optimizer's step u (cos(u, r), attribution)",
+    )
+    parser.add_argument(
+        "--record-realized",
+        action="store_true",
+        help="evaluate both losses again after each recorded step (two forward passes)",
+    )
+    parser.add_argument("--eval-every", type=int, help="evaluate every N steps (embedded only)")
+    parser.add_argument("--batch-size", type=int, help="sequences per micro-batch")
+    parser.add_argument("--accumulation", type=int, help="micro-batches per optimizer step")
+    parser.add_argument("--beta", type=float, help="NPO / SimNPO beta")
+    parser.add_argument("--delta", type=float, help="SimNPO delta")
+    parser.add_argument("--alpha", type=float, help="retain weight")
+    parser.add_argument("--gamma", type=float, help="forget weight")
+    parser.add_argument("--out", metavar="DIR", help="directory receiving one folder per run")
+    if not sweep:
+        parser.add_argument(
+            "--name",
+            metavar="NAME",
+            help="the run directory's name (one strategy and one seed; no summary table)",
+        )
+    parser.add_argument("--model", metavar="PATH", help="local Hugging Face model directory")
+    parser.add_argument(
+        "--forget-data", metavar="FILE", help="forget corpus (JSONL 'text' or text)"
+    )
+    parser.add_argument(
+        "--retain-data", metavar="FILE", help="retain corpus (JSONL 'text' or text)"
+    )
+    for old, dest in (("--forget", "forget_data"), ("--retain", "retain_data")):
+        new = "--" + dest.replace("_", "-")  # deprecated spellings: warn, then set the field
+        parser.add_argument(old, dest=dest, action=DeprecatedFlag, new=new, help=argparse.SUPPRESS)
+    parser.add_argument("--device", metavar="D", help="cpu, cuda, cuda:N or mps")
+    parser.add_argument("--dtype", metavar="T", help="float32, bfloat16 or float16")
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--cache-dir", metavar="DIR", help="cache of pretrained benchmark models")
+    if not sweep:
+        parser.add_argument(
+            "--no-report",
+            action="store_true",
+            help="skip the theorem audit and the figure set written after the runs",
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status (0 success, 1 bug found, 2 bad input)."""
     try:
         args = _parser().parse_args(argv)
     except SystemExit as exit_:  # argparse has printed its message
         return int(exit_.code or 0)
-    command = {"run": _run, "check": _check, "plot": _plot, "figures": _figures}[args.command]
+    commands = {"run": _run, "sweep": _sweep, "check": _check, "plot": _plot, "figures": _figures}
+    command = commands[args.command]
     try:
         return command(args)
     except _known_errors() as error:  # evaluated only when an exception is raised
@@ -189,6 +232,97 @@ def _run(args: argparse.Namespace) -> int:
     overrides = {f.name: given[f.name] for f in fields(RunConfig) if f.name in given}
     config = load_config(args.config, args.preset, overrides)
     run(config, report=not given.get("no_report", False))
+    return 0
+
+
+SWEEP_DEFAULTS: dict[str, Any] = {"eval_every": 2, "out": "runs/sweep"}
+"""Where ``geomkit sweep``'s base configuration differs from ``geomkit run``'s default (unless
+the preset, file or flags set it): evaluations every 2 steps, to locate the crossings."""
+
+AXIS_FLAGS: dict[str, str] = {
+    "objectives": "objective",
+    "strategies": "strategies",
+    "lrs": "lr",
+    "steps": "steps",
+    "seeds": "seeds",
+}
+"""The :class:`~geomkit.study.grid.Sweep` axis each sweep flag's destination fills."""
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from geomkit.study.grid import Sweep
+    from geomkit.study.matched import TARGETS
+    from geomkit.study.report import write_report as write_study
+    from geomkit.study.workers import cores, execute, pending
+
+    given = vars(args)
+    folds = given.get("folds", 2)
+    targets = given.get("targets", list(TARGETS))
+    if given.get("report_only"):
+        out = Path(given.get("out", SWEEP_DEFAULTS["out"]))
+        written = write_study(out, targets, folds=folds)
+        print(written["comparison.md"].read_text(encoding="utf-8"))
+        return 0
+    axes = {field: given.pop(flag) for field, flag in AXIS_FLAGS.items() if flag in given}
+    overrides = {f.name: given[f.name] for f in fields(RunConfig) if f.name in given}
+    preset = load_config(args.config, args.preset)  # what the file and preset set, unvalidated
+    base_values = {k: v for k, v in SWEEP_DEFAULTS.items() if k not in overrides}
+    base_values = {
+        k: v for k, v in base_values.items() if getattr(preset, k) == getattr(RunConfig(), k)
+    }
+    base = load_config(args.config, args.preset, {**base_values, **overrides})
+    sweep = Sweep(
+        base,
+        objectives=axes.get("objectives", [base.objective]),
+        strategies=axes.get("strategies", base.strategies),
+        lrs=axes.get("lrs", [base.lr]),
+        steps=axes.get("steps", [base.steps]),
+        seeds=axes.get("seeds", base.seeds),
+    )
+    jobs = given.get("jobs", cores())
+    if isinstance(jobs, bool) or jobs < 1:
+        raise ConfigError(f"invalid --jobs={jobs!r}: expected an integer >= 1")
+    out = Path(base.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / "sweep.json").exists():
+        differences = Sweep.load(out).differences(sweep)
+        if differences:
+            raise ConfigError(
+                f"invalid --out={str(out)!r}: it holds a sweep that differs in "
+                f"{', '.join(differences)}; resume it with the same settings or use another --out"
+            )
+    sweep.save(out)
+    base.save(out / "base.json")
+    runs = sweep.runs()
+    todo = pending(runs, out)
+    if given.get("dry_run"):
+        for run in todo:
+            flags = ["--config", str(out / "base.json"), *run.flags(), "--out", str(out)]
+            print(" ".join(["geomkit", "run", *flags, "--no-report"]))
+        print(
+            f"{len(todo)} of {len(runs)} runs pending; then: geomkit sweep --report-only "
+            f"--out {out}",
+            file=sys.stderr,
+        )
+        return 0
+    print(
+        f"sweep: {len(runs)} runs, {len(runs) - len(todo)} already finished, "
+        f"{len(todo)} to run on {min(jobs, max(1, len(todo)))} workers -> {out}",
+        file=sys.stderr,
+    )
+    outcomes = execute(base, runs, out, min(jobs, max(1, len(todo))))
+    written = write_study(out, targets, folds=folds)
+    print(written["comparison.md"].read_text(encoding="utf-8"))
+    failed = [o for o in outcomes if not o.ok]
+    if failed:
+        for outcome in failed:
+            print(f"  failed: {outcome.name}: {outcome.error}", file=sys.stderr)
+        print(
+            f"geomkit sweep: {len(failed)} runs failed (tracebacks in their error.txt); "
+            "running the same command again retries them",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
@@ -230,7 +364,7 @@ def _figures(args: argparse.Namespace) -> int:
             overrides["cache_dir"] = args.cache_dir
         config = load_config(args.config, args.preset, overrides)
         results = run(config, report=False)
-        runs = [Path(config.out) / r["run"] for r in results]
+        runs = [Path(config.out) / r.run for r in results]
     out = Path(args.out)
     written = write_report(runs, out, args.format, dpi=args.dpi, first_seed_only=True)
     _print_written(written, out)

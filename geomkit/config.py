@@ -68,6 +68,7 @@ class RunConfig:
     eval_every: int = 5
     threshold: float = 0.1  # forget accuracy that counts as "forgotten" (matched forgetting)
     out: str = "runs"
+    name: str | None = None  # the run directory's name (one strategy, one seed: a sweep's run)
     # objective parameters
     beta: float | None = None
     delta: float | None = None
@@ -146,6 +147,17 @@ class RunConfig:
             raise _bad("hidden_size", self.hidden_size, f"a multiple of heads={self.heads}")
         for name in ("out", "cache_dir"):
             _string(name, getattr(self, name))
+        if self.name is not None:
+            _string("name", self.name)
+            if Path(self.name).name != self.name or self.name in (".", ".."):
+                raise _bad("name", self.name, "a directory name (no path separators)")
+            if len(self.strategies) != 1 or len(self.seeds) != 1:
+                raise _bad(
+                    "name",
+                    self.name,
+                    f"None with {len(self.strategies)} strategies x {len(self.seeds)} seeds "
+                    "(a named run has one strategy and one seed)",
+                )
         self._validate_paths()
         if not isinstance(self.device, str) or not re.fullmatch(
             r"cpu|mps|cuda(:\d+)?", self.device

@@ -15,9 +15,7 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
-import json
 import math
-import random
 import statistics
 import sys
 import time
@@ -25,7 +23,9 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from geomkit.config import ConfigError, RunConfig
+from geomkit.config import RunConfig
+from geomkit.corpora import chunks, lm_batch, step_batches
+from geomkit.results import RunResult
 
 __all__ = ["audit_runs", "audit_summary", "run", "write_report"]
 
@@ -35,8 +35,8 @@ __all__ = ["audit_runs", "audit_summary", "run", "write_report"]
 # --------------------------------------------------------------------------------------------
 
 
-def run(config: RunConfig, report: bool = True) -> list[dict[str, Any]]:
-    """Every strategy x seed of ``config`` (validated); returns the runs' metrics.
+def run(config: RunConfig, report: bool = True) -> list[RunResult]:
+    """Every strategy x seed of ``config`` (validated); returns the runs' results.
 
     With ``report``, the runs are then audited against docs/theory.md (``audit.json`` and
     ``audit.txt`` in ``config.out``) and their figure set is written to ``config.out/figures``.
@@ -59,9 +59,10 @@ def run(config: RunConfig, report: bool = True) -> list[dict[str, Any]]:
     else:
         results = _run_embedded(config, out)
     if _is_main():
-        _write_summary(results, out)
+        if config.name is None:  # a named run is one of a study's, which writes the tables
+            _write_summary(results, out)
         if report and results:
-            runs = [out / r["run"] for r in results]
+            runs = [out / r.run for r in results]
             write_report(runs, out / "figures", audit_dir=out, dpi=150)
     return results
 
@@ -160,6 +161,8 @@ def write_report(
 
 
 def _run_name(config: RunConfig, strategy: str, seed: int) -> str:
+    if config.name is not None:
+        return config.name
     return f"{config.objective}-{strategy}-seed{seed}"
 
 
@@ -173,7 +176,7 @@ def _unlearn(
     run_dir: Path,
     evaluate: Callable[[Any], dict[str, float]] | None,
     before: dict[str, float] | None = None,
-) -> dict[str, Any]:
+) -> RunResult:
     """One run: the Unlearner loop with a progress bar and periodic evaluation."""
     from tqdm.auto import tqdm
 
@@ -228,49 +231,36 @@ def _unlearn(
         unlearner.run(after_step)
     finally:
         bar.close()
-    return {
-        "run": run_dir.name,
-        "objective": config.objective,
-        "strategy": strategy,
-        "seed": seed,
-        "seconds": time.perf_counter() - start,
-        "losses": losses,
-        "history": [{"step": step, **metrics} for step, metrics in history],
-        "_history": history,
-    }
-
-
-def _write_metrics(metrics: dict[str, Any], run_dir: Path) -> None:
-    if not _is_main():
-        return
-    public = {k: v for k, v in metrics.items() if not k.startswith("_")}
-    (run_dir / "metrics.json").write_text(
-        json.dumps(_finite(public), indent=1) + "\n", encoding="utf-8"
+    return RunResult(
+        run=run_dir.name,
+        objective=config.objective,
+        strategy=strategy,
+        seed=seed,
+        lr=config.lr,
+        seconds=time.perf_counter() - start,
+        losses=losses,
+        history=[{"step": step, **metrics} for step, metrics in history],
+        before=before,
     )
 
 
-def _finite(value: Any) -> Any:
-    """``value`` with NaN and inf replaced by None (strict JSON)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
+def _save(result: RunResult, run_dir: Path) -> None:
+    """``metrics.json``, written last: a run directory with one holds a finished run."""
+    if _is_main():
+        result.save(run_dir)
 
 
 def _grid(
     config: RunConfig, forget_items: list, retain_items: list, make: Callable
 ) -> Iterator[tuple[RunConfig, int, str, list[dict], list[dict]]]:
     """Every (seed, strategy) run: its configuration and this process's share of its seed's
-    shuffled micro-batches (:func:`_step_batches`)."""
+    shuffled micro-batches (:func:`geomkit.corpora.step_batches`)."""
     from geomkit.distributed import rank_and_world
 
     rank, world = rank_and_world()
     for seed in config.seeds:
         forget, retain = (
-            _step_batches(items, config.batch_size, config.accumulation, seed, make, rank, world)
+            step_batches(items, config.batch_size, config.accumulation, seed, make, rank, world)
             for items in (forget_items, retain_items)
         )
         seeded = _with_epochs(config, len(forget))
@@ -286,49 +276,10 @@ def _with_epochs(config: RunConfig, n_batches: int) -> RunConfig:
     return dataclasses.replace(config, steps=steps)
 
 
-def _step_batches(
-    items: list,
-    batch_size: int,
-    accumulation: int,
-    seed: int,
-    make: Callable,
-    rank: int = 0,
-    world: int = 1,
-) -> list[dict]:
-    """This process's micro-batches, such that every optimizer step sees the same examples
-    however its batch is split over processes and micro-batches.
-
-    The items, shuffled with ``seed``, are cut into steps of ``batch_size x accumulation x
-    world`` examples; each step into ``accumulation x world`` consecutive micro-batches (of
-    ``batch_size`` examples; the last, shorter step's as equal as possible), of which process
-    ``rank`` takes numbers ``rank, rank + world, ...``. So 2 processes x batch 8, 1 x batch 16
-    and 1 x batch 8 with accumulation 2 see the very same 16 examples per step. A last step with
-    fewer examples than micro-batches is dropped.
-    """
-    order = list(items)
-    random.Random(seed).shuffle(order)
-    parts = accumulation * world
-    size = batch_size * parts
-    steps = [order[i : i + size] for i in range(0, len(order), size)]
-    if steps and len(steps[-1]) < parts:
-        steps.pop()
-    if not steps:
-        raise ConfigError(
-            f"{world} process(es) x accumulation={accumulation} need at least {parts} examples "
-            f"per step; the data hold {len(order)}"
-        )
-    mine = []
-    for step in steps:
-        cut, extra = divmod(len(step), parts)
-        bounds = [j * cut + min(j, extra) for j in range(parts + 1)]
-        mine += [make(step[bounds[j] : bounds[j + 1]]) for j in range(rank, parts, world)]
-    return mine
-
-
 # -- the embedded benchmark -----------------------------------------------------------------
 
 
-def _run_embedded(config: RunConfig, out: Path) -> list[dict[str, Any]]:
+def _run_embedded(config: RunConfig, out: Path) -> list[RunResult]:
     import torch
 
     from geomkit.bench.data import qa_text
@@ -376,27 +327,23 @@ def _run_embedded(config: RunConfig, out: Path) -> list[dict[str, Any]]:
     ):
         run_dir = out / _run_name(run_config, strategy, seed)
         model = copy.deepcopy(target)
-        metrics = _unlearn(
-            run_config, model, forget, retain, strategy, seed, run_dir, score, before
-        )
-        final = metrics["_history"][-1][1]
-        matched = matched_forgetting(metrics["_history"], run_config.threshold)
-        metrics.update(
-            before=before,
-            final=final,
-            recovery=recovery(final, before),
-            matched_forgetting=matched,
-            pretrain={k: info.get(k) for k in ("key", "cached", "path", "final")},
-        )
-        metrics["summary"] = {
+        result = _unlearn(run_config, model, forget, retain, strategy, seed, run_dir, score, before)
+        evaluations = result.trajectory()[1:]
+        final = evaluations[-1][1]
+        matched = matched_forgetting(evaluations, run_config.threshold)
+        result.final = final
+        result.recovery = recovery(final, before)
+        result.matched_forgetting = matched
+        result.pretrain = {k: info.get(k) for k in ("key", "cached", "path", "final")}
+        result.summary = {
             **final,
-            **metrics["recovery"],
+            **result.recovery,
             "matched_step": float(matched["step"]) if matched else math.nan,
             "matched_retain_acc": matched["retain_acc"] if matched else math.nan,
             "matched_general_acc": matched["general_acc"] if matched else math.nan,
         }
-        _write_metrics(metrics, run_dir)
-        results.append(metrics)
+        _save(result, run_dir)
+        results.append(result)
         del model
     return results
 
@@ -414,76 +361,25 @@ def _pretrain_progress(entry: dict[str, float]) -> None:
 # -- a local model on corpora ---------------------------------------------------------------
 
 
-def _documents(path: Path) -> list[str]:
-    """The texts of a JSONL file (``text`` field of each line) or a plain text file."""
-    text = path.read_text(encoding="utf-8")
-    if path.suffix not in (".jsonl", ".json"):
-        return [text]
-    documents = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            record = None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise ConfigError(f"{path}:{number}: expected a JSON object with a 'text' string")
-        documents.append(record["text"])
-    return documents
-
-
-def _chunks(tokenizer: Any, path: Path, length: int) -> list[list[int]]:
-    """The documents tokenized, joined with "\\n\\n" and cut into ``length``-token chunks."""
-    separator = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
-    ids: list[int] = []
-    for i, document in enumerate(_documents(path)):
-        if i:
-            ids.extend(separator)
-        ids.extend(tokenizer(document, add_special_tokens=False)["input_ids"])
-    if len(ids) < 2:
-        raise ConfigError(f"{path} holds fewer than 2 tokens")
-    chunks = [ids[i : i + length] for i in range(0, len(ids), length)]
-    if len(chunks) > 1 and len(chunks[-1]) < length:
-        chunks.pop()  # equal lengths: no padding needed
-    return chunks
-
-
-def _lm_batch(chunks: list[list[int]]) -> dict:
-    import torch
-
-    width = max(len(c) for c in chunks)
-    ids = torch.zeros(len(chunks), width, dtype=torch.long)
-    mask = torch.zeros(len(chunks), width, dtype=torch.long)
-    for row, chunk in enumerate(chunks):
-        ids[row, : len(chunk)] = torch.tensor(chunk)
-        mask[row, : len(chunk)] = 1
-    labels = ids.masked_fill(mask == 0, -100)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def _run_real(config: RunConfig, out: Path) -> list[dict[str, Any]]:
+def _run_real(config: RunConfig, out: Path) -> list[RunResult]:
     import transformers
 
     from geomkit.engine import load_model
 
     target = load_model(config.model, device=config.device, dtype=config.dtype)
     tokenizer = transformers.AutoTokenizer.from_pretrained(config.model, local_files_only=True)
-    forget_chunks = _chunks(tokenizer, Path(config.forget_data), config.chunk_length)
-    retain_chunks = _chunks(tokenizer, Path(config.retain_data), config.chunk_length)
+    forget_chunks = chunks(tokenizer, Path(config.forget_data), config.chunk_length)
+    retain_chunks = chunks(tokenizer, Path(config.retain_data), config.chunk_length)
     results = []
-    grid = _grid(config, forget_chunks, retain_chunks, _lm_batch)
+    grid = _grid(config, forget_chunks, retain_chunks, lm_batch)
     for run_config, seed, strategy, forget, retain in grid:
         run_dir = out / _run_name(run_config, strategy, seed)
         model = copy.deepcopy(target) if len(config.seeds) * len(config.strategies) > 1 else target
-        metrics = _unlearn(run_config, model, forget, retain, strategy, seed, run_dir, None)
-        last = metrics["losses"][-1]
-        metrics["summary"] = {
-            "forget_loss": last["forget_loss"],
-            "retain_loss": last["retain_loss"],
-        }
-        _write_metrics(metrics, run_dir)
-        results.append(metrics)
+        result = _unlearn(run_config, model, forget, retain, strategy, seed, run_dir, None)
+        last = result.losses[-1]
+        result.summary = {"forget_loss": last["forget_loss"], "retain_loss": last["retain_loss"]}
+        _save(result, run_dir)
+        results.append(result)
         del model
     return results
 
@@ -498,21 +394,19 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
 
 
-def _write_summary(results: list[dict[str, Any]], out: Path) -> None:
+def _write_summary(results: list[RunResult], out: Path) -> None:
     """Mean and std over seeds per objective x strategy: print, summary.csv, summary.md."""
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    groups: dict[tuple[str, str], list[RunResult]] = {}
     for result in results:
-        groups.setdefault((result["objective"], result["strategy"]), []).append(result)
-    columns = list(results[0]["summary"]) if results else []
+        groups.setdefault((result.objective, result.strategy), []).append(result)
+    columns = list(results[0].summary) if results else []
     rows = []
     for (objective, strategy), runs in groups.items():
         row: dict[str, Any] = {"objective": objective, "strategy": strategy, "seeds": len(runs)}
         # runs whose forget accuracy reached the threshold (those the matched_* columns average)
-        row["forgotten"] = sum(
-            math.isfinite(r["summary"].get("matched_step", math.nan)) for r in runs
-        )
+        row["forgotten"] = sum(math.isfinite(r.summary.get("matched_step", math.nan)) for r in runs)
         for column in columns:
-            row[column] = _mean_std([float(r["summary"][column]) for r in runs])
+            row[column] = _mean_std([float(r.summary[column]) for r in runs])
         rows.append(row)
     with open(out / "summary.csv", "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)

@@ -319,11 +319,11 @@ def test_geomkit_run_gives_every_split_the_same_examples_per_step(n: int) -> Non
     """2 processes x batch 8, 1 x 16 and 1 x 8 with accumulation 2: the same examples in every
     optimizer step, also in a last, shorter step (split evenly; dropped when it holds fewer
     examples than micro-batches), and as many steps on every process."""
-    from geomkit.runner import _step_batches
+    from geomkit.corpora import step_batches
 
     def steps(processes: int, batch: int, accumulation: int) -> list[list[int]]:
         shares = [
-            _step_batches(list(range(n)), batch, accumulation, 0, list, rank, processes)
+            step_batches(list(range(n)), batch, accumulation, 0, list, rank, processes)
             for rank in range(processes)
         ]
         assert len({len(share) for share in shares}) == 1  # every process cycles together

@@ -1,0 +1,161 @@
+"""Executing a sweep: pending runs on a pool of worker processes, resumable.
+
+See docs/study.md#sweep.
+
+A run is finished when its directory holds ``metrics.json`` (written last and atomically,
+:mod:`geomkit.results`); :func:`execute` skips finished runs and redoes any other directory
+under a run's name (a half-written run of a killed sweep). Each worker is a fresh process
+(``spawn``) with one torch thread; a run's terminal output goes to ``log.txt`` in its
+directory, and a run that raises leaves its traceback in ``error.txt`` and is reported as
+failed (a later call retries it). The embedded benchmark's target model is pretrained (or
+found in the cache) once, with every core, before the workers start.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+from geomkit.config import RunConfig
+from geomkit.results import is_finished
+from geomkit.study.grid import SweepRun
+
+__all__ = ["Outcome", "cores", "execute", "pending"]
+
+ERROR_FILE = "error.txt"
+LOG_FILE = "log.txt"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one run: ``ok`` or the error's last line, and its wall time."""
+
+    name: str
+    ok: bool
+    seconds: float
+    error: str = ""
+
+
+def cores() -> int:
+    """The CPU cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def pending(runs: list[SweepRun], out: Path) -> list[SweepRun]:
+    """The runs of ``runs`` not finished in ``out``."""
+    return [r for r in runs if not is_finished(out / r.name)]
+
+
+def _run_one(base: dict, run: SweepRun, out: str) -> Outcome:
+    """One run in this process, its output to ``log.txt``; never raises."""
+    import torch
+
+    from geomkit import runner
+
+    start = time.perf_counter()
+    run_dir = Path(out) / run.name
+    if run_dir.exists():  # a half-written run (no metrics.json): redo it from scratch
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    config = run.config(RunConfig(**base), out)
+    previous_threads, previous_tqdm = torch.get_num_threads(), os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        with (
+            open(run_dir / LOG_FILE, "w", encoding="utf-8") as log,
+            contextlib.redirect_stdout(log),
+            contextlib.redirect_stderr(log),
+        ):
+            runner.run(config, report=False)
+        return Outcome(run.name, True, time.perf_counter() - start)
+    except Exception as error:  # reported as a failed run, retried by the next call
+        (run_dir / ERROR_FILE).write_text(traceback.format_exc(), encoding="utf-8")
+        message = f"{type(error).__name__}: {error}".splitlines()[0]
+        return Outcome(run.name, False, time.perf_counter() - start, message)
+    finally:
+        torch.set_num_threads(previous_threads)
+        if previous_tqdm is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = previous_tqdm
+
+
+def prepare(base: RunConfig) -> None:
+    """Pretrain (or find in the cache) the embedded target model once, with every core."""
+    if base.real:
+        return
+    import torch
+
+    from geomkit.bench.model import load_or_pretrain
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cores())
+    try:
+        load_or_pretrain(
+            base.cache_dir,
+            base.n_entities,
+            base.forget_fraction,
+            base.data_seed,
+            base.model_config(),
+            base.train_config(),
+        )
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _worker_init() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def execute(
+    base: RunConfig, runs: list[SweepRun], out: Path, jobs: int, *, progress: bool = True
+) -> list[Outcome]:
+    """Run every pending run of ``runs`` into ``out`` on ``jobs`` processes; their outcomes.
+
+    With ``jobs == 1`` the runs execute in this process, one after another (the same results
+    as any number of workers: each run is seeded and single-threaded).
+    """
+    from tqdm.auto import tqdm
+
+    todo = pending(runs, out)
+    if not todo:
+        return []
+    prepare(base)
+    single = {**base.to_dict(), "threads": 1}
+    bar = tqdm(total=len(todo), desc="sweep", unit="run", file=sys.stderr, disable=not progress)
+    outcomes = []
+
+    def done(outcome: Outcome) -> None:
+        outcomes.append(outcome)
+        bar.update()
+        failed = sum(not o.ok for o in outcomes)
+        bar.set_postfix_str(f"last {outcome.name}" + (f", {failed} failed" if failed else ""))
+
+    try:
+        if jobs == 1:
+            for run in todo:
+                done(_run_one(single, run, str(out)))
+        else:
+            context = multiprocessing.get_context("spawn")
+            with concurrent.futures.ProcessPoolExecutor(
+                jobs, mp_context=context, initializer=_worker_init
+            ) as pool:
+                futures = [pool.submit(_run_one, single, run, str(out)) for run in todo]
+                for future in concurrent.futures.as_completed(futures):
+                    done(future.result())
+    finally:
+        bar.close()
+    return outcomes
