@@ -150,5 +150,5 @@ class Sweep:
         """The settings in which ``other`` differs from this sweep (for resuming safely)."""
         mine, theirs = self.to_dict(), other.to_dict()
         base = [k for k in mine["base"] if mine["base"][k] != theirs["base"].get(k)]
-        base = [k for k in base if k not in ("out", "threads")]
+        base = [k for k in base if k not in ("out", "threads", "cache_dir")]  # same results
         return base + [axis for axis in AXES if mine[axis] != theirs[axis]]
