@@ -66,9 +66,6 @@ def _parser() -> argparse.ArgumentParser:
     )
     _run_flags(sweep, sweep=True)
     sweep.add_argument(
-        "--jobs", type=int, help="worker processes, one torch thread each (default: the cores)"
-    )
-    sweep.add_argument(
         "--targets", nargs="+", type=float, metavar="F", help="forget accuracies to match at"
     )
     sweep.add_argument("--folds", type=int, help="cross-fitting folds of the seeds (default 2)")
@@ -151,6 +148,11 @@ def _run_flags(parser: argparse.ArgumentParser, *, sweep: bool = False) -> None:
         "--epochs", type=int, help="passes over the forget data (sets the steps; RWKU presets)"
     )
     parser.add_argument("--seed", dest="seeds", nargs="+", type=int, metavar="N", help="seeds")
+    parser.add_argument(
+        "--vary",
+        action="store_true",
+        help="a seed also redraws the benchmark's data and target model (data_seed + seed)",
+    )
     parser.add_argument("--record-every", type=int, help="record geometry every N steps (0: never)")
     parser.add_argument(
         "--verify-every",
@@ -189,12 +191,27 @@ def _run_flags(parser: argparse.ArgumentParser, *, sweep: bool = False) -> None:
     parser.add_argument(
         "--retain-data", metavar="FILE", help="retain corpus (JSONL 'text' or text)"
     )
+    parser.add_argument(
+        "--chunk-length", type=int, help="tokens per training chunk of the corpora (default 512)"
+    )
+    parser.add_argument(
+        "--eval-data",
+        nargs="+",
+        type=_name_and_file,
+        metavar="NAME=FILE",
+        help="multiple-choice JSONL files scored at every evaluation as NAME_acc (local model)",
+    )
     for old, dest in (("--forget", "forget_data"), ("--retain", "retain_data")):
         new = "--" + dest.replace("_", "-")  # deprecated spellings: warn, then set the field
         parser.add_argument(old, dest=dest, action=DeprecatedFlag, new=new, help=argparse.SUPPRESS)
     parser.add_argument("--device", metavar="D", help="cpu, cuda, cuda:N or mps")
     parser.add_argument("--dtype", metavar="T", help="float32, bfloat16 or float16")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        help="worker processes for the runs, one torch thread each (default: the cores)",
+    )
     parser.add_argument("--cache-dir", metavar="DIR", help="cache of pretrained benchmark models")
     if not sweep:
         parser.add_argument(
@@ -202,6 +219,13 @@ def _run_flags(parser: argparse.ArgumentParser, *, sweep: bool = False) -> None:
             action="store_true",
             help="skip the theorem audit and the figure set written after the runs",
         )
+
+
+def _name_and_file(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"invalid --eval-data {text!r}: expected NAME=FILE")
+    return name, path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -230,6 +254,8 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 def _run(args: argparse.Namespace) -> int:
     given = vars(args)
     overrides = {f.name: given[f.name] for f in fields(RunConfig) if f.name in given}
+    if "eval_data" in overrides:
+        overrides["eval_data"] = dict(overrides["eval_data"])
     config = load_config(args.config, args.preset, overrides)
     run(config, report=not given.get("no_report", False))
     return 0
@@ -265,6 +291,8 @@ def _sweep(args: argparse.Namespace) -> int:
         return 0
     axes = {field: given.pop(flag) for field, flag in AXIS_FLAGS.items() if flag in given}
     overrides = {f.name: given[f.name] for f in fields(RunConfig) if f.name in given}
+    if "eval_data" in overrides:
+        overrides["eval_data"] = dict(overrides["eval_data"])
     preset = load_config(args.config, args.preset)  # what the file and preset set, unvalidated
     base_values = {k: v for k, v in SWEEP_DEFAULTS.items() if k not in overrides}
     base_values = {
@@ -279,9 +307,7 @@ def _sweep(args: argparse.Namespace) -> int:
         steps=axes.get("steps", [base.steps]),
         seeds=axes.get("seeds", base.seeds),
     )
-    jobs = given.get("jobs", cores())
-    if isinstance(jobs, bool) or jobs < 1:
-        raise ConfigError(f"invalid --jobs={jobs!r}: expected an integer >= 1")
+    jobs = base.jobs if base.jobs is not None else cores()
     out = Path(base.out)
     out.mkdir(parents=True, exist_ok=True)
     if (out / "sweep.json").exists():
@@ -294,9 +320,10 @@ def _sweep(args: argparse.Namespace) -> int:
     sweep.save(out)
     base.save(out / "base.json")
     runs = sweep.runs()
-    todo = pending(runs, out)
+    configs = [run.config(base, out) for run in runs]
+    todo = pending(configs)
     if given.get("dry_run"):
-        for run in todo:
+        for run in [r for r, c in zip(runs, configs, strict=True) if c in todo]:
             flags = ["--config", str(out / "base.json"), *run.flags(), "--out", str(out)]
             print(" ".join(["geomkit", "run", *flags, "--no-report"]))
         print(
@@ -310,7 +337,7 @@ def _sweep(args: argparse.Namespace) -> int:
         f"{len(todo)} to run on {min(jobs, max(1, len(todo)))} workers -> {out}",
         file=sys.stderr,
     )
-    outcomes = execute(base, runs, out, min(jobs, max(1, len(todo))))
+    outcomes = execute(configs, min(jobs, max(1, len(todo))))
     written = write_study(out, targets, folds=folds)
     print(written["comparison.md"].read_text(encoding="utf-8"))
     failed = [o for o in outcomes if not o.ok]

@@ -61,6 +61,7 @@ class RunConfig:
     batch_size: int = 16
     accumulation: int = 1
     seeds: list[int] = field(default_factory=lambda: [0])
+    vary: bool = False  # a seed also redraws the data and the target model (data_seed + seed)
     record_every: int = 1
     verify_every: int = VERIFY_EVERY  # the first record and every 50th (0: never)
     record_step: bool = True  # statistics of the optimizer's step u at each record
@@ -76,7 +77,7 @@ class RunConfig:
     coefficient: float | None = None
     # embedded benchmark and its model
     n_entities: int = 200
-    forget_fraction: float = 0.1
+    forget_fraction: float = 0.25  # 50 of 200 entities: 150 forget facts, SE <= 0.025 at 0.1
     data_seed: int = 0
     hidden_size: int = 128
     layers: int = 4
@@ -89,10 +90,22 @@ class RunConfig:
     forget_data: str | None = None
     retain_data: str | None = None
     chunk_length: int = 512
+    eval_data: dict[str, str] | None = None  # name -> JSONL multiple-choice file (local model)
     # hardware
     device: str = "cpu"
     dtype: str = "float32"
     threads: int = 1
+    jobs: int | None = None  # worker processes for several runs (None: the cores, on CPU)
+
+    def for_seed(self, seed: int) -> RunConfig:
+        """This configuration narrowed to ``seed``; with ``vary``, also its data and target
+        model: ``data_seed + seed`` draws the entities, the forget/retain split and the
+        pretraining (a target model cached per seed)."""
+        from dataclasses import replace
+
+        if not self.vary:
+            return replace(self, seeds=[seed])
+        return replace(self, seeds=[seed], data_seed=self.data_seed + seed, vary=False)
 
     @property
     def real(self) -> bool:
@@ -125,6 +138,7 @@ class RunConfig:
             _integer(name, getattr(self, name), 1)
         _integer("data_seed", self.data_seed, 0)
         _integer("epochs", self.epochs, 1, optional=True)
+        _integer("jobs", self.jobs, 1, optional=True)
         _integer("layer", self.layer, 0, optional=True)
         seeds = "a non-empty list of integers >= 0"
         if not isinstance(self.seeds, list) or not self.seeds:
@@ -134,6 +148,10 @@ class RunConfig:
                 raise _bad("seeds", self.seeds, seeds)
         if len(set(self.seeds)) != len(self.seeds):
             raise _bad("seeds", self.seeds, "distinct seeds")
+        if not isinstance(self.vary, bool):
+            raise _bad("vary", self.vary, "true or false")
+        if self.vary and self.real:
+            raise _bad("vary", self.vary, "false for a local model (its data are given)")
         try:  # the engine's settings (alpha ... record_every), checked by the engine itself
             self.engine_config(self.strategies[0], self.seeds[0]).validate()
         except (TypeError, ValueError) as error:
@@ -231,6 +249,17 @@ class RunConfig:
             for name in ("forget_data", "retain_data"):
                 if not Path(given[name]).is_file():
                     raise _bad(name, given[name], "an existing JSONL or text file")
+        if self.eval_data is not None:
+            if not self.real:
+                raise _bad("eval_data", self.eval_data, "None without a local model")
+            if not isinstance(self.eval_data, dict) or not self.eval_data:
+                raise _bad("eval_data", self.eval_data, "a table of name = JSONL file")
+            for key, path in self.eval_data.items():
+                if not isinstance(key, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", key):
+                    raise _bad("eval_data", key, "names of lower-case letters, digits and _")
+                from geomkit.choice import read_questions
+
+                read_questions(path)  # ConfigError naming the file and line of a bad question
 
 
 # RunConfig(retain=..., forget=...): the deprecated spellings still work, with a warning

@@ -54,8 +54,13 @@ def run(config: RunConfig, report: bool = True) -> list[RunResult]:
     init_from_environment()
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    if config.real:
+    jobs = _jobs(config)
+    if jobs > 1:
+        results = _run_pool(config, jobs)
+    elif config.real:
         results = _run_real(config, out)
+    elif config.vary:  # a target model per seed
+        results = [r for seed in config.seeds for r in _run_embedded(config.for_seed(seed), out)]
     else:
         results = _run_embedded(config, out)
     if _is_main():
@@ -65,6 +70,46 @@ def run(config: RunConfig, report: bool = True) -> list[RunResult]:
             runs = [out / r.run for r in results]
             write_report(runs, out / "figures", audit_dir=out, dpi=150)
     return results
+
+
+def _jobs(config: RunConfig) -> int:
+    """How many worker processes run the strategy x seed runs of ``config``: ``config.jobs``
+    (default: the cores) for several runs of the embedded benchmark on the CPU in one process;
+    else 1 (a local model's runs share its memory; under torchrun the processes share each run).
+    """
+    from geomkit.distributed import rank_and_world
+    from geomkit.study.workers import cores
+
+    runs = len(config.strategies) * len(config.seeds)
+    if config.real or config.device != "cpu" or rank_and_world()[1] > 1 or runs < 2:
+        return 1
+    return min(runs, config.jobs if config.jobs is not None else cores())
+
+
+def _run_pool(config: RunConfig, jobs: int) -> list[RunResult]:
+    """Every strategy x seed run of ``config`` as a named run on ``jobs`` worker processes (one
+    torch thread each; the target model pretrained first with every core). Runs already in
+    ``config.out`` under those names are redone. Raises RuntimeError when a run failed."""
+    import shutil
+
+    from geomkit.study.workers import execute
+
+    configs = []
+    for seed in config.seeds:
+        for strategy in config.strategies:
+            name = _run_name(config, strategy, seed)
+            single = dataclasses.replace(
+                config.for_seed(seed), strategies=[strategy], name=name, jobs=1
+            )
+            configs.append(single)
+            if (Path(config.out) / name).exists():
+                shutil.rmtree(Path(config.out) / name)
+    outcomes = execute(configs, jobs, desc=f"{len(configs)} runs on {jobs} workers")
+    failed = [o for o in outcomes if not o.ok]
+    if failed:
+        names = ", ".join(f"{o.name} ({o.error})" for o in failed)
+        raise RuntimeError(f"runs failed: {names}; tracebacks in their error.txt")
+    return [RunResult.load(Path(c.out) / str(c.name)) for c in configs]
 
 
 def _is_main() -> bool:
@@ -199,8 +244,17 @@ def _unlearn(
     losses: list[dict[str, float]] = []
     history: list[tuple[int, dict[str, float]]] = []
     recorder = unlearner.recorder
-    if recorder is not None and before is not None:
-        recorder.log_evaluation(0, before)
+
+    def log(steps_done: int, metrics: dict[str, float]) -> None:
+        """Into the store: the metrics it has variables for (others stay in metrics.json)."""
+        from geomkit.store import EVALUATION_VARIABLES
+
+        known = {k: v for k, v in metrics.items() if k in EVALUATION_VARIABLES}
+        if recorder is not None and known:
+            recorder.log_evaluation(steps_done, known)
+
+    if before is not None:
+        log(0, before)
     bar = tqdm(
         total=config.steps,
         desc=run_dir.name,
@@ -223,8 +277,7 @@ def _unlearn(
         bar.update()
         if evaluate is not None and (done % config.eval_every == 0 or done == config.steps):
             history.append((done, evaluate(model)))
-            if recorder is not None:
-                recorder.log_evaluation(done, history[-1][1])
+            log(done, history[-1][1])
 
     start = time.perf_counter()
     try:
@@ -282,9 +335,8 @@ def _with_epochs(config: RunConfig, n_batches: int) -> RunConfig:
 def _run_embedded(config: RunConfig, out: Path) -> list[RunResult]:
     import torch
 
-    from geomkit.bench.data import qa_text
     from geomkit.bench.evaluate import evaluate, matched_forgetting, recovery
-    from geomkit.bench.model import load_or_pretrain
+    from geomkit.bench.model import load_or_pretrain, unlearning_texts
 
     main = _is_main()
     if not main:
@@ -315,8 +367,7 @@ def _run_embedded(config: RunConfig, out: Path) -> list[RunResult]:
             + ", ".join(f"{k}={v:.3f}" for k, v in before.items()),
             file=sys.stderr,
         )
-    forget_texts = list(data.forget_text) + [qa_text(q) for q in data.forget_qa]
-    retain_texts = list(data.retain_text) + [qa_text(q) for q in data.retain_qa]
+    forget_texts, retain_texts = (list(texts) for texts in unlearning_texts(data))
 
     def make(texts: list[str]) -> dict:
         return tokenizer.batch(texts, max_length=max_length)
@@ -370,14 +421,29 @@ def _run_real(config: RunConfig, out: Path) -> list[RunResult]:
     tokenizer = transformers.AutoTokenizer.from_pretrained(config.model, local_files_only=True)
     forget_chunks = chunks(tokenizer, Path(config.forget_data), config.chunk_length)
     retain_chunks = chunks(tokenizer, Path(config.retain_data), config.chunk_length)
+    evaluate, before = None, None
+    if config.eval_data:
+        from geomkit.choice import accuracy, read_questions
+
+        questions = {name: read_questions(path) for name, path in config.eval_data.items()}
+
+        def evaluate(model: Any) -> dict[str, float]:
+            return {f"{name}_acc": accuracy(model, tokenizer, qs) for name, qs in questions.items()}
+
+        before = evaluate(target)
     results = []
     grid = _grid(config, forget_chunks, retain_chunks, lm_batch)
     for run_config, seed, strategy, forget, retain in grid:
         run_dir = out / _run_name(run_config, strategy, seed)
         model = copy.deepcopy(target) if len(config.seeds) * len(config.strategies) > 1 else target
-        result = _unlearn(run_config, model, forget, retain, strategy, seed, run_dir, None)
+        result = _unlearn(
+            run_config, model, forget, retain, strategy, seed, run_dir, evaluate, before
+        )
         last = result.losses[-1]
         result.summary = {"forget_loss": last["forget_loss"], "retain_loss": last["retain_loss"]}
+        if result.history:
+            result.final = {k: v for k, v in result.history[-1].items() if k != "step"}
+            result.summary.update(result.final)
         _save(result, run_dir)
         results.append(result)
         del model

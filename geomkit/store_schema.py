@@ -21,13 +21,15 @@ import zarr
 from geomkit.fields import FIELD_TABLE, STORED_FIELDS
 
 SCHEMA = "geomkit.run"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """The layout written. Version 2 added the ``evaluation`` dimension, stores every chunk (also one
 holding only fill values) and checksums each (zstd), so that a missing or altered chunk is
 detectable. Version 3 added the statistics of the step the optimizer took (the ``"step"`` fields
 of :data:`geomkit.fields.FIELD_TABLE`) and the losses after the step (``forget_loss_after``,
-``retain_loss_after``); older stores open without them (:data:`SINCE`)."""
-READABLE_VERSIONS = (1, 2, 3)
+``retain_loss_after``). Version 4 added the held-out-phrasing evaluations
+(``forget_heldout_acc``, ``retain_heldout_acc``). Older stores open without what later versions
+added (:data:`SINCE`)."""
+READABLE_VERSIONS = (1, 2, 3, 4)
 """Versions :func:`open_run` reads. A version 1 store may lack the evaluation arrays (they open
 empty) and legitimately omits chunks holding only fill values, so a missing chunk of it cannot be
 told from damage and reads as the fill value; chunks that exist must still decode."""
@@ -111,6 +113,22 @@ VARIABLES: dict[str, dict[str, Any]] = {
         units="1",
         description="exact-match accuracy on the retain split's QA pairs",
     ),
+    "forget_heldout_acc": dict(
+        dims=("evaluation",),
+        dtype="float64",
+        long_name="forget QA accuracy, held-out phrasing",
+        units="1",
+        description="exact-match accuracy on the forget split's questions in a phrasing no "
+        "training sees (does forgetting carry over to a paraphrase? lower is better)",
+    ),
+    "retain_heldout_acc": dict(
+        dims=("evaluation",),
+        dtype="float64",
+        long_name="retain QA accuracy, held-out phrasing",
+        units="1",
+        description="exact-match accuracy on the retain split's questions in a phrasing the "
+        "retain loss never trains on",
+    ),
     "general_acc": dict(
         dims=("evaluation",),
         dtype="float64",
@@ -130,6 +148,8 @@ SINCE: dict[str, int] = {
     **{name: FIELD_TABLE[name].since for name in STORED_FIELDS if FIELD_TABLE[name].since > 1},
     "forget_loss_after": 3,
     "retain_loss_after": 3,
+    "forget_heldout_acc": 4,
+    "retain_heldout_acc": 4,
 }
 """Variables added after version 1 -> the schema version that first writes them: a store of an
 older version opens without them, a store of that version or later must hold them."""

@@ -318,3 +318,40 @@ def test_decode_errors(tok: WordTokenizer) -> None:
         tok.decode([1.5])
     with pytest.raises(TypeError, match="invalid text=\\['a'\\]: expected a str"):
         tok.encode(["a"])
+
+
+def test_held_out_phrasings_never_appear_in_training(data: BenchmarkData) -> None:
+    """Neither pretraining nor unlearning (nor any of its micro-batches) sees a question in
+    the held-out phrasing; both trained phrasings are trained on."""
+    from geomkit.bench.model import training_texts, unlearning_texts
+    from geomkit.bench.tokenizer import WordTokenizer
+    from geomkit.corpora import step_batches
+
+    held_out = {q.question for q in data.forget_heldout_qa + data.retain_heldout_qa}
+    assert len(held_out) == 3 * len(data.entities)
+    forget, retain = unlearning_texts(data)
+    texts = set(training_texts(data)) | set(forget) | set(retain)
+    for text in texts:
+        assert text.split(f" {ANSWER_SEPARATOR} ")[0] not in held_out, text
+    for split, unlearned in (("forget", forget), ("retain", retain)):
+        trained = {qa_text(q) for q in data.trained_qa(split)}
+        assert trained <= set(unlearned) and trained <= set(training_texts(data))
+    # the batches of a run: decoded back, every training text and no held-out question
+    tokenizer = WordTokenizer.from_texts(data.texts())
+    batches = step_batches(list(forget), 16, 1, 0, lambda t: tokenizer.batch(t, max_length=64))
+    decoded = {tokenizer.decode(row) for batch in batches for row in batch["input_ids"].tolist()}
+    assert decoded and not any(
+        text.split(f" {ANSWER_SEPARATOR} ")[0] in held_out for text in decoded
+    )
+    assert decoded <= set(forget)
+
+
+def test_held_out_phrasings_ask_the_same_facts(data: BenchmarkData) -> None:
+    for split in ("forget", "retain"):
+        qa = getattr(data, f"{split}_qa")
+        for other in ("rephrased_qa", "heldout_qa"):
+            pairs = getattr(data, f"{split}_{other}")
+            assert [(q.entity, q.attribute, q.answer) for q in pairs] == [
+                (q.entity, q.attribute, q.answer) for q in qa
+            ]
+            assert all(p.question != q.question for p, q in zip(pairs, qa, strict=True))

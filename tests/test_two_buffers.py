@@ -308,8 +308,9 @@ def test_at_most_two_gradients_and_one_tensor_temporary(
     import geomkit.step as gstep
 
     # records that are not verified form the update (and its step) in pieces: no temporary
-    # of a tensor's size (pieces of 64 elements here, so that the bound can tell)
-    monkeypatch.setattr(gstep, "STEP_CHUNK", 64)
+    # of a tensor's size (pieces of 512 elements here, so that the bound can tell: a piece is
+    # 4 KB in float32, the largest tensor 64 KB, the slack about 45 KB)
+    monkeypatch.setattr(gstep, "STEP_CHUNK", 512)
     baseline = frozenset(_storages())  # whatever earlier tests left alive
     # hidden 64: a gradient (90K parameters) large next to the statistics of a step
     unlearner = engine(

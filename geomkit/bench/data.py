@@ -35,6 +35,7 @@ from geomkit._validation import check_integer, check_real
 __all__ = [
     "ANSWER_SEPARATOR",
     "ATTRIBUTES",
+    "QUESTION_PHRASINGS",
     "MAX_ENTITIES",
     "Entity",
     "QA",
@@ -92,11 +93,27 @@ _TEMPLATES: dict[str, tuple[str, ...]] = {
     ),
 }
 
-_QUESTIONS: dict[str, str] = {
-    "birthplace": "where was {name} born ?",
-    "profession": "what is the profession of {name} ?",
-    "year": "in which year was {name} born ?",
+_QUESTIONS: dict[str, tuple[str, str, str]] = {
+    # (evaluated and trained, trained only, held out: never trained, evaluated)
+    "birthplace": (
+        "where was {name} born ?",
+        "in which town was {name} born ?",
+        "what is the home town of {name} ?",
+    ),
+    "profession": (
+        "what is the profession of {name} ?",
+        "what does {name} do for a living ?",
+        "what job does {name} have ?",
+    ),
+    "year": (
+        "in which year was {name} born ?",
+        "what is the birth year of {name} ?",
+        "when was {name} born ?",
+    ),
 }
+QUESTION_PHRASINGS: tuple[str, ...] = ("qa", "rephrased_qa", "heldout_qa")
+"""The three phrasings of every question, as :class:`BenchmarkData` field suffixes: the first
+is trained and evaluated, the second only trained, the third only evaluated (held out)."""
 
 # The general-capability probe and its training examples.
 _DIGITS = range(10)  # operands of "what is a plus b ?"
@@ -143,7 +160,15 @@ class BenchmarkData:
     forget_text, retain_text
         Sentences about the entities of each split, every template of every attribute.
     forget_qa, retain_qa
-        One QA pair per attribute and entity of each split.
+        One QA pair per attribute and entity of each split, in the first phrasing (trained,
+        and evaluated as ``forget_acc`` / ``retain_acc``).
+    forget_rephrased_qa, retain_rephrased_qa
+        The same questions in a second phrasing, trained on (pretraining and unlearning) but
+        not evaluated.
+    forget_heldout_qa, retain_heldout_qa
+        The same questions in a third phrasing that no training ever sees (evaluated as
+        ``forget_heldout_acc`` / ``retain_heldout_acc``: does forgetting, or keeping, carry
+        over to a paraphrase?).
     general_qa
         The general-capability probe: additions and copies held out from the training data.
     general_train_text
@@ -159,6 +184,15 @@ class BenchmarkData:
     retain_qa: tuple[QA, ...]
     general_qa: tuple[QA, ...]
     general_train_text: tuple[str, ...]
+    forget_rephrased_qa: tuple[QA, ...] = ()
+    retain_rephrased_qa: tuple[QA, ...] = ()
+    forget_heldout_qa: tuple[QA, ...] = ()
+    retain_heldout_qa: tuple[QA, ...] = ()
+
+    def trained_qa(self, split: str) -> tuple[QA, ...]:
+        """The QA pairs of ``split`` ("forget" or "retain") that training sees: the first
+        two phrasings (never the held-out one)."""
+        return getattr(self, f"{split}_qa") + getattr(self, f"{split}_rephrased_qa")
 
     def texts(self) -> tuple[str, ...]:
         """Every text of the benchmark (sentences, QA texts, probe and its training examples).
@@ -167,6 +201,8 @@ class BenchmarkData:
         ``WordTokenizer.from_texts(data.texts())``.
         """
         qa = self.forget_qa + self.retain_qa + self.general_qa
+        qa += self.forget_rephrased_qa + self.retain_rephrased_qa
+        qa += self.forget_heldout_qa + self.retain_heldout_qa
         return (
             self.forget_text
             + self.retain_text
@@ -240,10 +276,10 @@ def _sentences(entities: list[Entity]) -> tuple[str, ...]:
     )
 
 
-def _entity_qa(entities: list[Entity]) -> tuple[QA, ...]:
+def _entity_qa(entities: list[Entity], phrasing: int = 0) -> tuple[QA, ...]:
     return tuple(
         QA(
-            question=_QUESTIONS[attribute].format(name=e.name),
+            question=_QUESTIONS[attribute][phrasing].format(name=e.name),
             answer=_value(e, attribute),
             entity=e.name,
             attribute=attribute,
@@ -347,4 +383,8 @@ def make_benchmark(
         retain_qa=_entity_qa(retain),
         general_qa=general_qa,
         general_train_text=general_train_text,
+        forget_rephrased_qa=_entity_qa(forget, 1),
+        retain_rephrased_qa=_entity_qa(retain, 1),
+        forget_heldout_qa=_entity_qa(forget, 2),
+        retain_heldout_qa=_entity_qa(retain, 2),
     )

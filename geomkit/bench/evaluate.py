@@ -39,7 +39,17 @@ __all__ = [
     "recovery",
 ]
 
-METRICS: tuple[str, ...] = ("forget_acc", "retain_acc", "general_acc")
+QUESTION_SETS: dict[str, str] = {
+    "forget_acc": "forget_qa",
+    "forget_heldout_acc": "forget_heldout_qa",
+    "retain_acc": "retain_qa",
+    "retain_heldout_acc": "retain_heldout_qa",
+    "general_acc": "general_qa",
+}
+"""Each metric of :func:`evaluate` and the :class:`~geomkit.bench.data.BenchmarkData` field
+of the questions it scores (``*_heldout_*``: a phrasing no training ever sees)."""
+
+METRICS: tuple[str, ...] = tuple(QUESTION_SETS)
 """The keys of :func:`evaluate`'s result."""
 
 _SPLITS: tuple[str, ...] = ("forget", "retain", "general")
@@ -194,18 +204,19 @@ def exact_match(
 def evaluate(
     model: torch.nn.Module, tokenizer: WordTokenizer, data: BenchmarkData, *, batch_size: int = 64
 ) -> dict[str, float]:
-    """Exact match on the forget, retain and general QA of ``data``.
+    """Exact match on the question sets of ``data`` (:data:`QUESTION_SETS`).
 
     Returns
     -------
     dict
-        ``forget_acc``, ``retain_acc`` and ``general_acc``, each in [0, 1].
+        One accuracy in [0, 1] per metric of :data:`METRICS` whose questions ``data`` holds:
+        ``forget_acc``, ``forget_heldout_acc``, ``retain_acc``, ``retain_heldout_acc``,
+        ``general_acc``.
     """
     return {
-        f"{split}_acc": exact_match(
-            model, tokenizer, getattr(data, f"{split}_qa"), batch_size=batch_size
-        )
-        for split in _SPLITS
+        metric: exact_match(model, tokenizer, getattr(data, field), batch_size=batch_size)
+        for metric, field in QUESTION_SETS.items()
+        if getattr(data, field)
     }
 
 

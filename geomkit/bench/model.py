@@ -38,10 +38,12 @@ __all__ = [
     "load_or_pretrain",
     "pretrain",
     "training_texts",
+    "unlearning_texts",
 ]
 
-CACHE_FORMAT_VERSION: int = 1
-"""Part of every :func:`cache_key`; bump it when training or saving changes."""
+CACHE_FORMAT_VERSION: int = 2
+"""Part of every :func:`cache_key`; bump it when training or saving changes (2: the second,
+trained phrasing of every question joined the training texts)."""
 
 PRETRAIN_FILE: str = "geomkit_pretrain.json"
 """File of a cached model directory with the key's inputs, the history and final accuracies."""
@@ -172,14 +174,23 @@ def build_model(config: ModelConfig, vocab_size: int, seed: int) -> transformers
 
 
 def training_texts(data: BenchmarkData, general_repeats: int = 1) -> tuple[str, ...]:
-    """What :func:`pretrain` trains on: the sentences of both splits, their QA texts and the
-    general probe's training examples, ``general_repeats`` times (never the held-out probe
-    itself)."""
+    """What :func:`pretrain` trains on: the sentences of both splits, their QA texts in the two
+    trained phrasings and the general probe's training examples, ``general_repeats`` times
+    (never the held-out phrasing, never the held-out probe itself)."""
     return (
         data.forget_text
         + data.retain_text
-        + tuple(qa_text(qa) for qa in data.forget_qa + data.retain_qa)
+        + tuple(qa_text(qa) for qa in data.trained_qa("forget") + data.trained_qa("retain"))
         + data.general_train_text * general_repeats
+    )
+
+
+def unlearning_texts(data: BenchmarkData) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """What unlearning trains on: the forget and the retain texts, each the sentences of its
+    split and its QA texts in the two trained phrasings (never the held-out phrasing)."""
+    return tuple(
+        getattr(data, f"{split}_text") + tuple(qa_text(qa) for qa in data.trained_qa(split))
+        for split in ("forget", "retain")
     )
 
 

@@ -53,14 +53,14 @@ class SweepRun:
         return f"{self.objective}-{self.strategy}-lr{self.lr:g}-steps{self.steps}-seed{self.seed}"
 
     def config(self, base: RunConfig, out: str | os.PathLike) -> RunConfig:
-        """``base`` narrowed to this run, written to ``out/<name>``."""
+        """``base`` narrowed to this run (:meth:`RunConfig.for_seed`), written to
+        ``out/<name>``."""
         return dataclasses.replace(
-            base,
+            base.for_seed(self.seed),
             objective=self.objective,
             strategies=[self.strategy],
             lr=self.lr,
             steps=self.steps,
-            seeds=[self.seed],
             out=str(out),
             name=self.name,
         )
@@ -150,5 +150,5 @@ class Sweep:
         """The settings in which ``other`` differs from this sweep (for resuming safely)."""
         mine, theirs = self.to_dict(), other.to_dict()
         base = [k for k in mine["base"] if mine["base"][k] != theirs["base"].get(k)]
-        base = [k for k in base if k not in ("out", "threads", "cache_dir")]  # same results
+        base = [k for k in base if k not in ("out", "threads", "jobs", "cache_dir")]
         return base + [axis for axis in AXES if mine[axis] != theirs[axis]]

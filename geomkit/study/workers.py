@@ -26,9 +26,8 @@ from pathlib import Path
 
 from geomkit.config import RunConfig
 from geomkit.results import is_finished
-from geomkit.study.grid import SweepRun
 
-__all__ = ["Outcome", "cores", "execute", "pending"]
+__all__ = ["Outcome", "cores", "execute", "pending", "prepare"]
 
 ERROR_FILE = "error.txt"
 LOG_FILE = "log.txt"
@@ -52,23 +51,28 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
-def pending(runs: list[SweepRun], out: Path) -> list[SweepRun]:
-    """The runs of ``runs`` not finished in ``out``."""
-    return [r for r in runs if not is_finished(out / r.name)]
+def _directory(config: RunConfig) -> Path:
+    return Path(config.out) / str(config.name)
 
 
-def _run_one(base: dict, run: SweepRun, out: str) -> Outcome:
-    """One run in this process, its output to ``log.txt``; never raises."""
+def pending(configs: list[RunConfig]) -> list[RunConfig]:
+    """The runs of ``configs`` (each named, :attr:`RunConfig.name`) not finished yet."""
+    return [c for c in configs if not is_finished(_directory(c))]
+
+
+def _run_one(values: dict) -> Outcome:
+    """One named run (``RunConfig`` fields) in this process, its output to ``log.txt``; never
+    raises."""
     import torch
 
     from geomkit import runner
 
     start = time.perf_counter()
-    run_dir = Path(out) / run.name
+    config = RunConfig(**values)
+    run_dir = _directory(config)
     if run_dir.exists():  # a half-written run (no metrics.json): redo it from scratch
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
-    config = run.config(RunConfig(**base), out)
     previous_threads, previous_tqdm = torch.get_num_threads(), os.environ.get("TQDM_DISABLE")
     os.environ["TQDM_DISABLE"] = "1"
     try:
@@ -78,11 +82,11 @@ def _run_one(base: dict, run: SweepRun, out: str) -> Outcome:
             contextlib.redirect_stderr(log),
         ):
             runner.run(config, report=False)
-        return Outcome(run.name, True, time.perf_counter() - start)
+        return Outcome(run_dir.name, True, time.perf_counter() - start)
     except Exception as error:  # reported as a failed run, retried by the next call
         (run_dir / ERROR_FILE).write_text(traceback.format_exc(), encoding="utf-8")
         message = f"{type(error).__name__}: {error}".splitlines()[0]
-        return Outcome(run.name, False, time.perf_counter() - start, message)
+        return Outcome(run_dir.name, False, time.perf_counter() - start, message)
     finally:
         torch.set_num_threads(previous_threads)
         if previous_tqdm is None:
@@ -114,6 +118,19 @@ def prepare(base: RunConfig) -> None:
         torch.set_num_threads(threads)
 
 
+def _target(config: RunConfig) -> tuple:
+    """What determines a configuration's target model (the cache entry :func:`prepare` makes)."""
+    return (
+        config.model,
+        config.cache_dir,
+        config.n_entities,
+        config.forget_fraction,
+        config.data_seed,
+        repr(config.model_config()),
+        repr(config.train_config()),
+    )
+
+
 def _worker_init() -> None:
     import torch
 
@@ -121,21 +138,23 @@ def _worker_init() -> None:
 
 
 def execute(
-    base: RunConfig, runs: list[SweepRun], out: Path, jobs: int, *, progress: bool = True
+    configs: list[RunConfig], jobs: int, *, progress: bool = True, desc: str = "sweep"
 ) -> list[Outcome]:
-    """Run every pending run of ``runs`` into ``out`` on ``jobs`` processes; their outcomes.
+    """Every pending run of ``configs`` (each one strategy, one seed and a ``name``) on ``jobs``
+    processes, each with one torch thread; their outcomes, in the order they finished.
 
     With ``jobs == 1`` the runs execute in this process, one after another (the same results
     as any number of workers: each run is seeded and single-threaded).
     """
     from tqdm.auto import tqdm
 
-    todo = pending(runs, out)
+    todo = pending(configs)
     if not todo:
         return []
-    prepare(base)
-    single = {**base.to_dict(), "threads": 1}
-    bar = tqdm(total=len(todo), desc="sweep", unit="run", file=sys.stderr, disable=not progress)
+    for config in {_target(c): c for c in todo}.values():  # each target model once
+        prepare(config)
+    tasks = [{**c.to_dict(), "threads": 1} for c in todo]
+    bar = tqdm(total=len(todo), desc=desc, unit="run", file=sys.stderr, disable=not progress)
     outcomes = []
 
     def done(outcome: Outcome) -> None:
@@ -146,14 +165,14 @@ def execute(
 
     try:
         if jobs == 1:
-            for run in todo:
-                done(_run_one(single, run, str(out)))
+            for task in tasks:
+                done(_run_one(task))
         else:
             context = multiprocessing.get_context("spawn")
             with concurrent.futures.ProcessPoolExecutor(
                 jobs, mp_context=context, initializer=_worker_init
             ) as pool:
-                futures = [pool.submit(_run_one, single, run, str(out)) for run in todo]
+                futures = [pool.submit(_run_one, task) for task in tasks]
                 for future in concurrent.futures.as_completed(futures):
                     done(future.result())
     finally:
