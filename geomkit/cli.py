@@ -315,7 +315,8 @@ def _sweep(args: argparse.Namespace) -> int:
         if differences:
             raise ConfigError(
                 f"invalid --out={str(out)!r}: it holds a sweep that differs in "
-                f"{', '.join(differences)}; resume it with the same settings or use another --out"
+                f"{', '.join(differences)}; resume or extend it with the same settings (an axis "
+                "may gain values, not lose them) or use another --out"
             )
     sweep.save(out)
     base.save(out / "base.json")

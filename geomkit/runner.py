@@ -16,6 +16,7 @@ import copy
 import csv
 import dataclasses
 import math
+import os
 import statistics
 import sys
 import time
@@ -260,7 +261,7 @@ def _unlearn(
         desc=run_dir.name,
         leave=False,
         file=sys.stderr,
-        disable=not _is_main(),
+        disable=not _is_main() or bool(os.environ.get("TQDM_DISABLE")),  # a worker's log
     )
 
     def after_step(result: Any) -> None:

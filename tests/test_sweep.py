@@ -122,4 +122,10 @@ def test_a_different_sweep_in_the_same_directory_is_refused(tmp_path, cache, cap
     argv = ["sweep", "--preset", "smoke", *changed, "--out", str(out), "--dry-run"]
     capsys.readouterr()
     assert main([*argv, "--cache-dir", cache]) == 2
-    assert "differs in lrs; resume it" in capsys.readouterr().err
+    assert "differs in lrs; resume or extend it" in capsys.readouterr().err
+    # an axis may grow: a third learning rate and a third seed extend the sweep
+    grown = [*GRID[:6], "1e-2", *GRID[6:], "2"]
+    argv = ["sweep", "--preset", "smoke", *grown, "--out", str(out), "--dry-run"]
+    assert main([*argv, "--cache-dir", cache]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 2 * 3 * 3
+    assert len(Sweep.load(out).runs()) == 18

@@ -102,6 +102,11 @@ class TrainConfig:
         Texts per optimizer step.
     max_epochs : int
         Stop after this many passes over the training texts at the latest.
+    min_epochs : int
+        Train at least this many epochs, even once the facts are known: the general probe
+        and the held-out phrasings keep improving after the trained questions are answered
+        (on the default benchmark, 0.375 and 0.29 when the target is reached at epoch 15,
+        0.5 and 0.31 at epoch 30).
     target_acc : float
         Stop once forget and retain exact match both reach it, in [0, 1].
     eval_every : int
@@ -123,6 +128,7 @@ class TrainConfig:
     lr: float = 3e-3
     batch_size: int = 64
     max_epochs: int = 300
+    min_epochs: int = 30
     target_acc: float = 0.95
     eval_every: int = 5
     seed: int = 0
@@ -135,6 +141,7 @@ class TrainConfig:
         check_real("lr", self.lr, 0.0, strict=True, owner="TrainConfig")
         check_integer("batch_size", self.batch_size, 1, owner="TrainConfig")
         check_integer("max_epochs", self.max_epochs, 1, owner="TrainConfig")
+        check_integer("min_epochs", self.min_epochs, 0, owner="TrainConfig")
         check_real("target_acc", self.target_acc, 0.0, 1.0, owner="TrainConfig")
         check_integer("eval_every", self.eval_every, 1, owner="TrainConfig")
         check_integer("seed", self.seed, 0, owner="TrainConfig")
@@ -206,7 +213,8 @@ def pretrain(
     Every token of a text (its ``<eos>`` included, padding excluded) carries loss. After
     every ``eval_every`` epochs (and the last) the model is scored with
     :func:`~geomkit.bench.evaluate.evaluate`; training stops once forget and retain exact
-    match both reach ``target_acc`` or after ``max_epochs``. Deterministic on CPU for a given
+    match both reach ``target_acc`` after at least ``min_epochs``, or after ``max_epochs``.
+    Deterministic on CPU for a given
     number of threads (which the caller chooses).
 
     Parameters
@@ -290,7 +298,8 @@ def pretrain(
             if progress is not None:
                 progress(entry)
             target = train_config.target_acc
-            if metrics["forget_acc"] >= target and metrics["retain_acc"] >= target:
+            known = metrics["forget_acc"] >= target and metrics["retain_acc"] >= target
+            if known and epoch >= train_config.min_epochs:
                 break
     model.eval()
     return model, tokenizer, history

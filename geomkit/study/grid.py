@@ -147,8 +147,10 @@ class Sweep:
             raise ConfigError(f"{path} is damaged: {error}") from None
 
     def differences(self, other: Sweep) -> list[str]:
-        """The settings in which ``other`` differs from this sweep (for resuming safely)."""
+        """What keeps ``other`` from continuing this sweep: the shared settings it changes, and
+        the axes from which it drops a value (an axis may grow: more seeds, more learning rates
+        extend a sweep; the runs already made stay valid)."""
         mine, theirs = self.to_dict(), other.to_dict()
         base = [k for k in mine["base"] if mine["base"][k] != theirs["base"].get(k)]
         base = [k for k in base if k not in ("out", "threads", "jobs", "cache_dir")]
-        return base + [axis for axis in AXES if mine[axis] != theirs[axis]]
+        return base + [axis for axis in AXES if not set(mine[axis]) <= set(theirs[axis])]
