@@ -337,20 +337,12 @@ def _run_embedded(config: RunConfig, out: Path) -> list[RunResult]:
     import torch
 
     from geomkit.bench.evaluate import evaluate, matched_forgetting, recovery
-    from geomkit.bench.model import load_or_pretrain, unlearning_texts
+    from geomkit.bench.model import unlearning_texts
 
     main = _is_main()
     if not main:
         _barrier()  # the other processes wait for rank 0 to pretrain (or find) the target
-    target, tokenizer, data, info = load_or_pretrain(
-        config.cache_dir,
-        config.n_entities,
-        config.forget_fraction,
-        config.data_seed,
-        config.model_config(),
-        config.train_config(),
-        progress=_pretrain_progress if main else None,
-    )
+    target, tokenizer, data, info = load_target(config, _pretrain_progress if main else None)
     if main:
         _barrier()
     target = target.to(device=config.device, dtype=getattr(torch, config.dtype))
@@ -398,6 +390,31 @@ def _run_embedded(config: RunConfig, out: Path) -> list[RunResult]:
         results.append(result)
         del model
     return results
+
+
+def load_target(config: RunConfig, progress: Callable | None = None) -> tuple:
+    """The embedded benchmark's target model of ``config``, its tokenizer, data and provenance
+    (:func:`geomkit.bench.model.load_or_pretrain`): from the cache, or pretrained there with
+    every core of this process (``progress`` is called after each pretraining evaluation)."""
+    import torch
+
+    from geomkit.bench.model import load_or_pretrain
+    from geomkit.study.workers import cores
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cores())
+    try:
+        return load_or_pretrain(
+            config.cache_dir,
+            config.n_entities,
+            config.forget_fraction,
+            config.data_seed,
+            config.model_config(),
+            config.train_config(),
+            progress=progress,
+        )
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _pretrain_progress(entry: dict[str, float]) -> None:

@@ -129,7 +129,8 @@ def test_torchrun_runs_the_same_job_data_parallel(smoke_runs, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
     result = subprocess.run(
         [
-            *(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"),
+            *(sys.executable, "-m", "torch.distributed.run", "--standalone"),
+            *("--nproc_per_node", "2"),
             *("-m", "geomkit", "run", "--preset", "smoke", "--strategy", "sago"),
             *("--out", str(runs), "--cache-dir", str(cache), "--no-report"),
         ],

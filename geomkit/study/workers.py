@@ -95,27 +95,13 @@ def _run_one(values: dict) -> Outcome:
             os.environ["TQDM_DISABLE"] = previous_tqdm
 
 
-def prepare(base: RunConfig) -> None:
-    """Pretrain (or find in the cache) the embedded target model once, with every core."""
-    if base.real:
-        return
-    import torch
+def prepare(config: RunConfig) -> None:
+    """Pretrain (or find in the cache) the embedded target model of ``config`` once, with every
+    core (:func:`geomkit.runner.load_target`); nothing for a local model."""
+    if not config.real:
+        from geomkit.runner import _pretrain_progress, load_target
 
-    from geomkit.bench.model import load_or_pretrain
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cores())
-    try:
-        load_or_pretrain(
-            base.cache_dir,
-            base.n_entities,
-            base.forget_fraction,
-            base.data_seed,
-            base.model_config(),
-            base.train_config(),
-        )
-    finally:
-        torch.set_num_threads(threads)
+        load_target(config, _pretrain_progress)
 
 
 def _target(config: RunConfig) -> tuple:
