@@ -171,6 +171,13 @@ def _run_flags(parser: argparse.ArgumentParser, *, sweep: bool = False) -> None:
         help="evaluate both losses again after each recorded step (two forward passes)",
     )
     parser.add_argument("--eval-every", type=int, help="evaluate every N steps (embedded only)")
+    parser.add_argument(
+        "--relearn",
+        type=int,
+        metavar="K",
+        help="after unlearning, K fine-tuning steps on half the forget entities; then the "
+        "forget accuracy of the other half (embedded only)",
+    )
     parser.add_argument("--batch-size", type=int, help="sequences per micro-batch")
     parser.add_argument("--accumulation", type=int, help="micro-batches per optimizer step")
     parser.add_argument("--beta", type=float, help="NPO / SimNPO beta")
@@ -178,11 +185,16 @@ def _run_flags(parser: argparse.ArgumentParser, *, sweep: bool = False) -> None:
     parser.add_argument("--alpha", type=float, help="retain weight")
     parser.add_argument("--gamma", type=float, help="forget weight")
     parser.add_argument("--out", metavar="DIR", help="directory receiving one folder per run")
-    if not sweep:
+    if not sweep:  # a single run's flags (a sweep names its runs and writes its own report)
         parser.add_argument(
             "--name",
             metavar="NAME",
             help="the run directory's name (one strategy and one seed; no summary table)",
+        )
+        parser.add_argument(
+            "--no-report",
+            action="store_true",
+            help="skip the theorem audit and the figure set written after the runs",
         )
     parser.add_argument("--model", metavar="PATH", help="local Hugging Face model directory")
     parser.add_argument(
@@ -213,12 +225,6 @@ def _run_flags(parser: argparse.ArgumentParser, *, sweep: bool = False) -> None:
         help="worker processes for the runs, one torch thread each (default: the cores)",
     )
     parser.add_argument("--cache-dir", metavar="DIR", help="cache of pretrained benchmark models")
-    if not sweep:
-        parser.add_argument(
-            "--no-report",
-            action="store_true",
-            help="skip the theorem audit and the figure set written after the runs",
-        )
 
 
 def _name_and_file(text: str) -> tuple[str, str]:

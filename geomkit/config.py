@@ -67,6 +67,7 @@ class RunConfig:
     record_step: bool = True  # statistics of the optimizer's step u at each record
     record_realized: bool = False  # both losses again after each recorded step
     eval_every: int = 5
+    relearn: int = 0  # fine-tuning steps on half the forget entities after unlearning (0: none)
     threshold: float = 0.1  # forget accuracy that counts as "forgotten" (matched forgetting)
     out: str = "runs"
     name: str | None = None  # the run directory's name (one strategy, one seed: a sweep's run)
@@ -139,6 +140,9 @@ class RunConfig:
         _integer("data_seed", self.data_seed, 0)
         _integer("epochs", self.epochs, 1, optional=True)
         _integer("jobs", self.jobs, 1, optional=True)
+        _integer("relearn", self.relearn, 0)
+        if self.relearn and self.real:
+            raise _bad("relearn", self.relearn, "0 for a local model (embedded benchmark only)")
         _integer("layer", self.layer, 0, optional=True)
         seeds = "a non-empty list of integers >= 0"
         if not isinstance(self.seeds, list) or not self.seeds:

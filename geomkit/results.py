@@ -48,6 +48,8 @@ class RunResult:
         The last evaluation, its ratio to ``before``, the first evaluation at or below the
         configuration's forget-accuracy threshold (None if never), and the target model's
         provenance (embedded benchmark only).
+    relearn : dict or None
+        With ``relearn`` steps configured: :data:`geomkit.bench.relearn.RELEARN_METRICS`.
     summary : dict
         The flat numbers ``summary.csv`` compares (NaN where undefined).
 
@@ -72,6 +74,7 @@ class RunResult:
     recovery: dict[str, float] | None = None
     matched_forgetting: dict[str, float] | None = None
     pretrain: dict[str, Any] | None = None
+    relearn: dict[str, float] | None = None
     summary: dict[str, float] = field(default_factory=dict)
 
     def trajectory(self) -> list[tuple[int, dict[str, float]]]:

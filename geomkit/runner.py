@@ -386,6 +386,13 @@ def _run_embedded(config: RunConfig, out: Path) -> list[RunResult]:
             "matched_retain_acc": matched["retain_acc"] if matched else math.nan,
             "matched_general_acc": matched["general_acc"] if matched else math.nan,
         }
+        if run_config.relearn:
+            from geomkit.bench.relearn import relearn
+
+            result.relearn = relearn(
+                model, tokenizer, data, run_config.relearn, batch_size=config.batch_size, seed=seed
+            )
+            result.summary.update(result.relearn)
         _save(result, run_dir)
         results.append(result)
         del model

@@ -7,6 +7,8 @@ See docs/study.md#outputs.
 
 ``runs.csv``
     Long format, one row per run x evaluation (step 0 is the target model).
+``final.csv``
+    One row per run: its final scores, recovery and (with ``--relearn``) relearning.
 ``matched.csv``
     One row per run x forget-accuracy target (:func:`geomkit.study.matched.match`), censored
     runs included.
@@ -100,6 +102,11 @@ def runs_frame(collected: Collected) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def final_frame(collected: Collected) -> pd.DataFrame:
+    """``final.csv``: one row per run, its summary (final scores, recovery, relearning)."""
+    return pd.DataFrame([{**_keys(r, steps), **r.summary} for r, steps in collected.results])
+
+
 def matched_frame(collected: Collected, targets: Sequence[float] = TARGETS) -> pd.DataFrame:
     """``matched.csv``: one row per run x target, censored runs included."""
     rows = []
@@ -149,6 +156,8 @@ def write_report(
     runs = runs_frame(collected)
     runs.to_csv(out / "runs.csv", index=False)
     written["runs"] = out / "runs.csv"
+    final_frame(collected).to_csv(out / "final.csv", index=False)
+    written["final"] = out / "final.csv"
     matches = matched_frame(collected, targets)
     lines = [f"# Study of {len(collected.results)} finished runs ({out})", ""]
     if collected.failed:
