@@ -129,3 +129,28 @@ def test_a_different_sweep_in_the_same_directory_is_refused(tmp_path, cache, cap
     assert main([*argv, "--cache-dir", cache]) == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == 2 * 3 * 3
     assert len(Sweep.load(out).runs()) == 18
+
+
+def test_a_sweep_of_a_local_model_with_evaluation_files(tmp_path):
+    from test_cli import _tiny_model_dir
+
+    directory = _tiny_model_dir(tmp_path)
+    forget, retain = tmp_path / "forget.txt", tmp_path / "retain.txt"
+    forget.write_text(" ".join(f"w{(3 * j) % 40}" for j in range(60)))
+    retain.write_text(" ".join(f"w{j % 40}" for j in range(100)))
+    rows = [
+        {"question": f"w{i}", "choices": [f"w{i + 1}", f"w{i + 2}"], "answer": i % 2}
+        for i in range(10)
+    ]
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--model", str(directory), "--forget-data", str(forget)]
+    argv += ["--retain-data", str(retain), "--chunk-length", "16", "--batch-size", "2"]
+    argv += ["--strategy", "sum", "sago", "--lr", "1e-3", "1e-2", "--steps", "4", "--seed", "0"]
+    argv += ["--eval-data", f"forget={questions}", f"retain={questions}", "--out", str(out)]
+    assert main([*argv, "--jobs", "1"]) == 0
+    assert len(list(out.glob("*/metrics.json"))) == 4
+    matched = (out / "matched.csv").read_text().splitlines()
+    assert len(matched) == 1 + 4 * 3  # runs x targets, censored ones included
+    assert "retain_acc" in matched[0]

@@ -176,6 +176,8 @@ def matched_forgetting(
                 ax.set_ylabel(metric.replace("_acc", " accuracy"))
             if row == len(metrics) - 1:
                 ax.set_xlabel("forget accuracy matched")
-    axes[0][0].invert_xaxis()  # shared: more forgetting to the right in every panel
+    targets = table["target"].to_numpy(float)  # every target, censored ones too
+    pad = 0.05 * max(targets.max() - targets.min(), 0.2)
+    axes[0][0].set_xlim(targets.max() + pad, targets.min() - pad)  # more forgetting: right
     legend = figure_legend(fig, [ax for line in axes for ax in line])
     return PlotResult(fig, [ax for line in axes for ax in line], artists, {"legend": legend})

@@ -205,8 +205,8 @@ def write_report(
             ):
                 with paper_style(), detached_figures():
                     result = draw(data)
-                for path in save(result.figure, out / "figures" / name, formats):
-                    written[f"{name}.{path.suffix[1:]}"] = path
+                    for path in save(result.figure, out / "figures" / name, formats):
+                        written[f"{name}.{path.suffix[1:]}"] = path
     (out / "comparison.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     written["comparison.md"] = out / "comparison.md"
     return written
