@@ -285,13 +285,21 @@ def _sweep(args: argparse.Namespace) -> int:
     from geomkit.study.grid import Sweep
     from geomkit.study.matched import TARGETS
     from geomkit.study.report import write_report as write_study
-    from geomkit.study.workers import cores, execute, pending
+    from geomkit.study.workers import execute, pending, worker_count
 
     given = vars(args)
     folds = given.get("folds", 2)
-    targets = given.get("targets", list(TARGETS))
+    if isinstance(folds, bool) or folds < 2:
+        raise ConfigError(f"invalid --folds={folds!r}: expected an integer >= 2")
+    targets = sorted(set(given.get("targets", list(TARGETS))), reverse=True)
+    for target in targets:
+        if not 0.0 <= target <= 1.0:
+            raise ConfigError(f"invalid --targets={target!r}: expected forget accuracies in [0, 1]")
     if given.get("report_only"):
-        out = Path(given.get("out", SWEEP_DEFAULTS["out"]))
+        out = Path(given["out"]) if "out" in given else None
+        if out is None:  # the --config or --preset may name it
+            preset = load_config(args.config, args.preset)
+            out = Path(preset.out if preset.out != RunConfig().out else SWEEP_DEFAULTS["out"])
         written = write_study(out, targets, folds=folds)
         print(written["comparison.md"].read_text(encoding="utf-8"))
         return 0
@@ -313,7 +321,7 @@ def _sweep(args: argparse.Namespace) -> int:
         steps=axes.get("steps", [base.steps]),
         seeds=axes.get("seeds", base.seeds),
     )
-    jobs = base.jobs if base.jobs is not None else cores()
+    jobs = worker_count(base, len(sweep.runs()))
     out = Path(base.out)
     out.mkdir(parents=True, exist_ok=True)
     if (out / "sweep.json").exists():
@@ -345,6 +353,9 @@ def _sweep(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     outcomes = execute(configs, min(jobs, max(1, len(todo))))
+    skipped = [o for o in outcomes if o.ok and o.error]  # finished or claimed elsewhere
+    if skipped:
+        print(f"{len(skipped)} runs were taken by another process", file=sys.stderr)
     written = write_study(out, targets, folds=folds)
     print(written["comparison.md"].read_text(encoding="utf-8"))
     failed = [o for o in outcomes if not o.ok]

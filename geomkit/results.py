@@ -79,9 +79,9 @@ class RunResult:
 
     def trajectory(self) -> list[tuple[int, dict[str, float]]]:
         """The evaluations as ``(step, metrics)``, the target's (step 0) first when known."""
-        points = [(0, dict(self.before))] if self.before is not None else []
+        points = [(0, _floats(self.before))] if self.before is not None else []
         for entry in self.history:
-            metrics = {k: v for k, v in entry.items() if k != "step"}
+            metrics = _floats({k: v for k, v in entry.items() if k != "step"})
             points.append((int(entry["step"]), metrics))
         return points
 
@@ -90,7 +90,10 @@ class RunResult:
         path = Path(run_dir) / METRICS_FILE
         partial = path.with_name(path.name + ".partial")
         text = json.dumps(_finite(dataclasses.asdict(self)), indent=1) + "\n"
-        partial.write_text(text, encoding="utf-8")
+        with open(partial, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())  # on disk before the rename makes it count as finished
         os.replace(partial, path)
         return path
 
@@ -124,8 +127,18 @@ class RunResult:
 
 
 def is_finished(run_dir: str | os.PathLike) -> bool:
-    """Whether ``run_dir`` holds a finished run (its ``metrics.json`` was written)."""
-    return (Path(run_dir) / METRICS_FILE).is_file()
+    """Whether ``run_dir`` holds a finished run: a readable ``metrics.json`` (one a machine
+    crash left empty or cut short does not count, so the run is redone)."""
+    path = Path(run_dir) / METRICS_FILE
+    try:
+        return isinstance(json.loads(path.read_text(encoding="utf-8")), dict)
+    except (OSError, ValueError):
+        return False
+
+
+def _floats(metrics: dict[str, Any]) -> dict[str, float]:
+    """Metric values as floats, null (a NaN saved as JSON) as NaN."""
+    return {k: math.nan if v is None else float(v) for k, v in metrics.items()}
 
 
 def _finite(value: Any) -> Any:

@@ -55,7 +55,9 @@ def run(config: RunConfig, report: bool = True) -> list[RunResult]:
     init_from_environment()
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    jobs = _jobs(config)
+    from geomkit.study.workers import worker_count
+
+    jobs = worker_count(config, len(config.strategies) * len(config.seeds))
     if jobs > 1:
         results = _run_pool(config, jobs)
     elif config.real:
@@ -71,20 +73,6 @@ def run(config: RunConfig, report: bool = True) -> list[RunResult]:
             runs = [out / r.run for r in results]
             write_report(runs, out / "figures", audit_dir=out, dpi=150)
     return results
-
-
-def _jobs(config: RunConfig) -> int:
-    """How many worker processes run the strategy x seed runs of ``config``: ``config.jobs``
-    (default: the cores) for several runs of the embedded benchmark on the CPU in one process;
-    else 1 (a local model's runs share its memory; under torchrun the processes share each run).
-    """
-    from geomkit.distributed import rank_and_world
-    from geomkit.study.workers import cores
-
-    runs = len(config.strategies) * len(config.seeds)
-    if config.real or config.device != "cpu" or rank_and_world()[1] > 1 or runs < 2:
-        return 1
-    return min(runs, config.jobs if config.jobs is not None else cores())
 
 
 def _run_pool(config: RunConfig, jobs: int) -> list[RunResult]:

@@ -162,4 +162,42 @@ def test_comparison_counts_censored_pairs_and_corrects_over_the_table():
         assert rows["p_adjusted"].tolist() == pytest.approx(holm(rows["p"]).tolist())
     per_strategy = strategy_table(frame, n_resamples=999).set_index("strategy")
     assert per_strategy.loc["pcgrad", "censored"] == 1
-    assert per_strategy.loc["pcgrad", "runs"] == 6
+    assert per_strategy.loc["pcgrad", "seeds"] == 6 and per_strategy.loc["pcgrad", "missing"] == 0
+    # a run that has not finished is counted as missing, not dropped, not censored
+    incomplete = frame[~((frame["strategy"] == "sago") & (frame["seed"] == 2))]
+    row = compare(incomplete, n_resamples=999)
+    row = row[(row["a"] == "sum") & (row["b"] == "sago")].iloc[0]
+    assert row["n"] == 5 and row["missing_b"] == 1 and row["censored_b"] == 0
+    assert strategy_table(incomplete).set_index("strategy").loc["sago", "missing"] == 1
+
+
+def test_duplicated_runs_are_refused_and_lengths_are_selected_too():
+    values = {("sago", 1e-3, seed): 0.5 for seed in range(3)}
+    frame = _matches(values)
+    with pytest.raises(ValueError, match="one row per objective"):
+        compare(pd.concat([frame, frame.iloc[:1]]))
+    # two run lengths: a (lr, steps) pair is chosen, never two runs of one seed
+    long = frame.assign(steps=120, retain_acc=0.9)
+    chosen = select_lr(pd.concat([frame.assign(steps=60), long]))
+    assert set(chosen["steps"]) == {120} and len(chosen) == 3
+
+
+def test_the_randomization_test_keeps_its_level_despite_the_selection():
+    """Two strategies with the same distribution, a shared seed effect and 4 learning rates:
+    the p-value of the whole procedure (selection redone under every sign pattern) rejects at
+    about the nominal rate (the plain sign-flip test of the selected differences does not)."""
+    rng = np.random.default_rng(0)
+    rejections, trials = 0, 120
+    for _ in range(trials):
+        rows = []
+        seed_effect = rng.normal(0, 0.1, 6)
+        lr_effect = rng.normal(0, 0.05, 4)
+        for strategy in ("a", "b"):
+            for j, lr in enumerate((1e-3, 2e-3, 3e-3, 5e-3)):
+                for s in range(6):
+                    value = 0.5 + seed_effect[s] + lr_effect[j] + rng.normal(0, 0.05)
+                    rows.append((strategy, lr, s, value))
+        frame = _matches({(a, lr, s): v for a, lr, s, v in rows})
+        p = compare(frame, ["retain_acc"], n_resamples=199)["p"].iloc[0]
+        rejections += p <= 0.05
+    assert rejections / trials <= 0.1, rejections / trials

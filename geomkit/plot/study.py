@@ -123,7 +123,7 @@ def matched_forgetting(
     marks k of n runs censored (they never reached the target).
     """
     metrics = tuple(m for m in metrics if m in table.columns)
-    _require(table, ("objective", "target", "strategy", "runs", "censored", *metrics), "table")
+    _require(table, ("objective", "target", "strategy", "seeds", "censored", *metrics), "table")
     objectives = list(dict.fromkeys(table["objective"]))
     width = SINGLE_COLUMN if len(objectives) == 1 else DOUBLE_COLUMN
     fig, axes = new_figure(
@@ -159,7 +159,7 @@ def matched_forgetting(
                     lw=0.8,
                     label=style.label,
                 )
-                for xi, censored, runs in zip(x, rows["censored"], rows["runs"], strict=True):
+                for xi, censored, runs in zip(x, rows["censored"], rows["seeds"], strict=True):
                     if censored:  # at the panel's foot: censored runs have no value to plot at
                         level = 0.03 + 0.08 * strategies.index(strategy)
                         ax.annotate(

@@ -34,7 +34,7 @@ SWEEP_FILE = "sweep.json"
 """The file in a sweep's directory holding its :class:`Sweep` (base configuration and axes)."""
 
 AXES: tuple[str, ...] = ("objectives", "strategies", "lrs", "steps", "seeds")
-"""The grid's axes, in the order :meth:`Sweep.runs` nests them (seeds innermost but one)."""
+"""The grid's axes (:meth:`Sweep.runs` nests objectives, seeds, lrs, steps, strategies)."""
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ class SweepRun:
     @property
     def name(self) -> str:
         """The run directory's name, e.g. ``graddiff-sago-lr0.003-steps60-seed0``."""
-        return f"{self.objective}-{self.strategy}-lr{self.lr:g}-steps{self.steps}-seed{self.seed}"
+        return f"{self.objective}-{self.strategy}-lr{self.lr!r}-steps{self.steps}-seed{self.seed}"
 
     def config(self, base: RunConfig, out: str | os.PathLike) -> RunConfig:
         """``base`` narrowed to this run (:meth:`RunConfig.for_seed`), written to
@@ -69,7 +69,7 @@ class SweepRun:
         """The ``geomkit run`` flags that select this run."""
         return [
             *("--objective", self.objective, "--strategy", self.strategy),
-            *("--lr", f"{self.lr:g}", "--steps", str(self.steps), "--seed", str(self.seed)),
+            *("--lr", repr(self.lr), "--steps", str(self.steps), "--seed", str(self.seed)),
             *("--name", self.name),
         ]
 

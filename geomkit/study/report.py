@@ -35,13 +35,24 @@ import pandas as pd
 from geomkit.results import METRICS_FILE, RunResult
 from geomkit.study.compare import compare, select_lr, strategy_table
 from geomkit.study.grid import SWEEP_FILE, Sweep
-from geomkit.study.matched import TARGETS, match
+from geomkit.study.matched import FORGET, TARGETS, match
 from geomkit.study.workers import ERROR_FILE
 
 __all__ = ["Collected", "collect", "write_report"]
 
-METRICS: tuple[str, ...] = ("retain_acc", "general_acc")
-"""The metrics compared at matched forgetting (those the runs evaluated)."""
+METRICS: tuple[str, ...] = ("retain_acc", "retain_heldout_acc", "general_acc", "forget_heldout_acc")
+"""The metrics compared at matched forgetting, of those the runs evaluated (then any other
+``*_acc`` a local model's evaluation files give); the first present also selects the learning
+rate. ``forget_heldout_acc`` at matched ``forget_acc``: lower means forgetting that carries over
+to a paraphrase."""
+
+OUTPUTS: tuple[str, ...] = (
+    "matched.csv",
+    "selection.csv",
+    "strategies.csv",
+    "comparison.csv",
+)
+"""The tables that need matched forgetting (removed when a report has none to write)."""
 
 
 @dataclass
@@ -112,8 +123,8 @@ def matched_frame(collected: Collected, targets: Sequence[float] = TARGETS) -> p
     rows = []
     for result, steps in collected.results:
         trajectory = result.trajectory()
-        if not trajectory:
-            continue  # a run without evaluations (a local model) has nothing to match
+        if not trajectory or any(FORGET not in metrics for _, metrics in trajectory):
+            continue  # a run without forget evaluations (a local model) has nothing to match
         for m in match(trajectory, targets):
             rows.append(
                 {
@@ -159,38 +170,52 @@ def write_report(
     final_frame(collected).to_csv(out / "final.csv", index=False)
     written["final"] = out / "final.csv"
     matches = matched_frame(collected, targets)
+    for name in OUTPUTS:  # never leave a previous report's tables beside this one
+        (out / name).unlink(missing_ok=True)
     lines = [f"# Study of {len(collected.results)} finished runs ({out})", ""]
+    metrics = [m for m in METRICS if m in matches.columns]
+    metrics += [c for c in matches.columns if c.endswith("_acc") and c not in (*METRICS, FORGET)]
     if collected.failed:
         lines += [f"{len(collected.failed)} runs failed (retried by the next `geomkit sweep`):"]
         lines += [f"- {name}: {error}" for name, error in sorted(collected.failed.items())] + [""]
     if collected.pending:
         lines += [f"{len(collected.pending)} runs of the grid are pending.", ""]
-    if not matches.empty:
+    if matches.empty or not metrics:
+        lines += [
+            "No matched-forgetting tables: the runs have no forget_acc evaluation (a local "
+            "model needs `--eval-data forget=FILE`), or nothing to compare beside it.",
+            "",
+        ]
+    else:
         matches.to_csv(out / "matched.csv", index=False)
         written["matched"] = out / "matched.csv"
-        metrics = [m for m in METRICS if m in matches.columns]
-        select_lr(matches, metrics[0], folds).to_csv(out / "selection.csv", index=False)
+        select_on = metrics[0]
+        select_lr(matches, select_on, folds).to_csv(out / "selection.csv", index=False)
         written["selection"] = out / "selection.csv"
-        table = strategy_table(matches, metrics, folds=folds, n_resamples=n_resamples)
+        options = {"select_on": select_on, "folds": folds, "n_resamples": n_resamples}
+        table = strategy_table(matches, metrics, **options)
         table.to_csv(out / "strategies.csv", index=False)
         written["strategies"] = out / "strategies.csv"
-        comparison = compare(matches, metrics, folds=folds, n_resamples=n_resamples)
+        comparison = compare(matches, metrics, **options)
         comparison.to_csv(out / "comparison.csv", index=False)
         written["comparison"] = out / "comparison.csv"
         lines += [
             "## At matched forgetting",
             "",
-            "Learning rates chosen on the other seeds (cross-fitting, `selection.csv`); means "
-            "over the runs that reached the target, with 95% studentized bootstrap intervals "
-            "(none below 3 runs); `censored` runs never reached it; `reached` is the forget "
+            f"Learning rate and length chosen on the other seeds by {select_on} (cross-fitting, "
+            "`selection.csv`); means over the runs that reached the target, with 95% intervals "
+            "(studentized bootstrap from 5 runs, Student t below, none below 3); `censored` "
+            "runs never reached it, `missing` ones have not finished; `reached` is the forget "
             "accuracy actually observed at the first evaluation at or below the target.",
             "",
             _markdown(table),
             "",
             "## Paired differences (a - b)",
             "",
-            "Over the seeds where both reached the target (n); 95% studentized bootstrap interval; "
-            "two-sided sign-flip permutation p; Holm-adjusted over each objective x metric.",
+            "Over the seeds where both reached the target (n); 95% interval as above (it treats "
+            "the seeds as independent, which cross-fitting makes only approximately true); p of "
+            "a two-sided randomization test that redoes the selection under every swap of a "
+            "and b within seeds; Holm-adjusted over each objective x metric.",
             "",
             _markdown(comparison),
             "",
@@ -199,12 +224,13 @@ def write_report(
             from geomkit.plot.study import matched_forgetting, pareto
             from geomkit.plot.style import detached_figures, paper_style, save
 
-            for name, draw, data in (
-                ("pareto", pareto, runs),
-                ("matched_forgetting", matched_forgetting, table),
-            ):
+            figures_of = (
+                ("pareto", lambda: pareto(runs, select_on)),
+                ("matched_forgetting", lambda: matched_forgetting(table, tuple(metrics[:3]))),
+            )
+            for name, draw in figures_of:
                 with paper_style(), detached_figures():
-                    result = draw(data)
+                    result = draw()
                     for path in save(result.figure, out / "figures" / name, formats):
                         written[f"{name}.{path.suffix[1:]}"] = path
     (out / "comparison.md").write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -18,6 +18,7 @@ import contextlib
 import multiprocessing
 import os
 import shutil
+import socket
 import sys
 import time
 import traceback
@@ -27,7 +28,7 @@ from pathlib import Path
 from geomkit.config import RunConfig
 from geomkit.results import is_finished
 
-__all__ = ["Outcome", "cores", "execute", "pending", "prepare"]
+__all__ = ["Outcome", "cores", "execute", "pending", "prepare", "worker_count"]
 
 ERROR_FILE = "error.txt"
 LOG_FILE = "log.txt"
@@ -55,6 +56,18 @@ def _directory(config: RunConfig) -> Path:
     return Path(config.out) / str(config.name)
 
 
+def worker_count(config: RunConfig, runs: int) -> int:
+    """How many worker processes run ``runs`` runs of ``config``: ``config.jobs`` (default: the
+    cores), at most one per run, for the embedded benchmark on the CPU in one process; else 1
+    (a local model's runs each hold the model; on a GPU they share it; under torchrun the
+    processes share each run)."""
+    from geomkit.distributed import rank_and_world
+
+    if config.real or config.device != "cpu" or rank_and_world()[1] > 1 or runs < 2:
+        return 1
+    return min(runs, config.jobs if config.jobs is not None else cores())
+
+
 def pending(configs: list[RunConfig]) -> list[RunConfig]:
     """The runs of ``configs`` (each named, :attr:`RunConfig.name`) not finished yet."""
     return [c for c in configs if not is_finished(_directory(c))]
@@ -70,6 +83,11 @@ def _run_one(values: dict) -> Outcome:
     start = time.perf_counter()
     config = RunConfig(**values)
     run_dir = _directory(config)
+    lock = _claim(run_dir)
+    if lock is None or is_finished(run_dir):  # another process has it, or has finished it
+        if lock is not None:
+            lock.unlink(missing_ok=True)
+        return Outcome(run_dir.name, True, 0.0, "skipped: finished or running elsewhere")
     if run_dir.exists():  # a half-written run (no metrics.json): redo it from scratch
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
@@ -88,11 +106,41 @@ def _run_one(values: dict) -> Outcome:
         message = f"{type(error).__name__}: {error}".splitlines()[0]
         return Outcome(run_dir.name, False, time.perf_counter() - start, message)
     finally:
+        lock.unlink(missing_ok=True)
         torch.set_num_threads(previous_threads)
         if previous_tqdm is None:
             os.environ.pop("TQDM_DISABLE", None)
         else:
             os.environ["TQDM_DISABLE"] = previous_tqdm
+
+
+def _claim(run_dir: Path) -> Path | None:
+    """Create ``<run>.lock`` beside the run (exclusively); None when a live process on this
+    machine holds it. A lock left by a process that no longer runs (a killed sweep) is taken
+    over; one from another machine is respected (remove it by hand if that machine is gone)."""
+    lock = run_dir.with_name(run_dir.name + ".lock")
+    owner = f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(2):
+        try:
+            with open(lock, "x", encoding="utf-8") as handle:
+                handle.write(owner)
+            return lock
+        except FileExistsError:
+            host, _, pid = lock.read_text(encoding="utf-8").partition(" ")
+            if host != socket.gethostname() or not pid.isdigit() or _alive(int(pid)):
+                return None
+            lock.unlink(missing_ok=True)  # stale: its process is gone
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def prepare(config: RunConfig) -> None:
@@ -158,9 +206,14 @@ def execute(
             with concurrent.futures.ProcessPoolExecutor(
                 jobs, mp_context=context, initializer=_worker_init
             ) as pool:
-                futures = [pool.submit(_run_one, task) for task in tasks]
+                futures = {pool.submit(_run_one, task): task for task in tasks}
                 for future in concurrent.futures.as_completed(futures):
-                    done(future.result())
+                    try:
+                        done(future.result())
+                    except concurrent.futures.process.BrokenProcessPool as error:
+                        # a worker died (out of memory, a signal): its runs count as failed
+                        name = str(futures[future]["name"])
+                        done(Outcome(name, False, 0.0, f"worker died: {error}"))
     finally:
         bar.close()
     return outcomes
