@@ -26,7 +26,13 @@ def test_smoke_run_writes_every_run(smoke_runs):
         assert config["steps"] == PRESETS["smoke"]["steps"]
         metrics = json.loads((out / name / "metrics.json").read_text())
         assert [h["step"] for h in metrics["history"]] == [2, 4]
-        assert set(metrics["final"]) == {"forget_acc", "retain_acc", "general_acc"}
+        assert set(metrics["final"]) == {
+            "forget_acc",
+            "forget_heldout_acc",
+            "retain_acc",
+            "retain_heldout_acc",
+            "general_acc",
+        }
         assert len(metrics["losses"]) == 4
         ds = geomkit.open_run(out / name)  # the evaluations are in the store too
         assert ds["evaluation"].values.tolist() == [0, 2, 4]

@@ -180,7 +180,7 @@ def test_round_trip_values_coordinates_and_attributes(tmp_path: Path) -> None:
         assert ds[name].dims == ("tensor",)
 
     # attributes: the user's, plus the schema's; the commit counters stay private
-    assert ds.attrs["schema_version"] == SCHEMA_VERSION == 3
+    assert ds.attrs["schema_version"] == SCHEMA_VERSION == 4
     assert ds.attrs["geomkit_schema"] == "geomkit.run"
     assert ds.attrs["applied_strategy"] == "sago"
     assert ds.attrs["model"] == "TinyLlama"
@@ -801,7 +801,7 @@ def test_appending_to_a_version_1_store_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "run.zarr"
     write_blocks(path, PATTERN)
     _as_version_1(path, without_evaluations=True)
-    with pytest.raises(SchemaError, match="schema version 1 and this geomkit writes version 3"):
+    with pytest.raises(SchemaError, match="schema version 1 and this geomkit writes version 4"):
         new_writer(path, mode="a", resume_step=3)
     assert open_run(path).sizes["step"] == 9  # untouched
 

@@ -108,7 +108,7 @@ def pareto(runs: pd.DataFrame, metric: str = "retain_acc") -> PlotResult:
         ax.set_title(objective)
         ax.set_xlabel("forget accuracy (lower: more forgotten)")
         ax.set_xlim(-0.02, 1.02)
-    axes[0][0].set_ylabel(metric.replace("_acc", " accuracy"))
+    axes[0][0].set_ylabel(metric.replace("_acc", " accuracy").replace("_", " "))
     legend = figure_legend(fig, list(axes[0]))
     return PlotResult(fig, list(axes[0]), artists, {"legend": legend})
 
@@ -173,7 +173,7 @@ def matched_forgetting(
             if row == 0:
                 ax.set_title(objective)
             if column == 0:
-                ax.set_ylabel(metric.replace("_acc", " accuracy"))
+                ax.set_ylabel(metric.replace("_acc", " accuracy").replace("_", " "))
             if row == len(metrics) - 1:
                 ax.set_xlabel("forget accuracy matched")
     targets = table["target"].to_numpy(float)  # every target, censored ones too
