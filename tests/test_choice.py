@@ -79,15 +79,22 @@ def test_malformed_questions_name_the_line(tmp_path, row, message):
         read_questions(_write(tmp_path / "empty.jsonl", []))
 
 
-def test_eval_data_is_scored_at_every_evaluation(tmp_path):
+def local_model(tmp_path, answers=(0,) * 8):
+    """A tiny local model, forget and retain corpora and a question file (one question per
+    entry of ``answers``, that index right): paths of the four."""
     directory = _tiny_model_dir(tmp_path)
     forget, retain = tmp_path / "forget.txt", tmp_path / "retain.txt"
     forget.write_text(" ".join(f"w{(3 * j) % 40}" for j in range(60)))
     retain.write_text(" ".join(f"w{j % 40}" for j in range(100)))
     rows = [
-        {"question": f"w{i}", "choices": [f"w{i + 1}", f"w{i + 2}"], "answer": 0} for i in range(8)
+        {"question": f"w{i}", "choices": [f"w{i + 1}", f"w{i + 2}"], "answer": answer}
+        for i, answer in enumerate(answers)
     ]
-    questions = _write(tmp_path / "probe.jsonl", rows)
+    return directory, forget, retain, _write(tmp_path / "probe.jsonl", rows)
+
+
+def test_eval_data_is_scored_at_every_evaluation(tmp_path):
+    directory, forget, retain, questions = local_model(tmp_path)
     out = tmp_path / "runs"
     argv = [
         "run",

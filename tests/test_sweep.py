@@ -132,18 +132,9 @@ def test_a_different_sweep_in_the_same_directory_is_refused(tmp_path, cache, cap
 
 
 def test_a_sweep_of_a_local_model_with_evaluation_files(tmp_path):
-    from test_cli import _tiny_model_dir
+    from test_choice import local_model
 
-    directory = _tiny_model_dir(tmp_path)
-    forget, retain = tmp_path / "forget.txt", tmp_path / "retain.txt"
-    forget.write_text(" ".join(f"w{(3 * j) % 40}" for j in range(60)))
-    retain.write_text(" ".join(f"w{j % 40}" for j in range(100)))
-    rows = [
-        {"question": f"w{i}", "choices": [f"w{i + 1}", f"w{i + 2}"], "answer": i % 2}
-        for i in range(10)
-    ]
-    questions = tmp_path / "q.jsonl"
-    questions.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    directory, forget, retain, questions = local_model(tmp_path, [i % 2 for i in range(10)])
     out = tmp_path / "sweep"
     argv = ["sweep", "--model", str(directory), "--forget-data", str(forget)]
     argv += ["--retain-data", str(retain), "--chunk-length", "16", "--batch-size", "2"]
