@@ -19,7 +19,6 @@ right one. ``geomkit run --eval-data NAME=FILE`` scores each file at every evalu
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -52,17 +51,10 @@ def read_questions(path: str | os.PathLike) -> list[Question]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"invalid eval_data file {str(path)!r}: expected an existing JSONL file")
+    from geomkit.corpora import jsonl_records
+
     questions = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except ValueError as error:
-            raise ConfigError(f"{where}: not JSON ({error})") from None
-        if not isinstance(record, dict):
-            raise ConfigError(f"{where}: expected an object with question, choices, answer")
+    for where, record in jsonl_records(path):
         question, choices, answer = (record.get(k) for k in ("question", "choices", "answer"))
         if not isinstance(question, str):
             raise ConfigError(f"{where}: invalid question={question!r}: expected a string")

@@ -13,30 +13,39 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from geomkit.config import ConfigError
 
-__all__ = ["chunks", "documents", "lm_batch", "step_batches"]
+__all__ = ["chunks", "documents", "jsonl_records", "lm_batch", "step_batches"]
+
+
+def jsonl_records(path: Path) -> Iterator[tuple[str, dict]]:
+    """``("path:line", object)`` for every non-blank line of a JSONL file; ConfigError naming
+    the line of one that is not a JSON object."""
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except ValueError as error:
+            raise ConfigError(f"{where}: not JSON ({error})") from None
+        if not isinstance(record, dict):
+            raise ConfigError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        yield where, record
 
 
 def documents(path: Path) -> list[str]:
     """The texts of a JSONL file (``text`` field of each line) or a plain text file."""
-    text = path.read_text(encoding="utf-8")
     if path.suffix not in (".jsonl", ".json"):
-        return [text]
+        return [path.read_text(encoding="utf-8")]
     texts = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            record = None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise ConfigError(f"{path}:{number}: expected a JSON object with a 'text' string")
+    for where, record in jsonl_records(path):
+        if not isinstance(record.get("text"), str):
+            raise ConfigError(f"{where}: expected a JSON object with a 'text' string")
         texts.append(record["text"])
     return texts
 

@@ -17,7 +17,6 @@ import math
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from geomkit._validation import invalid
 from geomkit.plot.style import (
@@ -28,6 +27,7 @@ from geomkit.plot.style import (
     new_figure,
     strategy_style,
 )
+from geomkit.study.compare import t_interval
 
 __all__ = ["front", "matched_forgetting", "pareto"]
 
@@ -55,13 +55,6 @@ def front(points: pd.DataFrame, x: str = "forget_acc", y: str = "retain_acc") ->
     return ordered.loc[keep]
 
 
-def _t_interval(values: np.ndarray) -> tuple[float, float]:
-    if len(values) < 2:
-        return math.nan, math.nan
-    half = stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values))
-    return values.mean() - half, values.mean() + half
-
-
 def pareto(runs: pd.DataFrame, metric: str = "retain_acc") -> PlotResult:
     """One panel per objective: each strategy's front of forget accuracy against ``metric``.
 
@@ -81,7 +74,7 @@ def pareto(runs: pd.DataFrame, metric: str = "retain_acc") -> PlotResult:
             rows = data[data["strategy"] == strategy]
             points = []
             for _, group in rows.groupby(["lr", "steps", "step"]):
-                low, high = _t_interval(group[metric].to_numpy(float))
+                low, high = t_interval(group[metric].to_numpy(float))
                 points.append(
                     {
                         "forget_acc": group["forget_acc"].mean(),

@@ -50,6 +50,7 @@ __all__ = [
     "paired_difference",
     "select_lr",
     "strategy_table",
+    "t_interval",
 ]
 
 MIN_PAIRS = 3
@@ -190,8 +191,19 @@ def mean_interval(
     n = values.size
     if n < MIN_PAIRS or n >= T_BELOW:
         return bootstrap_interval(values, confidence, n_resamples, seed)
-    if np.all(values == values[0]):
-        return float(values[0]), float(values[0])
+    return t_interval(values, confidence)
+
+
+def t_interval(values: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
+    """Student's t interval of the mean of ``values`` (NaN below 2 values).
+
+    >>> t_interval(np.array([1.0, 1.0]))
+    (1.0, 1.0)
+    """
+    values = np.asarray(values, dtype=float)
+    n = values.size
+    if n < 2:
+        return math.nan, math.nan
     half = stats.t.ppf(0.5 + confidence / 2, n - 1) * values.std(ddof=1) / math.sqrt(n)
     return float(values.mean() - half), float(values.mean() + half)
 
